@@ -1,0 +1,171 @@
+//! The command line: `pid-server [serve]`, `pid-server reload`.
+//!
+//! Every `serve` flag can also come from the environment, so a unit file or a
+//! container can configure the service without editing `ExecStart=`. A new
+//! generation started by a handover gets the same arguments and environment
+//! as the old one, so it serves with the same configuration.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::listeners::ListenAddr;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pid-server",
+    version,
+    about = "An HTTP service that answers with the PID that handled the request, \
+             and swaps its own binary with zero failed requests.",
+    after_help = "Without a subcommand, pid-server runs `serve`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Options of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP (the default).
+    Serve(ServeArgs),
+    /// Ask a running pid-server to hand its sockets to a new process, and wait
+    /// for the outcome. This is what `systemctl reload` runs.
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on: HOST:PORT, [IPV6]:PORT or unix:/path. Repeat for
+    /// several. Ignored when systemd passes sockets (LISTEN_FDS).
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        env = "PID_SERVER_LISTEN",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: Vec<ListenAddr>,
+
+    /// Seconds to let in-flight requests finish when stopping; what is still
+    /// running then is cut.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "PID_SERVER_DRAIN_TIMEOUT",
+        default_value = "30",
+        value_parser = parse_secs
+    )]
+    pub drain_timeout: Duration,
+
+    /// Seconds a new process may take to become ready during a handover before
+    /// it is killed and the old one keeps serving.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "PID_SERVER_UPGRADE_TIMEOUT",
+        default_value = "30",
+        value_parser = parse_secs
+    )]
+    pub upgrade_timeout: Duration,
+
+    /// While draining, a keep-alive connection is closed only once it has been
+    /// idle this many milliseconds; until then a request on it is still
+    /// answered (with `Connection: close`). This avoids the race between our
+    /// close and a client reusing the connection.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "PID_SERVER_IDLE_GRACE_MS",
+        default_value = "500",
+        value_parser = parse_ms
+    )]
+    pub idle_grace: Duration,
+
+    /// Most connections served at once; further ones wait in the kernel's
+    /// accept queue.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PID_SERVER_MAX_CONNECTIONS",
+        default_value = "10000",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReloadArgs {
+    /// The running pid-server to replace. systemd passes it as $MAINPID.
+    /// Without it, the only pid-server of this user is used.
+    #[arg(long, value_name = "PID", env = "MAINPID")]
+    pub pid: Option<u32>,
+
+    /// Seconds to wait for the outcome.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub timeout: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1 second".into()),
+        Ok(n) if n <= 24 * 3600 => Ok(Duration::from_secs(n)),
+        Ok(_) => Err("must be at most 86400 seconds".into()),
+        Err(_) => Err(format!("`{s}` is not a whole number of seconds")),
+    }
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n <= 60_000 => Ok(Duration::from_millis(n)),
+        Ok(_) => Err("must be at most 60000 ms".into()),
+        Err(_) => Err(format!("`{s}` is not a whole number of milliseconds")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_subcommand_means_serve_with_defaults() {
+        let cli = Cli::try_parse_from(["pid-server"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.drain_timeout, Duration::from_secs(30));
+        assert_eq!(cli.serve.listen.len(), 1);
+        assert_eq!(cli.serve.listen[0].to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn serve_takes_repeated_listen_flags() {
+        let cli = Cli::try_parse_from([
+            "pid-server",
+            "serve",
+            "--listen",
+            "127.0.0.1:1",
+            "--listen",
+            "unix:/tmp/x.sock",
+            "--drain-timeout",
+            "5",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.listen.len(), 2);
+        assert_eq!(args.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn drain_timeout_must_be_positive() {
+        for bad in ["0", "-1", "abc", "1.5"] {
+            assert!(
+                Cli::try_parse_from(["pid-server", "--drain-timeout", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}

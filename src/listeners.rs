@@ -1,0 +1,493 @@
+//! Listening sockets: inherited from systemd (or from the previous
+//! generation, in systemd's format), or bound here with `SO_REUSEPORT`.
+//!
+//! Sockets must be taken before the async runtime starts threads: reading
+//! `LISTEN_*` mutates the environment (listenfd clears it), and fds 3.. must be
+//! claimed before anything else opens files.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+/// Where a listening socket came from; logged and shown in the status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Passed in with `LISTEN_FDS` (systemd, `systemd-socket-activate`, or the
+    /// previous pid-server generation).
+    Systemd,
+    /// Bound by this process from `--listen`.
+    Bound,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Systemd => "systemd",
+            Origin::Bound => "bound",
+        })
+    }
+}
+
+/// A `--listen` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, as in unix:/run/pid-server.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("`{s}` is not HOST:PORT, [IPV6]:PORT or unix:/path (hosts are IP addresses)")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A listening socket, still blocking-mode-agnostic std types so it can be
+/// taken before the runtime exists.
+#[derive(Debug)]
+pub enum Socketish {
+    Tcp(StdTcpListener),
+    Unix(StdUnixListener),
+}
+
+/// One listening socket with its name and origin.
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: Socketish,
+    /// The `LISTEN_FDNAMES` entry, or [`BOUND_NAME`] for bound sockets.
+    pub name: String,
+    pub origin: Origin,
+}
+
+impl Listener {
+    /// How the status line names it: the fd name for systemd's sockets
+    /// (what the socket unit calls it), the address for our own.
+    pub fn label(&self) -> String {
+        match self.origin {
+            Origin::Systemd => self.name.clone(),
+            Origin::Bound => self.local_addr(),
+        }
+    }
+
+    /// The local address, for logs ("127.0.0.1:8080" or "unix:/path").
+    pub fn local_addr(&self) -> String {
+        match &self.socket {
+            Socketish::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Socketish::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+
+    /// The TCP port, if this is a TCP socket.
+    pub fn port(&self) -> Option<u16> {
+        match &self.socket {
+            Socketish::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Socketish::Unix(_) => None,
+        }
+    }
+
+    /// A second descriptor for the very same socket, kept for a handover so
+    /// the next generation shares this accept queue.
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        match &self.socket {
+            Socketish::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            Socketish::Unix(l) => l.as_fd().try_clone_to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("LISTEN_FDS={0:?} is not a number of file descriptors")]
+    BadCount(String),
+    #[error("LISTEN_FDS={0} is more than the {MAX_INHERITED} sockets pid-server accepts")]
+    TooMany(u32),
+    #[error("LISTEN_FDS=0: no sockets were passed")]
+    NoneInherited,
+    #[error("LISTEN_FDNAMES has {names} names for {fds} sockets")]
+    NameCount { names: usize, fds: usize },
+    #[error("inherited fd {fd}{name}: {reason}")]
+    BadInherited {
+        fd: RawFd,
+        name: String,
+        reason: String,
+    },
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        addr: ListenAddr,
+        source: io::Error,
+        hint: &'static str,
+    },
+}
+
+/// More than this many inherited sockets is taken as garbage in LISTEN_FDS.
+pub const MAX_INHERITED: u32 = 64;
+
+/// What the environment says about inherited sockets, read without touching
+/// any fd yet (so it can be tested).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inherited {
+    /// `LISTEN_FDS` absent: bind `--listen` ourselves.
+    None,
+    /// `LISTEN_PID` names another process: these sockets are not ours (the
+    /// systemd rule). Bind `--listen`, and say so.
+    ForOtherPid(String),
+    /// `count` sockets from fd 3, with their names.
+    Sockets { count: u32, names: Vec<String> },
+}
+
+/// Reads `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES` as given.
+pub fn inherited_from(
+    listen_fds: Option<&str>,
+    listen_pid: Option<&str>,
+    listen_fdnames: Option<&str>,
+    my_pid: u32,
+) -> Result<Inherited, ListenError> {
+    let Some(raw) = listen_fds else {
+        return Ok(Inherited::None);
+    };
+    // systemd's rule: sockets for another PID are not for us. A parent
+    // pid-server passes no LISTEN_PID (it cannot know the child's PID before
+    // exec), which listenfd and sd_listen_fds(3) both accept.
+    if let Some(pid) = listen_pid.filter(|p| !p.is_empty())
+        && pid.trim().parse::<u32>().ok() != Some(my_pid)
+    {
+        return Ok(Inherited::ForOtherPid(pid.to_string()));
+    }
+    let count: u32 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ListenError::BadCount(raw.to_string()))?;
+    if count == 0 {
+        return Err(ListenError::NoneInherited);
+    }
+    if count > MAX_INHERITED {
+        return Err(ListenError::TooMany(count));
+    }
+    let names: Vec<String> = match listen_fdnames {
+        Some(n) => n.split(':').map(str::to_string).collect(),
+        None => (0..count).map(|_| "unknown".to_string()).collect(),
+    };
+    if names.len() != count as usize {
+        return Err(ListenError::NameCount {
+            names: names.len(),
+            fds: count as usize,
+        });
+    }
+    Ok(Inherited::Sockets { count, names })
+}
+
+/// Takes the sockets passed in `LISTEN_FDS` with listenfd, or binds
+/// `addrs` when there are none. Call before starting threads.
+pub fn take_or_bind(addrs: &[ListenAddr]) -> Result<(Vec<Listener>, Option<String>), ListenError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let inherited = inherited_from(
+        env("LISTEN_FDS").as_deref(),
+        env("LISTEN_PID").as_deref(),
+        env("LISTEN_FDNAMES").as_deref(),
+        std::process::id(),
+    )?;
+    match inherited {
+        Inherited::None => Ok((bind_all(addrs)?, None)),
+        Inherited::ForOtherPid(pid) => Ok((
+            bind_all(addrs)?,
+            Some(format!(
+                "LISTEN_PID={pid} is not this process: ignored the inherited sockets"
+            )),
+        )),
+        Inherited::Sockets { count, names } => {
+            // A previous pid-server generation says whether it bound these
+            // itself; systemd never sets this.
+            let origin = match env(ORIGIN_ENV).as_deref() {
+                Some("bound") => Origin::Bound,
+                _ => Origin::Systemd,
+            };
+            Ok((take_inherited(count, names, origin)?, None))
+        }
+    }
+}
+
+/// Set by a pid-server for the generation it starts: `bound` when the
+/// sockets it passes were bound by pid-server rather than by systemd.
+pub const ORIGIN_ENV: &str = "PID_SERVER_SOCKET_ORIGIN";
+
+/// The name given to sockets bound from `--listen` (fd names may not contain
+/// the ':' of an address; logs show the address beside it).
+pub const BOUND_NAME: &str = "listen";
+
+fn take_inherited(
+    count: u32,
+    names: Vec<String>,
+    origin: Origin,
+) -> Result<Vec<Listener>, ListenError> {
+    // listenfd reads LISTEN_FDS/LISTEN_PID, clears them, and marks each fd it
+    // hands out close-on-exec, so nothing we spawn inherits them by accident.
+    let mut fds = listenfd::ListenFd::from_env();
+    debug_assert_eq!(fds.len(), count as usize);
+    let mut out = Vec::with_capacity(count as usize);
+    for (idx, name) in names.into_iter().enumerate() {
+        let fd = 3 + idx as RawFd;
+        let bad = |reason: String| ListenError::BadInherited {
+            fd,
+            name: if name == "unknown" {
+                String::new()
+            } else {
+                format!(" ({name})")
+            },
+            reason,
+        };
+        let socket = match fds.take_tcp_listener(idx) {
+            Ok(Some(l)) => Socketish::Tcp(l),
+            Ok(None) => return Err(bad("missing".into())),
+            Err(tcp_err) => match fds.take_unix_listener(idx) {
+                Ok(Some(l)) => Socketish::Unix(l),
+                Ok(None) => return Err(bad("missing".into())),
+                Err(_) => {
+                    // listenfd says "fd 3 is not a socket"; we name the fd already.
+                    let why = tcp_err.to_string();
+                    let why = why
+                        .strip_prefix(&format!("fd {fd} "))
+                        .unwrap_or(&why)
+                        .to_string();
+                    return Err(bad(format!(
+                        "{why}; need a listening TCP or Unix stream socket"
+                    )));
+                }
+            },
+        };
+        // listenfd checks family and type, not that the socket listens: an
+        // accept() on a connected or unbound socket would fail at run time.
+        let listening = match &socket {
+            Socketish::Tcp(l) => SockRef::from(l).is_listener(),
+            Socketish::Unix(l) => SockRef::from(l).is_listener(),
+        };
+        match listening {
+            Ok(true) => {}
+            Ok(false) => {
+                // Do not close what we were handed but cannot use; the caller
+                // exits anyway.
+                std::mem::forget(socket);
+                return Err(bad("is a stream socket but not listening".into()));
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        set_nonblocking(&socket).map_err(|e| bad(e.to_string()))?;
+        out.push(Listener {
+            socket,
+            name,
+            origin,
+        });
+    }
+    Ok(out)
+}
+
+fn set_nonblocking(s: &Socketish) -> io::Result<()> {
+    // tokio requires non-blocking sockets; inherited ones may be blocking.
+    match s {
+        Socketish::Tcp(l) => l.set_nonblocking(true),
+        Socketish::Unix(l) => l.set_nonblocking(true),
+    }
+}
+
+/// Binds every address, all or nothing.
+pub fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ListenError> {
+    addrs.iter().map(bind).collect()
+}
+
+/// The listen backlog for sockets we bind. The kernel caps it at
+/// net.core.somaxconn; a deep queue absorbs bursts while a process swaps.
+const BACKLOG: i32 = 4096;
+
+fn bind(addr: &ListenAddr) -> Result<Listener, ListenError> {
+    let err = |source: io::Error| {
+        let hint = if source.kind() == io::ErrorKind::AddrInUse {
+            " (held by a process that did not set SO_REUSEPORT, or by another user)"
+        } else {
+            ""
+        };
+        ListenError::Bind {
+            addr: addr.clone(),
+            source,
+            hint,
+        }
+    };
+    match addr {
+        ListenAddr::Tcp(sa) => {
+            let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, None).map_err(err)?;
+            // SO_REUSEPORT lets a second pid-server bind the same port while
+            // this one runs; the kernel then balances new connections.
+            socket.set_reuse_address(true).map_err(err)?;
+            socket.set_reuse_port(true).map_err(err)?;
+            if sa.is_ipv6() {
+                // [::]:8080 must not also claim 0.0.0.0:8080 behind the
+                // user's back; ask for both explicitly.
+                socket.set_only_v6(true).map_err(err)?;
+            }
+            socket.set_nonblocking(true).map_err(err)?;
+            socket.bind(&(*sa).into()).map_err(err)?;
+            socket.listen(BACKLOG).map_err(err)?;
+            Ok(Listener {
+                socket: Socketish::Tcp(socket.into()),
+                name: BOUND_NAME.into(),
+                origin: Origin::Bound,
+            })
+        }
+        ListenAddr::Unix(path) => {
+            // A Unix socket path cannot be shared: a stale file from a dead
+            // process is removed, a live one is left alone (connect succeeds).
+            if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = StdUnixListener::bind(path).map_err(err)?;
+            l.set_nonblocking(true).map_err(err)?;
+            Ok(Listener {
+                socket: Socketish::Unix(l),
+                name: BOUND_NAME.into(),
+                origin: Origin::Bound,
+            })
+        }
+    }
+}
+
+/// The fd number of a listener (for handing it to a child).
+pub fn raw_fd(l: &Listener) -> RawFd {
+    match &l.socket {
+        Socketish::Tcp(s) => s.as_raw_fd(),
+        Socketish::Unix(s) => s.as_raw_fd(),
+    }
+}
+
+/// Reads `net.ipv4.tcp_migrate_req`. When it is 0, connections still queued
+/// on a SO_REUSEPORT socket that closes are reset instead of moving to
+/// another socket of the group. `None` when unreadable (old kernel, sandbox).
+pub fn tcp_migrate_req() -> Option<bool> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .ok()
+        .map(|s| s.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:80".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]:8080".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/x.sock".into())
+        );
+        for bad in [
+            "",
+            "8080",
+            "localhost:80",
+            "::1:80",
+            "unix:",
+            "1.2.3.4:99999",
+        ] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn listen_fds_rules() {
+        use Inherited::{ForOtherPid, Sockets};
+        assert_eq!(inherited_from(None, None, None, 7).unwrap(), Inherited::None);
+        assert_eq!(
+            inherited_from(Some("2"), Some("7"), Some("http:admin"), 7).unwrap(),
+            Sockets {
+                count: 2,
+                names: vec!["http".into(), "admin".into()]
+            }
+        );
+        // No LISTEN_PID: accepted (how a parent pid-server passes sockets).
+        assert_eq!(
+            inherited_from(Some("1"), None, None, 7).unwrap(),
+            Sockets {
+                count: 1,
+                names: vec!["unknown".into()]
+            }
+        );
+        assert_eq!(
+            inherited_from(Some("1"), Some("8"), None, 7).unwrap(),
+            ForOtherPid("8".into())
+        );
+        assert!(matches!(
+            inherited_from(Some("x"), None, None, 7),
+            Err(ListenError::BadCount(_))
+        ));
+        assert!(matches!(
+            inherited_from(Some("-1"), None, None, 7),
+            Err(ListenError::BadCount(_))
+        ));
+        assert!(matches!(
+            inherited_from(Some("0"), None, None, 7),
+            Err(ListenError::NoneInherited)
+        ));
+        assert!(matches!(
+            inherited_from(Some("100000"), None, None, 7),
+            Err(ListenError::TooMany(_))
+        ));
+        assert!(matches!(
+            inherited_from(Some("2"), None, Some("a"), 7),
+            Err(ListenError::NameCount { .. })
+        ));
+    }
+
+    #[test]
+    fn two_binds_share_a_port() {
+        let a = bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = a.port().unwrap();
+        let b = bind(&format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+        assert_eq!(b.port(), Some(port));
+        assert_eq!(b.origin, Origin::Bound);
+    }
+
+    #[test]
+    fn a_port_held_without_reuseport_is_a_clear_error() {
+        let held = StdTcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let e = bind(&format!("127.0.0.1:{port}").parse().unwrap()).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+        assert!(msg.contains("SO_REUSEPORT"), "{msg}");
+    }
+}

@@ -1,0 +1,264 @@
+//! Tests of the container harness itself (tests/support/nspawn.rs), plus the
+//! first end-to-end check: pid-server socket-activated by a real systemd.
+
+#[path = "support/nspawn.rs"]
+mod nspawn;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nspawn::{BootOptions, Container};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pid-server"))
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A pid is gone, a zombie (PID 1 of the machine may not reap orphans), or
+/// was reused by something that is not `comm`.
+fn process_gone(pid: u32, comm: &str) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    field("Name:") != comm || field("State:").starts_with('Z')
+}
+
+#[test]
+fn boots_installs_units_and_cleans_up() {
+    if !nspawn::require_or_skip("boots_installs_units_and_cleans_up") {
+        return;
+    }
+    let port = nspawn::free_port();
+    let opts = BootOptions::new(binary(), port).dropin(
+        "/etc/systemd/system/pid-server.service.d/test-extra.conf",
+        "[Service]\nEnvironment=PID_SERVER_HARNESS_TEST=1\n",
+    );
+    let t0 = Instant::now();
+    let c = Container::boot(&opts);
+    eprintln!("boot took {} ms", t0.elapsed().as_millis());
+
+    let state = stdout(&c.systemctl(&["is-system-running"]));
+    assert!(
+        state == "running" || state == "degraded",
+        "is-system-running: {state}"
+    );
+
+    // The repo's units, byte for byte, plus our port drop-in.
+    for unit in ["pid-server.socket", "pid-server.service"] {
+        let repo = fs::read(opts.unit_dir.join(unit)).unwrap();
+        assert_eq!(
+            c.read_file(&format!("/etc/systemd/system/{unit}")),
+            repo,
+            "{unit} differs from the repo's"
+        );
+    }
+    let cat = c.systemctl_ok(&["cat", "pid-server.socket"]);
+    assert!(
+        cat.contains("# /etc/systemd/system/pid-server.socket.d/test-port.conf"),
+        "{cat}"
+    );
+    assert!(
+        cat.contains(&format!("ListenStream=127.0.0.1:{port}")),
+        "{cat}"
+    );
+    assert_eq!(
+        c.unit_property("pid-server.socket", "Listen"),
+        format!("127.0.0.1:{port} (Stream)")
+    );
+    assert_eq!(
+        c.unit_property("pid-server.service", "Environment"),
+        "PID_SERVER_HARNESS_TEST=1"
+    );
+
+    // The binary is a writable copy, not a bind mount.
+    let installed = c.host_path("/usr/bin/pid-server");
+    let meta = fs::metadata(&installed).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    assert_eq!(meta.len(), fs::metadata(binary()).unwrap().len());
+    c.write_file("/usr/bin/pid-server", b"#!/bin/sh\nexit 0\n", 0o755);
+    assert_eq!(c.read_file("/usr/bin/pid-server"), b"#!/bin/sh\nexit 0\n");
+    assert!(
+        !Path::new("/usr/bin/pid-server").exists()
+            || fs::read("/usr/bin/pid-server").unwrap() != b"#!/bin/sh\nexit 0\n",
+        "the write went through to the host's /usr"
+    );
+    c.install_binary(&binary());
+
+    // Commands run inside, and as units of the container's systemd.
+    assert_eq!(stdout(&c.exec(&["hostname"])), c.name());
+    let unit_out = c.exec_as_unit(&["sh", "-c", "cat /proc/self/cgroup"]);
+    assert!(
+        stdout(&unit_out).contains("/system.slice/run-"),
+        "{unit_out:?}"
+    );
+    assert!(c.journal(&["-b", "-o", "cat"]).contains("Startup finished"));
+
+    // Drop powers it off and leaves nothing behind.
+    let (nspawn_pid, init_pid) = (c.nspawn_pid(), c.init_pid());
+    let paths = c.cleanup_paths();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.to_string_lossy().starts_with("/var/tmp/nspawn-temp-")),
+        "nspawn's temp dir not found: {paths:?}"
+    );
+    for p in &paths {
+        if p.starts_with("/var/tmp") || p.starts_with("/sys") || p.starts_with("/tmp") {
+            assert!(
+                p.exists(),
+                "{} should exist while the container runs",
+                p.display()
+            );
+        }
+    }
+    let t0 = Instant::now();
+    drop(c);
+    eprintln!("teardown took {} ms", t0.elapsed().as_millis());
+    assert!(
+        process_gone(nspawn_pid, "systemd-nspawn"),
+        "nspawn {nspawn_pid} still there"
+    );
+    assert!(
+        process_gone(init_pid, "systemd"),
+        "init {init_pid} still there"
+    );
+    for p in &paths {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+/// Containers started side by side get their own cgroups: one's services and
+/// shutdown leave the other's alone. (With `--keep-unit --register=no` alone,
+/// both would use `payload/` below the test's cgroup, and stopping
+/// pid-server.service in one logs "Failed to kill control group
+/// /system.slice/pid-server.service ... Input/output error".)
+#[test]
+fn containers_run_side_by_side() {
+    if !nspawn::require_or_skip("containers_run_side_by_side") {
+        return;
+    }
+    if !nspawn::private_cgroups_supported() {
+        nspawn::skip(
+            "containers_run_side_by_side",
+            "containers cannot get cgroups of their own here",
+        );
+        return;
+    }
+    let (port_a, port_b) = (nspawn::free_port(), nspawn::free_port());
+    let a = Container::boot(&BootOptions::new(binary(), port_a));
+    let b = Container::boot(&BootOptions::new(binary(), port_b));
+    let cgroup =
+        |c: &Container| fs::read_to_string(format!("/proc/{}/cgroup", c.init_pid())).unwrap();
+    assert_ne!(cgroup(&a), cgroup(&b));
+
+    for c in [&a, &b] {
+        c.systemctl_ok(&["start", "pid-server.socket"]);
+    }
+    // Same unit running in both.
+    assert_eq!(nspawn::http_get(port_a, "/").0, 200);
+    assert_eq!(nspawn::http_get(port_b, "/").0, 200);
+    let server_b = b.main_pid("pid-server.service");
+    a.systemctl_ok(&["stop", "pid-server.service"]);
+    let journal_a = a.journal(&["-u", "pid-server.service"]);
+    assert!(
+        !journal_a.contains("Failed to kill control group"),
+        "{journal_a}"
+    );
+    assert_eq!(b.main_pid("pid-server.service"), server_b);
+
+    let journald_b = b.main_pid("systemd-journald.service");
+    assert_ne!(journald_b, 0);
+    drop(a);
+    assert_eq!(b.main_pid("systemd-journald.service"), journald_b);
+    assert_eq!(b.main_pid("pid-server.service"), server_b);
+    assert_eq!(nspawn::http_get(port_b, "/").0, 200);
+    let state = stdout(&b.systemctl(&["is-system-running"]));
+    assert!(state == "running" || state == "degraded", "{state}");
+}
+
+/// The end-to-end check: socket activation by systemd, one request.
+#[test]
+fn serves_its_pid_through_socket_activation() {
+    if !nspawn::require_or_skip("serves_its_pid_through_socket_activation") {
+        return;
+    }
+    let port = nspawn::free_port();
+    let c = Container::boot(&BootOptions::new(binary(), port));
+    c.systemctl_ok(&["start", "pid-server.socket"]);
+
+    let (status, body) = nspawn::http_get(port, "/");
+    let pid = c.main_pid("pid-server.service");
+    assert_ne!(pid, 0, "pid-server.service has no main pid");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim_end(), format!("OK. Handled by PID: {pid}"));
+    assert_eq!(
+        c.unit_property("pid-server.service", "ActiveState"),
+        "active"
+    );
+}
+
+#[test]
+fn http_response_parsing() {
+    let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+    assert_eq!(
+        nspawn::parse_http_response(plain).unwrap(),
+        (200, "hello".into())
+    );
+    let chunked =
+        b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    assert_eq!(
+        nspawn::parse_http_response(chunked).unwrap(),
+        (503, "abcde".into())
+    );
+    assert!(
+        nspawn::parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err()
+    );
+}
+
+/// A container whose shutdown hangs is killed after the bound, and still
+/// leaves nothing behind.
+#[test]
+fn teardown_kills_a_container_that_will_not_stop() {
+    if !nspawn::require_or_skip("teardown_kills_a_container_that_will_not_stop") {
+        return;
+    }
+    let c = Container::boot(&BootOptions::new(binary(), nspawn::free_port()));
+    let out = c.exec(&[
+        "systemd-run",
+        "--unit=stubborn",
+        "-p",
+        "TimeoutStopSec=infinity",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    nspawn::wait_for(
+        "stubborn.service active",
+        std::time::Duration::from_secs(5),
+        || (c.unit_property("stubborn.service", "ActiveState") == "active").then_some(()),
+    );
+    let (nspawn_pid, init_pid, paths) = (c.nspawn_pid(), c.init_pid(), c.cleanup_paths());
+    let t0 = Instant::now();
+    drop(c);
+    let took = t0.elapsed();
+    assert!(took >= nspawn::SHUTDOWN_TIMEOUT, "{took:?}: it did stop?");
+    assert!(took < nspawn::SHUTDOWN_TIMEOUT * 2, "{took:?}");
+    assert!(process_gone(nspawn_pid, "systemd-nspawn"));
+    assert!(process_gone(init_pid, "systemd"));
+    for p in &paths {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
