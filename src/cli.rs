@@ -77,7 +77,7 @@ pub struct ServeArgs {
     /// answered (with `Connection: close`). This avoids the race between our
     /// close and a client reusing the connection.
     #[arg(
-        long,
+        long = "idle-grace-ms",
         value_name = "MS",
         env = "PID_SERVER_IDLE_GRACE_MS",
         default_value = "500",

@@ -1,0 +1,296 @@
+//! The serve contract, with the real binary and real sockets: sockets from
+//! systemd or bound with SO_REUSEPORT, notifications, drain, bad input.
+
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/proc.rs"]
+mod proc;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use proc::{BIN, Notify, Proc, WAIT};
+
+#[test]
+fn two_processes_share_a_port_and_both_answer() {
+    let (a, _na, addr) = proc::start(BIN.as_ref());
+    let nb = Notify::new();
+    let b = Proc::spawn(proc::serve_cmd(BIN.as_ref(), addr, &nb));
+    nb.wait_for("READY=1", |m| m.contains("READY=1"));
+    let mut seen = std::collections::BTreeSet::new();
+    // The kernel spreads new connections over both sockets; 200 tries make
+    // missing one of two PIDs vanishingly unlikely.
+    for _ in 0..200 {
+        let r = http::get(addr, "/").unwrap();
+        assert_eq!(r.status, 200);
+        seen.insert(r.pid().unwrap());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, [a.pid, b.pid].into_iter().collect());
+}
+
+#[test]
+fn answers_with_its_pid_and_reports_health() {
+    let (p, notify, addr) = proc::start(BIN.as_ref());
+    let r = http::get(addr, "/").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, &*format!("OK. Handled by PID: {}\n", p.pid)));
+    let h = http::get(addr, "/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+    assert_eq!(v["pid"], p.pid);
+    assert_eq!(v["generation"], 0);
+    assert_eq!(v["state"], "serving");
+    assert_eq!(http::get(addr, "/readyz").unwrap().status, 200);
+    assert_eq!(http::get(addr, "/slow?ms=abc").unwrap().status, 400);
+    assert_eq!(http::get(addr, "/nope").unwrap().status, 404);
+    let ready = notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    assert!(
+        ready.contains(&format!("STATUS=serving 1 socket (bound: {addr}) · generation 0 · ")),
+        "{ready}"
+    );
+}
+
+#[test]
+fn takes_a_socket_passed_the_systemd_way() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let notify = Notify::new();
+    let mut cmd = Command::new(BIN);
+    cmd.env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web")
+        .env("NOTIFY_SOCKET", &notify.path)
+        // Ignored when sockets are passed: this port is not free.
+        .args(["--listen", "127.0.0.1:1"]);
+    // SAFETY: dup2 is async-signal-safe; the fd is ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc_dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proc::spawn(cmd);
+    let ready = notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    assert!(ready.contains("serving 1 socket (systemd: web)"), "{ready}");
+    drop(listener);
+    let r = http::get(addr, "/").unwrap();
+    assert_eq!(r.pid(), Some(p.pid));
+    assert!(p.log().contains("(systemd, web)"), "{}", p.log());
+}
+
+/// In a child before exec: put `from` at fd `to`, inheritable.
+fn libc_dup2(from: i32, to: i32) -> i32 {
+    // SAFETY: plain fd syscalls, async-signal-safe. dup2 onto the same
+    // number would leave close-on-exec set, so clear it instead.
+    unsafe {
+        if from == to {
+            libc::fcntl(from, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(from, to)
+        }
+    }
+}
+
+#[test]
+fn runs_under_systemd_socket_activate() {
+    let Ok(path) = which("systemd-socket-activate") else {
+        eprintln!("*** SKIPPED runs_under_systemd_socket_activate: systemd-socket-activate not installed");
+        return;
+    };
+    let addr = proc::free_addr();
+    let notify = Notify::new();
+    let mut cmd = Command::new(path);
+    cmd.args(["-l", &addr.to_string(), "--fdname=http", "-E", "NOTIFY_SOCKET", BIN])
+        .env("NOTIFY_SOCKET", &notify.path);
+    let _p = Proc::spawn(cmd);
+    // systemd-socket-activate binds, then starts us on the first connection
+    // (it sets LISTEN_PID right); wait for the port to accept, bounded.
+    let deadline = Instant::now() + WAIT;
+    let r = loop {
+        match http::get(addr, "/healthz") {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no answer: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(r.status, 200);
+    let ready = notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    assert!(ready.contains("(systemd: http)"), "{ready}");
+}
+
+fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+        .ok_or(())
+}
+
+#[test]
+fn sigterm_finishes_in_flight_work_and_turns_unready() {
+    let (mut p, notify, addr) = proc::start(BIN.as_ref());
+    // A keep-alive connection opened before the drain, to ask /readyz on it
+    // afterwards (new connections are no longer accepted then).
+    let mut probe = http::Conn::open(addr, WAIT).unwrap();
+    assert_eq!(probe.get("/readyz").unwrap().status, 200);
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=1500"));
+    // The slow request is in flight once /healthz counts it.
+    let deadline = Instant::now() + WAIT;
+    while proc_in_flight(addr, &mut probe) < 2 {
+        assert!(Instant::now() < deadline, "slow request never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.signal(Signal::SIGTERM);
+    let stopping = notify.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
+    assert!(stopping.contains("STATUS=draining"), "{stopping}");
+    let r = probe.get("/readyz").unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.close, "a response during the drain must say Connection: close");
+    let slow = slow.join().unwrap().unwrap();
+    assert_eq!((slow.status, slow.pid()), (200, Some(p.pid)));
+    let st = p.wait_exit(WAIT);
+    assert_eq!(st.code(), Some(0), "{}", p.log());
+    assert!(p.log().contains("drained in"), "{}", p.log());
+}
+
+/// `in_flight` from /healthz on `conn` (which counts itself).
+fn proc_in_flight(_addr: std::net::SocketAddr, conn: &mut http::Conn) -> u64 {
+    let r = conn.get("/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["in_flight"].as_u64().unwrap()
+}
+
+#[test]
+fn idle_keepalive_connections_are_closed_after_the_grace() {
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    cmd.args(["--idle-grace-ms", "200"]);
+    let mut p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let mut idle = http::Conn::open(addr, WAIT).unwrap();
+    assert_eq!(idle.get("/").unwrap().status, 200);
+    let t = Instant::now();
+    p.signal(Signal::SIGTERM);
+    // The process exits once the idle connection is closed: well after the
+    // grace, well before the drain timeout.
+    assert_eq!(p.wait_exit(WAIT).code(), Some(0));
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(150), "closed before the grace: {took:?}");
+    assert!(idle.get("/").is_err(), "the idle connection should be closed");
+}
+
+#[test]
+fn drain_timeout_cuts_and_counts() {
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    cmd.args(["--drain-timeout", "1"]);
+    let mut p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let mut probe = http::Conn::open(addr, WAIT).unwrap();
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=20000"));
+    let deadline = Instant::now() + WAIT;
+    while proc_in_flight(addr, &mut probe) < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(probe);
+    let t = Instant::now();
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(WAIT).code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(slow.join().unwrap().is_err(), "the cut request cannot have succeeded");
+    let log = p.log();
+    assert!(log.contains("cut 1 in-flight requests"), "{log}");
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    let (mut p, notify, addr) = proc::start(BIN.as_ref());
+    let mut probe = http::Conn::open(addr, WAIT).unwrap();
+    let _slow = std::thread::spawn(move || http::get(addr, "/slow?ms=20000"));
+    let deadline = Instant::now() + WAIT;
+    while proc_in_flight(addr, &mut probe) < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.signal(Signal::SIGTERM);
+    notify.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
+    p.signal(Signal::SIGINT);
+    assert_eq!(p.wait_exit(WAIT).code(), Some(2));
+}
+
+/// Runs the binary expecting a start-up failure: one line on stderr, the
+/// given exit code.
+fn expect_one_line_error(cmd: &mut Command, code: i32, needle: &str) {
+    let out = cmd.env_remove("JOURNAL_STREAM").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("pid-server: error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
+    expect_one_line_error(Command::new(BIN).arg("--bogus"), 64, "--bogus");
+    expect_one_line_error(Command::new(BIN).args(["--drain-timeout", "0"]), 64, "drain-timeout");
+    expect_one_line_error(Command::new(BIN).args(["--listen", "localhost"]), 64, "localhost");
+    expect_one_line_error(Command::new(BIN).env("LISTEN_FDS", "abc"), 64, "LISTEN_FDS");
+    expect_one_line_error(Command::new(BIN).env("LISTEN_FDS", "999999"), 64, "LISTEN_FDS");
+    // fd 3 is a regular file, not a socket.
+    let f = tempfile::tempfile().unwrap();
+    let fd = f.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.env("LISTEN_FDS", "1");
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc_dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    expect_one_line_error(&mut cmd, 1, "inherited fd 3");
+    // A closed fd 3.
+    expect_one_line_error(
+        Command::new("/bin/sh").args(["-c", &format!("exec 3>&-; exec {BIN}")]).env("LISTEN_FDS", "1"),
+        1,
+        "inherited fd 3",
+    );
+}
+
+#[test]
+fn a_port_taken_without_reuseport_fails_clearly_and_harms_nobody() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    expect_one_line_error(
+        Command::new(BIN).args(["--listen", &addr.to_string()]),
+        1,
+        &addr.to_string(),
+    );
+    // The holder still works.
+    let _c = std::net::TcpStream::connect(addr).unwrap();
+    assert!(held.accept().is_ok());
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pid-server "));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("reload") && help.contains("--listen"), "{help}");
+}
