@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 fn address(pid: u32) -> io::Result<SocketAddr> {
     SocketAddr::from_abstract_name(format!("pid-server/{pid}/control").as_bytes())
@@ -80,9 +80,22 @@ impl Answer {
     }
 }
 
-/// An `upgrade` request from a helper, with the way to answer it.
+/// An `upgrade` request from a helper, with the connection to answer on.
 pub struct Request {
-    pub reply: oneshot::Sender<Answer>,
+    answer_to: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Request {
+    /// Writes the answer (bounded), so it is out before the process goes on
+    /// to drain and exit.
+    pub async fn answer(mut self, answer: Answer) {
+        let line = answer.to_line();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.answer_to.write_all(line.as_bytes()),
+        )
+        .await;
+    }
 }
 
 /// Binds this process's control socket. Must happen inside the runtime.
@@ -123,20 +136,20 @@ async fn handle(
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line))
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    let answer = if !allowed {
+    let refusal = if !allowed {
         Answer::Refused("permission denied: not the server's user or root".into())
     } else if line.trim() != "upgrade" {
         Answer::Refused(format!("unknown request {:?}", line.trim()))
     } else {
-        let (tx, rx) = oneshot::channel();
-        if requests.send(Request { reply: tx }).await.is_err() {
-            Answer::Refused("the server is shutting down".into())
-        } else {
-            rx.await
-                .unwrap_or_else(|_| Answer::Refused("the server is shutting down".into()))
+        match requests.send(Request { answer_to: write }).await {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::SendError(req)) => {
+                write = req.answer_to;
+                Answer::Refused("the server is shutting down".into())
+            }
         }
     };
-    write.write_all(answer.to_line().as_bytes()).await
+    write.write_all(refusal.to_line().as_bytes()).await
 }
 
 /// Why the helper could not get an answer.
@@ -213,7 +226,7 @@ mod tests {
         let server = tokio::spawn(serve(l, tx));
         let answer = tokio::spawn(async move {
             let req: Request = rx.recv().await.unwrap();
-            req.reply.send(Answer::Refused("busy".into())).unwrap();
+            req.answer(Answer::Refused("busy".into())).await;
         });
         let got = tokio::task::spawn_blocking(move || ask_upgrade(pid, Duration::from_secs(5)))
             .await

@@ -77,14 +77,14 @@ enum End {
         new_pid: u32,
         generation: u32,
         millis: u64,
-        reply: Option<tokio::sync::oneshot::Sender<Answer>>,
+        reply: Option<control::Request>,
     },
 }
 
 /// An upgrade under way, and who asked for it.
 struct InProgress {
     pending: Pending,
-    reply: Option<tokio::sync::oneshot::Sender<Answer>>,
+    reply: Option<control::Request>,
 }
 
 /// Serves until stopped or handed over; returns the exit code.
@@ -229,12 +229,13 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
                     reply_to(
                         up.reply,
                         Answer::Failed("the old process is stopping".into()),
-                    );
+                    )
+                    .await;
                 }
                 break End::Stop(sig);
             }
             Step::Signal(Event::Upgrade(sig)) => (sig, None),
-            Step::Request(req) => ("reload request", Some(req.reply)),
+            Step::Request(req) => ("reload request", Some(req)),
             Step::Upgrade(Ok(())) => {
                 let up = upgrading.take().unwrap();
                 break End::HandedOver {
@@ -251,7 +252,7 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
                     reason = %why, "reload failed, still serving: {why}");
                 *last_failure.lock().unwrap() = Some(why.clone());
                 notifier.reclaim(&status());
-                reply_to(up.reply, Answer::Failed(why));
+                reply_to(up.reply, Answer::Failed(why)).await;
                 continue;
             }
         };
@@ -265,7 +266,8 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
             reply_to(
                 reply,
                 Answer::Refused("a reload is already under way".into()),
-            );
+            )
+            .await;
             continue;
         }
         let plan_ref = plan.as_ref().expect("plan is kept until the handover");
@@ -289,7 +291,7 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
                 tracing::error!(event = "reload_failed", reason = %why, "reload failed, still serving: {why}");
                 *last_failure.lock().unwrap() = Some(why.clone());
                 notifier.reclaim(&status());
-                reply_to(reply, Answer::Failed(why));
+                reply_to(reply, Answer::Failed(why)).await;
             }
         }
     };
@@ -340,7 +342,8 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
                     generation: new_gen,
                     millis,
                 },
-            );
+            )
+            .await;
         }
     }
 
@@ -391,9 +394,9 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
     ExitCode::Ok
 }
 
-fn reply_to(reply: Option<tokio::sync::oneshot::Sender<Answer>>, answer: Answer) {
+async fn reply_to(reply: Option<control::Request>, answer: Answer) {
     if let Some(r) = reply {
-        let _ = r.send(answer);
+        r.answer(answer).await;
     }
 }
 

@@ -430,7 +430,10 @@ mod tests {
     #[test]
     fn listen_fds_rules() {
         use Inherited::{ForOtherPid, Sockets};
-        assert_eq!(inherited_from(None, None, None, 7).unwrap(), Inherited::None);
+        assert_eq!(
+            inherited_from(None, None, None, 7).unwrap(),
+            Inherited::None
+        );
         assert_eq!(
             inherited_from(Some("2"), Some("7"), Some("http:admin"), 7).unwrap(),
             Sockets {

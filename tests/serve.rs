@@ -38,7 +38,10 @@ fn two_processes_share_a_port_and_both_answer() {
 fn answers_with_its_pid_and_reports_health() {
     let (p, notify, addr) = proc::start(BIN.as_ref());
     let r = http::get(addr, "/").unwrap();
-    assert_eq!((r.status, r.body.as_str()), (200, &*format!("OK. Handled by PID: {}\n", p.pid)));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, &*format!("OK. Handled by PID: {}\n", p.pid))
+    );
     let h = http::get(addr, "/healthz").unwrap();
     let v: serde_json::Value = serde_json::from_str(&h.body).unwrap();
     assert_eq!(v["pid"], p.pid);
@@ -49,7 +52,9 @@ fn answers_with_its_pid_and_reports_health() {
     assert_eq!(http::get(addr, "/nope").unwrap().status, 404);
     let ready = notify.wait_for("READY=1", |m| m.contains("READY=1"));
     assert!(
-        ready.contains(&format!("STATUS=serving 1 socket (bound: {addr}) · generation 0 · ")),
+        ready.contains(&format!(
+            "STATUS=serving 1 socket (bound: {addr}) · generation 0 · "
+        )),
         "{ready}"
     );
 }
@@ -100,14 +105,23 @@ fn libc_dup2(from: i32, to: i32) -> i32 {
 #[test]
 fn runs_under_systemd_socket_activate() {
     let Ok(path) = which("systemd-socket-activate") else {
-        eprintln!("*** SKIPPED runs_under_systemd_socket_activate: systemd-socket-activate not installed");
+        eprintln!(
+            "*** SKIPPED runs_under_systemd_socket_activate: systemd-socket-activate not installed"
+        );
         return;
     };
     let addr = proc::free_addr();
     let notify = Notify::new();
     let mut cmd = Command::new(path);
-    cmd.args(["-l", &addr.to_string(), "--fdname=http", "-E", "NOTIFY_SOCKET", BIN])
-        .env("NOTIFY_SOCKET", &notify.path);
+    cmd.args([
+        "-l",
+        &addr.to_string(),
+        "--fdname=http",
+        "-E",
+        "NOTIFY_SOCKET",
+        BIN,
+    ])
+    .env("NOTIFY_SOCKET", &notify.path);
     let _p = Proc::spawn(cmd);
     // systemd-socket-activate binds, then starts us on the first connection
     // (it sets LISTEN_PID right); wait for the port to accept, bounded.
@@ -154,7 +168,10 @@ fn sigterm_finishes_in_flight_work_and_turns_unready() {
     assert!(stopping.contains("STATUS=draining"), "{stopping}");
     let r = probe.get("/readyz").unwrap();
     assert_eq!(r.status, 503);
-    assert!(r.close, "a response during the drain must say Connection: close");
+    assert!(
+        r.close,
+        "a response during the drain must say Connection: close"
+    );
     let slow = slow.join().unwrap().unwrap();
     assert_eq!((slow.status, slow.pid()), (200, Some(p.pid)));
     let st = p.wait_exit(WAIT);
@@ -185,8 +202,14 @@ fn idle_keepalive_connections_are_closed_after_the_grace() {
     // grace, well before the drain timeout.
     assert_eq!(p.wait_exit(WAIT).code(), Some(0));
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(150), "closed before the grace: {took:?}");
-    assert!(idle.get("/").is_err(), "the idle connection should be closed");
+    assert!(
+        took >= Duration::from_millis(150),
+        "closed before the grace: {took:?}"
+    );
+    assert!(
+        idle.get("/").is_err(),
+        "the idle connection should be closed"
+    );
 }
 
 #[test]
@@ -209,7 +232,10 @@ fn drain_timeout_cuts_and_counts() {
     p.signal(Signal::SIGTERM);
     assert_eq!(p.wait_exit(WAIT).code(), Some(0));
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    assert!(slow.join().unwrap().is_err(), "the cut request cannot have succeeded");
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the cut request cannot have succeeded"
+    );
     let log = p.log();
     assert!(log.contains("cut 1 in-flight requests"), "{log}");
 }
@@ -244,10 +270,22 @@ fn expect_one_line_error(cmd: &mut Command, code: i32, needle: &str) {
 #[test]
 fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     expect_one_line_error(Command::new(BIN).arg("--bogus"), 64, "--bogus");
-    expect_one_line_error(Command::new(BIN).args(["--drain-timeout", "0"]), 64, "drain-timeout");
-    expect_one_line_error(Command::new(BIN).args(["--listen", "localhost"]), 64, "localhost");
+    expect_one_line_error(
+        Command::new(BIN).args(["--drain-timeout", "0"]),
+        64,
+        "drain-timeout",
+    );
+    expect_one_line_error(
+        Command::new(BIN).args(["--listen", "localhost"]),
+        64,
+        "localhost",
+    );
     expect_one_line_error(Command::new(BIN).env("LISTEN_FDS", "abc"), 64, "LISTEN_FDS");
-    expect_one_line_error(Command::new(BIN).env("LISTEN_FDS", "999999"), 64, "LISTEN_FDS");
+    expect_one_line_error(
+        Command::new(BIN).env("LISTEN_FDS", "999999"),
+        64,
+        "LISTEN_FDS",
+    );
     // fd 3 is a regular file, not a socket.
     let f = tempfile::tempfile().unwrap();
     let fd = f.as_raw_fd();
@@ -264,7 +302,9 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     expect_one_line_error(&mut cmd, 1, "inherited fd 3");
     // A closed fd 3.
     expect_one_line_error(
-        Command::new("/bin/sh").args(["-c", &format!("exec 3>&-; exec {BIN}")]).env("LISTEN_FDS", "1"),
+        Command::new("/bin/sh")
+            .args(["-c", &format!("exec 3>&-; exec {BIN}")])
+            .env("LISTEN_FDS", "1"),
         1,
         "inherited fd 3",
     );
@@ -292,5 +332,8 @@ fn help_and_version() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("reload") && help.contains("--listen"), "{help}");
+    assert!(
+        help.contains("reload") && help.contains("--listen"),
+        "{help}"
+    );
 }

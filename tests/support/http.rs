@@ -55,7 +55,10 @@ impl Conn {
     /// Sends one GET and reads the answer.
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         if self.closed {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "closed by server"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "closed by server",
+            ));
         }
         write!(
             self.reader.get_mut(),
@@ -82,7 +85,12 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
     let mut len = 0usize;
     let mut close = false;
     loop {
@@ -170,7 +178,12 @@ impl Tally {
                     }
                 }
             }
-            Ok(resp) => *self.failures.entry(format!("status {}", resp.status)).or_default() += 1,
+            Ok(resp) => {
+                *self
+                    .failures
+                    .entry(format!("status {}", resp.status))
+                    .or_default() += 1
+            }
             Err(e) => {
                 let kind = match e.kind() {
                     io::ErrorKind::ConnectionRefused => "refused".to_string(),
@@ -198,7 +211,14 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(addr: SocketAddr, path: &'static str, threads: usize, mode: Mode, max_requests: usize, max_time: Duration) -> Load {
+    pub fn start(
+        addr: SocketAddr,
+        path: &'static str,
+        threads: usize,
+        mode: Mode,
+        max_requests: usize,
+        max_time: Duration,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let per_thread = max_requests.div_ceil(threads);
         let handles = (0..threads)
@@ -208,7 +228,10 @@ impl Load {
                     let deadline = Instant::now() + max_time;
                     let mut t = Tally::default();
                     let mut conn: Option<Conn> = None;
-                    while t.sent < per_thread && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    while t.sent < per_thread
+                        && Instant::now() < deadline
+                        && !stop.load(Ordering::Relaxed)
+                    {
                         match mode {
                             Mode::NewConnection => {
                                 let r = get(addr, path);
@@ -242,8 +265,14 @@ impl Load {
     }
 
     /// Stops the clients and sums what they saw.
-    pub fn finish(mut self) -> Tally {
+    pub fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Waits until the clients have sent their requests (or run out of
+    /// time), and sums what they saw.
+    pub fn join(mut self) -> Tally {
         let mut all = Tally::default();
         for h in std::mem::take(&mut self.handles) {
             all.merge(h.join().expect("load thread panicked"));

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -19,13 +19,13 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 /// A bound on every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// A mock systemd notify socket: collects every datagram sent to it. A plain
-/// `recv` also closes fds passed with `BARRIER=1`, which is what answers the
-/// barrier.
+/// A mock systemd notify socket: a thread receives every datagram, as
+/// systemd does (a receiver that stops reading would block the sender). A
+/// plain `recv` also closes fds passed with `BARRIER=1`, which is what
+/// answers the barrier.
 pub struct Notify {
-    sock: UnixDatagram,
     pub path: PathBuf,
-    seen: Mutex<Vec<String>>,
+    seen: Arc<(Mutex<Vec<String>>, Condvar)>,
     _dir: tempfile::TempDir,
 }
 
@@ -34,48 +34,48 @@ impl Notify {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
+        let seen: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let s2 = seen.clone();
+        // Ends with the test binary; it only reads.
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let (lock, cv) = &*s2;
+                lock.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                cv.notify_all();
+            }
+        });
         Notify {
-            sock,
             path,
-            seen: Mutex::new(Vec::new()),
+            seen,
             _dir: dir,
         }
     }
 
-    /// Waits for a message for which `pred` holds and returns it; every
-    /// message received on the way is kept.
+    /// Waits (bounded) for a message for which `pred` holds and returns it.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + WAIT;
-        if let Some(m) = self.seen.lock().unwrap().iter().find(|m| pred(m)) {
-            return m.clone();
-        }
-        let mut buf = vec![0u8; 64 * 1024];
+        let (lock, cv) = &*self.seen;
+        let mut seen = lock.lock().unwrap();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no notify message with {what}; saw {:?}", self.messages());
-            self.sock.set_read_timeout(Some(left)).unwrap();
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                self.seen.lock().unwrap().push(m.clone());
-                if pred(&m) {
-                    return m;
-                }
+            if let Some(m) = seen.iter().find(|m| pred(m)) {
+                return m.clone();
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no notify message with {what}; saw {:?}",
+                *seen
+            );
+            seen = cv.wait_timeout(seen, left).unwrap().0;
         }
     }
 
-    /// Drains what has arrived so far without waiting, and returns all.
+    /// Every message received so far.
     pub fn messages(&self) -> Vec<String> {
-        let mut buf = vec![0u8; 64 * 1024];
-        self.sock.set_nonblocking(true).unwrap();
-        while let Ok(n) = self.sock.recv(&mut buf) {
-            self.seen
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        self.sock.set_nonblocking(false).unwrap();
-        self.seen.lock().unwrap().clone()
+        self.seen.0.lock().unwrap().clone()
     }
 }
 
@@ -179,7 +179,10 @@ pub fn alive(pid: u32) -> bool {
 pub fn wait_gone(pid: u32, within: Duration) {
     let deadline = Instant::now() + within;
     while alive(pid) {
-        assert!(Instant::now() < deadline, "PID {pid} still alive after {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "PID {pid} still alive after {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -1,0 +1,321 @@
+//! The handover without systemd, with the real binary: upgrades under load,
+//! in-flight work, the helper's outcomes and exit codes, rollback, and
+//! leaks across many generations.
+
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/proc.rs"]
+mod proc;
+
+use std::time::{Duration, Instant};
+
+use http::{Load, Mode};
+use nix::sys::signal::Signal;
+use proc::{Notify, Proc, Reaper, WAIT};
+
+/// Starts a private copy of the binary (so the test can replace it).
+fn start_private() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Proc,
+    Notify,
+    std::net::SocketAddr,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(dir.path());
+    let (p, notify, addr) = proc::start(&bin);
+    (dir, bin, p, notify, addr)
+}
+
+/// Parses `reloaded: OLD -> NEW (generation G) in MS ms`.
+fn parse_reloaded(line: &str) -> (u32, u32, u32, u64) {
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(line.starts_with("reloaded: ") && n.len() == 4, "{line:?}");
+    (n[0] as u32, n[1] as u32, n[2] as u32, n[3])
+}
+
+#[test]
+fn upgrade_under_load_loses_nothing() {
+    let (_dir, _bin, old, notify, addr) = start_private();
+    let reaper = Reaper::default();
+    let ka = Load::start(addr, "/", 2, Mode::KeepAlive, 1000, Duration::from_secs(20));
+    let nc = Load::start(
+        addr,
+        "/",
+        2,
+        Mode::NewConnection,
+        1000,
+        Duration::from_secs(20),
+    );
+    // Let the load reach the old process first.
+    let deadline = Instant::now() + WAIT;
+    while http::get(addr, "/healthz").is_err() {
+        assert!(Instant::now() < deadline);
+    }
+    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let (from, to, generation, _ms) = parse_reloaded(out.trim());
+    reaper.watch(to);
+    assert_eq!((from, generation), (old.pid, 1));
+    let (ka, nc) = (ka.join(), nc.join());
+    for (name, t) in [("keep-alive", &ka), ("new connection", &nc)] {
+        eprintln!("{name}: {t:?}");
+        assert_eq!(t.failed(), 0, "{name}: {:?}", t.failures);
+        assert_eq!(t.sent, 1000, "{name}: ran out of time");
+        // Both generations served some of it.
+        assert!(
+            t.by_pid.get(&to).is_some_and(|n| *n > 0),
+            "{name}: new PID never answered"
+        );
+    }
+    // PIDs go from old to new, never back.
+    let mut order = ka.pid_order.clone();
+    order.extend(nc.pid_order.iter().filter(|p| !ka.pid_order.contains(p)));
+    assert!(order.iter().all(|p| *p == old.pid || *p == to), "{order:?}");
+    assert_eq!(proc::health_pid(addr), to);
+    proc::wait_gone(old.pid, WAIT);
+    // systemd would have been told the new main PID, and nothing more from
+    // the old one after the handover.
+    let msgs = notify.messages();
+    let takeover = msgs
+        .iter()
+        .position(|m| m.contains(&format!("MAINPID={to}")) && m.contains("READY=1"))
+        .unwrap_or_else(|| panic!("no MAINPID={to}: {msgs:?}"));
+    assert!(
+        !msgs.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING=1 sent during a handover: {msgs:?}"
+    );
+    assert!(
+        msgs[takeover..].iter().all(|m| !m.contains("generation 0")),
+        "old process spoke after the handover: {msgs:?}"
+    );
+}
+
+#[test]
+fn sigusr2_and_sighup_upgrade_too() {
+    let (_dir, _bin, old, notify, addr) = start_private();
+    let reaper = Reaper::default();
+    old.signal(Signal::SIGUSR2);
+    let m = notify.wait_for("MAINPID", |m| {
+        m.contains("MAINPID=") && !m.contains(&format!("MAINPID={}", old.pid))
+    });
+    let new: u32 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    reaper.watch(new);
+    proc::wait_gone(old.pid, WAIT);
+    assert_eq!(proc::health_pid(addr), new);
+    // SIGHUP: RELOADING=1 first (Type=notify-reload), then the new MAINPID.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGHUP).unwrap();
+    notify.wait_for("RELOADING=1", |m| {
+        m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC=")
+    });
+    let m = notify.wait_for("MAINPID", |m| {
+        m.contains("MAINPID=")
+            && !m.contains(&format!("MAINPID={new}"))
+            && !m.contains(&format!("MAINPID={}", old.pid))
+    });
+    let newer: u32 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    reaper.watch(newer);
+    proc::wait_gone(new, WAIT);
+    let h = http::get(addr, "/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+    assert_eq!(
+        (v["pid"].as_u64(), v["generation"].as_u64()),
+        (Some(newer as u64), Some(2))
+    );
+}
+
+#[test]
+fn in_flight_request_completes_on_the_old_process() {
+    let (_dir, _bin, old, _notify, addr) = start_private();
+    let reaper = Reaper::default();
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=1500"));
+    let mut probe = http::Conn::open(addr, WAIT).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = probe.get("/healthz").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        if v["in_flight"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slow request never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    reaper.watch(parse_reloaded(out.trim()).1);
+    let r = slow.join().unwrap().unwrap();
+    assert_eq!((r.status, r.pid()), (200, Some(old.pid)));
+    proc::wait_gone(old.pid, WAIT);
+}
+
+#[test]
+fn a_new_binary_that_exits_at_once_leaves_the_old_serving() {
+    let (_dir, bin, old, _notify, addr) = start_private();
+    proc::install_script(&bin, "#!/bin/sh\necho 'broken build' >&2\nexit 1\n");
+    let load = Load::start(addr, "/", 2, Mode::KeepAlive, 400, Duration::from_secs(10));
+    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let t = load.finish();
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("exited with status 1 before it was ready"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("PID {} keeps serving", old.pid)),
+        "{err}"
+    );
+    assert_eq!(t.failed(), 0, "{:?}", t.failures);
+    assert_eq!(t.pid_order, vec![old.pid]);
+    assert_eq!(proc::health_pid(addr), old.pid);
+    assert!(
+        old.log().contains("reload failed, still serving"),
+        "{}",
+        old.log()
+    );
+    // The good binary back: the next reload works.
+    proc::install_real(&bin);
+    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let reaper = Reaper::default();
+    reaper.watch(parse_reloaded(out.trim()).1);
+}
+
+#[test]
+fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(dir.path());
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    cmd.args(["--upgrade-timeout", "1"]);
+    let old = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    // Looks alive, never says ready.
+    proc::install_script(&bin, "#!/bin/sh\nexec sleep 30\n");
+    let t = Instant::now();
+    let (code, _out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was not ready within 1s"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(proc::health_pid(addr), old.pid);
+    // The failure shows in the status line systemd would display.
+    let status = notify.wait_for("failed status", |m| m.contains("last reload failed"));
+    assert!(status.contains(&format!("MAINPID={}", old.pid)), "{status}");
+    // No sleeping child left behind.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", old.pid))
+        .unwrap_or_default();
+    assert_eq!(children.trim(), "", "children left: {children}");
+}
+
+#[test]
+fn helper_errors_have_their_own_exit_codes() {
+    // No such process.
+    let (code, _, err) = proc::reload(&["--pid", "999999999"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no process with PID 999999999"), "{err}");
+    // A process that is not a pid-server (this test).
+    let me = std::process::id().to_string();
+    let (code, _, err) = proc::reload(&["--pid", &me]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("is not a running pid-server"), "{err}");
+    let (code, _, err) = proc::reload(&["--pid", "abc"]);
+    assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn two_reloads_at_once_one_runs_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(dir.path());
+    let reaper = Reaper::default();
+    let (old, _notify, addr) = proc::start(&bin);
+    // A child that takes a while to be ready keeps the first reload open.
+    proc::install_script(
+        &bin,
+        &format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", proc::BIN),
+    );
+    let pid = old.pid.to_string();
+    let first = {
+        let pid = pid.clone();
+        std::thread::spawn(move || proc::reload(&["--pid", &pid]))
+    };
+    // The second asks while the first's child sleeps. Wait until the first
+    // has started its child (the old process then has one), bounded.
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", old.pid))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "first reload did not start a child"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, _, err) = proc::reload(&["--pid", &pid]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("already under way"), "{err}");
+    let (code, out, err) = first.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    let new = parse_reloaded(out.trim()).1;
+    reaper.watch(new);
+    proc::wait_gone(old.pid, WAIT);
+    assert_eq!(proc::health_pid(addr), new);
+}
+
+#[test]
+fn ten_upgrades_leak_no_fds_and_leave_no_zombies() {
+    let (_dir, _bin, old, _notify, addr) = start_private();
+    let reaper = Reaper::default();
+    let mut pid = old.pid;
+    let mut fds = Vec::new();
+    let mut times = Vec::new();
+    for generation in 1..=10 {
+        let (code, out, err) = proc::reload(&["--pid", &pid.to_string()]);
+        assert_eq!(code, 0, "generation {generation}: {err}");
+        let (from, to, g, ms) = parse_reloaded(out.trim());
+        assert_eq!((from, g), (pid, generation));
+        reaper.watch(to);
+        times.push(ms);
+        proc::wait_gone(pid, WAIT);
+        pid = to;
+        // The new process has settled once it answers.
+        assert_eq!(proc::health_pid(addr), pid);
+        // Transient fds (a connection being closed) come and go: the least
+        // seen over 200 ms is what the process holds at rest.
+        let at_rest = (0..10)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .unwrap()
+                    .count()
+            })
+            .min()
+            .unwrap();
+        fds.push(at_rest);
+    }
+    eprintln!("fds per generation: {fds:?}; handover ms: {times:?}");
+    // A leak grows with every generation; the last must hold no more than
+    // the first.
+    assert!(fds[9] <= fds[0], "fd count grows: {fds:?}");
+    // Old generations were reaped (by us for the first, by init for the
+    // rest): none is left as a zombie child of the serving process.
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    assert_eq!(children.trim(), "", "children: {children}");
+}
