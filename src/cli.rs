@@ -72,6 +72,18 @@ pub struct ServeArgs {
     )]
     pub upgrade_timeout: Duration,
 
+    /// During a handover, how long the new process serves beside the old one
+    /// before taking over; it must stay alive through it, or the old process
+    /// stops it and keeps the unit.
+    #[arg(
+        long = "upgrade-probation-ms",
+        value_name = "MS",
+        env = "PID_SERVER_UPGRADE_PROBATION_MS",
+        default_value = "250",
+        value_parser = parse_ms
+    )]
+    pub upgrade_probation: Duration,
+
     /// While draining, a keep-alive connection is closed only once it has been
     /// idle this many milliseconds; until then a request on it is still
     /// answered (with `Connection: close`). This avoids the race between our

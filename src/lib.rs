@@ -30,12 +30,14 @@
 //!    same without an answer).
 //! 2. The old process starts its binary again (the path it was started
 //!    from, so a freshly installed binary), passing every listening socket
-//!    at fds 3.. (`LISTEN_FDS`) and a pipe.
+//!    at fds 3.. (`LISTEN_FDS`) and one end of a socketpair.
 //! 3. The new process accepts on the very same sockets (one shared accept
-//!    queue: nothing queued is lost), tells systemd `MAINPID=<self>` and
-//!    `READY=1`, waits until systemd has processed that (`BARRIER=1`), then
-//!    writes `ready` to the pipe.
-//! 4. The old process goes silent towards systemd, answers the helper, stops
+//!    queue: nothing queued is lost) and says `ready` on the socketpair.
+//! 4. Probation: both serve for `--upgrade-probation-ms` (250); the new process
+//!    must stay alive through it. Then the old one says `commit`; the new
+//!    one tells systemd `MAINPID=<self>` and `READY=1`, waits until systemd
+//!    has processed that (`BARRIER=1`), and says `owner`.
+//! 5. The old process goes silent towards systemd, answers the helper, stops
 //!    accepting, finishes in-flight requests (answering `Connection:
 //!    close`), closes idle connections after a grace, and exits 0.
 //!
@@ -131,7 +133,10 @@ pub fn serve_main(args: &cli::ServeArgs) -> ExitCode {
             max_connections: args.max_connections as usize,
             ..server::Config::default()
         },
-        upgrade_timeout: args.upgrade_timeout,
+        upgrade: upgrade::Timing {
+            ready_timeout: args.upgrade_timeout,
+            probation: args.upgrade_probation,
+        },
     };
     let code = runtime.block_on(lifecycle::serve(startup, opts));
     // Do not wait for blocked tasks (a cut /slow request) at exit.

@@ -1,16 +1,18 @@
 //! One generation's life: start, serve, maybe hand over, drain, exit.
 //!
 //! ```text
-//!  old (generation g)                         new (generation g+1)
-//!  ── SIGUSR2 / SIGHUP / `reload` request
-//!  spawn(exe, sockets at fd 3.., ready pipe) ─▶ takes sockets, accepts
-//!                                                MAINPID=<new>, READY=1, BARRIER=1
-//!  ◀───────────────────────────────────────────── "ready" on the pipe
-//!  silent to systemd from here; answers the helper
-//!  stops accepting, drains, exits 0            serves, pings the watchdog
+//!  old (generation g)                          new (generation g+1)
+//!  SIGUSR2 / SIGHUP / `reload` request
+//!  spawn(exe, sockets at fd 3.., socketpair) ─▶ takes the sockets, accepts
+//!  ◀──────────────────────────────────────────── "ready"
+//!  probation: both serve; the new one must live
+//!  "commit" ──────────────────────────────────▶ MAINPID=<new>, READY=1, BARRIER=1
+//!  ◀──────────────────────────────────────────── "owner"
+//!  silent to systemd; answers the helper;
+//!  stops accepting, drains, exits 0             serves, pings the watchdog
 //! ```
-//! If the new process exits, or is not ready within the upgrade timeout,
-//! the old one stops it, keeps serving, and shows why in `STATUS=`.
+//! If the new process exits before it owns the unit, or is not ready
+//! within the upgrade timeout, the old one stops it, keeps serving, and shows why in `STATUS=`.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -36,8 +38,8 @@ pub struct Startup {
     /// is up.
     pub warning: Option<String>,
     pub generation: u32,
-    /// Set when a previous generation started us: where to say "ready".
-    pub ready_fd: Option<OwnedFd>,
+    /// Set when a previous generation started us: the handover channel.
+    pub handover_fd: Option<OwnedFd>,
     pub exe: std::path::PathBuf,
     pub args: Vec<OsString>,
 }
@@ -49,14 +51,14 @@ impl Startup {
         let generation = upgrade::generation_from_env().map_err(StartError::Usage)?;
         let (listeners, warning) = listeners::take_or_bind(listen)?;
         // After the sockets: the ready fd sits right above them.
-        let ready_fd = upgrade::take_ready_fd().map_err(StartError::Usage)?;
+        let handover_fd = upgrade::take_handover_fd().map_err(StartError::Usage)?;
         let exe = upgrade::resolve_exe()
             .map_err(|e| StartError::Other(format!("cannot tell which binary this is: {e}")))?;
         Ok(Startup {
             listeners,
             warning,
             generation,
-            ready_fd,
+            handover_fd,
             exe,
             args: std::env::args_os().skip(1).collect(),
         })
@@ -67,7 +69,7 @@ impl Startup {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub server: server::Config,
-    pub upgrade_timeout: Duration,
+    pub upgrade: upgrade::Timing,
 }
 
 /// How the serving phase ended.
@@ -91,7 +93,8 @@ struct InProgress {
 pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
     let pid = std::process::id();
     let generation = startup.generation;
-    let notifier = Notifier::from_env();
+    // A new generation speaks for the unit only once it has taken over.
+    let notifier = Notifier::from_env(startup.handover_fd.is_none());
     let shared = Shared::new(pid, generation);
     if let Some(w) = &startup.warning {
         tracing::warn!(event = "listen_fds_ignored", "{w}");
@@ -174,13 +177,36 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
             (shared.clone(), sockets.clone(), last_failure.clone());
         move || status_line(&shared, &sockets, last_failure.lock().unwrap().as_deref())
     };
-    match startup.ready_fd {
+    let mut aborted = None;
+    match startup.handover_fd {
         Some(fd) => {
             let (n, s) = (notifier.clone(), status());
-            let _ = tokio::task::spawn_blocking(move || n.take_over(&s)).await;
-            upgrade::report_ready(fd);
+            match tokio::task::spawn_blocking(move || {
+                upgrade::report_ready_and_take_over(fd, || n.take_over(&s))
+            })
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => aborted = Some(why),
+                Err(e) => aborted = Some(e.to_string()),
+            }
         }
         None => notifier.ready(&status()),
+    }
+    if let Some(why) = aborted {
+        // The old process kept the unit (it is stopping us, or gone): drain
+        // what we accepted, and tell systemd nothing.
+        tracing::warn!(event = "handover_aborted", reason = %why, "handover aborted: {why}; draining");
+        if let Some(t) = control_task {
+            t.abort();
+        }
+        let report = server.drain().await;
+        tracing::info!(
+            event = "drained",
+            drain_ms = report.elapsed.as_millis() as u64,
+            "drained; exiting"
+        );
+        return ExitCode::Ok;
     }
     tracing::info!(event = "ready", sockets = %sockets, "serving {sockets} as generation {generation}");
 
@@ -219,13 +245,13 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
         let step = tokio::select! {
             ev = signals.next() => Step::Signal(ev),
             Some(req) = control_rx.recv() => Step::Request(req),
-            r = async { upgrading.as_mut().unwrap().pending.wait_ready().await },
+            r = async { upgrading.as_mut().unwrap().pending.outcome().await },
                 if upgrading.is_some() => Step::Upgrade(r),
         };
         let (trigger, reply) = match step {
             Step::Signal(Event::Terminate(sig)) => {
-                if let Some(mut up) = upgrading.take() {
-                    up.pending.stop().await;
+                if let Some(up) = upgrading.take() {
+                    up.pending.cancel().await;
                     reply_to(
                         up.reply,
                         Answer::Failed("the old process is stopping".into()),
@@ -279,7 +305,7 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
                 plan_ref.generation
             ));
         }
-        match upgrade::spawn(plan_ref, opts.upgrade_timeout) {
+        match upgrade::spawn(plan_ref, opts.upgrade) {
             Ok(pending) => {
                 tracing::info!(event = "reload_started", trigger, new_pid = pending.pid,
                     new_generation = pending.generation, exe = %plan_ref.exe.display(),

@@ -1,10 +1,10 @@
 //! Telling systemd what the service is doing (`sd_notify(3)` protocol).
 //!
-//! Every call is a no-op without `NOTIFY_SOCKET`. After a handover the old
-//! process is *silenced*: systemd reads `STOPPING=1`, `STATUS=` and watchdog
+//! Every call is a no-op without `NOTIFY_SOCKET`, and for a process that
+//! does not own the unit: systemd reads `STOPPING=1`, `STATUS=` and watchdog
 //! pings as statements about the whole unit, whichever process of the unit
-//! sends them, so once `MAINPID=` names the successor the old process must
-//! say nothing more.
+//! sends them. A process started fresh owns it; a new generation owns it
+//! from its `MAINPID=`; the old one gives it up then and says nothing more.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,17 +17,19 @@ use sd_notify::NotifyState;
 #[derive(Debug)]
 pub struct Notifier {
     enabled: bool,
-    silenced: AtomicBool,
+    owner: AtomicBool,
     /// Warn about a broken NOTIFY_SOCKET once, not on every status update.
     warned: AtomicBool,
 }
 
 impl Notifier {
-    /// Reads `NOTIFY_SOCKET` once.
-    pub fn from_env() -> Arc<Notifier> {
+    /// Reads `NOTIFY_SOCKET` once. `owner`: whether this process speaks
+    /// for the unit from the start (not so for a new generation, until it
+    /// takes over).
+    pub fn from_env(owner: bool) -> Arc<Notifier> {
         Arc::new(Notifier {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
-            silenced: AtomicBool::new(false),
+            owner: AtomicBool::new(owner),
             warned: AtomicBool::new(false),
         })
     }
@@ -38,11 +40,11 @@ impl Notifier {
 
     /// From now on this process says nothing to systemd.
     pub fn silence(&self) {
-        self.silenced.store(true, Ordering::SeqCst);
+        self.owner.store(false, Ordering::SeqCst);
     }
 
     pub fn is_silenced(&self) -> bool {
-        self.silenced.load(Ordering::SeqCst)
+        !self.owner.load(Ordering::SeqCst)
     }
 
     fn send(&self, states: &[NotifyState]) {
@@ -67,6 +69,7 @@ impl Notifier {
     /// Returns once systemd has processed it (a `BARRIER=1` round trip), so
     /// the old process cannot exit before systemd knows its successor.
     pub fn take_over(&self, status: &str) {
+        self.owner.store(true, Ordering::SeqCst);
         self.send(&[
             NotifyState::MainPid(std::process::id()),
             NotifyState::Ready,

@@ -1,18 +1,24 @@
-//! The handover: start the next generation on the very same sockets and wait
-//! until it says it is ready.
+//! The handover: start the next generation on the very same sockets, and
+//! hand the unit to it only once it has proved it serves.
 //!
-//! Both sides live here:
-//! - the old process [`spawn`]s the new one with every listening socket at
-//!   fds 3.. in systemd's format (`LISTEN_FDS`, `LISTEN_FDNAMES`; no
-//!   `LISTEN_PID`, which cannot be known before exec and which listenfd and
-//!   `sd_listen_fds(3)` treat as "for you"), plus the write end of a pipe
-//!   (`PID_SERVER_READY_FD`) and its generation + 1;
-//! - the new process, once it accepts and systemd knows it as `MAINPID`,
-//!   writes `ready` to that pipe ([`report_ready`]).
+//! The old process [`spawn`]s the new one with every listening socket at fds
+//! 3.. in systemd's format (`LISTEN_FDS`, `LISTEN_FDNAMES`; no `LISTEN_PID`,
+//! which cannot be known before exec and which listenfd and
+//! `sd_listen_fds(3)` read as "for you"), its generation + 1, and one end of
+//! a socketpair (`PID_SERVER_HANDOVER_FD`). Over that channel:
 //!
-//! The old process waits for that line, the child's exit, or the timeout,
-//! whichever comes first; it never guesses from timing or polls the public
-//! port (either process may answer there).
+//! ```text
+//!   new: accepting on the sockets          ──"ready"──▶  old
+//!   old: probation (both serve; the new one must stay alive)
+//!   old                                    ◀─"commit"──
+//!   new: MAINPID=<new>, READY=1, BARRIER=1 ──"owner"──▶  old: silent, drains
+//! ```
+//!
+//! Until "commit" the old process is still systemd's main process, so a new
+//! one that dies during its first moments (a crash on start-up, right after
+//! it is ready, or a program that is not a pid-server) changes nothing for
+//! systemd: the old one stops it and keeps serving. Nothing here polls the
+//! public port, where either process may answer.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -26,8 +32,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::AsyncBufReadExt;
 
-/// The environment variable naming the ready pipe's fd in the new process.
-pub const READY_FD_ENV: &str = "PID_SERVER_READY_FD";
+/// The environment variable naming the handover channel's fd in the new
+/// process.
+pub const HANDOVER_FD_ENV: &str = "PID_SERVER_HANDOVER_FD";
 /// The environment variable carrying the new process's generation.
 pub const GENERATION_ENV: &str = "PID_SERVER_GENERATION";
 
@@ -55,41 +62,72 @@ pub enum Failure {
     Spawn { exe: String, source: std::io::Error },
     #[error("new process {pid} {status} before it was ready")]
     Exited { pid: u32, status: String },
-    #[error("new process {pid} was not ready within {}s; killed it", timeout.as_secs())]
+    #[error("new process {pid} {status} right after it was ready")]
+    DiedOnProbation { pid: u32, status: String },
+    #[error("new process {pid} was not ready within {}s; stopped it", timeout.as_secs())]
     NotReady { pid: u32, timeout: Duration },
-    #[error("new process {pid} closed its ready channel without reporting ready")]
+    #[error(
+        "new process {pid} closed the handover channel without reporting ready (not a pid-server?)"
+    )]
     ChannelClosed { pid: u32 },
+    #[error("new process {pid} did not take over: {why}")]
+    NoTakeover { pid: u32, why: String },
+    #[error("the reload was cancelled: the old process is stopping")]
+    Cancelled,
 }
 
-/// A new generation that has been started and not yet reported ready.
+/// Timing of a handover.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long the new process may take to be ready.
+    pub ready_timeout: Duration,
+    /// How long both serve before the new one takes over; it must stay alive
+    /// through it.
+    pub probation: Duration,
+}
+
+/// A new generation under way. Its outcome arrives on `outcome`; the
+/// handshake runs in a task of its own, so waiting for it is cancel-safe.
 pub struct Pending {
     pub pid: u32,
     pub generation: u32,
     pub started: Instant,
-    timeout: Duration,
-    child: tokio::process::Child,
-    /// `true` once the child wrote `ready`; `false` on EOF or junk. Read by
-    /// a task of its own so that waiting for it can be cancelled and resumed.
-    ready: tokio::sync::oneshot::Receiver<bool>,
+    outcome: tokio::sync::oneshot::Receiver<Result<(), Failure>>,
+    cancel: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Pending {
+    /// The handshake's result: `Ok` once the new process owns the unit. On
+    /// failure the new process has been stopped and reaped.
+    pub async fn outcome(&mut self) -> Result<(), Failure> {
+        (&mut self.outcome).await.unwrap_or(Err(Failure::Cancelled))
+    }
+
+    /// Stops the new process and waits (bounded) until it is reaped.
+    pub async fn cancel(mut self) {
+        if let Some(c) = self.cancel.take() {
+            let _ = c.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.outcome).await;
+    }
 }
 
 /// Starts the next generation. Its stdout and stderr are ours (the same
 /// journal stream under systemd).
-pub fn spawn(plan: &Plan, timeout: Duration) -> Result<Pending, Failure> {
+pub fn spawn(plan: &Plan, timing: Timing) -> Result<Pending, Failure> {
     let spawn_err = |source| Failure::Spawn {
         exe: plan.exe.display().to_string(),
         source,
     };
-    let (ready_read, ready_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let n = plan.sockets.len();
     // The fds to place at 3, 4, ... in the child, in order: the sockets,
-    // then the ready pipe.
+    // then its end of the handover channel.
     let sources: Vec<RawFd> = plan
         .sockets
         .iter()
         .map(|(fd, _)| fd.as_raw_fd())
-        .chain([ready_write.as_raw_fd()])
+        .chain([theirs.as_raw_fd()])
         .collect();
     let names: Vec<&str> = plan.sockets.iter().map(|(_, name)| name.as_str()).collect();
 
@@ -99,7 +137,7 @@ pub fn spawn(plan: &Plan, timeout: Duration) -> Result<Pending, Failure> {
         .env("LISTEN_FDNAMES", names.join(":"))
         .env_remove("LISTEN_PID")
         .env(crate::listeners::ORIGIN_ENV, plan.origin.to_string())
-        .env(READY_FD_ENV, (3 + n).to_string())
+        .env(HANDOVER_FD_ENV, (3 + n).to_string())
         .env(GENERATION_ENV, plan.generation.to_string())
         // Watchdog pings are accepted from any process of the unit; a stale
         // WATCHDOG_PID would make the child think they are not its job.
@@ -114,31 +152,112 @@ pub fn spawn(plan: &Plan, timeout: Duration) -> Result<Pending, Failure> {
     // std's spawn reports exec errors through a pipe it opens now, at the
     // lowest free fds; if one landed in 3..=3+n our dup2 in the child would
     // close it. Fill the free ones in that range until the spawn is done.
-    let _placeholders = reserve_fds(3 + n as RawFd).map_err(spawn_err)?;
-    let mut cmd = tokio::process::Command::from(cmd);
-    let child = cmd.spawn().map_err(spawn_err)?;
-    drop(_placeholders);
-    drop(ready_write);
+    let placeholders = reserve_fds(3 + n as RawFd).map_err(spawn_err)?;
+    let child = tokio::process::Command::from(cmd)
+        .spawn()
+        .map_err(spawn_err)?;
+    drop(placeholders);
+    drop(theirs);
     let pid = child.id().unwrap_or(0);
-    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_read).map_err(spawn_err)?;
-    let (tx, ready) = tokio::sync::oneshot::channel();
+    ours.set_nonblocking(true).map_err(spawn_err)?;
+    let channel = tokio::net::UnixStream::from_std(ours).map_err(spawn_err)?;
+    let started = Instant::now();
+    let (tx, outcome) = tokio::sync::oneshot::channel();
+    let (cancel, cancelled) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut line = String::new();
-        let ok = tokio::io::BufReader::new(pipe)
-            .read_line(&mut line)
-            .await
-            .is_ok()
-            && line.trim() == "ready";
-        let _ = tx.send(ok);
+        let r = handshake(child, pid, channel, started, timing, cancelled).await;
+        let _ = tx.send(r);
     });
     Ok(Pending {
         pid,
         generation: plan.generation,
-        started: Instant::now(),
-        timeout,
-        child,
-        ready,
+        started,
+        outcome,
+        cancel: Some(cancel),
     })
+}
+
+/// The old process's side of the handshake. Stops the child on failure.
+async fn handshake(
+    mut child: tokio::process::Child,
+    pid: u32,
+    channel: tokio::net::UnixStream,
+    started: Instant,
+    timing: Timing,
+    mut cancelled: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), Failure> {
+    use tokio::io::AsyncWriteExt;
+    let (read, mut write) = channel.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let deadline = tokio::time::Instant::from_std(started + timing.ready_timeout);
+
+    // 1. "ready": the child accepts on the sockets.
+    let r = tokio::select! {
+        l = lines.next_line() => match l {
+            Ok(Some(l)) if l == "ready" => Ok(()),
+            // EOF or junk: the child is gone or is not a pid-server.
+            // Prefer its exit status as the reason when it comes quickly.
+            _ => Err(match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+                Ok(Ok(st)) => Failure::Exited { pid, status: describe_exit(st) },
+                _ => Failure::ChannelClosed { pid },
+            }),
+        },
+        st = child.wait() => Err(Failure::Exited { pid, status: exit_text(st) }),
+        _ = tokio::time::sleep_until(deadline) => Err(Failure::NotReady { pid, timeout: timing.ready_timeout }),
+        _ = &mut cancelled => Err(Failure::Cancelled),
+    };
+    // 2. Probation: both serve; the child must stay alive through it.
+    let r = match r {
+        Ok(()) => tokio::select! {
+            st = child.wait() => Err(Failure::DiedOnProbation { pid, status: exit_text(st) }),
+            _ = tokio::time::sleep(timing.probation) => Ok(()),
+            _ = &mut cancelled => Err(Failure::Cancelled),
+        },
+        Err(e) => Err(e),
+    };
+    // 3. "commit", answered by "owner" once systemd knows the new MAINPID.
+    let r = match r {
+        Ok(()) => match write.write_all(b"commit\n").await {
+            Err(e) => Err(Failure::NoTakeover {
+                pid,
+                why: e.to_string(),
+            }),
+            Ok(()) => tokio::select! {
+                l = lines.next_line() => match l {
+                    Ok(Some(l)) if l == "owner" => return Ok(()),
+                    other => Err(Failure::NoTakeover { pid, why: format!("answered {other:?}") }),
+                },
+                st = child.wait() => Err(Failure::DiedOnProbation { pid, status: exit_text(st) }),
+                // The take-over waits for systemd (BARRIER=1, 5 s at most).
+                _ = tokio::time::sleep(Duration::from_secs(10)) => Err(Failure::NoTakeover { pid, why: "no answer to commit within 10s".into() }),
+            },
+        },
+        Err(e) => Err(e),
+    };
+    stop(&mut child, pid).await;
+    r
+}
+
+fn exit_text(st: std::io::Result<ExitStatus>) -> String {
+    st.map(describe_exit)
+        .unwrap_or_else(|e| format!("failed ({e})"))
+}
+
+/// SIGTERM (a pid-server child drains what it accepted and, not owning the
+/// unit, tells systemd nothing), then SIGKILL if it is still there after a
+/// bound; always reaped.
+async fn stop(child: &mut tokio::process::Child, pid: u32) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }
 
 /// In the child between fork and exec: put `sources[i]` at fd `3 + i`
@@ -184,50 +303,6 @@ fn reserve_fds(top: RawFd) -> std::io::Result<Vec<std::fs::File>> {
     }
 }
 
-impl Pending {
-    /// Waits for the child to report ready, at most until the timeout
-    /// counted from its start. Cancel-safe. On failure the child has been
-    /// stopped and reaped.
-    pub async fn wait_ready(&mut self) -> Result<(), Failure> {
-        let pid = self.pid;
-        let deadline = tokio::time::Instant::from_std(self.started + self.timeout);
-        let outcome = tokio::select! {
-            r = &mut self.ready => match r {
-                Ok(true) => return Ok(()),
-                // EOF or junk: the child is gone or is not a pid-server.
-                // Prefer its exit status as the reason when it is quick.
-                _ => match tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await {
-                    Ok(Ok(st)) => Failure::Exited { pid, status: describe_exit(st) },
-                    _ => Failure::ChannelClosed { pid },
-                },
-            },
-            st = self.child.wait() => Failure::Exited {
-                pid,
-                status: st.map(describe_exit).unwrap_or_else(|e| format!("failed ({e})")),
-            },
-            _ = tokio::time::sleep_until(deadline) => Failure::NotReady { pid, timeout: self.timeout },
-        };
-        self.stop().await;
-        Err(outcome)
-    }
-
-    /// SIGTERM (a pid-server child drains what it accepted), then SIGKILL
-    /// if it is still there after a bound; always reaped.
-    pub async fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-        if tokio::time::timeout(Duration::from_secs(3), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
-        }
-    }
-}
-
 fn describe_exit(st: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
@@ -242,36 +317,58 @@ fn describe_exit(st: ExitStatus) -> String {
     }
 }
 
-/// In the new process: take the ready pipe named by `PID_SERVER_READY_FD`,
-/// if any. Call before anything else opens files.
-pub fn take_ready_fd() -> Result<Option<OwnedFd>, String> {
-    let Ok(v) = std::env::var(READY_FD_ENV) else {
+/// In the new process: take the handover channel named by
+/// `PID_SERVER_HANDOVER_FD`, if any. Call before anything else opens files.
+pub fn take_handover_fd() -> Result<Option<OwnedFd>, String> {
+    let Ok(v) = std::env::var(HANDOVER_FD_ENV) else {
         return Ok(None);
     };
     let fd: RawFd = v
         .parse()
         .ok()
         .filter(|fd| *fd > 2)
-        .ok_or_else(|| format!("{READY_FD_ENV}={v:?} is not a file descriptor"))?;
+        .ok_or_else(|| format!("{HANDOVER_FD_ENV}={v:?} is not a file descriptor"))?;
     // SAFETY: F_GETFD only asks whether the fd is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("{READY_FD_ENV}={fd} is not open"));
+        return Err(format!("{HANDOVER_FD_ENV}={fd} is not open"));
     }
-    // SAFETY: the fd is open and nothing else in this process owns it: it
-    // was placed here by the parent for us alone.
+    // SAFETY: the fd is open and nothing else in this process owns it: the
+    // parent placed it here for us alone.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Not for our own children.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(Some(owned))
 }
 
-/// In the new process: tell the old one we serve. A parent that has gone
-/// away (EPIPE) is no reason to stop serving.
-pub fn report_ready(fd: OwnedFd) {
-    let mut f = std::fs::File::from(fd);
-    if let Err(e) = f.write_all(b"ready\n") {
-        tracing::warn!(event = "ready_report_failed", error = %e, "could not tell the old process we are ready");
+/// The new process's side of the handshake, once it accepts: says "ready",
+/// waits for "commit", runs `take_over` (MAINPID=, READY=1), says "owner".
+/// Returns whether this process now owns the unit. Blocking: run it off the
+/// async threads.
+pub fn report_ready_and_take_over(fd: OwnedFd, take_over: impl FnOnce()) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    (&stream)
+        .write_all(b"ready\n")
+        .map_err(|e| format!("cannot report ready: {e}"))?;
+    // The old process answers after its probation; it never takes this
+    // long unless it is gone.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let mut line = String::new();
+    match BufReader::new(&stream).read_line(&mut line) {
+        Ok(_) if line.trim() == "commit" => {}
+        Ok(0) => return Err("the old process closed the handover channel".into()),
+        Ok(_) => {
+            return Err(format!(
+                "unexpected {:?} on the handover channel",
+                line.trim()
+            ));
+        }
+        Err(e) => return Err(format!("no commit from the old process: {e}")),
     }
+    take_over();
+    // If the old process is gone by now, we own the unit all the same.
+    let _ = (&stream).write_all(b"owner\n");
+    Ok(())
 }
 
 /// The generation this process was started as (0 unless a handover started

@@ -210,7 +210,7 @@ fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
     let t = Instant::now();
     let (code, _out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("was not ready within 1s"), "{err}");
+    assert!(err.contains("was not ready within 1s; stopped it"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(proc::health_pid(addr), old.pid);
     // The failure shows in the status line systemd would display.
@@ -318,4 +318,92 @@ fn ten_upgrades_leak_no_fds_and_leave_no_zombies() {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     assert_eq!(children.trim(), "", "children: {children}");
+}
+
+/// Starts pid-server from a private binary with a short upgrade timeout,
+/// replaces the binary with `script` (or makes it non-executable), asks for
+/// a reload under load, and checks that it fails with `reason` while the old
+/// process keeps serving every request.
+fn broken_release(script: Option<&str>, reason: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(dir.path());
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    cmd.args(["--upgrade-timeout", "2"]);
+    let old = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    match script {
+        Some(s) => proc::install_script(&bin, s),
+        None => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let load = Load::start(
+        addr,
+        "/",
+        2,
+        Mode::KeepAlive,
+        100_000,
+        Duration::from_secs(20),
+    );
+    let nc = Load::start(
+        addr,
+        "/",
+        1,
+        Mode::NewConnection,
+        100_000,
+        Duration::from_secs(20),
+    );
+    let (code, _out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let (t, n) = (load.finish(), nc.finish());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(reason), "{err:?} lacks {reason:?}");
+    for t in [&t, &n] {
+        assert_eq!(t.failed(), 0, "{:?}", t.failures);
+        assert_eq!(t.pid_order, vec![old.pid], "someone else answered");
+        assert!(t.sent > 0);
+    }
+    assert_eq!(proc::health_pid(addr), old.pid);
+    // systemd would still see the old process as the main one, ready, with
+    // the failure in its status line, and never a STOPPING=1.
+    let status = notify.wait_for("failure status", |m| m.contains("last reload failed"));
+    assert!(status.contains(&format!("MAINPID={}", old.pid)), "{status}");
+    assert!(!notify.messages().iter().any(|m| m.contains("STOPPING=1")));
+    let log = old.log();
+    assert!(log.contains("reload failed, still serving"), "{log}");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", old.pid))
+        .unwrap_or_default();
+    assert_eq!(children.trim(), "", "children left: {children}");
+}
+
+#[test]
+fn fault_new_binary_is_not_executable() {
+    broken_release(None, "cannot start");
+}
+
+#[test]
+fn fault_new_binary_is_a_different_program() {
+    // Runs fine, never speaks the handover protocol.
+    broken_release(
+        Some("#!/bin/sh\nexec sleep 30\n"),
+        "was not ready within 2s",
+    );
+}
+
+#[test]
+fn fault_new_binary_says_ready_then_crashes() {
+    broken_release(
+        Some("#!/bin/bash\necho ready >&\"$PID_SERVER_HANDOVER_FD\"\nexit 3\n"),
+        "exited with status 3 right after it was ready",
+    );
+}
+
+#[test]
+fn fault_new_binary_closes_the_channel() {
+    broken_release(
+        Some("#!/bin/bash\neval \"exec $PID_SERVER_HANDOVER_FD>&-\"\nexec sleep 30\n"),
+        "closed the handover channel",
+    );
 }
