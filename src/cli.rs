@@ -97,6 +97,17 @@ pub struct ServeArgs {
     )]
     pub idle_grace: Duration,
 
+    /// Seconds a client has to send a request's headers; a slower one is
+    /// disconnected (slowloris).
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "PID_SERVER_HEADER_TIMEOUT",
+        default_value = "10",
+        value_parser = parse_secs
+    )]
+    pub header_timeout: Duration,
+
     /// Most connections served at once; further ones wait in the kernel's
     /// accept queue.
     #[arg(

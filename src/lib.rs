@@ -131,7 +131,7 @@ pub fn serve_main(args: &cli::ServeArgs) -> ExitCode {
             drain_timeout: args.drain_timeout,
             idle_grace: args.idle_grace,
             max_connections: args.max_connections as usize,
-            ..server::Config::default()
+            header_read_timeout: args.header_timeout,
         },
         upgrade: upgrade::Timing {
             ready_timeout: args.upgrade_timeout,
