@@ -39,9 +39,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on: HOST:PORT, [IPV6]:PORT or unix:/path. Repeat for
-    /// several. Ignored when systemd passes sockets (LISTEN_FDS).
+    // (`help =` rather than a doc comment: rustdoc would read `[IPV6]` as a link.)
     #[arg(
+        help = "Address to listen on: HOST:PORT, [IPV6]:PORT or unix:/path. Repeat for \
+                several. Ignored when systemd passes sockets (LISTEN_FDS).",
         long = "listen",
         value_name = "ADDR",
         env = "PID_SERVER_LISTEN",

@@ -41,7 +41,8 @@ pub enum Answer {
 }
 
 impl Answer {
-    fn to_line(&self) -> String {
+    /// The answer as sent: one line.
+    pub fn to_line(&self) -> String {
         match self {
             Answer::Ok {
                 old_pid,
@@ -54,8 +55,9 @@ impl Answer {
         }
     }
 
-    fn parse(line: &str) -> Option<Answer> {
-        let line = line.trim_end();
+    /// Parses the first line of `text`.
+    pub fn parse(text: &str) -> Option<Answer> {
+        let line = text.lines().next().unwrap_or("").trim_end();
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "ok" => {

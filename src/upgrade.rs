@@ -382,7 +382,7 @@ pub fn generation_from_env() -> Result<u32, String> {
     }
 }
 
-/// The path to start the next generation from: argv[0] when it is a path
+/// The path to start the next generation from: `argv[0]` when it is a path
 /// (made absolute now, since the working directory may change), else the
 /// resolved executable.
 pub fn resolve_exe() -> std::io::Result<PathBuf> {
