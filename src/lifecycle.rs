@@ -179,18 +179,23 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
     };
     let mut aborted = None;
     match startup.handover_fd {
-        Some(fd) => {
-            let (n, s) = (notifier.clone(), status());
-            match tokio::task::spawn_blocking(move || {
-                upgrade::report_ready_and_take_over(fd, || n.take_over(&s))
-            })
-            .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => aborted = Some(why),
-                Err(e) => aborted = Some(e.to_string()),
-            }
-        }
+        Some(fd) => match upgrade::Successor::announce(fd).await {
+            Ok(mut successor) => tokio::select! {
+                r = successor.wait_commit() => match r {
+                    Ok(()) => {
+                        let (n, s) = (notifier.clone(), status());
+                        // take_over blocks on the BARRIER=1 round trip.
+                        let _ = tokio::task::spawn_blocking(move || n.take_over(&s)).await;
+                        successor.confirm_owner().await;
+                    }
+                    Err(why) => aborted = Some(why),
+                },
+                sig = signals.next_terminate() => {
+                    aborted = Some(format!("{sig} before the handover was committed"));
+                }
+            },
+            Err(e) => aborted = Some(format!("cannot report ready: {e}")),
+        },
         None => notifier.ready(&status()),
     }
     if let Some(why) = aborted {

@@ -21,7 +21,6 @@
 //! public port, where either process may answer.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -340,35 +339,44 @@ pub fn take_handover_fd() -> Result<Option<OwnedFd>, String> {
     Ok(Some(owned))
 }
 
-/// The new process's side of the handshake, once it accepts: says "ready",
-/// waits for "commit", runs `take_over` (MAINPID=, READY=1), says "owner".
-/// Returns whether this process now owns the unit. Blocking: run it off the
-/// async threads.
-pub fn report_ready_and_take_over(fd: OwnedFd, take_over: impl FnOnce()) -> Result<(), String> {
-    use std::io::{BufRead, BufReader};
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    (&stream)
-        .write_all(b"ready\n")
-        .map_err(|e| format!("cannot report ready: {e}"))?;
-    // The old process answers after its probation; it never takes this
-    // long unless it is gone.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
-    let mut line = String::new();
-    match BufReader::new(&stream).read_line(&mut line) {
-        Ok(_) if line.trim() == "commit" => {}
-        Ok(0) => return Err("the old process closed the handover channel".into()),
-        Ok(_) => {
-            return Err(format!(
-                "unexpected {:?} on the handover channel",
-                line.trim()
-            ));
-        }
-        Err(e) => return Err(format!("no commit from the old process: {e}")),
+/// The new process's side of the handshake.
+pub struct Successor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Successor {
+    /// Says "ready" on the channel: call once every socket is accepted from.
+    pub async fn announce(fd: OwnedFd) -> std::io::Result<Successor> {
+        use tokio::io::AsyncWriteExt;
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        let (read, mut write) = tokio::net::UnixStream::from_std(std)?.into_split();
+        write.write_all(b"ready\n").await?;
+        Ok(Successor {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        })
     }
-    take_over();
-    // If the old process is gone by now, we own the unit all the same.
-    let _ = (&stream).write_all(b"owner\n");
-    Ok(())
+
+    /// Waits for "commit": the old process has ended its probation and
+    /// hands the unit over. Anything else means the handover is off.
+    pub async fn wait_commit(&mut self) -> Result<(), String> {
+        match self.lines.next_line().await {
+            Ok(Some(l)) if l == "commit" => Ok(()),
+            Ok(Some(l)) => Err(format!("unexpected {l:?} on the handover channel")),
+            Ok(None) => Err("the old process closed the handover channel".into()),
+            Err(e) => Err(format!("handover channel: {e}")),
+        }
+    }
+
+    /// Says "owner", after telling systemd `MAINPID=` (and waiting until it
+    /// processed that). If the old process is gone by now, we own the unit
+    /// all the same.
+    pub async fn confirm_owner(mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.write.write_all(b"owner\n").await;
+    }
 }
 
 /// The generation this process was started as (0 unless a handover started

@@ -407,3 +407,48 @@ fn fault_new_binary_closes_the_channel() {
         "closed the handover channel",
     );
 }
+
+#[test]
+fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(dir.path());
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    // A long probation holds the handover open.
+    cmd.args(["--upgrade-probation-ms", "20000"]);
+    let mut old = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let pid = old.pid.to_string();
+    let helper = std::thread::spawn(move || proc::reload(&["--pid", &pid]));
+    // The new process is up once a second PID answers on the shared port.
+    let deadline = Instant::now() + WAIT;
+    let new = loop {
+        let p = http::get(addr, "/").unwrap().pid().unwrap();
+        if p != old.pid {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "new process never answered");
+    };
+    let t = Instant::now();
+    old.signal(Signal::SIGTERM);
+    assert_eq!(old.wait_exit(WAIT).code(), Some(0));
+    proc::wait_gone(new, WAIT);
+    // Stopped by its SIGTERM and drained, not killed after the 3 s bound.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let (code, _, err) = helper.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("old process is stopping"), "{err}");
+    let log = old.log();
+    assert!(
+        log.contains("handover aborted: SIGTERM before the handover was committed"),
+        "{log}"
+    );
+    // The new process never claimed the unit.
+    assert!(
+        !notify
+            .messages()
+            .iter()
+            .any(|m| m.contains(&format!("MAINPID={new}")))
+    );
+}
