@@ -35,6 +35,9 @@ pub enum Command {
     /// Ask a running pid-server to hand its sockets to a new process, and wait
     /// for the outcome. This is what `systemctl reload` runs.
     Reload(ReloadArgs),
+    /// SIGTERM the main process and wait until every generation has drained
+    /// and exited. This is what `ExecStop=` runs.
+    Stop(StopArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -130,6 +133,18 @@ pub struct ReloadArgs {
 
     /// Seconds to wait for the outcome.
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    /// The main process; systemd sets $MAINPID for `ExecStop=`. Without it
+    /// (the main process already gone), only wait for the rest of the unit.
+    #[arg(long, value_name = "PID", env = "MAINPID")]
+    pub pid: Option<u32>,
+
+    /// Seconds to wait; keep it below the unit's TimeoutStopSec=.
+    #[arg(long, value_name = "SECS", default_value = "40", value_parser = parse_secs)]
     pub timeout: Duration,
 }
 

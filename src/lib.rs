@@ -21,6 +21,8 @@
 //! - [`control`]: the socket through which `pid-server reload` asks for a
 //!   handover and hears the outcome.
 //! - [`reload`]: the `pid-server reload` helper (`ExecReload=`).
+//! - [`stop`]: the `pid-server stop` helper (`ExecStop=`), which waits for
+//!   every generation to drain.
 //! - [`lifecycle`]: one generation's life, tying the above together.
 //!
 //! # The handover
@@ -54,6 +56,7 @@ pub mod notify;
 pub mod reload;
 pub mod server;
 pub mod signals;
+pub mod stop;
 pub mod upgrade;
 
 /// The process's exit codes (documented in README.md).

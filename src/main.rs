@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use pid_server::cli::{Cli, Command};
-use pid_server::{ExitCode, reload, serve_main};
+use pid_server::{ExitCode, reload, serve_main, stop};
 
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
     };
     match cli.command {
         Some(Command::Reload(args)) => reload::main(&args),
+        Some(Command::Stop(args)) => stop::main(&args),
         Some(Command::Serve(args)) => serve_main(&args),
         None => serve_main(&cli.serve),
     }

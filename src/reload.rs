@@ -34,9 +34,10 @@ pub fn main(args: &ReloadArgs) -> ExitCode {
 }
 
 fn reload(pid: u32, timeout: Duration) -> Result<String, (ExitCode, String)> {
-    if !process_exists(pid) {
-        return Err((ExitCode::NoServer, format!("no process with PID {pid}")));
-    }
+    // Ask first, look in /proc only to word an error: under the unit's
+    // ProtectProc=invisible and PrivateUsers=yes, ExecReload= cannot see
+    // $MAINPID in /proc, but it shares the network namespace where the
+    // control socket lives.
     match control::ask_upgrade(pid, timeout) {
         Ok(Answer::Ok {
             old_pid,
@@ -54,6 +55,9 @@ fn reload(pid: u32, timeout: Duration) -> Result<String, (ExitCode, String)> {
             ExitCode::Refused,
             format!("PID {pid} refused the reload: {why}"),
         )),
+        Err(AskError::NoServer { .. }) if !process_exists(pid) => {
+            Err((ExitCode::NoServer, format!("no process with PID {pid}")))
+        }
         Err(e @ AskError::NoServer { .. }) => Err((
             ExitCode::NoServer,
             format!("PID {pid} ({}) is not a running pid-server: {e}", comm(pid)),

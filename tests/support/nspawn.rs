@@ -523,6 +523,11 @@ impl Container {
         self.place_file(BINARY_INSIDE, 0o755, |tmp| fs::copy(src, tmp).map(drop));
     }
 
+    /// Copies a host file to `path_inside` (atomically, with `mode`).
+    pub fn copy_in(&self, src: &Path, path_inside: &str, mode: u32) {
+        self.place_file(path_inside, mode, |tmp| fs::copy(src, tmp).map(drop));
+    }
+
     /// `systemctl show -p MainPID --value UNIT` (0 when it has none), a pid
     /// in the container's PID namespace.
     pub fn main_pid(&self, unit: &str) -> u32 {
@@ -1195,5 +1200,141 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
             );
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Booting a Debian tree (recipe 2: dpkg works there)
+// ---------------------------------------------------------------------------
+
+/// How to boot a Debian tree made by debootstrap with [`Container::boot_tree`].
+#[derive(Clone, Debug)]
+pub struct TreeOptions {
+    /// The tree. It stays pristine: `--volatile=overlay` puts every change
+    /// in a tmpfs that goes with the container.
+    pub rootfs: PathBuf,
+    /// `--network-namespace-path=`: a namespace the test made (`ip netns add`,
+    /// with `lo` up) so the container's ports are its own. `None` shares the
+    /// host's network.
+    pub netns: Option<PathBuf>,
+    /// `--bind-ro=HOST:INSIDE` mounts.
+    pub bind_ro: Vec<(PathBuf, String)>,
+}
+
+impl Container {
+    /// Boots `systemd-nspawn -D ROOTFS --volatile=overlay --register=no
+    /// --keep-unit -b`, with the same isolation and clean-up as
+    /// [`Container::boot`] (own cgroup, parent-death signal, `Drop`), and
+    /// waits for `systemctl is-system-running`. Nothing is installed: the
+    /// tree's own dpkg can install packages (`exec(&["dpkg", "-i", ..])`).
+    pub fn boot_tree(opts: &TreeOptions) -> Container {
+        SWEEP.call_once(sweep_stale);
+        let started = Instant::now();
+        let name = format!(
+            "{NAME_PREFIX}-{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() % 100_000_000)
+                .unwrap_or(0)
+        );
+        let state_dir = std::env::temp_dir().join(STATE_DIR_NAME).join(&name);
+        fs::create_dir_all(&state_dir)
+            .unwrap_or_else(|e| panic!("create {}: {e}", state_dir.display()));
+        let log = fs::File::create(state_dir.join("console.log")).expect("create console log");
+        let (cgroups, serial) = match make_cgroups(&name) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                eprintln!(
+                    "nspawn harness: no private cgroup for {name} ({e}); \
+                     running containers one at a time"
+                );
+                (Vec::new(), Some(serial_lock(&name)))
+            }
+        };
+
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.arg("-D")
+            .arg(&opts.rootfs)
+            .arg("--volatile=overlay")
+            .arg("--register=no")
+            .arg("--keep-unit")
+            .arg("-M")
+            .arg(&name);
+        if let Some(ns) = &opts.netns {
+            cmd.arg(format!("--network-namespace-path={}", ns.display()));
+        }
+        for (src, dst) in &opts.bind_ro {
+            cmd.arg(format!("--bind-ro={}:{dst}", src.display()));
+        }
+        cmd.arg("-b")
+            .arg("systemd.log_color=0")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env("SYSTEMD_COLORS", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup console log"))
+            .stderr(log)
+            .process_group(0);
+        let procs: Vec<CString> = cgroups
+            .iter()
+            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
+            .collect();
+        let parent = std::process::id() as i32;
+        // SAFETY: as in `boot`: only async-signal-safe calls on data
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for procs in &procs {
+                    let fd = nix::fcntl::open(
+                        procs.as_c_str(),
+                        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    nix::unistd::write(&fd, b"0")?;
+                }
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+                if nix::unistd::getppid().as_raw() != parent {
+                    return Err(Errno::ESRCH.into());
+                }
+                Ok(())
+            });
+        }
+        let child = match spawn_from_keeper(cmd) {
+            Ok(c) => c,
+            Err(e) => {
+                remove_cgroups(&cgroups);
+                let _ = fs::remove_dir_all(&state_dir);
+                panic!("spawn systemd-nspawn: {e}");
+            }
+        };
+        let mut c = Container {
+            name,
+            nspawn_pid: child.id(),
+            nspawn: Some(child),
+            init: 0,
+            port: 0,
+            state_dir,
+            cgroups,
+            temp_dir: None,
+            boot_time: Duration::ZERO,
+            torn_down: false,
+            _serial: serial,
+        };
+        c.find_init(started + BOOT_TIMEOUT);
+        c.record_temp_dir();
+        c.wait_running(started + BOOT_TIMEOUT);
+        c.boot_time = started.elapsed();
+        eprintln!(
+            "nspawn harness: {} booted from {} in {} ms (init {})",
+            c.name,
+            opts.rootfs.display(),
+            c.boot_time.as_millis(),
+            c.init
+        );
+        c
     }
 }
