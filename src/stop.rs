@@ -43,7 +43,11 @@ pub fn main(args: &StopArgs) -> ExitCode {
     let me = std::process::id();
     wait_until(args.timeout, started, || {
         std::fs::read_to_string(&procs)
-            .map(|t| t.lines().filter_map(|l| l.trim().parse::<u32>().ok()).all(|p| p == me))
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .all(|p| p == me)
+            })
             // Unreadable now: the cgroup is going away.
             .unwrap_or(true)
     })
@@ -81,8 +85,9 @@ fn own_cgroup_procs() -> Option<PathBuf> {
     }
     // Only a unit's own cgroup: waiting for everything in a login session's
     // or the root cgroup would never end.
-    candidates
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists() && p.parent().is_some_and(|d| d.to_string_lossy().ends_with(".service")))
+    candidates.into_iter().map(PathBuf::from).find(|p| {
+        p.exists()
+            && p.parent()
+                .is_some_and(|d| d.to_string_lossy().ends_with(".service"))
+    })
 }
