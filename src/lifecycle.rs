@@ -105,10 +105,13 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
         tracing::info!(event = "listening", socket = %l.name, address = %l.local_addr(),
             origin = %l.origin, "listening on {} ({}, {})", l.local_addr(), l.origin, l.name);
     }
-    if startup
-        .listeners
-        .iter()
-        .any(|l| l.origin == Origin::Bound && l.port().is_some())
+    // Only the first generation binds; later ones share its very sockets
+    // and need no migration.
+    if generation == 0
+        && startup
+            .listeners
+            .iter()
+            .any(|l| l.origin == Origin::Bound && l.port().is_some())
         && listeners::tcp_migrate_req() == Some(false)
     {
         tracing::warn!(
