@@ -1,11 +1,18 @@
 //! The control channel between `pid-server reload` and a running server.
 //!
 //! A signal cannot carry an answer, and a reload helper must learn the
-//! outcome without guessing from timing; so each server listens on an
-//! abstract Unix socket named after its PID, `@pid-server/<pid>/control`.
-//! Knowing the PID (systemd's `$MAINPID`) is enough to find it, nothing is
-//! left on disk, and only the server's own user or root may use it
-//! (checked with `SO_PEERCRED`).
+//! outcome without guessing from timing; so each server listens on a Unix
+//! socket named after its PID, found from the PID alone (systemd's
+//! `$MAINPID`):
+//! - `$RUNTIME_DIRECTORY/control.<pid>` when systemd gives the unit a
+//!   runtime directory (`RuntimeDirectory=`; `ExecReload=` gets the same
+//!   variable). A path reaches the server whatever network namespace each
+//!   of the unit's processes ended up in: in a container without the
+//!   privilege to join the unit's `PrivateNetwork=` namespace, they differ.
+//! - the abstract socket `@pid-server/<pid>/control` always, for a person
+//!   running `pid-server reload` by hand; nothing is left on disk.
+//!
+//! Only the server's own user or root may use either (`SO_PEERCRED`).
 //!
 //! The protocol is one line each way:
 //! - helper: `upgrade`
@@ -17,6 +24,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{
     SocketAddr, UnixListener as StdUnixListener, UnixStream as StdUnixStream,
 };
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -100,20 +108,56 @@ impl Request {
     }
 }
 
-/// Binds this process's control socket. Must happen inside the runtime.
-pub fn listen(pid: u32) -> io::Result<UnixListener> {
-    let l = StdUnixListener::bind_addr(&address(pid)?)?;
-    l.set_nonblocking(true)?;
-    UnixListener::from_std(l)
+/// The control socket's path in a runtime directory (the first entry of
+/// `$RUNTIME_DIRECTORY`, which may list several).
+pub fn runtime_path(runtime_directory: Option<&std::ffi::OsStr>, pid: u32) -> Option<PathBuf> {
+    let dirs = runtime_directory?.to_str()?;
+    let first = dirs.split(':').next().filter(|d| !d.is_empty())?;
+    Some(Path::new(first).join(format!("control.{pid}")))
 }
 
-/// Accepts helpers and forwards their requests until the listener is
-/// dropped (the task is aborted when the drain starts).
-pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Request>) {
-    // SAFETY: geteuid cannot fail.
+/// This process's control sockets. Must be made inside the runtime.
+pub struct Listeners {
+    sockets: Vec<UnixListener>,
+    /// Removed when the listeners are dropped.
+    path: Option<PathBuf>,
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds the abstract socket, and the path one when given a runtime
+/// directory's path for it.
+pub fn listen(pid: u32, path: Option<PathBuf>) -> io::Result<Listeners> {
+    let bind = |l: StdUnixListener| -> io::Result<UnixListener> {
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
+    };
+    let mut sockets = vec![bind(StdUnixListener::bind_addr(&address(pid)?)?)?];
+    if let Some(p) = &path {
+        // A file left by a killed process with a reused PID is stale.
+        let _ = std::fs::remove_file(p);
+        sockets.push(bind(StdUnixListener::bind(p)?)?);
+    }
+    Ok(Listeners { sockets, path })
+}
+
+/// Accepts helpers and forwards their requests until dropped (the task is
+/// aborted when the drain starts, which also removes the socket file).
+pub async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>) {
     let me = nix::unistd::geteuid().as_raw();
+    let (abstract_socket, path_socket) = (&listeners.sockets[0], listeners.sockets.get(1));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            r = abstract_socket.accept() => r,
+            r = async { path_socket.expect("guarded").accept().await }, if path_socket.is_some() => r,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let allowed = stream
@@ -167,12 +211,15 @@ pub enum AskError {
     Garbled { pid: u32, line: String },
 }
 
-/// The helper's side: ask `pid` to upgrade and wait for the answer.
-pub fn ask_upgrade(pid: u32, timeout: Duration) -> Result<Answer, AskError> {
+/// The helper's side: ask `pid` to upgrade and wait for the answer. Tries
+/// the runtime directory's socket first, when given one that exists.
+pub fn ask_upgrade(pid: u32, path: Option<&Path>, timeout: Duration) -> Result<Answer, AskError> {
     let io_err = |source| AskError::Io { pid, source };
-    let stream = address(pid)
-        .and_then(|a| StdUnixStream::connect_addr(&a))
-        .map_err(|source| AskError::NoServer { pid, source })?;
+    let stream = match path.filter(|p| p.exists()) {
+        Some(p) => StdUnixStream::connect(p),
+        None => address(pid).and_then(|a| StdUnixStream::connect_addr(&a)),
+    }
+    .map_err(|source| AskError::NoServer { pid, source })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     (&stream).write_all(b"upgrade\n").map_err(io_err)?;
     let mut line = String::new();
@@ -223,22 +270,29 @@ mod tests {
     async fn helper_and_server_talk() {
         // A PID no real process has, so this test cannot collide with one.
         let pid = u32::MAX - std::process::id();
-        let l = listen(pid).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = runtime_path(Some(dir.path().as_os_str()), pid).unwrap();
+        let l = listen(pid, Some(path.clone())).unwrap();
         let (tx, mut rx) = mpsc::channel(1);
         let server = tokio::spawn(serve(l, tx));
         let answer = tokio::spawn(async move {
             let req: Request = rx.recv().await.unwrap();
             req.answer(Answer::Refused("busy".into())).await;
         });
-        let got = tokio::task::spawn_blocking(move || ask_upgrade(pid, Duration::from_secs(5)))
-            .await
-            .unwrap()
-            .unwrap();
+        let p = path.clone();
+        let got =
+            tokio::task::spawn_blocking(move || ask_upgrade(pid, Some(&p), Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(got, Answer::Refused("busy".into()));
         answer.await.unwrap();
         server.abort();
+        let _ = server.await;
+        // Dropping the listeners removes the socket file.
+        assert!(!path.exists());
         assert!(matches!(
-            ask_upgrade(pid - 1, Duration::from_secs(1)),
+            ask_upgrade(pid - 1, None, Duration::from_secs(1)),
             Err(AskError::NoServer { .. })
         ));
     }

@@ -156,7 +156,8 @@ pub async fn serve(startup: Startup, opts: Options) -> ExitCode {
         }
     };
     let (control_tx, mut control_rx) = mpsc::channel::<control::Request>(4);
-    let control_task = match control::listen(pid) {
+    let control_path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
+    let control_task = match control::listen(pid, control_path) {
         Ok(l) => Some(tokio::spawn(control::serve(l, control_tx))),
         Err(e) => {
             tracing::warn!(event = "control_unavailable", error = %e,

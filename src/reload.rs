@@ -38,7 +38,8 @@ fn reload(pid: u32, timeout: Duration) -> Result<String, (ExitCode, String)> {
     // ProtectProc=invisible and PrivateUsers=yes, ExecReload= cannot see
     // $MAINPID in /proc, but it shares the network namespace where the
     // control socket lives.
-    match control::ask_upgrade(pid, timeout) {
+    let path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
+    match control::ask_upgrade(pid, path.as_deref(), timeout) {
         Ok(Answer::Ok {
             old_pid,
             new_pid,

