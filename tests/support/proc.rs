@@ -136,8 +136,25 @@ impl Proc {
     }
 }
 
+/// The PIDs of `pid`'s children, grandchildren, ...
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let kids =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+        out.push(k);
+        out.extend(descendants(k));
+    }
+    out
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A generation the process started (a handover under way when the
+        // test failed) must not outlive the test either.
+        for pid in descendants(self.pid) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
