@@ -190,8 +190,10 @@ async fn handshake(
     let mut lines = tokio::io::BufReader::new(read).lines();
     let deadline = tokio::time::Instant::from_std(started + timing.ready_timeout);
 
-    // 1. "ready": the child accepts on the sockets.
+    // 1. "ready": the child accepts on the sockets. Biased: a child that
+    // said "ready" and then died is one that died on probation.
     let r = tokio::select! {
+        biased;
         l = lines.next_line() => match l {
             Ok(Some(l)) if l == "ready" => Ok(()),
             // EOF or junk: the child is gone or is not a pid-server.

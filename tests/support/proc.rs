@@ -96,7 +96,18 @@ impl Proc {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f);
         // Plain logs, whatever the test runner's environment says.
         cmd.env_remove("JOURNAL_STREAM").env("NO_COLOR", "1");
-        let child = cmd.spawn().expect("spawn pid-server");
+        // A binary a test just copied can be briefly "busy": another test
+        // thread's fork inherited the copy's write fd until its exec.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.expect("spawn pid-server"),
+            }
+        };
         let pid = child.id();
         Proc {
             child,
