@@ -1100,6 +1100,9 @@ struct RestartEvent {
     until_new: Option<Duration>,
     /// From `at` until the last 200 from `old_pid`.
     last_old: Option<Duration>,
+    /// Failed requests started from `at` until the next restart (or the
+    /// end of the load).
+    failed_after: u64,
 }
 
 struct Bucket {
@@ -1134,6 +1137,9 @@ struct RunResult {
 impl RunResult {
     fn failed(&self) -> u64 {
         self.sent - self.by_kind[Kind::Ok.index()]
+    }
+    fn restarts_with_failures(&self) -> usize {
+        self.restarts.iter().filter(|r| r.failed_after > 0).count()
     }
     fn restarts_ok(&self) -> usize {
         self.restarts.iter().filter(|r| r.error.is_none()).count()
@@ -1192,6 +1198,12 @@ fn analyze(
         .collect();
     for r in &data.recs {
         by_kind[r.kind.index()] += 1;
+        if r.kind != Kind::Ok {
+            let i = starts.partition_point(|&s| s <= r.start_us);
+            if i > 0 {
+                restarts[i - 1].failed_after += 1;
+            }
+        }
         let b = ((r.start_us / bucket_us) as usize).min(nb - 1);
         if r.kind == Kind::Ok {
             lat_all.saturating_record(r.lat_us.max(1) as u64);
@@ -1508,6 +1520,7 @@ fn run_restarts(
             error,
             until_new: None,
             last_old: None,
+            failed_after: 0,
         });
         s.tidy();
     }
@@ -1733,14 +1746,14 @@ fn build_go(args: &Args) -> Result<PathBuf, String> {
     let bin_dir = args.out.join("bin");
     fs::create_dir_all(&bin_dir).map_err(|e| format!("mkdir {}: {e}", bin_dir.display()))?;
     let bin = bin_dir.join("go-pid-server");
-    let cache = args.out.join("go-cache");
+    let cache = args.out.join("go").join("cache");
     let out = Command::new(go)
         .args(["build", "-o"])
         .arg(&bin)
         .arg(".")
         .current_dir(&dir)
         .env("GOCACHE", &cache)
-        .env("GOPATH", args.out.join("gopath"))
+        .env("GOPATH", args.out.join("go").join("path"))
         .env("GOFLAGS", "-mod=mod")
         .env("GO111MODULE", "on")
         .env("CGO_ENABLED", "0")
@@ -2187,6 +2200,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
         "ok": r.by_kind[Kind::Ok.index()],
         "failed": r.failed(),
         "failed_on_reused_connections": r.failed_on_reused,
+        "restarts_with_failures": r.restarts_with_failures(),
         "by_kind": kinds_json(&r.by_kind),
         "latency_ok": {
             "overall": hist_json(&r.lat_all),
@@ -2202,6 +2216,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
             "error": e.error,
             "until_new_pid_answered_ms": e.until_new.map(ms_f),
             "until_old_pid_last_answered_ms": e.last_old.map(ms_f),
+            "failed_until_next_restart": e.failed_after,
         })).collect::<Vec<_>>(),
         "answers_by_pid": r.pids.iter().map(|(p, n)| json!({"pid": p, "ok": n})).collect::<Vec<_>>(),
         "failures_total": r.failures.len(),

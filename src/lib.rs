@@ -119,6 +119,14 @@ pub fn serve_main(args: &cli::ServeArgs) -> ExitCode {
         }
     };
     logging::init(std::process::id(), startup.generation);
+    // A parent may have started us with signals blocked (the mask is
+    // inherited, and Python's subprocess or Rust's Command pass it on); the
+    // ones we act on must get through. Before the runtime: its threads, and
+    // every later generation, inherit this thread's mask.
+    if let Err(e) = signals::unblock() {
+        eprintln!("pid-server: error: cannot unblock signals: {e}");
+        return ExitCode::Failure;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,6 +16,20 @@ pub enum Event {
     Upgrade(&'static str),
 }
 
+/// Unblocks the signals we handle in the calling thread.
+pub fn unblock() -> nix::Result<()> {
+    let mut handled = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGUSR2,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        handled.add(s);
+    }
+    handled.thread_unblock()
+}
+
 pub struct Signals {
     term: Signal,
     int: Signal,

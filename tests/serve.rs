@@ -337,3 +337,25 @@ fn help_and_version() {
         "{help}"
     );
 }
+
+/// A parent that blocks signals passes its mask on; SIGTERM must still
+/// drain us.
+#[test]
+fn sigterm_works_even_when_the_parent_blocked_it() {
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    // SAFETY: sigprocmask in the child before exec is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(Signal::SIGTERM);
+            set.add(Signal::SIGUSR2);
+            set.thread_block().map_err(std::io::Error::from)
+        });
+    }
+    let mut p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(WAIT).code(), Some(0), "{}", p.log());
+}
