@@ -258,17 +258,20 @@ pub struct Container {
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
-static SERIAL: Mutex<()> = Mutex::new(());
-static SWEEP: Once = Once::new();
 
-impl Container {
-    /// Boots a container and installs pid-server's units and binary (the
-    /// socket is not started). Panics, with nspawn's output, if it does not
-    /// come up within [`BOOT_TIMEOUT`].
-    pub fn boot(opts: &BootOptions) -> Container {
-        SWEEP.call_once(sweep_stale);
-        let started = Instant::now();
+/// What every boot needs before nspawn starts: a unique machine name, a
+/// state folder with the console log, and a private cgroup (or, failing
+/// that, the lock that makes containers run one at a time).
+struct Slot {
+    name: String,
+    state_dir: PathBuf,
+    log: fs::File,
+    cgroups: Vec<PathBuf>,
+    serial: Option<MutexGuard<'static, ()>>,
+}
 
+impl Slot {
+    fn new() -> Slot {
         let name = format!(
             "{NAME_PREFIX}-{}-{}-{}",
             std::process::id(),
@@ -281,11 +284,7 @@ impl Container {
         let state_dir = std::env::temp_dir().join(STATE_DIR_NAME).join(&name);
         fs::create_dir_all(&state_dir)
             .unwrap_or_else(|e| panic!("create {}: {e}", state_dir.display()));
-        let preset = state_dir.join("00-test.preset");
-        fs::write(&preset, "disable *\n").expect("write preset");
-        let console = state_dir.join("console.log");
-        let log = fs::File::create(&console).expect("create console log");
-
+        let log = fs::File::create(state_dir.join("console.log")).expect("create console log");
         let (cgroups, serial) = match make_cgroups(&name) {
             Ok(c) => (c, None),
             Err(e) => {
@@ -296,6 +295,35 @@ impl Container {
                 (Vec::new(), Some(serial_lock(&name)))
             }
         };
+        Slot {
+            name,
+            state_dir,
+            log,
+            cgroups,
+            serial,
+        }
+    }
+}
+static SERIAL: Mutex<()> = Mutex::new(());
+static SWEEP: Once = Once::new();
+
+impl Container {
+    /// Boots a container and installs pid-server's units and binary (the
+    /// socket is not started). Panics, with nspawn's output, if it does not
+    /// come up within [`BOOT_TIMEOUT`].
+    pub fn boot(opts: &BootOptions) -> Container {
+        SWEEP.call_once(sweep_stale);
+        let started = Instant::now();
+
+        let Slot {
+            name,
+            state_dir,
+            log,
+            cgroups,
+            serial,
+        } = Slot::new();
+        let preset = state_dir.join("00-test.preset");
+        fs::write(&preset, "disable *\n").expect("write preset");
 
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
@@ -312,51 +340,8 @@ impl Container {
             ))
             .arg("-b")
             .arg("systemd.firstboot=off")
-            .arg("systemd.log_color=0")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env("SYSTEMD_COLORS", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup console log"))
-            .stderr(log)
-            .process_group(0);
-        let procs: Vec<CString> = cgroups
-            .iter()
-            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
-            .collect();
-        let parent = std::process::id() as i32;
-        // SAFETY: between fork and exec the closure only calls open, write,
-        // close, prctl and getppid (async-signal-safe) on data prepared before
-        // the fork; it does not allocate.
-        unsafe {
-            cmd.pre_exec(move || {
-                for procs in &procs {
-                    let fd = nix::fcntl::open(
-                        procs.as_c_str(),
-                        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )?;
-                    nix::unistd::write(&fd, b"0")?;
-                }
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-                if nix::unistd::getppid().as_raw() != parent {
-                    // The test binary is already gone.
-                    return Err(Errno::ESRCH.into());
-                }
-                Ok(())
-            });
-        }
-
-        let child = match spawn_from_keeper(cmd) {
-            Ok(c) => c,
-            Err(e) => {
-                remove_cgroups(&cgroups);
-                let _ = fs::remove_dir_all(&state_dir);
-                panic!("spawn systemd-nspawn: {e}");
-            }
-        };
+            .arg("systemd.log_color=0");
+        let child = launch(cmd, log, &cgroups, &state_dir);
 
         // From here on a panic drops `c`, which tears the container down.
         let mut c = Container {
@@ -803,6 +788,56 @@ impl Drop for Container {
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 
+/// Starts a prepared `systemd-nspawn` command: a clean environment (none of
+/// the test runner's notify or socket-activation variables), the console to
+/// `log`, its own process group, moved into `cgroups` and tied to this test
+/// binary's life before exec. On failure, removes what the boot made so far.
+fn launch(mut cmd: Command, log: fs::File, cgroups: &[PathBuf], state_dir: &Path) -> Child {
+    cmd.env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env("SYSTEMD_COLORS", "0")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup console log"))
+        .stderr(log)
+        .process_group(0);
+    let procs: Vec<CString> = cgroups
+        .iter()
+        .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
+        .collect();
+    let parent = std::process::id() as i32;
+    // SAFETY: between fork and exec the closure only calls open, write,
+    // close, prctl and getppid (async-signal-safe) on data prepared before
+    // the fork; it does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            for procs in &procs {
+                let fd = nix::fcntl::open(
+                    procs.as_c_str(),
+                    OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
+                nix::unistd::write(&fd, b"0")?;
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            if nix::unistd::getppid().as_raw() != parent {
+                // The test binary is already gone.
+                return Err(Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+    match spawn_from_keeper(cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            remove_cgroups(cgroups);
+            let _ = fs::remove_dir_all(state_dir);
+            panic!("spawn systemd-nspawn: {e}");
+        }
+    }
+}
+
 /// Spawns `cmd` from a thread that lives as long as the test binary, so the
 /// parent-death signal set in `pre_exec` fires when the binary exits, not
 /// when the test's thread ends.
@@ -1230,29 +1265,13 @@ impl Container {
     pub fn boot_tree(opts: &TreeOptions) -> Container {
         SWEEP.call_once(sweep_stale);
         let started = Instant::now();
-        let name = format!(
-            "{NAME_PREFIX}-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() % 100_000_000)
-                .unwrap_or(0)
-        );
-        let state_dir = std::env::temp_dir().join(STATE_DIR_NAME).join(&name);
-        fs::create_dir_all(&state_dir)
-            .unwrap_or_else(|e| panic!("create {}: {e}", state_dir.display()));
-        let log = fs::File::create(state_dir.join("console.log")).expect("create console log");
-        let (cgroups, serial) = match make_cgroups(&name) {
-            Ok(c) => (c, None),
-            Err(e) => {
-                eprintln!(
-                    "nspawn harness: no private cgroup for {name} ({e}); \
-                     running containers one at a time"
-                );
-                (Vec::new(), Some(serial_lock(&name)))
-            }
-        };
+        let Slot {
+            name,
+            state_dir,
+            log,
+            cgroups,
+            serial,
+        } = Slot::new();
 
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
@@ -1268,49 +1287,8 @@ impl Container {
         for (src, dst) in &opts.bind_ro {
             cmd.arg(format!("--bind-ro={}:{dst}", src.display()));
         }
-        cmd.arg("-b")
-            .arg("systemd.log_color=0")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env("SYSTEMD_COLORS", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup console log"))
-            .stderr(log)
-            .process_group(0);
-        let procs: Vec<CString> = cgroups
-            .iter()
-            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
-            .collect();
-        let parent = std::process::id() as i32;
-        // SAFETY: as in `boot`: only async-signal-safe calls on data
-        // prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                for procs in &procs {
-                    let fd = nix::fcntl::open(
-                        procs.as_c_str(),
-                        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )?;
-                    nix::unistd::write(&fd, b"0")?;
-                }
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-                if nix::unistd::getppid().as_raw() != parent {
-                    return Err(Errno::ESRCH.into());
-                }
-                Ok(())
-            });
-        }
-        let child = match spawn_from_keeper(cmd) {
-            Ok(c) => c,
-            Err(e) => {
-                remove_cgroups(&cgroups);
-                let _ = fs::remove_dir_all(&state_dir);
-                panic!("spawn systemd-nspawn: {e}");
-            }
-        };
+        cmd.arg("-b").arg("systemd.log_color=0");
+        let child = launch(cmd, log, &cgroups, &state_dir);
         let mut c = Container {
             name,
             nspawn_pid: child.id(),
