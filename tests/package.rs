@@ -24,6 +24,8 @@ mod nspawn;
 
 #[path = "support/deploy.rs"]
 mod deploy;
+#[path = "support/http.rs"]
+mod http;
 
 use std::fs;
 use std::path::{Path, PathBuf};

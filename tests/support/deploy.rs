@@ -17,15 +17,13 @@
 //! `Drop` are swept when the next one is made.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -370,120 +368,19 @@ pub fn spawn_in<T: Send + 'static>(
 }
 
 // ---------------------------------------------------------------------------
-// HTTP
+// HTTP: the client of tests/support/http.rs, run inside a namespace
 // ---------------------------------------------------------------------------
 
-/// One response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    pub status: u16,
-    pub body: String,
-    /// The server said `Connection: close`.
-    pub close: bool,
-}
+pub use crate::http::{Response, Tally};
 
-impl Response {
-    /// The PID in `OK. Handled by PID: <pid>`.
-    pub fn pid(&self) -> Option<u32> {
-        self.body
-            .trim()
-            .strip_prefix("OK. Handled by PID: ")
-            .and_then(|p| p.parse().ok())
-    }
-}
-
-/// A client connection to `127.0.0.1:port` (in the calling thread's network
-/// namespace).
-pub struct Conn {
-    reader: BufReader<TcpStream>,
-    pub served: usize,
-    pub closed: bool,
-}
-
-impl Conn {
-    pub fn open(port: u16, timeout: Duration) -> io::Result<Conn> {
-        let s =
-            TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        s.set_nodelay(true)?;
-        Ok(Conn {
-            reader: BufReader::new(s),
-            served: 0,
-            closed: false,
-        })
-    }
-
-    /// One GET; `close` asks the server to close after answering.
-    pub fn get(&mut self, path: &str, close: bool) -> io::Result<Response> {
-        let conn = if close { "close" } else { "keep-alive" };
-        write!(
-            self.reader.get_mut(),
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-tests\r\n\
-             Connection: {conn}\r\n\r\n"
-        )?;
-        let r = read_response(&mut self.reader)?;
-        self.served += 1;
-        if r.close || close {
-            self.closed = true;
-        }
-        Ok(r)
-    }
-}
-
-fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
-    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed before a response",
-        ));
-    }
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
-    let mut len = None;
-    let mut close = false;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed in the headers",
-            ));
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "content-length" {
-                len = v.parse::<usize>().ok();
-            } else if k == "connection" && v.eq_ignore_ascii_case("close") {
-                close = true;
-            } else if k == "transfer-encoding" {
-                return Err(bad(format!("unexpected transfer-encoding {v}")));
-            }
-        }
-    }
-    let len = len.ok_or_else(|| bad("no content-length".into()))?;
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)?;
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-        close,
-    })
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// `GET path` on a new connection to `127.0.0.1:port` in `netns`.
 pub fn get(netns: Option<&Path>, port: u16, path: &'static str) -> io::Result<Response> {
     spawn_in(netns.map(Path::to_path_buf), move || {
-        Conn::open(port, Duration::from_secs(10))?.get(path, true)
+        crate::http::get(local(port), path)
     })
     .join()
     .expect("client thread panicked")
@@ -504,107 +401,14 @@ pub fn wait_http_ok(netns: Option<&Path>, port: u16, path: &'static str, timeout
     }
 }
 
-/// What a load run saw.
-#[derive(Debug, Default, Clone)]
-pub struct Tally {
-    pub sent: usize,
-    pub ok: usize,
-    /// Failures by kind.
-    pub failures: BTreeMap<String, usize>,
-    /// The first few failures in full.
-    pub examples: Vec<String>,
-    /// 200s by the PID that answered.
-    pub by_pid: BTreeMap<u32, usize>,
-    /// PIDs in the order they first answered.
-    pub pid_order: Vec<u32>,
-    pub elapsed: Duration,
-}
-
-impl Tally {
-    pub fn failed(&self) -> usize {
-        self.failures.values().sum()
-    }
-
-    fn record(&mut self, r: io::Result<Response>, reused: bool) {
-        self.sent += 1;
-        let failure = match r {
-            Ok(resp) if resp.status == 200 => match resp.pid() {
-                Some(pid) => {
-                    self.ok += 1;
-                    *self.by_pid.entry(pid).or_default() += 1;
-                    if !self.pid_order.contains(&pid) {
-                        self.pid_order.push(pid);
-                    }
-                    return;
-                }
-                None => ("unexpected body".to_string(), format!("{resp:?}")),
-            },
-            Ok(resp) => (format!("status {}", resp.status), format!("{resp:?}")),
-            Err(e) => {
-                let kind = match e.kind() {
-                    io::ErrorKind::ConnectionRefused => "refused".to_string(),
-                    io::ErrorKind::ConnectionReset => "reset".into(),
-                    io::ErrorKind::UnexpectedEof => "closed".into(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timeout".into(),
-                    k => format!("{k:?}"),
-                };
-                let kind = if reused {
-                    format!("{kind} on a reused connection")
-                } else {
-                    kind
-                };
-                (kind, e.to_string())
-            }
-        };
-        if self.examples.len() < 10 {
-            self.examples.push(format!("{}: {}", failure.0, failure.1));
-        }
-        *self.failures.entry(failure.0).or_default() += 1;
-    }
-
-    fn merge(&mut self, o: Tally) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        for (k, v) in o.failures {
-            *self.failures.entry(k).or_default() += v;
-        }
-        for e in o.examples {
-            if self.examples.len() < 10 {
-                self.examples.push(e);
-            }
-        }
-        for (k, v) in o.by_pid {
-            *self.by_pid.entry(k).or_default() += v;
-        }
-        for p in o.pid_order {
-            if !self.pid_order.contains(&p) {
-                self.pid_order.push(p);
-            }
-        }
-    }
-
-    /// One line: sent, ok, failures, requests per PID.
-    pub fn summary(&self) -> String {
-        format!(
-            "{} requests in {:.1} s: {} ok, {} failed {:?}; by PID {:?}",
-            self.sent,
-            self.elapsed.as_secs_f32(),
-            self.ok,
-            self.failed(),
-            self.failures,
-            self.by_pid
-        )
-    }
-}
-
 /// A bounded load: `workers` clients on `127.0.0.1:port` in `netns`, half of
 /// them opening a new connection per request, half keeping a connection
 /// alive until the server closes it (a failure on a reused connection
-/// counts: nothing is retried). Each stops at `max_requests / workers`
-/// requests, after `max_time`, or when the load is finished or dropped.
+/// counts: nothing is retried), 1 ms between requests. Each stops at
+/// `max_requests / workers` requests, after `max_time`, or when the load is
+/// finished or dropped.
 pub struct Load {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<Tally>>,
+    loads: Vec<crate::http::Load>,
 }
 
 impl Load {
@@ -615,81 +419,41 @@ impl Load {
         max_requests: usize,
         max_time: Duration,
     ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        use crate::http::Mode;
         let per_worker = max_requests.div_ceil(workers.max(1));
-        let handle = spawn_in(netns.map(Path::to_path_buf), move || {
-            let started = Instant::now();
-            let deadline = started + max_time;
-            let handles: Vec<_> = (0..workers)
-                .map(|i| {
-                    let stop = stop2.clone();
-                    let keep_alive = i % 2 == 1;
-                    thread::spawn(move || worker(port, keep_alive, per_worker, deadline, &stop))
-                })
-                .collect();
-            let mut all = Tally::default();
-            for h in handles {
-                all.merge(h.join().expect("load worker panicked"));
-            }
-            all.elapsed = started.elapsed();
-            all
-        });
-        Load {
-            stop,
-            handle: Some(handle),
-        }
+        let (keep_alive, one_shot) = (workers / 2, workers - workers / 2);
+        // The client threads are started inside the namespace and inherit it.
+        let loads = spawn_in(netns.map(Path::to_path_buf), move || {
+            [
+                (Mode::NewConnection, one_shot),
+                (Mode::KeepAlive, keep_alive),
+            ]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(mode, n)| {
+                crate::http::Load::paced(
+                    local(port),
+                    "/",
+                    n,
+                    mode,
+                    per_worker * n,
+                    max_time,
+                    Duration::from_millis(1),
+                )
+            })
+            .collect()
+        })
+        .join()
+        .expect("load starter panicked");
+        Load { loads }
     }
 
     /// Stops the clients and sums what they saw.
-    pub fn finish(mut self) -> Tally {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle
-            .take()
-            .expect("load already finished")
-            .join()
-            .expect("load thread panicked")
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+    pub fn finish(self) -> Tally {
+        let mut all = Tally::default();
+        for l in self.loads {
+            all.merge(l.finish());
         }
+        all
     }
-}
-
-fn worker(port: u16, keep_alive: bool, max: usize, deadline: Instant, stop: &AtomicBool) -> Tally {
-    let timeout = Duration::from_secs(5);
-    let mut t = Tally::default();
-    let mut conn: Option<Conn> = None;
-    while t.sent < max && Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
-        if !keep_alive {
-            let r = Conn::open(port, timeout).and_then(|mut c| c.get("/", true));
-            t.record(r, false);
-        } else {
-            if conn.as_ref().is_none_or(|c| c.closed) {
-                match Conn::open(port, timeout) {
-                    Ok(c) => conn = Some(c),
-                    Err(e) => {
-                        t.record(Err(e), false);
-                        thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                }
-            }
-            let c = conn.as_mut().expect("connection");
-            let reused = c.served > 0;
-            let r = c.get("/", false);
-            if r.is_err() {
-                conn = None;
-            }
-            t.record(r, reused);
-        }
-        // A steady load, not a flood: the machine has two cores.
-        thread::sleep(Duration::from_millis(1));
-    }
-    t
 }

@@ -74,6 +74,7 @@ impl Conn {
 }
 
 fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Err(io::Error::new(
@@ -85,17 +86,17 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {line:?}"),
-            )
-        })?;
-    let mut len = 0usize;
+        .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
+    let mut len = None;
     let mut close = false;
     loop {
         line.clear();
-        r.read_line(&mut line)?;
+        if r.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the headers",
+            ));
+        }
         let l = line.trim_end();
         if l.is_empty() {
             break;
@@ -103,12 +104,15 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
         if let Some((k, v)) = l.split_once(':') {
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
             if k == "content-length" {
-                len = v.parse().unwrap_or(0);
+                len = v.parse::<usize>().ok();
             } else if k == "connection" && v.eq_ignore_ascii_case("close") {
                 close = true;
+            } else if k == "transfer-encoding" {
+                return Err(bad(format!("unexpected transfer-encoding {v}")));
             }
         }
     }
+    let len = len.ok_or_else(|| bad("no content-length".into()))?;
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
     Ok(Response {
@@ -143,6 +147,10 @@ pub struct Tally {
     pub by_pid: BTreeMap<u32, usize>,
     /// PIDs in the order they first answered.
     pub pid_order: Vec<u32>,
+    /// The first few failures in full.
+    pub examples: Vec<String>,
+    /// How long the load ran (set by `join`).
+    pub elapsed: Duration,
 }
 
 impl Tally {
@@ -150,11 +158,16 @@ impl Tally {
         self.failures.values().sum()
     }
 
-    fn merge(&mut self, o: Tally) {
+    pub fn merge(&mut self, o: Tally) {
         self.sent += o.sent;
         self.ok += o.ok;
         for (k, v) in o.failures {
             *self.failures.entry(k).or_default() += v;
+        }
+        for e in o.examples {
+            if self.examples.len() < 10 {
+                self.examples.push(e);
+            }
         }
         for (k, v) in o.by_pid {
             *self.by_pid.entry(k).or_default() += v;
@@ -164,26 +177,42 @@ impl Tally {
                 self.pid_order.push(p);
             }
         }
+        self.elapsed = self.elapsed.max(o.elapsed);
     }
 
-    fn record(&mut self, r: io::Result<Response>, reused: bool) {
+    /// One line: sent, ok, failures, requests per PID.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} requests in {:.1} s: {} ok, {} failed {:?}; by PID {:?}",
+            self.sent,
+            self.elapsed.as_secs_f32(),
+            self.ok,
+            self.failed(),
+            self.failures,
+            self.by_pid
+        )
+    }
+
+    /// `expect_pid`: a 200 must name the PID that answered (`GET /`).
+    fn record(&mut self, r: io::Result<Response>, reused: bool, expect_pid: bool) {
         self.sent += 1;
-        match r {
-            Ok(resp) if resp.status == 200 => {
-                self.ok += 1;
-                if let Some(pid) = resp.pid() {
+        let failure = match r {
+            Ok(resp) if resp.status == 200 => match resp.pid() {
+                Some(pid) => {
+                    self.ok += 1;
                     *self.by_pid.entry(pid).or_default() += 1;
                     if !self.pid_order.contains(&pid) {
                         self.pid_order.push(pid);
                     }
+                    return;
                 }
-            }
-            Ok(resp) => {
-                *self
-                    .failures
-                    .entry(format!("status {}", resp.status))
-                    .or_default() += 1
-            }
+                None if !expect_pid => {
+                    self.ok += 1;
+                    return;
+                }
+                None => ("unexpected body".to_string(), format!("{resp:?}")),
+            },
+            Ok(resp) => (format!("status {}", resp.status), format!("{resp:?}")),
             Err(e) => {
                 let kind = match e.kind() {
                     io::ErrorKind::ConnectionRefused => "refused".to_string(),
@@ -197,9 +226,13 @@ impl Tally {
                 } else {
                     kind
                 };
-                *self.failures.entry(kind).or_default() += 1;
+                (kind, e.to_string())
             }
+        };
+        if self.examples.len() < 10 {
+            self.examples.push(format!("{}: {}", failure.0, failure.1));
         }
+        *self.failures.entry(failure.0).or_default() += 1;
     }
 }
 
@@ -219,13 +252,37 @@ impl Load {
         max_requests: usize,
         max_time: Duration,
     ) -> Load {
+        Load::paced(
+            addr,
+            path,
+            threads,
+            mode,
+            max_requests,
+            max_time,
+            Duration::ZERO,
+        )
+    }
+
+    /// Like `start`, with `pace` between two requests of a client (a steady
+    /// load rather than a flood, where containers share the two cores).
+    pub fn paced(
+        addr: SocketAddr,
+        path: &'static str,
+        threads: usize,
+        mode: Mode,
+        max_requests: usize,
+        max_time: Duration,
+        pace: Duration,
+    ) -> Load {
+        let expect_pid = path == "/";
         let stop = Arc::new(AtomicBool::new(false));
         let per_thread = max_requests.div_ceil(threads);
         let handles = (0..threads)
             .map(|_| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let deadline = Instant::now() + max_time;
+                    let started = Instant::now();
+                    let deadline = started + max_time;
                     let mut t = Tally::default();
                     let mut conn: Option<Conn> = None;
                     while t.sent < per_thread
@@ -235,14 +292,15 @@ impl Load {
                         match mode {
                             Mode::NewConnection => {
                                 let r = get(addr, path);
-                                t.record(r, false);
+                                t.record(r, false, expect_pid);
                             }
                             Mode::KeepAlive => {
                                 if conn.as_ref().is_none_or(|c| c.closed) {
                                     match Conn::open(addr, Duration::from_secs(10)) {
                                         Ok(c) => conn = Some(c),
                                         Err(e) => {
-                                            t.record(Err(e), false);
+                                            t.record(Err(e), false, expect_pid);
+                                            std::thread::sleep(pace);
                                             continue;
                                         }
                                     }
@@ -253,10 +311,12 @@ impl Load {
                                 if r.is_err() {
                                     conn = None;
                                 }
-                                t.record(r, reused);
+                                t.record(r, reused, expect_pid);
                             }
                         }
+                        std::thread::sleep(pace);
                     }
+                    t.elapsed = started.elapsed();
                     t
                 })
             })
