@@ -1,11 +1,9 @@
 //! The HTTP application: what each route answers, and the state it reports.
 //!
-//! The routes know nothing about sockets or signals; they read [`Shared`],
-//! which the server and the lifecycle update.
+//! The routes know nothing about sockets or signals; they read what the
+//! library says about the generation serving them ([`Info`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,100 +11,45 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use axum_handover::Info;
 use serde::Serialize;
 
 /// The longest `/slow` sleep; longer asks are a 400, so one request cannot
 /// hold a drain for an hour.
 pub const SLOW_MAX_MS: u64 = 60_000;
 
-/// State shared by the routes, the server and the lifecycle.
-#[derive(Debug)]
-pub struct Shared {
-    pub pid: u32,
+/// What the routes report about the generation serving them: the
+/// library's [`Info`] in the binary, a stand-in in tests.
+pub trait Generation: Clone + Send + Sync + 'static {
+    fn pid(&self) -> u32;
     /// 0 for a process started fresh, +1 for each handover.
-    pub generation: u32,
-    draining: AtomicBool,
-    in_flight: AtomicUsize,
-    connections: AtomicUsize,
+    fn generation(&self) -> u32;
+    fn is_draining(&self) -> bool;
+    fn in_flight(&self) -> usize;
 }
 
-impl Shared {
-    pub fn new(pid: u32, generation: u32) -> Arc<Shared> {
-        Arc::new(Shared {
-            pid,
-            generation,
-            draining: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-        })
+impl Generation for Info {
+    fn pid(&self) -> u32 {
+        Info::pid(self)
     }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+    fn generation(&self) -> u32 {
+        Info::generation(self)
     }
-
-    /// Readiness turns 503 and every later response says `Connection: close`.
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+    fn is_draining(&self) -> bool {
+        Info::is_draining(self)
     }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-
-    /// Counts one request until the guard drops.
-    pub fn request_started(self: &Arc<Self>) -> Counted {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        Counted {
-            shared: self.clone(),
-            which: Which::Request,
-        }
-    }
-
-    /// Counts one connection until the guard drops.
-    pub fn connection_opened(self: &Arc<Self>) -> Counted {
-        self.connections.fetch_add(1, Ordering::SeqCst);
-        Counted {
-            shared: self.clone(),
-            which: Which::Connection,
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Which {
-    Request,
-    Connection,
-}
-
-/// Decrements its counter on drop, also when a request is cut.
-#[derive(Debug)]
-pub struct Counted {
-    shared: Arc<Shared>,
-    which: Which,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let c = match self.which {
-            Which::Request => &self.shared.in_flight,
-            Which::Connection => &self.shared.connections,
-        };
-        c.fetch_sub(1, Ordering::SeqCst);
+    fn in_flight(&self) -> usize {
+        Info::in_flight(self)
     }
 }
 
 /// The routes.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router<G: Generation>(shared: G) -> Router {
     Router::new()
-        .route("/", get(root))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/slow", get(slow))
+        .route("/", get(root::<G>))
+        .route("/healthz", get(healthz::<G>))
+        .route("/readyz", get(readyz::<G>))
+        .route("/slow", get(slow::<G>))
         .with_state(shared)
 }
 
@@ -114,8 +57,8 @@ fn handled_by(pid: u32) -> String {
     format!("OK. Handled by PID: {pid}\n")
 }
 
-async fn root(State(s): State<Arc<Shared>>) -> String {
-    handled_by(s.pid)
+async fn root<G: Generation>(State(s): State<G>) -> String {
+    handled_by(s.pid())
 }
 
 #[derive(Serialize)]
@@ -126,10 +69,10 @@ struct Health {
     in_flight: usize,
 }
 
-async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
+async fn healthz<G: Generation>(State(s): State<G>) -> Json<Health> {
     Json(Health {
-        pid: s.pid,
-        generation: s.generation,
+        pid: s.pid(),
+        generation: s.generation(),
         state: if s.is_draining() {
             "draining"
         } else {
@@ -139,7 +82,7 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Json<Health> {
     })
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+async fn readyz<G: Generation>(State(s): State<G>) -> Response {
     if s.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
@@ -147,7 +90,10 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn slow(State(s): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn slow<G: Generation>(
+    State(s): State<G>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let ms = match q.get("ms").map(|v| v.parse::<u64>()) {
         Some(Ok(ms)) if ms <= SLOW_MAX_MS => ms,
         _ => {
@@ -159,17 +105,56 @@ async fn slow(State(s): State<Arc<Shared>>, Query(q): Query<HashMap<String, Stri
         }
     };
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    handled_by(s.pid).into_response()
+    handled_by(s.pid()).into_response()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
     use axum::body::{Body, to_bytes};
     use axum::http::Request;
     use tower::ServiceExt;
 
-    async fn get(shared: &Arc<Shared>, uri: &str) -> (StatusCode, String) {
+    /// A generation that is not serving anything.
+    #[derive(Clone)]
+    struct Shared {
+        pid: u32,
+        generation: u32,
+        draining: Arc<AtomicBool>,
+    }
+
+    impl Shared {
+        fn new(pid: u32, generation: u32) -> Shared {
+            Shared {
+                pid,
+                generation,
+                draining: Arc::default(),
+            }
+        }
+        fn set_draining(&self) {
+            self.draining.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Generation for Shared {
+        fn pid(&self) -> u32 {
+            self.pid
+        }
+        fn generation(&self) -> u32 {
+            self.generation
+        }
+        fn is_draining(&self) -> bool {
+            self.draining.load(Ordering::SeqCst)
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    async fn get(shared: &Shared, uri: &str) -> (StatusCode, String) {
         let resp = router(shared.clone())
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
             .await
@@ -213,16 +198,5 @@ mod tests {
             get(&s, "/slow?ms=1").await,
             (StatusCode::OK, "OK. Handled by PID: 9\n".into())
         );
-    }
-
-    #[test]
-    fn guards_count_down_on_drop() {
-        let s = Shared::new(1, 0);
-        let a = s.request_started();
-        let b = s.connection_opened();
-        assert_eq!((s.in_flight(), s.connections()), (1, 1));
-        drop(a);
-        drop(b);
-        assert_eq!((s.in_flight(), s.connections()), (0, 0));
     }
 }

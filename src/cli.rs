@@ -1,15 +1,44 @@
-//! The command line: `pid-server [serve]`, `pid-server reload`.
+//! The command line: `pid-server [serve]`, `pid-server reload`,
+//! `pid-server stop`.
 //!
 //! Every `serve` flag can also come from the environment, so a unit file or a
 //! container can configure the service without editing `ExecStart=`. A new
 //! generation started by a handover gets the same arguments and environment
 //! as the old one, so it serves with the same configuration.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
+use axum_handover::{Config, ListenAddr};
 use clap::{Args, Parser, Subcommand};
 
-use crate::listeners::ListenAddr;
+/// The handover settings every subcommand shares: the name from which the
+/// control socket (`@pid-server/<pid>/control`), the environment prefix
+/// (`PID_SERVER_`) and the process name the reload helper looks for derive.
+pub fn config() -> Config {
+    Config::new("pid-server")
+}
+
+/// Parses the command line. A bad one is one line on stderr and exit 64
+/// (`--help` and `--version` print and exit 0).
+pub fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // One line, not clap's usage block: operators read this in
+            // `systemctl status`.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad command line");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("pid-server: error: {first} (see --help)");
+            Err(ExitCode::from(64))
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -88,18 +117,31 @@ pub struct ServeArgs {
     )]
     pub upgrade_probation: Duration,
 
-    /// While draining, a keep-alive connection is closed only once it has been
-    /// idle this many milliseconds; until then a request on it is still
-    /// answered (with `Connection: close`). This avoids the race between our
-    /// close and a client reusing the connection.
+    /// Seconds an idle keep-alive connection is kept, advertised to clients
+    /// as `Keep-Alive: timeout=N` (at most the header timeout less one). An
+    /// idle connection is closed a second later; a stop's drain closes none
+    /// sooner. A reload closes none: it moves them to the new process.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "PID_SERVER_KEEP_ALIVE_TIMEOUT",
+        default_value = "5",
+        value_parser = parse_secs
+    )]
+    pub keep_alive_timeout: Duration,
+
+    /// While draining without a successor (a stop, or a reload to a release
+    /// that cannot take connections), close a keep-alive connection once it
+    /// has been idle this many milliseconds instead of the keep-alive timeout
+    /// plus one second. Shorter stops sooner, but races with clients that
+    /// reuse a connection after a pause.
     #[arg(
         long = "idle-grace-ms",
         value_name = "MS",
         env = "PID_SERVER_IDLE_GRACE_MS",
-        default_value = "500",
         value_parser = parse_ms
     )]
-    pub idle_grace: Duration,
+    pub idle_grace: Option<Duration>,
 
     /// Seconds a client has to send a request's headers; a slower one is
     /// disconnected (slowloris).
@@ -124,10 +166,30 @@ pub struct ServeArgs {
     pub max_connections: u32,
 }
 
+impl ServeArgs {
+    /// The handover settings these flags ask for.
+    pub fn config(&self) -> Config {
+        let c = config()
+            .drain_timeout(self.drain_timeout)
+            .ready_timeout(self.upgrade_timeout)
+            .probation(self.upgrade_probation)
+            .keep_alive_timeout(self.keep_alive_timeout)
+            .header_read_timeout(self.header_timeout)
+            .max_connections(self.max_connections as usize);
+        match self.idle_grace {
+            Some(g) => c.idle_grace(g),
+            None => c,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ReloadArgs {
     /// The running pid-server to replace. systemd passes it as $MAINPID.
-    /// Without it, the only pid-server of this user is used.
+    /// Without it, the only pid-server of this user is used. The outcome is
+    /// one line: `reloaded: OLD -> NEW (generation G) in MS ms; N
+    /// connections moved, F fell back; old process done D ms after the
+    /// handover`.
     #[arg(long, value_name = "PID", env = "MAINPID")]
     pub pid: Option<u32>,
 

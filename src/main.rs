@@ -1,33 +1,64 @@
-//! The `pid-server` binary: parse the command line, run, map to an exit code.
-//! Everything else lives in the library (see its `# Layout`).
+//! The `pid-server` binary: the reference app of the `axum-handover`
+//! library. It parses the command line, takes the sockets before the
+//! runtime starts, serves its routes, and maps how that ended to the exit
+//! codes README.md documents (0, 1, 2, 3, 4, 64).
 
-use clap::Parser;
-use pid_server::cli::{Cli, Command};
-use pid_server::{ExitCode, reload, serve_main, stop};
+mod app;
+mod cli;
+mod logging;
 
-fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+use std::process::ExitCode;
+
+use axum_handover::{Generation, helper};
+use cli::{Command, ServeArgs};
+
+fn main() -> ExitCode {
+    let cli = match cli::parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help, --version
-            let _ = e.print();
-            return ExitCode::Ok.into();
-        }
-        Err(e) => {
-            // One line, not clap's usage block: operators read this in
-            // `systemctl status`.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("bad command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("pid-server: error: {first} (see --help)");
-            return ExitCode::Usage.into();
-        }
+        Err(code) => return code,
     };
     match cli.command {
-        Some(Command::Reload(args)) => reload::main(&args),
-        Some(Command::Stop(args)) => stop::main(&args),
-        Some(Command::Serve(args)) => serve_main(&args),
-        None => serve_main(&cli.serve),
+        Some(Command::Reload(a)) => report(
+            "reload",
+            helper::reload(&cli::config(), a.pid, a.timeout).map(|r| println!("{r}")),
+        ),
+        Some(Command::Stop(a)) => report("stop", helper::stop(a.pid, a.timeout)),
+        Some(Command::Serve(args)) => serve(&args),
+        None => serve(&cli.serve),
     }
-    .into()
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let generation = match Generation::take(&args.config(), &args.listen) {
+        Ok(g) => g,
+        Err(e) => return fail(&e.to_string(), e.exit_code()),
+    };
+    logging::init(std::process::id(), generation.number());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    let router = app::router(generation.info());
+    let ended = runtime.block_on(generation.serve(router, ()));
+    // Do not wait for blocked tasks (a cut /slow request) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    ExitCode::from(ended.exit_code())
+}
+
+fn fail(msg: &str, code: u8) -> ExitCode {
+    eprintln!("pid-server: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn report(verb: &str, outcome: Result<(), helper::HelperError>) -> ExitCode {
+    outcome.map_or_else(
+        |e| {
+            eprintln!("pid-server {verb}: error: {e}");
+            ExitCode::from(e.exit_code())
+        },
+        |()| ExitCode::SUCCESS,
+    )
 }

@@ -27,9 +27,11 @@ fn start_private() -> (
     (dir, bin, p, notify, addr)
 }
 
-/// Parses `reloaded: OLD -> NEW (generation G) in MS ms`.
+/// Parses `reloaded: OLD -> NEW (generation G) in MS ms`, and what
+/// follows after `; ` (connections moved, the old process's exit).
 fn parse_reloaded(line: &str) -> (u32, u32, u32, u64) {
-    let n: Vec<u64> = line
+    let head = line.split("; ").next().unwrap_or(line);
+    let n: Vec<u64> = head
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())

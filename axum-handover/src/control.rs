@@ -1,4 +1,5 @@
-//! The control channel between `pid-server reload` and a running server.
+//! The control channel between the reload helper (`myapp reload`) and a
+//! running generation.
 //!
 //! A signal cannot carry an answer, and a reload helper must learn the
 //! outcome without guessing from timing; so each server listens on a Unix
@@ -9,8 +10,8 @@
 //!   variable). A path reaches the server whatever network namespace each
 //!   of the unit's processes ended up in: in a container without the
 //!   privilege to join the unit's `PrivateNetwork=` namespace, they differ.
-//! - the abstract socket `@pid-server/<pid>/control` always, for a person
-//!   running `pid-server reload` by hand; nothing is left on disk.
+//! - the abstract socket `@<name>/<pid>/control` always, for a person
+//!   running the helper by hand; nothing is left on disk.
 //!
 //! Only the server's own user or root may use either (`SO_PEERCRED`).
 //!
@@ -18,6 +19,11 @@
 //! - helper: `upgrade`
 //! - server: `ok <old-pid> <new-pid> <generation> <millis>`, or
 //!   `failed <reason>`, or `refused <reason>`.
+//! - after `ok`, a second line once the old process has let go of its
+//!   connections (or after a bound): `moved <moved> <fell-back> <busy>
+//!   <millis>`. A helper of the first release reads the first line only,
+//!   so the second changes nothing for it; a later helper shows it when it
+//!   comes.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -31,20 +37,29 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-fn address(pid: u32) -> io::Result<SocketAddr> {
-    SocketAddr::from_abstract_name(format!("pid-server/{pid}/control").as_bytes())
+fn address(name: &str, pid: u32) -> io::Result<SocketAddr> {
+    SocketAddr::from_abstract_name(abstract_name(name, pid).as_bytes())
+}
+
+/// The abstract socket's name, as `/proc/net/unix` lists it without `@`.
+pub(crate) fn abstract_name(name: &str, pid: u32) -> String {
+    format!("{name}/{pid}/control")
 }
 
 /// What the server answers to an `upgrade` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
+    /// The new process owns the unit.
+    #[allow(missing_docs)]
     Ok {
         old_pid: u32,
         new_pid: u32,
         generation: u32,
         millis: u64,
     },
+    /// The reload failed; the old process keeps serving.
     Failed(String),
+    /// Not attempted (another reload is under way, or not allowed).
     Refused(String),
 }
 
@@ -90,19 +105,82 @@ impl Answer {
     }
 }
 
+/// The second line after `ok`: what became of the old process's
+/// connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Connections moved to the new process.
+    pub moved: usize,
+    /// Connections that were to move but were served by the old process to
+    /// the end.
+    pub fell_back: usize,
+    /// Connections still busy with a request in the old process when this
+    /// was sent (0: the old process is done).
+    pub busy: usize,
+    /// Milliseconds from the handover to this report.
+    pub millis: u64,
+}
+
+impl Report {
+    /// The line as sent.
+    pub fn to_line(&self) -> String {
+        format!(
+            "moved {} {} {} {}\n",
+            self.moved, self.fell_back, self.busy, self.millis
+        )
+    }
+
+    /// Parses a `moved` line.
+    pub fn parse(line: &str) -> Option<Report> {
+        let rest = line.trim_end().strip_prefix("moved ")?;
+        let n: Vec<u64> = rest
+            .split(' ')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        match n[..] {
+            [moved, fell_back, busy, millis] => Some(Report {
+                moved: moved as usize,
+                fell_back: fell_back as usize,
+                busy: busy as usize,
+                millis,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// An `upgrade` request from a helper, with the connection to answer on.
-pub struct Request {
+pub(crate) struct Request {
     answer_to: tokio::net::unix::OwnedWriteHalf,
 }
 
 impl Request {
     /// Writes the answer (bounded), so it is out before the process goes on
     /// to drain and exit.
-    pub async fn answer(mut self, answer: Answer) {
+    pub(crate) async fn answer(self, answer: Answer) {
+        let _ = self.accept(answer).await;
+    }
+
+    /// Writes the answer and keeps the connection for the [`Report`].
+    pub(crate) async fn accept(mut self, answer: Answer) -> Reporter {
         let line = answer.to_line();
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             self.answer_to.write_all(line.as_bytes()),
+        )
+        .await;
+        Reporter(self.answer_to)
+    }
+}
+
+/// Where the second line goes.
+pub(crate) struct Reporter(tokio::net::unix::OwnedWriteHalf);
+
+impl Reporter {
+    pub(crate) async fn report(mut self, report: Report) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.0.write_all(report.to_line().as_bytes()),
         )
         .await;
     }
@@ -110,14 +188,17 @@ impl Request {
 
 /// The control socket's path in a runtime directory (the first entry of
 /// `$RUNTIME_DIRECTORY`, which may list several).
-pub fn runtime_path(runtime_directory: Option<&std::ffi::OsStr>, pid: u32) -> Option<PathBuf> {
+pub(crate) fn runtime_path(
+    runtime_directory: Option<&std::ffi::OsStr>,
+    pid: u32,
+) -> Option<PathBuf> {
     let dirs = runtime_directory?.to_str()?;
     let first = dirs.split(':').next().filter(|d| !d.is_empty())?;
     Some(Path::new(first).join(format!("control.{pid}")))
 }
 
 /// This process's control sockets. Must be made inside the runtime.
-pub struct Listeners {
+pub(crate) struct Listeners {
     sockets: Vec<UnixListener>,
     /// Removed when the listeners are dropped.
     path: Option<PathBuf>,
@@ -133,12 +214,12 @@ impl Drop for Listeners {
 
 /// Binds the abstract socket, and the path one when given a runtime
 /// directory's path for it.
-pub fn listen(pid: u32, path: Option<PathBuf>) -> io::Result<Listeners> {
+pub(crate) fn listen(name: &str, pid: u32, path: Option<PathBuf>) -> io::Result<Listeners> {
     let bind = |l: StdUnixListener| -> io::Result<UnixListener> {
         l.set_nonblocking(true)?;
         UnixListener::from_std(l)
     };
-    let mut sockets = vec![bind(StdUnixListener::bind_addr(&address(pid)?)?)?];
+    let mut sockets = vec![bind(StdUnixListener::bind_addr(&address(name, pid)?)?)?];
     if let Some(p) = &path {
         // A file left by a killed process with a reused PID is stale.
         let _ = std::fs::remove_file(p);
@@ -149,7 +230,7 @@ pub fn listen(pid: u32, path: Option<PathBuf>) -> io::Result<Listeners> {
 
 /// Accepts helpers and forwards their requests until dropped (the task is
 /// aborted when the drain starts, which also removes the socket file).
-pub async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>) {
+pub(crate) async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>) {
     let me = nix::unistd::geteuid().as_raw();
     let (abstract_socket, path_socket) = (&listeners.sockets[0], listeners.sockets.get(1));
     loop {
@@ -200,48 +281,85 @@ async fn handle(
 
 /// Why the helper could not get an answer.
 #[derive(Debug, thiserror::Error)]
-pub enum AskError {
-    #[error("no pid-server control socket for PID {pid}: {source}")]
-    NoServer { pid: u32, source: io::Error },
+pub(crate) enum AskError {
+    #[error("no {name} control socket for PID {pid}: {source}")]
+    NoServer {
+        name: String,
+        pid: u32,
+        source: io::Error,
+    },
     #[error("no answer from PID {pid} within {}s", timeout.as_secs())]
     Timeout { pid: u32, timeout: Duration },
     #[error("talking to PID {pid}: {source}")]
     Io { pid: u32, source: io::Error },
-    #[error("PID {pid} answered {line:?}, which is not a pid-server answer")]
-    Garbled { pid: u32, line: String },
+    #[error("PID {pid} answered {line:?}, which is not a {name} answer")]
+    Garbled {
+        name: String,
+        pid: u32,
+        line: String,
+    },
 }
 
-/// The helper's side: ask `pid` to upgrade and wait for the answer. Tries
-/// the runtime directory's socket first, when given one that exists.
-pub fn ask_upgrade(pid: u32, path: Option<&Path>, timeout: Duration) -> Result<Answer, AskError> {
+/// The helper's side: ask `pid` to upgrade and wait for the answer, and
+/// after `ok` for the report on its connections (which a server of the
+/// first release does not send). Tries the runtime directory's socket
+/// first, when given one that exists.
+pub(crate) fn ask_upgrade(
+    name: &str,
+    pid: u32,
+    path: Option<&Path>,
+    timeout: Duration,
+) -> Result<(Answer, Option<Report>), AskError> {
     let io_err = |source| AskError::Io { pid, source };
     let stream = match path.filter(|p| p.exists()) {
         Some(p) => StdUnixStream::connect(p),
-        None => address(pid).and_then(|a| StdUnixStream::connect_addr(&a)),
+        None => address(name, pid).and_then(|a| StdUnixStream::connect_addr(&a)),
     }
-    .map_err(|source| AskError::NoServer { pid, source })?;
+    .map_err(|source| AskError::NoServer {
+        name: name.into(),
+        pid,
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     (&stream).write_all(b"upgrade\n").map_err(io_err)?;
+    let mut read = BufReader::new(&stream);
     let mut line = String::new();
-    match BufReader::new(&stream).read_line(&mut line) {
+    match read.read_line(&mut line) {
         Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(AskError::Timeout { pid, timeout });
-        }
+        Err(e) if timed_out(&e) => return Err(AskError::Timeout { pid, timeout }),
         Err(e) => return Err(io_err(e)),
     }
     if line.is_empty() {
         return Err(AskError::Garbled {
+            name: name.into(),
             pid,
             line: "(connection closed)".into(),
         });
     }
-    Answer::parse(&line).ok_or(AskError::Garbled { pid, line })
+    let answer = Answer::parse(&line).ok_or_else(|| AskError::Garbled {
+        name: name.into(),
+        pid,
+        line: line.clone(),
+    })?;
+    if !matches!(answer, Answer::Ok { .. }) {
+        return Ok((answer, None));
+    }
+    // The report follows within a few seconds (the server bounds it); an
+    // older server closes the connection instead.
+    let mut second = String::new();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let report = match read.read_line(&mut second) {
+        Ok(_) => Report::parse(&second),
+        Err(_) => None,
+    };
+    Ok((answer, report))
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 #[cfg(test)]
@@ -264,6 +382,14 @@ mod tests {
         }
         assert_eq!(Answer::parse("ok 1 2"), None);
         assert_eq!(Answer::parse("HTTP/1.1 200 OK"), None);
+        let r = Report {
+            moved: 20,
+            fell_back: 1,
+            busy: 0,
+            millis: 4,
+        };
+        assert_eq!(Report::parse(&r.to_line()), Some(r));
+        assert_eq!(Report::parse("moved 1 2 3"), None);
     }
 
     #[tokio::test]
@@ -272,7 +398,7 @@ mod tests {
         let pid = u32::MAX - std::process::id();
         let dir = tempfile::tempdir().unwrap();
         let path = runtime_path(Some(dir.path().as_os_str()), pid).unwrap();
-        let l = listen(pid, Some(path.clone())).unwrap();
+        let l = listen("pid-server", pid, Some(path.clone())).unwrap();
         let (tx, mut rx) = mpsc::channel(1);
         let server = tokio::spawn(serve(l, tx));
         let answer = tokio::spawn(async move {
@@ -280,19 +406,20 @@ mod tests {
             req.answer(Answer::Refused("busy".into())).await;
         });
         let p = path.clone();
-        let got =
-            tokio::task::spawn_blocking(move || ask_upgrade(pid, Some(&p), Duration::from_secs(5)))
-                .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(got, Answer::Refused("busy".into()));
+        let got = tokio::task::spawn_blocking(move || {
+            ask_upgrade("pid-server", pid, Some(&p), Duration::from_secs(5))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, (Answer::Refused("busy".into()), None));
         answer.await.unwrap();
         server.abort();
         let _ = server.await;
         // Dropping the listeners removes the socket file.
         assert!(!path.exists());
         assert!(matches!(
-            ask_upgrade(pid - 1, None, Duration::from_secs(1)),
+            ask_upgrade("pid-server", pid - 1, None, Duration::from_secs(1)),
             Err(AskError::NoServer { .. })
         ));
     }

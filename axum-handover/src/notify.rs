@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+/// Speaks for the unit, when this process owns it.
 #[derive(Debug)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     enabled: bool,
     owner: AtomicBool,
     /// Warn about a broken NOTIFY_SOCKET once, not on every status update.
@@ -26,7 +27,7 @@ impl Notifier {
     /// Reads `NOTIFY_SOCKET` once. `owner`: whether this process speaks
     /// for the unit from the start (not so for a new generation, until it
     /// takes over).
-    pub fn from_env(owner: bool) -> Arc<Notifier> {
+    pub(crate) fn from_env(owner: bool) -> Arc<Notifier> {
         Arc::new(Notifier {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
             owner: AtomicBool::new(owner),
@@ -34,16 +35,12 @@ impl Notifier {
         })
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// From now on this process says nothing to systemd.
-    pub fn silence(&self) {
+    pub(crate) fn silence(&self) {
         self.owner.store(false, Ordering::SeqCst);
     }
 
-    pub fn is_silenced(&self) -> bool {
+    pub(crate) fn is_silenced(&self) -> bool {
         !self.owner.load(Ordering::SeqCst)
     }
 
@@ -61,14 +58,14 @@ impl Notifier {
     }
 
     /// `READY=1` with the status line: the first generation is up.
-    pub fn ready(&self, status: &str) {
+    pub(crate) fn ready(&self, status: &str) {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
     /// `MAINPID=<self>`, `READY=1`: a new generation takes the unit over.
     /// Returns once systemd has processed it (a `BARRIER=1` round trip), so
     /// the old process cannot exit before systemd knows its successor.
-    pub fn take_over(&self, status: &str) {
+    pub(crate) fn take_over(&self, status: &str) {
         self.owner.store(true, Ordering::SeqCst);
         self.send(&[
             NotifyState::MainPid(std::process::id()),
@@ -84,13 +81,13 @@ impl Notifier {
         }
     }
 
-    pub fn status(&self, status: &str) {
+    pub(crate) fn status(&self, status: &str) {
         self.send(&[NotifyState::Status(status)]);
     }
 
     /// `RELOADING=1` with the monotonic time, as `Type=notify-reload` asks on
     /// SIGHUP; `READY=1` from the new main process ends it.
-    pub fn reloading(&self, status: &str) {
+    pub(crate) fn reloading(&self, status: &str) {
         match NotifyState::monotonic_usec_now() {
             Ok(now) => self.send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
             Err(_) => self.send(&[NotifyState::Reloading, NotifyState::Status(status)]),
@@ -98,7 +95,7 @@ impl Notifier {
     }
 
     /// After a failed reload: this process is (still) the main one, and ready.
-    pub fn reclaim(&self, status: &str) {
+    pub(crate) fn reclaim(&self, status: &str) {
         self.send(&[
             NotifyState::MainPid(std::process::id()),
             NotifyState::Ready,
@@ -106,30 +103,30 @@ impl Notifier {
         ]);
     }
 
-    pub fn stopping(&self, status: &str) {
+    pub(crate) fn stopping(&self, status: &str) {
         self.send(&[NotifyState::Stopping, NotifyState::Status(status)]);
     }
 
     /// Asks systemd for `by` more time than its stop timeout, while a long
     /// drain runs.
-    pub fn extend_timeout(&self, by: Duration) {
+    pub(crate) fn extend_timeout(&self, by: Duration) {
         let usec = by.as_micros().min(u32::MAX as u128) as u32;
         self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
     }
 
-    pub fn watchdog(&self) {
+    pub(crate) fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
     }
 }
 
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`), if it is meant
 /// for this process (`WATCHDOG_PID` absent or ours).
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
 /// Pings the watchdog at half the interval until silenced or the task ends.
-pub async fn watchdog_loop(notifier: Arc<Notifier>, interval: Duration) {
+pub(crate) async fn watchdog_loop(notifier: Arc<Notifier>, interval: Duration) {
     let mut tick = tokio::time::interval(interval / 2);
     loop {
         tick.tick().await;

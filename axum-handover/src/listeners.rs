@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -17,7 +17,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 
 /// Where a listening socket came from; logged and shown in the status line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// Passed in with `LISTEN_FDS` (systemd, `systemd-socket-activate`, or the
     /// previous pid-server generation).
     Systemd,
@@ -37,7 +37,9 @@ impl fmt::Display for Origin {
 /// A `--listen` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// `HOST:PORT` or `[IPV6]:PORT`.
     Tcp(SocketAddr),
+    /// `unix:/path`.
     Unix(PathBuf),
 }
 
@@ -70,24 +72,24 @@ impl fmt::Display for ListenAddr {
 /// A listening socket, still blocking-mode-agnostic std types so it can be
 /// taken before the runtime exists.
 #[derive(Debug)]
-pub enum Socketish {
+pub(crate) enum Socketish {
     Tcp(StdTcpListener),
     Unix(StdUnixListener),
 }
 
 /// One listening socket with its name and origin.
 #[derive(Debug)]
-pub struct Listener {
-    pub socket: Socketish,
+pub(crate) struct Listener {
+    pub(crate) socket: Socketish,
     /// The `LISTEN_FDNAMES` entry, or [`BOUND_NAME`] for bound sockets.
-    pub name: String,
-    pub origin: Origin,
+    pub(crate) name: String,
+    pub(crate) origin: Origin,
 }
 
 impl Listener {
     /// How the status line names it: the fd name for systemd's sockets
     /// (what the socket unit calls it), the address for our own.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self.origin {
             Origin::Systemd => self.name.clone(),
             Origin::Bound => self.local_addr(),
@@ -95,7 +97,7 @@ impl Listener {
     }
 
     /// The local address, for logs ("127.0.0.1:8080" or "unix:/path").
-    pub fn local_addr(&self) -> String {
+    pub(crate) fn local_addr(&self) -> String {
         match &self.socket {
             Socketish::Tcp(l) => l
                 .local_addr()
@@ -110,7 +112,7 @@ impl Listener {
     }
 
     /// The TCP port, if this is a TCP socket.
-    pub fn port(&self) -> Option<u16> {
+    pub(crate) fn port(&self) -> Option<u16> {
         match &self.socket {
             Socketish::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
             Socketish::Unix(_) => None,
@@ -119,7 +121,7 @@ impl Listener {
 
     /// A second descriptor for the very same socket, kept for a handover so
     /// the next generation shares this accept queue.
-    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn try_clone_fd(&self) -> io::Result<OwnedFd> {
         match &self.socket {
             Socketish::Tcp(l) => l.as_fd().try_clone_to_owned(),
             Socketish::Unix(l) => l.as_fd().try_clone_to_owned(),
@@ -127,11 +129,13 @@ impl Listener {
     }
 }
 
+/// Why the sockets could not be taken or bound: each names what is wrong.
+#[allow(missing_docs)] // the messages say what each field is
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error("LISTEN_FDS={0:?} is not a number of file descriptors")]
     BadCount(String),
-    #[error("LISTEN_FDS={0} is more than the {MAX_INHERITED} sockets pid-server accepts")]
+    #[error("LISTEN_FDS={0} is more than the {MAX_INHERITED} sockets accepted")]
     TooMany(u32),
     #[error("LISTEN_FDS=0: no sockets were passed")]
     NoneInherited,
@@ -164,6 +168,7 @@ pub enum Inherited {
     /// systemd rule). Bind `--listen`, and say so.
     ForOtherPid(String),
     /// `count` sockets from fd 3, with their names.
+    #[allow(missing_docs)]
     Sockets { count: u32, names: Vec<String> },
 }
 
@@ -209,8 +214,13 @@ pub fn inherited_from(
 }
 
 /// Takes the sockets passed in `LISTEN_FDS` with listenfd, or binds
-/// `addrs` when there are none. Call before starting threads.
-pub fn take_or_bind(addrs: &[ListenAddr]) -> Result<(Vec<Listener>, Option<String>), ListenError> {
+/// `addrs` when there are none. `origin_var` names the variable in which a
+/// previous generation says it bound the sockets itself. Call before
+/// starting threads.
+pub(crate) fn take_or_bind(
+    addrs: &[ListenAddr],
+    origin_var: &str,
+) -> Result<(Vec<Listener>, Option<String>), ListenError> {
     let env = |k: &str| std::env::var(k).ok();
     let inherited = inherited_from(
         env("LISTEN_FDS").as_deref(),
@@ -229,7 +239,7 @@ pub fn take_or_bind(addrs: &[ListenAddr]) -> Result<(Vec<Listener>, Option<Strin
         Inherited::Sockets { count, names } => {
             // A previous pid-server generation says whether it bound these
             // itself; systemd never sets this.
-            let origin = match env(ORIGIN_ENV).as_deref() {
+            let origin = match env(origin_var).as_deref() {
                 Some("bound") => Origin::Bound,
                 _ => Origin::Systemd,
             };
@@ -238,13 +248,9 @@ pub fn take_or_bind(addrs: &[ListenAddr]) -> Result<(Vec<Listener>, Option<Strin
     }
 }
 
-/// Set by a pid-server for the generation it starts: `bound` when the
-/// sockets it passes were bound by pid-server rather than by systemd.
-pub const ORIGIN_ENV: &str = "PID_SERVER_SOCKET_ORIGIN";
-
 /// The name given to sockets bound from `--listen` (fd names may not contain
 /// the ':' of an address; logs show the address beside it).
-pub const BOUND_NAME: &str = "listen";
+pub(crate) const BOUND_NAME: &str = "listen";
 
 fn take_inherited(
     count: u32,
@@ -321,7 +327,7 @@ fn set_nonblocking(s: &Socketish) -> io::Result<()> {
 }
 
 /// Binds every address, all or nothing.
-pub fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ListenError> {
+pub(crate) fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ListenError> {
     addrs.iter().map(bind).collect()
 }
 
@@ -380,18 +386,10 @@ fn bind(addr: &ListenAddr) -> Result<Listener, ListenError> {
     }
 }
 
-/// The fd number of a listener (for handing it to a child).
-pub fn raw_fd(l: &Listener) -> RawFd {
-    match &l.socket {
-        Socketish::Tcp(s) => s.as_raw_fd(),
-        Socketish::Unix(s) => s.as_raw_fd(),
-    }
-}
-
 /// Reads `net.ipv4.tcp_migrate_req`. When it is 0, connections still queued
 /// on a SO_REUSEPORT socket that closes are reset instead of moving to
 /// another socket of the group. `None` when unreadable (old kernel, sandbox).
-pub fn tcp_migrate_req() -> Option<bool> {
+pub(crate) fn tcp_migrate_req() -> Option<bool> {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
         .ok()
         .map(|s| s.trim() == "1")

@@ -1,0 +1,189 @@
+//! What a service configures: its name (from which every name that must not
+//! collide between two services on one host is derived) and the timings of
+//! a handover and a drain.
+
+use std::time::Duration;
+
+/// A service's handover settings. [`Config::new`] takes the service's name;
+/// the rest has defaults that suit an HTTP service behind systemd.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) name: String,
+    pub(crate) env_prefix: String,
+    pub(crate) process_name: String,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) probation: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) idle_grace: Option<Duration>,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) move_connections: bool,
+}
+
+impl Config {
+    /// Settings for the service `name` (say `"myapp"`). From it come:
+    /// - the prefix of the environment variables one generation passes to the
+    ///   next (`MYAPP_GENERATION`, `MYAPP_HANDOVER_FD`, …): see
+    ///   [`Config::env_prefix`];
+    /// - the control socket the reload helper talks to:
+    ///   `$RUNTIME_DIRECTORY/control.<pid>` and the abstract
+    ///   `@myapp/<pid>/control`;
+    /// - the process name (`/proc/<pid>/comm`) the reload helper looks for
+    ///   when it is not given a PID: see [`Config::process_name`].
+    pub fn new(name: &str) -> Config {
+        let env_prefix = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Config {
+            name: name.to_string(),
+            env_prefix,
+            // The kernel keeps 15 bytes of a process name.
+            process_name: name.chars().take(15).collect(),
+            ready_timeout: Duration::from_secs(30),
+            probation: Duration::from_millis(250),
+            drain_timeout: Duration::from_secs(30),
+            idle_grace: None,
+            keep_alive_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            move_connections: true,
+        }
+    }
+
+    /// The service's name, as given to [`Config::new`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces the environment-variable prefix (default: the name in
+    /// capitals, other characters as `_`).
+    pub fn env_prefix(mut self, prefix: &str) -> Config {
+        self.env_prefix = prefix.to_string();
+        self
+    }
+
+    /// Replaces the process name the reload helper looks for without a PID
+    /// (default: the name, cut to the kernel's 15 bytes).
+    pub fn process_name(mut self, name: &str) -> Config {
+        self.process_name = name.to_string();
+        self
+    }
+
+    /// How long a new generation may take to say it is ready before it is
+    /// stopped and the reload fails (default 30 s).
+    pub fn ready_timeout(mut self, d: Duration) -> Config {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// How long both generations serve before the new one takes the unit
+    /// over; it must stay alive through it (default 250 ms).
+    pub fn probation(mut self, d: Duration) -> Config {
+        self.probation = d;
+        self
+    }
+
+    /// How long a drain may take; what is still running then is cut
+    /// (default 30 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Config {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// How long an idle keep-alive connection is kept, advertised to clients
+    /// as `Keep-Alive: timeout=N` (whole seconds; default 5 s). An idle
+    /// connection is closed one second after that, so that a client that
+    /// honours the hint closes it first; a drain without a successor closes
+    /// idle connections no sooner.
+    pub fn keep_alive_timeout(mut self, d: Duration) -> Config {
+        self.keep_alive_timeout = d;
+        self
+    }
+
+    /// Overrides how long a drain without a successor lets a connection sit
+    /// idle before closing it (default: the keep-alive timeout plus one
+    /// second). Shorter stops sooner, but races with clients that reuse the
+    /// connection after a pause.
+    pub fn idle_grace(mut self, d: Duration) -> Config {
+        self.idle_grace = Some(d);
+        self
+    }
+
+    /// How long a client may take to send a request's headers (default
+    /// 10 s).
+    pub fn header_read_timeout(mut self, d: Duration) -> Config {
+        self.header_read_timeout = d;
+        self
+    }
+
+    /// Most connections served at once; further ones wait in the kernel's
+    /// accept queue (default 10 000).
+    pub fn max_connections(mut self, n: usize) -> Config {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Whether a handover moves idle keep-alive connections to the new
+    /// generation (default) or closes them the way a drain does.
+    pub fn move_connections(mut self, on: bool) -> Config {
+        self.move_connections = on;
+        self
+    }
+
+    /// The keep-alive timeout in force: hyper closes a connection that sends
+    /// no request head within the header timeout, idle or not, so the
+    /// advertised timeout stays a second below it.
+    pub(crate) fn keep_alive(&self) -> Duration {
+        let secs = self
+            .keep_alive_timeout
+            .as_secs()
+            .min(self.header_read_timeout.as_secs().saturating_sub(1))
+            .max(1);
+        Duration::from_secs(secs)
+    }
+
+    /// How long a drain without a successor waits on an idle connection.
+    pub(crate) fn drain_idle(&self) -> Duration {
+        self.idle_grace
+            .unwrap_or(self.keep_alive() + Duration::from_secs(1))
+    }
+
+    /// The full name of one of the handover's environment variables.
+    pub(crate) fn var(&self, v: crate::env::Var) -> String {
+        format!("{}_{}", self.env_prefix, v.suffix())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_service_name() {
+        let c = Config::new("pid-server");
+        assert_eq!(c.env_prefix, "PID_SERVER");
+        assert_eq!(c.var(crate::env::Var::Generation), "PID_SERVER_GENERATION");
+        assert_eq!(c.process_name, "pid-server");
+        let c = Config::new("a-very-long-service-name");
+        assert_eq!(c.process_name.len(), 15);
+    }
+
+    #[test]
+    fn drain_idle_follows_the_keep_alive_timeout_unless_overridden() {
+        let c = Config::new("x").keep_alive_timeout(Duration::from_secs(3));
+        assert_eq!(c.drain_idle(), Duration::from_secs(4));
+        let c = c.idle_grace(Duration::from_millis(200));
+        assert_eq!(c.drain_idle(), Duration::from_millis(200));
+        // Never past the header timeout, which closes idle connections too.
+        let c = Config::new("x").header_read_timeout(Duration::from_secs(2));
+        assert_eq!(c.keep_alive(), Duration::from_secs(1));
+    }
+}

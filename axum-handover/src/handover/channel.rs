@@ -1,0 +1,402 @@
+//! The handover channel's messages, and how each side learns what the other
+//! understands.
+//!
+//! Every upgrade is a handover between two releases, so both directions
+//! must work with a peer that predates any extension:
+//!
+//! - Protocol 1 (the first release): lines on a stream socketpair. The new
+//!   process says `ready`, the old one `commit`, the new one `owner`. A
+//!   protocol-1 process matches these lines exactly and knows no variable
+//!   besides the sockets', the generation and the channel's fd.
+//! - Protocol 2 adds, without changing those lines for a protocol-1 peer:
+//!   the parent sets `<PREFIX>_HANDOVER_PROTOCOL=2` and passes a second,
+//!   seqpacket, socketpair (`<PREFIX>_HANDOVER_CONNECTIONS_FD`). A child
+//!   that sees the variable answers `ready <version> <feature>...` (a
+//!   protocol-1 parent never sees that form, because it never sets the
+//!   variable); a child that does not (a protocol-1 child) says plain
+//!   `ready` and ignores the second socket. Each side uses a feature only
+//!   when both named it; unknown words are ignored, so a later protocol can
+//!   add features the same way.
+//!
+//! The one feature today is `move-connections`: once the new process owns
+//! the unit, the old one sends it each idle keep-alive connection on the
+//! seqpacket channel, one datagram each: a header line `conn tcp <n>` or
+//! `conn unix <n>`, then the `n` bytes it had read but not yet parsed, with
+//! the connection's fd attached (`SCM_RIGHTS`).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// The newest protocol this build speaks.
+pub(crate) const PROTOCOL: u32 = 2;
+
+/// A feature a protocol-2 peer may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feature {
+    /// Idle keep-alive connections move to the new process.
+    MoveConnections,
+}
+
+impl Feature {
+    const ALL: [Feature; 1] = [Feature::MoveConnections];
+
+    fn word(self) -> &'static str {
+        match self {
+            Feature::MoveConnections => "move-connections",
+        }
+    }
+}
+
+/// What the new process said it speaks, from its `ready` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ready {
+    pub(crate) protocol: u32,
+    pub(crate) features: Vec<Feature>,
+}
+
+impl Ready {
+    /// Parses a `ready` line: `None` for anything else.
+    pub(crate) fn parse(line: &str) -> Option<Ready> {
+        let mut words = line.split(' ');
+        if words.next()? != "ready" {
+            return None;
+        }
+        let Some(v) = words.next() else {
+            return Some(Ready {
+                protocol: 1,
+                features: Vec::new(),
+            });
+        };
+        let protocol: u32 = v.parse().ok().filter(|v| *v >= 2)?;
+        let features = words
+            .filter_map(|w| Feature::ALL.into_iter().find(|f| f.word() == w))
+            .collect();
+        Some(Ready { protocol, features })
+    }
+
+    /// The line the new process sends. `parent`: the protocol the parent
+    /// advertised (`None`: a protocol-1 parent, which wants `ready` alone).
+    pub(crate) fn line(parent: Option<u32>, features: &[Feature]) -> String {
+        match parent {
+            None | Some(0..=1) => "ready\n".into(),
+            Some(p) => {
+                let mut s = format!("ready {}", p.min(PROTOCOL));
+                for f in features {
+                    s.push(' ');
+                    s.push_str(f.word());
+                }
+                s.push('\n');
+                s
+            }
+        }
+    }
+
+    pub(crate) fn has(&self, f: Feature) -> bool {
+        self.features.contains(&f)
+    }
+}
+
+/// The kind of a moved connection's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Tcp,
+    Unix,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Unix => "unix",
+        }
+    }
+}
+
+/// The largest datagram: a header and the bytes read ahead (hyper reads at
+/// most its buffer limit ahead, well under this).
+pub(crate) const MAX_DATAGRAM: usize = 256 * 1024;
+
+/// A moved connection's datagram, without its fd.
+pub(crate) fn encode(kind: Kind, read_ahead: &[u8]) -> Vec<u8> {
+    let mut out = format!("conn {} {}\n", kind.word(), read_ahead.len()).into_bytes();
+    out.extend_from_slice(read_ahead);
+    out
+}
+
+/// Why a datagram was not a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadMessage {
+    #[error("not a connection message")]
+    Header,
+    #[error("says {said} bytes follow, {got} did")]
+    Length { said: usize, got: usize },
+    #[error("arrived without its connection's fd")]
+    NoFd,
+    #[error("arrived with {0} fds")]
+    Fds(usize),
+    #[error("was cut short (datagram or fds truncated)")]
+    Truncated,
+}
+
+/// Parses a datagram: the kind and the bytes read ahead.
+pub(crate) fn decode(datagram: &[u8]) -> Result<(Kind, &[u8]), BadMessage> {
+    let nl = datagram
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or(BadMessage::Header)?;
+    let header = std::str::from_utf8(&datagram[..nl]).map_err(|_| BadMessage::Header)?;
+    let rest = &datagram[nl + 1..];
+    let mut w = header.split(' ');
+    if w.next() != Some("conn") {
+        return Err(BadMessage::Header);
+    }
+    let kind = match w.next() {
+        Some("tcp") => Kind::Tcp,
+        Some("unix") => Kind::Unix,
+        _ => return Err(BadMessage::Header),
+    };
+    let said: usize = w
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or(BadMessage::Header)?;
+    if w.next().is_some() {
+        return Err(BadMessage::Header);
+    }
+    if said != rest.len() {
+        return Err(BadMessage::Length {
+            said,
+            got: rest.len(),
+        });
+    }
+    Ok((kind, rest))
+}
+
+/// A seqpacket socketpair for moving connections: (the parent's end, the
+/// child's end), both close-on-exec.
+pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    Ok((a, b))
+}
+
+/// One end of the connection channel, registered with the runtime.
+pub(crate) struct Connections {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Connections {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Connections> {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        // SAFETY: `OwnedFd` is a valid open fd that stays open, and is the
+        // same fd, for as long as the `AsyncFd` owns it.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(Connections { fd })
+    }
+
+    /// Sends one connection: its fd and the bytes read ahead. When this
+    /// returns `Ok` the kernel holds the fd for the peer and the caller may
+    /// close its own.
+    pub(crate) async fn send(
+        &self,
+        kind: Kind,
+        conn: BorrowedFd<'_>,
+        read_ahead: &[u8],
+    ) -> io::Result<()> {
+        let msg = encode(kind, read_ahead);
+        let fds = [conn.as_raw_fd()];
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                let iov = [io::IoSlice::new(&msg)];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                socket::sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(io::Error::from)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Receives the next datagram: `None` once the peer closed its end.
+    /// A datagram that is not a well-formed connection is an `Err` of its
+    /// own (its fds, if any, are closed); the channel stays usable.
+    pub(crate) async fn recv(&self) -> io::Result<Option<Result<Received, BadMessage>>> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        self.fd
+            .async_io(Interest::READABLE, |fd| recv_one(fd.as_fd(), &mut buf))
+            .await
+    }
+}
+
+/// A connection as it arrived.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub(crate) kind: Kind,
+    pub(crate) fd: OwnedFd,
+    pub(crate) read_ahead: Vec<u8>,
+}
+
+fn recv_one(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<Result<Received, BadMessage>>> {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(got) = c {
+            // SAFETY: the kernel just installed these fds in this process
+            // for us; nothing else owns them.
+            fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+        }
+    }
+    let len = msg.bytes;
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(check(&buf[..len], fds, truncated)))
+}
+
+/// Pairs a datagram with the fds that came with it.
+pub(crate) fn check(
+    datagram: &[u8],
+    mut fds: Vec<OwnedFd>,
+    truncated: bool,
+) -> Result<Received, BadMessage> {
+    if truncated {
+        return Err(BadMessage::Truncated);
+    }
+    let (kind, read_ahead) = decode(datagram)?;
+    match fds.len() {
+        0 => Err(BadMessage::NoFd),
+        1 => Ok(Received {
+            kind,
+            fd: fds.pop().expect("one fd"),
+            read_ahead: read_ahead.to_vec(),
+        }),
+        n => Err(BadMessage::Fds(n)),
+    }
+}
+
+/// Fuzzing entry: every message either side may receive, in every
+/// protocol version. The first byte picks the message and how many fds
+/// "arrive" with a connection datagram; none may panic, and what parses
+/// must print back to the same.
+pub fn fuzz_one(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    if pick & 1 == 0 {
+        // The new process's `ready` line, as the old one reads it.
+        if let Some(r) = std::str::from_utf8(rest).ok().and_then(Ready::parse) {
+            let line = Ready::line(Some(r.protocol.max(2)), &r.features);
+            let again = Ready::parse(line.trim_end()).expect("a printed ready line parses");
+            assert_eq!(again.features, r.features);
+        }
+        return;
+    }
+    // A datagram on the connection channel, with 0..=3 fds.
+    let fds: Vec<OwnedFd> = (0..(pick >> 1) % 4)
+        .filter_map(|_| std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
+        .collect();
+    let n = fds.len();
+    match check(rest, fds, pick & 0x80 != 0) {
+        Ok(r) => {
+            assert_eq!(n, 1);
+            assert_eq!(encode(r.kind, &r.read_ahead), rest);
+        }
+        Err(BadMessage::NoFd) => assert_eq!(n, 0),
+        Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines_for_each_parent() {
+        let f = [Feature::MoveConnections];
+        // A protocol-1 parent matches "ready" exactly.
+        assert_eq!(Ready::line(None, &f), "ready\n");
+        assert_eq!(Ready::line(Some(2), &f), "ready 2 move-connections\n");
+        // A newer parent gets our version.
+        assert_eq!(Ready::line(Some(9), &[]), "ready 2\n");
+        assert_eq!(
+            Ready::parse("ready"),
+            Some(Ready {
+                protocol: 1,
+                features: vec![]
+            })
+        );
+        // Unknown words are ignored (a later protocol's features).
+        assert_eq!(
+            Ready::parse("ready 3 tls-tickets move-connections"),
+            Some(Ready {
+                protocol: 3,
+                features: vec![Feature::MoveConnections]
+            })
+        );
+        for bad in ["", "readyx", "ready x", "ready 1", "ready 0", "owner"] {
+            assert_eq!(Ready::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn connection_messages_round_trip_and_reject_junk() {
+        let m = encode(Kind::Tcp, b"GET / HT");
+        assert_eq!(decode(&m), Ok((Kind::Tcp, &b"GET / HT"[..])));
+        assert_eq!(decode(&encode(Kind::Unix, b"")), Ok((Kind::Unix, &b""[..])));
+        assert_eq!(
+            decode(b"conn tcp 3\nab"),
+            Err(BadMessage::Length { said: 3, got: 2 })
+        );
+        for bad in [
+            &b""[..],
+            b"conn",
+            b"conn udp 0\n",
+            b"conn tcp x\n",
+            b"conn tcp 0 1\n",
+            b"ready\n",
+        ] {
+            assert_eq!(decode(bad), Err(BadMessage::Header), "{bad:?}");
+        }
+        assert_eq!(check(&m, vec![], false).unwrap_err(), BadMessage::NoFd);
+        assert_eq!(check(&m, vec![], true).unwrap_err(), BadMessage::Truncated);
+    }
+
+    #[tokio::test]
+    async fn an_fd_and_its_bytes_cross_the_channel() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (Connections::new(a).unwrap(), Connections::new(b).unwrap());
+        let (mine, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.send(Kind::Unix, mine.as_fd(), b"GET /").await.unwrap();
+        let got = b.recv().await.unwrap().unwrap().unwrap();
+        assert_eq!((got.kind, &got.read_ahead[..]), (Kind::Unix, &b"GET /"[..]));
+        drop(a);
+        assert!(
+            b.recv().await.unwrap().is_none(),
+            "EOF after the sender closed"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! The handover between two generations: [`spawn`] is the old process's
+//! side, [`join`] the new one's, [`channel`] the messages between them.
+
+pub(crate) mod channel;
+pub(crate) mod join;
+pub(crate) mod spawn;

@@ -1,0 +1,413 @@
+//! Accepting connections, serving the app's router on them, and how a
+//! generation lets go of them: moved to its successor, or drained.
+//!
+//! After a handover to a successor that takes connections ("moving"):
+//! 1. the accept loops stop (the successor accepts from the same sockets);
+//! 2. each connection, as soon as no request is in progress on it, is taken
+//!    back from hyper and sent to the successor with the bytes read ahead;
+//!    responses carry no `Connection: close`, so clients keep their
+//!    connections and notice nothing but the new process answering;
+//! 3. what cannot move (the successor refuses or dies) is served here to
+//!    the end as in a drain, and counted.
+//!
+//! A drain (a stop, or a successor that takes no connections) goes in this
+//! order, so that no client sees a failure it could not have avoided:
+//! 1. every response from now on carries `Connection: close`, and the
+//!    generation reports itself draining;
+//! 2. the accept loops stop and drop their sockets (a handover's successor
+//!    holds the same sockets and keeps accepting);
+//! 3. a connection is closed only once it has no request in progress and has
+//!    been idle for the keep-alive timeout advertised to clients
+//!    (`Keep-Alive: timeout=N`, plus a second): closing an idle keep-alive
+//!    connection races with the client sending its next request on it;
+//! 4. past the drain timeout what is left is cut and counted.
+
+mod conn;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioTimer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+pub(crate) use conn::Stream;
+
+use crate::Config;
+use crate::handover::channel::Connections;
+use crate::listeners::{Listener, Socketish};
+
+/// The largest request head we buffer (request line and headers).
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The server's own counters, read by the generation's status line and by
+/// the app through [`crate::Info`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Readiness is off: the generation is leaving (drain or move).
+    leaving: AtomicBool,
+    /// Responses say `Connection: close`.
+    close_responses: AtomicBool,
+    in_flight: AtomicUsize,
+    connections: AtomicUsize,
+    moved: AtomicUsize,
+    fell_back: AtomicUsize,
+}
+
+impl Counters {
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
+    }
+    fn is_draining(&self) -> bool {
+        self.close_responses.load(Ordering::SeqCst)
+    }
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn request_started(self: &Arc<Self>) -> Counted {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Counted(self.clone(), Which::Request)
+    }
+
+    fn connection_opened(self: &Arc<Self>) -> Counted {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        Counted(self.clone(), Which::Connection)
+    }
+}
+
+enum Which {
+    Request,
+    Connection,
+}
+
+/// Decrements its counter on drop, also when a request is cut.
+struct Counted(Arc<Counters>, Which);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let c = match self.1 {
+            Which::Request => &self.0.in_flight,
+            Which::Connection => &self.0.connections,
+        };
+        c.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the server is doing with its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Serving,
+    /// Idle connections close after the drain's idle wait.
+    Draining,
+    /// Idle connections go to the successor.
+    Moving,
+}
+
+/// What every connection task shares.
+struct ConnCtx {
+    router: axum::Router,
+    counters: Arc<Counters>,
+    http: hyper::server::conn::http1::Builder,
+    mode: watch::Receiver<Mode>,
+    /// Advertised to clients; an idle connection closes a second later.
+    keep_alive: Duration,
+    /// How long a drain lets a connection sit idle.
+    drain_idle: Duration,
+    /// Where connections go once moving.
+    successor: OnceLock<Connections>,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DrainReport {
+    pub(crate) elapsed: Duration,
+    /// Requests still running at the drain timeout, cut when we exit.
+    pub(crate) cut_requests: usize,
+    /// Connections still open at the drain timeout.
+    pub(crate) cut_connections: usize,
+    /// Connections moved to the successor.
+    pub(crate) moved: usize,
+    /// Connections that were to move but were served here to the end.
+    pub(crate) fell_back: usize,
+}
+
+impl DrainReport {
+    pub(crate) fn timed_out(&self) -> bool {
+        self.cut_connections > 0 || self.cut_requests > 0
+    }
+}
+
+/// A running server: accept loops and connection tasks on the current
+/// runtime.
+pub(crate) struct Server {
+    counters: Arc<Counters>,
+    ctx: Arc<ConnCtx>,
+    slots: Arc<Semaphore>,
+    drain_timeout: Duration,
+    stop_accepting: watch::Sender<bool>,
+    mode: watch::Sender<Mode>,
+    /// Every accept loop and connection task holds a clone; when the last one
+    /// is dropped, `all_done` yields `None`.
+    done: Option<mpsc::Sender<()>>,
+    all_done: mpsc::Receiver<()>,
+    drain_started: Option<Instant>,
+}
+
+impl Server {
+    /// Starts one accept loop per socket. When this returns, every socket is
+    /// being accepted from: the moment to tell systemd `READY=1`.
+    pub(crate) fn start(
+        listeners: Vec<Listener>,
+        router: axum::Router,
+        counters: Arc<Counters>,
+        config: &Config,
+    ) -> io::Result<Self> {
+        let (stop_accepting, _) = watch::channel(false);
+        let (mode, mode_rx) = watch::channel(Mode::Serving);
+        let (done, all_done) = mpsc::channel(1);
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let ctx = Arc::new(ConnCtx {
+            router,
+            counters: counters.clone(),
+            http: {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(config.header_read_timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .keep_alive(true);
+                b
+            },
+            mode: mode_rx,
+            keep_alive: config.keep_alive(),
+            drain_idle: config.drain_idle(),
+            successor: OnceLock::new(),
+        });
+        for l in listeners {
+            let stop = stop_accepting.subscribe();
+            let (ctx, slots, done) = (ctx.clone(), slots.clone(), done.clone());
+            let l = match l.socket {
+                Socketish::Tcp(s) => AnyListener::Tcp(TcpListener::from_std(s)?),
+                Socketish::Unix(s) => AnyListener::Unix(UnixListener::from_std(s)?),
+            };
+            tokio::spawn(accept_loop(l, stop, slots, ctx, done));
+        }
+        Ok(Server {
+            counters,
+            ctx,
+            slots,
+            drain_timeout: config.drain_timeout,
+            stop_accepting,
+            mode,
+            done: Some(done),
+            all_done,
+            drain_started: None,
+        })
+    }
+
+    /// Serves the connections the previous generation moves to us, as if we
+    /// had accepted them (each takes a connection slot), until it closes the
+    /// channel or we stop accepting.
+    pub(crate) fn adopt(&self, channel: Connections) {
+        let Some(done) = self.done.clone() else {
+            return;
+        };
+        let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
+        let mut stop = self.stop_accepting.subscribe();
+        tokio::spawn(async move {
+            let mut adopted = 0usize;
+            loop {
+                let got = tokio::select! {
+                    r = channel.recv() => r,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                let received = match got {
+                    Ok(Some(Ok(r))) => r,
+                    Ok(None) => break,
+                    Ok(Some(Err(bad))) => {
+                        tracing::warn!(event = "connection_refused", reason = %bad,
+                            "a message on the connection channel {bad}; ignored");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "connection_channel_failed", error = %e,
+                            "the connection channel failed: {e}");
+                        break;
+                    }
+                };
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                match Stream::from_fd(received.kind, received.fd) {
+                    Ok(s) => {
+                        adopted += 1;
+                        spawn_conn(s, received.read_ahead, ctx.clone(), permit, done.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "connection_refused", error = %e,
+                            "cannot serve a moved connection: {e}");
+                    }
+                }
+            }
+            tracing::info!(
+                event = "connections_adopted",
+                connections = adopted,
+                "took {adopted} connections from the previous generation"
+            );
+        });
+    }
+
+    /// Starts a drain: from here on responses say `Connection: close`, the
+    /// generation reports itself leaving, and no connection is accepted.
+    pub(crate) fn begin_drain(&mut self) {
+        if self.drain_started.is_some() {
+            return;
+        }
+        // Order matters: responses say `Connection: close` before any
+        // connection can notice the drain.
+        self.counters.close_responses.store(true, Ordering::SeqCst);
+        self.leave(Mode::Draining);
+    }
+
+    /// Starts moving every connection to the successor on `channel`.
+    pub(crate) fn begin_move(&mut self, channel: Connections) {
+        if self.drain_started.is_some() {
+            return;
+        }
+        let _ = self.ctx.successor.set(channel);
+        self.leave(Mode::Moving);
+    }
+
+    fn leave(&mut self, mode: Mode) {
+        self.drain_started = Some(Instant::now());
+        self.counters.leaving.store(true, Ordering::SeqCst);
+        let _ = self.mode.send(mode);
+        let _ = self.stop_accepting.send(true);
+        drop(self.done.take());
+    }
+
+    /// How many connections moved and fell back so far.
+    pub(crate) fn moves(&self) -> (usize, usize) {
+        (
+            self.counters.moved.load(Ordering::SeqCst),
+            self.counters.fell_back.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Waits, within the drain timeout, until every connection has closed or
+    /// moved.
+    pub(crate) async fn finish_drain(&mut self) -> DrainReport {
+        self.begin_drain();
+        let started = self.drain_started.unwrap_or_else(Instant::now);
+        let left = self.drain_timeout.saturating_sub(started.elapsed());
+        let finished = tokio::time::timeout(left, self.all_done.recv())
+            .await
+            .is_ok();
+        let (cut_requests, cut_connections) = if finished {
+            (0, 0)
+        } else {
+            (self.counters.in_flight(), self.counters.connections())
+        };
+        let (moved, fell_back) = self.moves();
+        DrainReport {
+            elapsed: started.elapsed(),
+            cut_requests,
+            cut_connections,
+            moved,
+            fell_back,
+        }
+    }
+}
+
+/// A listening socket of either kind, so one accept loop serves both.
+enum AnyListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl AnyListener {
+    async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            AnyListener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                // Small responses; don't wait for Nagle.
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            AnyListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: AnyListener,
+    mut stop: watch::Receiver<bool>,
+    slots: Arc<Semaphore>,
+    ctx: Arc<ConnCtx>,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        // Wait for a free slot before accepting: over the cap, connections
+        // wait in the kernel's queue rather than being accepted and dropped.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok(s) => spawn_conn(s, Vec::new(), ctx.clone(), permit, done.clone()),
+            Err(e) => {
+                // Out of fds or memory, or a connection reset before we took
+                // it: keep serving the others, and don't spin.
+                tracing::warn!(event = "accept_error", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // Dropping `listener` here closes this process's descriptor; a successor
+    // that shares the socket keeps it open and keeps accepting.
+}
+
+fn spawn_conn(
+    stream: Stream,
+    read_ahead: Vec<u8>,
+    ctx: Arc<ConnCtx>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    done: mpsc::Sender<()>,
+) {
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _done = done;
+        let _counted = ctx.counters.connection_opened();
+        let counter = match conn::serve(stream, read_ahead, &ctx).await {
+            conn::Ended::Closed => return,
+            conn::Ended::Moved => &ctx.counters.moved,
+            conn::Ended::FellBack => &ctx.counters.fell_back,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_down_on_drop() {
+        let c = Arc::new(Counters::default());
+        let a = c.request_started();
+        let b = c.connection_opened();
+        assert_eq!((c.in_flight(), c.connections()), (1, 1));
+        drop(a);
+        drop(b);
+        assert_eq!((c.in_flight(), c.connections()), (0, 0));
+    }
+}
