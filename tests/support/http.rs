@@ -52,6 +52,11 @@ impl Conn {
         })
     }
 
+    /// The client side's address: the same while the connection lives.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().unwrap()
+    }
+
     /// Sends one GET and reads the answer.
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         if self.closed {

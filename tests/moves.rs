@@ -1,0 +1,274 @@
+//! A reload closes no connection: idle keep-alive connections move to the
+//! new process, fd and unread bytes together, and the client notices
+//! nothing but the new PID in the body. With the real binary, no systemd.
+
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/proc.rs"]
+mod proc;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use proc::{Reaper, WAIT};
+
+/// Reloads `pid` with the helper; returns the new PID and the helper's line.
+fn reload(pid: u32) -> (u32, String) {
+    let (code, out, err) = proc::reload(&["--pid", &pid.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let line = out.trim().to_string();
+    let new = line
+        .strip_prefix(&format!("reloaded: {pid} -> "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"));
+    (new, line)
+}
+
+fn health_generation(c: &mut http::Conn) -> u64 {
+    let r = c.get("/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn idle_keepalive_connections_are_answered_by_the_new_process_on_the_same_socket() {
+    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let reaper = Reaper::default();
+    let mut conns: Vec<http::Conn> = (0..20)
+        .map(|_| http::Conn::open(addr, WAIT).unwrap())
+        .collect();
+    let locals: Vec<SocketAddr> = conns.iter().map(|c| c.local_addr()).collect();
+    for c in &mut conns {
+        let r = c.get("/").unwrap();
+        assert_eq!((r.status, r.pid()), (200, Some(old.pid)));
+        assert!(!r.close);
+    }
+    let (new, line) = reload(old.pid);
+    reaper.watch(new);
+    assert!(
+        line.contains("; 20 connections moved, 0 fell back; old process done"),
+        "{line}"
+    );
+    for (c, local) in conns.iter_mut().zip(&locals) {
+        let r = c.get("/").unwrap();
+        assert_eq!((r.status, r.pid()), (200, Some(new)), "{local}");
+        assert!(!r.close, "a moved connection stays open");
+        assert_eq!(&c.local_addr(), local, "the same client socket");
+        assert_eq!(c.served, 2);
+    }
+}
+
+#[test]
+fn with_only_idle_connections_the_old_process_is_gone_within_a_second() {
+    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let reaper = Reaper::default();
+    let mut conns: Vec<http::Conn> = (0..10)
+        .map(|_| http::Conn::open(addr, WAIT).unwrap())
+        .collect();
+    for c in &mut conns {
+        assert_eq!(c.get("/").unwrap().status, 200);
+    }
+    let (new, _) = reload(old.pid);
+    reaper.watch(new);
+    let t = Instant::now();
+    proc::wait_gone(old.pid, Duration::from_secs(1));
+    eprintln!(
+        "old process gone {:?} after the helper returned",
+        t.elapsed()
+    );
+}
+
+/// Writes raw bytes on a connection and reads `n` responses in order.
+fn read_responses(s: &mut BufReader<TcpStream>, n: usize) -> Vec<(u16, String)> {
+    (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            s.read_line(&mut line).unwrap();
+            let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+            let mut len = 0;
+            loop {
+                line.clear();
+                s.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).unwrap();
+            (status, String::from_utf8(body).unwrap())
+        })
+        .collect()
+}
+
+fn raw(addr: SocketAddr) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    BufReader::new(s)
+}
+
+#[test]
+fn a_request_head_split_across_the_handover_is_answered() {
+    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let reaper = Reaper::default();
+    // One connection finishes its head after the handover, one while it
+    // runs; each had a request answered first, so both are keep-alive
+    // connections between requests when the old process lets go.
+    let mut after = raw(addr);
+    let mut during = raw(addr);
+    for s in [&mut after, &mut during] {
+        s.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_responses(s, 1)[0].0, 200);
+        s.get_mut()
+            .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .unwrap();
+    }
+    let helper = std::thread::spawn(move || reload(old.pid));
+    during.get_mut().write_all(b"st: t\r\n").unwrap();
+    let (new, _) = helper.join().unwrap();
+    reaper.watch(new);
+    during.get_mut().write_all(b"\r\n").unwrap();
+    after.get_mut().write_all(b"st: t\r\n\r\n").unwrap();
+    for s in [&mut after, &mut during] {
+        let (status, body) = read_responses(s, 1).remove(0);
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("\"generation\":1") || body.contains(&format!("\"pid\":{}", old.pid)),
+            "{body}"
+        );
+    }
+    // Both are the new process's now.
+    for s in [&mut after, &mut during] {
+        s.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let (_, body) = read_responses(s, 1).remove(0);
+        assert_eq!(body.trim(), format!("OK. Handled by PID: {new}"));
+    }
+}
+
+#[test]
+fn pipelined_requests_across_the_handover_are_answered_in_order() {
+    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let reaper = Reaper::default();
+    let mut s = raw(addr);
+    s.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    read_responses(&mut s, 1);
+    let helper = std::thread::spawn(move || reload(old.pid));
+    // Bursts of pipelined requests, alternating two paths so the order of
+    // the answers shows, written while the handover runs and after.
+    let mut sent = Vec::new();
+    let mut w = s.get_ref().try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for burst in 0..20 {
+            let mut bytes = Vec::new();
+            for i in 0..5 {
+                let path = if (burst + i) % 2 == 0 {
+                    "/"
+                } else {
+                    "/healthz"
+                };
+                bytes.extend_from_slice(
+                    format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+                );
+                sent.push(path);
+            }
+            w.write_all(&bytes).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sent
+    });
+    let (new, _) = helper.join().unwrap();
+    reaper.watch(new);
+    let sent = writer.join().unwrap();
+    let got = read_responses(&mut s, sent.len());
+    let mut pids = std::collections::BTreeSet::new();
+    for (i, (path, (status, body))) in sent.iter().zip(&got).enumerate() {
+        assert_eq!(*status, 200, "request {i}");
+        if *path == "/" {
+            let pid = body.trim().strip_prefix("OK. Handled by PID: ");
+            assert!(pid.is_some(), "request {i} to / answered {body:?}");
+            pids.insert(pid.unwrap().to_string());
+        } else {
+            assert!(
+                body.starts_with('{'),
+                "request {i} to /healthz answered {body:?}"
+            );
+        }
+    }
+    assert!(
+        pids.contains(&new.to_string()),
+        "the new process answered some: {pids:?}"
+    );
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
+    let notify = proc::Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(proc::BIN.as_ref(), addr, &notify);
+    cmd.args(["--upgrade-probation-ms", "0"]);
+    let p = proc::Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = Reaper::default();
+    let mut conns: Vec<http::Conn> = (0..50)
+        .map(|_| http::Conn::open(addr, WAIT).unwrap())
+        .collect();
+    let mut pid = p.pid;
+    let (mut fd_seen, mut rss_seen) = (Vec::new(), Vec::new());
+    for round in 0..100 {
+        for c in &mut conns {
+            let r = c.get("/").unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!((r.status, r.pid()), (200, Some(pid)), "round {round}");
+        }
+        fd_seen.push(fds(pid));
+        rss_seen.push(rss_kb(pid));
+        let (new, line) = reload(pid);
+        reaper.watch(new);
+        assert!(
+            line.contains("; 50 connections moved, 0 fell back"),
+            "round {round}: {line}"
+        );
+        proc::wait_gone(pid, WAIT);
+        pid = new;
+    }
+    assert_eq!(health_generation(&mut conns[0]), 100);
+    let (fmin, fmax) = (fd_seen.iter().min().unwrap(), fd_seen.iter().max().unwrap());
+    let (rmin, rmax) = (
+        rss_seen.iter().min().unwrap(),
+        rss_seen.iter().max().unwrap(),
+    );
+    eprintln!("100 reloads, 50 moving connections: fds {fmin}..{fmax}, RSS {rmin}..{rmax} kB");
+    assert!(fmax - fmin <= 2, "fds grew: {fd_seen:?}");
+    assert!(
+        *rmax < rmin * 2 && *rmax < 64 * 1024,
+        "RSS grew: {rss_seen:?}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    proc::wait_gone(pid, WAIT);
+}
