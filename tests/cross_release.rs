@@ -1,0 +1,186 @@
+//! Reloads across releases: from the previous release (`.ci/previous-release`
+//! builds it from a pinned commit) to the binary under test, and back, under
+//! keep-alive and new-connection load, zero failed requests. What each
+//! direction falls back to is asserted too: the newer side never asks the
+//! older one for what it does not know.
+
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/proc.rs"]
+mod proc;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use http::{Load, Mode};
+use proc::{Reaper, WAIT};
+
+/// The previous release's binary, built once (and cached) by
+/// `.ci/previous-release`; `None` (printed, or a failure under CI) when it
+/// cannot be built here.
+fn previous() -> Option<&'static Path> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/previous-release");
+        let out = Command::new("bash").arg(&script).output();
+        match out {
+            Ok(o) if o.status.success() => {
+                Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+            }
+            other => {
+                let why = match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+                assert!(!ci, "cannot build the previous release under CI: {why}");
+                eprintln!("SKIPPED cross-release tests: cannot build the previous release: {why}");
+                None
+            }
+        }
+    })
+    .as_deref()
+}
+
+/// Copies `from` to `dir/pid-server` (atomically: a running process may
+/// have it open), so a reload starts that binary.
+fn install(from: &Path, dir: &Path) -> PathBuf {
+    let dst = dir.join("pid-server");
+    let tmp = dir.join("pid-server.new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, &dst).unwrap();
+    dst
+}
+
+fn helper(bin: &Path, pid: u32) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(["reload", "--pid", &pid.to_string()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn new_pid(line: &str, old: u32) -> u32 {
+    line.strip_prefix(&format!("reloaded: {old} -> "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"))
+}
+
+/// Starts `from`, reloads it to `to` under load with `helper_bin`'s
+/// helper, checks every request succeeded, and returns the helper's line
+/// and the new process's log.
+fn reload_across(
+    from: &Path,
+    to: &Path,
+    helper_bin: &Path,
+    extra: &[&str],
+) -> (String, proc::Proc, Reaper) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(from, dir.path());
+    let notify = proc::Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    cmd.args(extra);
+    let old = proc::Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = Reaper::default();
+    // Paced, so the load spans the handover whatever the binaries' speed.
+    let pace = Duration::from_millis(2);
+    let max = Duration::from_secs(20);
+    let ka = Load::paced(addr, "/", 2, Mode::KeepAlive, 1500, max, pace);
+    let nc = Load::paced(addr, "/", 1, Mode::NewConnection, 500, max, pace);
+    let mut idle: Vec<http::Conn> = (0..10)
+        .map(|_| http::Conn::open(addr, WAIT).unwrap())
+        .collect();
+    for c in &mut idle {
+        assert_eq!(c.get("/").unwrap().pid(), Some(old.pid));
+    }
+    // Let the load reach the old process first.
+    let deadline = Instant::now() + WAIT;
+    while http::get(addr, "/healthz").is_err() {
+        assert!(Instant::now() < deadline);
+    }
+    install(to, dir.path());
+    let (code, line, err) = helper(helper_bin, old.pid);
+    assert_eq!(code, 0, "{err}\n{}", old.log());
+    let new = new_pid(&line, old.pid);
+    reaper.watch(new);
+    // The kept connections: moved (same socket, new PID) or drained (the
+    // old process answers with `Connection: close`, then a new
+    // connection goes to the new process); never a failure.
+    for c in &mut idle {
+        let r = c.get("/").unwrap();
+        assert_eq!(r.status, 200);
+        if r.close {
+            assert_eq!(r.pid(), Some(old.pid));
+            *c = http::Conn::open(addr, WAIT).unwrap();
+            assert_eq!(c.get("/").unwrap().pid(), Some(new));
+        } else {
+            assert_eq!(r.pid(), Some(new));
+        }
+    }
+    let (ka, nc) = (ka.join(), nc.join());
+    for (name, t) in [("keep-alive", &ka), ("new-connection", &nc)] {
+        eprintln!("{name}: {}", t.summary());
+        assert_eq!(t.failed(), 0, "{name}: {}\n{}", t.summary(), old.log());
+        assert!(
+            t.by_pid.contains_key(&new),
+            "{name}: the new process answered none"
+        );
+    }
+    proc::wait_gone(old.pid, WAIT);
+    let log = old.log();
+    drop(dir);
+    (line + "\n" + &log, old, reaper)
+}
+
+#[test]
+fn previous_release_to_this_one_drains_then_this_one_moves() {
+    let Some(prev) = previous() else { return };
+    let this = Path::new(proc::BIN);
+    // The previous release is the old process: it knows no protocol but 1,
+    // so it drains; its idle grace must outlast a pause, as it always had
+    // to for such clients.
+    let (out, _old, _r) = reload_across(prev, this, this, &["--idle-grace-ms", "5000"]);
+    let line = out.lines().next().unwrap();
+    // A server of the first release sends no connection report.
+    assert!(!line.contains("moved"), "{line}");
+}
+
+#[test]
+fn this_release_to_the_previous_one_drains_instead_of_moving() {
+    let Some(prev) = previous() else { return };
+    let this = Path::new(proc::BIN);
+    let (out, _old, _r) = reload_across(this, prev, this, &[]);
+    let line = out.lines().next().unwrap();
+    assert!(
+        line.contains("; 0 connections moved, 0 fell back"),
+        "{line}"
+    );
+    assert!(
+        out.contains("predates moving connections (handover protocol 1)"),
+        "the journal says why it drained:\n{out}"
+    );
+}
+
+#[test]
+fn the_previous_release_s_helper_reloads_this_release() {
+    // After a package upgrade the unit's ExecReload= helper is still the
+    // copy of the release it started with.
+    let Some(prev) = previous() else { return };
+    let this = Path::new(proc::BIN);
+    let (out, _old, _r) = reload_across(this, this, prev, &[]);
+    let line = out.lines().next().unwrap();
+    assert!(line.starts_with("reloaded: "), "{line}");
+    assert!(
+        !line.contains("moved"),
+        "the old helper prints its own line: {line}"
+    );
+}
