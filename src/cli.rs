@@ -19,6 +19,26 @@ pub fn config() -> Config {
     Config::new("pid-server")
 }
 
+/// One error line for `serve`, and its exit code.
+pub fn fail(msg: &str, code: u8) -> ExitCode {
+    eprintln!("pid-server: error: {msg}");
+    ExitCode::from(code)
+}
+
+/// A helper's outcome: its error on stderr, its exit code.
+pub fn helper_exit(
+    verb: &str,
+    outcome: Result<(), axum_handover::helper::HelperError>,
+) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pid-server {verb}: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 /// Parses the command line. A bad one is one line on stderr and exit 64
 /// (`--help` and `--version` print and exit 0).
 pub fn parse() -> Result<Cli, ExitCode> {

@@ -18,11 +18,11 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Some(Command::Reload(a)) => report(
-            "reload",
-            helper::reload(&cli::config(), a.pid, a.timeout).map(|r| println!("{r}")),
-        ),
-        Some(Command::Stop(a)) => report("stop", helper::stop(a.pid, a.timeout)),
+        Some(Command::Reload(a)) => {
+            let reloaded = helper::reload(&cli::config(), a.pid, a.timeout);
+            cli::helper_exit("reload", reloaded.map(|r| println!("{r}")))
+        }
+        Some(Command::Stop(a)) => cli::helper_exit("stop", helper::stop(a.pid, a.timeout)),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
 fn serve(args: &ServeArgs) -> ExitCode {
     let generation = match Generation::take(&args.config(), &args.listen) {
         Ok(g) => g,
-        Err(e) => return fail(&e.to_string(), e.exit_code()),
+        Err(e) => return cli::fail(&e.to_string(), e.exit_code()),
     };
     logging::init(std::process::id(), generation.number());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -39,26 +39,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
         .build()
     {
         Ok(r) => r,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+        Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
     };
     let router = app::router(generation.info());
     let ended = runtime.block_on(generation.serve(router, ()));
     // Do not wait for blocked tasks (a cut /slow request) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     ExitCode::from(ended.exit_code())
-}
-
-fn fail(msg: &str, code: u8) -> ExitCode {
-    eprintln!("pid-server: error: {msg}");
-    ExitCode::from(code)
-}
-
-fn report(verb: &str, outcome: Result<(), helper::HelperError>) -> ExitCode {
-    outcome.map_or_else(
-        |e| {
-            eprintln!("pid-server {verb}: error: {e}");
-            ExitCode::from(e.exit_code())
-        },
-        |()| ExitCode::SUCCESS,
-    )
 }
