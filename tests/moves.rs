@@ -272,3 +272,77 @@ fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
     );
     proc::wait_gone(pid, WAIT);
 }
+
+#[test]
+fn a_successor_that_dies_right_after_taking_over_loses_only_what_it_held() {
+    let (old, notify, addr) = proc::start(proc::BIN.as_ref());
+    let reaper = Reaper::default();
+    let mut idle: Vec<http::Conn> = (0..5)
+        .map(|_| http::Conn::open(addr, WAIT).unwrap())
+        .collect();
+    for c in &mut idle {
+        assert_eq!(c.get("/").unwrap().pid(), Some(old.pid));
+    }
+    // A long request in the old process: its connection can move only once
+    // the response is written.
+    let mut busy = http::Conn::open(addr, WAIT).unwrap();
+    let slow = std::thread::spawn(move || {
+        let r = busy.get("/slow?ms=1500");
+        (busy, r)
+    });
+    let deadline = Instant::now() + WAIT;
+    while proc_in_flight(addr) < 2 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+    }
+    old.signal(nix::sys::signal::Signal::SIGUSR2);
+    let takeover = notify.wait_for("MAINPID= of the new process", |m| {
+        m.contains("MAINPID=") && !m.contains(&format!("MAINPID={}", old.pid))
+    });
+    let new: u32 = takeover
+        .split('\n')
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    reaper.watch(new);
+    // The idle connections move as soon as the new process says `owner`,
+    // a moment after MAINPID=: then the new process answers them.
+    let deadline = Instant::now() + WAIT;
+    while idle[0].get("/").unwrap().pid() != Some(new) {
+        assert!(Instant::now() < deadline, "the connection never moved");
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    proc::wait_gone(new, WAIT);
+    // What it held is lost ...
+    assert!(
+        idle[1].get("/").is_err(),
+        "a connection the dead process held"
+    );
+    // ... and nothing else: the request in the old process is answered, and
+    // its connection, which cannot move now, is served there to the end.
+    let (mut busy, r) = slow.join().unwrap();
+    let r = r.unwrap();
+    assert_eq!((r.status, r.pid()), (200, Some(old.pid)));
+    let next = busy.get("/").unwrap();
+    assert_eq!((next.status, next.pid()), (200, Some(old.pid)));
+    assert!(
+        next.close,
+        "a connection that fell back closes after its next response"
+    );
+    proc::wait_gone(old.pid, WAIT);
+    let log = old.log();
+    assert!(
+        log.contains("cannot move a connection to the new process"),
+        "{log}"
+    );
+    assert!(log.contains("fell back"), "{log}");
+}
+
+/// `in_flight` from /healthz on a new connection (which counts itself).
+fn proc_in_flight(addr: SocketAddr) -> u64 {
+    let r = http::get(addr, "/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["in_flight"].as_u64().unwrap()
+}
