@@ -454,3 +454,14 @@ fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
             .any(|m| m.contains(&format!("MAINPID={new}")))
     );
 }
+
+#[test]
+fn fault_new_binary_cannot_start_and_says_why() {
+    // A successor whose start-up fails tells the old process why over the
+    // handover channel; the helper prints that, not only an exit status.
+    let script = format!("#!/bin/sh\nLISTEN_FDNAMES=a:b exec {} \"$@\"\n", proc::BIN);
+    broken_release(
+        Some(&script),
+        "could not start: LISTEN_FDNAMES has 2 names for 1 sockets",
+    );
+}

@@ -36,6 +36,16 @@ use crate::server::{Counters, DrainReport, Server};
 use crate::signals::{self, Event, Signals, Stop, Trigger};
 use crate::{Config, env::Var};
 
+/// Tells the previous generation, when one started this process, why this
+/// one cannot start, so that the reload fails with that reason (the helper
+/// prints it) rather than with an exit status. For an app that checks
+/// something of its own before [`Generation::take`] (its configuration
+/// file, say); `take` and [`Hooks::check_ready`] failures are reported by
+/// the library. Then exit non-zero.
+pub fn refuse_start(config: &Config, reason: &str) {
+    join::refuse(config, reason);
+}
+
 /// Why a generation could not start, before it serves: one line to print.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -200,6 +210,10 @@ impl Generation {
     /// generation acts on. Call from `main` while the process still has one
     /// thread: it reads fds 3.. and the environment.
     pub fn take(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
+        Self::take_inner(config, listen).inspect_err(|e| join::refuse(config, &e.to_string()))
+    }
+
+    fn take_inner(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
         let number = join::generation_from_env(config).map_err(StartError::Usage)?;
         let (listeners, warning) = listeners::take_or_bind(listen, &config.var(Var::SocketOrigin))?;
         // After the sockets: the channels sit right above them.
@@ -300,6 +314,29 @@ impl Running {
     /// Starts serving the sockets: accept loops, signal handlers, control
     /// socket. Nothing is said to systemd yet.
     fn start(
+        mut g: Generation,
+        router: axum::Router,
+        hooks: Box<dyn Hooks>,
+    ) -> Result<Running, String> {
+        // A successor that cannot start tells the old process why, over the
+        // channel, before it is closed.
+        let inherited = g.inherited.take();
+        let config = g.config.clone();
+        match Self::start_inner(g, router, hooks) {
+            Ok(mut r) => {
+                r.inherited = inherited;
+                Ok(r)
+            }
+            Err(why) => {
+                if inherited.is_some() {
+                    join::refuse(&config, &why);
+                }
+                Err(why)
+            }
+        }
+    }
+
+    fn start_inner(
         g: Generation,
         router: axum::Router,
         hooks: Box<dyn Hooks>,

@@ -94,7 +94,7 @@ mod signals;
 
 pub use config::Config;
 pub use control::Report;
-pub use generation::{Ended, Generation, Hooks, Info, StartError, Status};
+pub use generation::{Ended, Generation, Hooks, Info, StartError, Status, refuse_start};
 pub use listeners::{ListenAddr, ListenError};
 
 /// The parsers of outside input, for fuzzing; not a stable API.

@@ -102,6 +102,18 @@ impl Ready {
     }
 }
 
+/// The line a protocol-2 child sends instead of `ready` when it cannot
+/// start (a configuration it cannot load, a socket it cannot use), before
+/// it exits: `failed <reason>`.
+pub(crate) fn failed_line(reason: &str) -> String {
+    format!("failed {}\n", reason.replace('\n', " "))
+}
+
+/// The reason in a `failed` line.
+pub(crate) fn failed_reason(line: &str) -> Option<&str> {
+    line.strip_prefix("failed ").filter(|r| !r.is_empty())
+}
+
 /// The kind of a moved connection's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -307,11 +319,21 @@ pub fn fuzz_one(data: &[u8]) {
         return;
     };
     if pick & 1 == 0 {
-        // The new process's `ready` line, as the old one reads it.
-        if let Some(r) = std::str::from_utf8(rest).ok().and_then(Ready::parse) {
-            let line = Ready::line(Some(r.protocol.max(2)), &r.features);
-            let again = Ready::parse(line.trim_end()).expect("a printed ready line parses");
+        // The new process's `ready` or `failed` line, as the old one reads it.
+        let Ok(line) = std::str::from_utf8(rest) else {
+            return;
+        };
+        if let Some(r) = Ready::parse(line) {
+            let printed = Ready::line(Some(r.protocol.max(2)), &r.features);
+            let again = Ready::parse(printed.trim_end()).expect("a printed ready line parses");
             assert_eq!(again.features, r.features);
+        }
+        if let Some(reason) = failed_reason(line) {
+            let printed = failed_line(reason);
+            assert_eq!(
+                failed_reason(printed.trim_end()),
+                Some(reason.replace('\n', " ").as_str())
+            );
         }
         return;
     }
@@ -360,6 +382,13 @@ mod tests {
         for bad in ["", "readyx", "ready x", "ready 1", "ready 0", "owner"] {
             assert_eq!(Ready::parse(bad), None, "{bad:?}");
         }
+        let f = failed_line("/etc/x.toml:3: unknown key `y`\nmore");
+        assert_eq!(f, "failed /etc/x.toml:3: unknown key `y` more\n");
+        assert_eq!(
+            failed_reason(f.trim_end()),
+            Some("/etc/x.toml:3: unknown key `y` more")
+        );
+        assert_eq!(failed_reason("failed "), None);
     }
 
     #[test]

@@ -73,6 +73,36 @@ fn take_fd(var: &str) -> Result<Option<OwnedFd>, String> {
     Ok(Some(owned))
 }
 
+/// Tells the parent generation, when one started this process and speaks
+/// protocol 2, why this one cannot start; the parent then fails the reload
+/// with that reason instead of an exit status. Best effort, never blocks.
+pub(crate) fn refuse(config: &Config, reason: &str) {
+    let protocol = std::env::var(config.var(Var::Protocol))
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok());
+    if protocol.unwrap_or(1) < 2 {
+        // A protocol-1 parent reads `ready` or nothing.
+        return;
+    }
+    let Some(fd) = std::env::var(config.var(Var::HandoverFd))
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+        .filter(|fd| *fd > 2)
+    else {
+        return;
+    };
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return;
+    }
+    // SAFETY: the fd is open (checked above) and is the handover channel
+    // the parent placed for us; it is only borrowed for this one write and
+    // stays owned by whoever owns it (or by no one, before it is taken).
+    let channel = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let line = super::channel::failed_line(reason);
+    let _ = nix::unistd::write(channel, line.as_bytes());
+}
+
 /// The new process's side of the handshake.
 pub(crate) struct Successor {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,

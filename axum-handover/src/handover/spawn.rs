@@ -72,6 +72,8 @@ pub(crate) enum Failure {
     ChannelClosed { pid: u32 },
     #[error("new process {pid} did not take over: {why}")]
     NoTakeover { pid: u32, why: String },
+    #[error("new process {pid} could not start: {reason}")]
+    Refused { pid: u32, reason: String },
     #[error("the reload was cancelled: the old process is stopping")]
     Cancelled,
 }
@@ -210,6 +212,12 @@ async fn handshake(
         biased;
         l = lines.next_line() => match l {
             Ok(Some(l)) if Ready::parse(&l).is_some() => Ok(Ready::parse(&l).expect("parsed")),
+            // A protocol-2 child that cannot start says why, then exits.
+            Ok(Some(l)) if channel::failed_reason(&l).is_some() => {
+                let reason = channel::failed_reason(&l).expect("parsed").to_string();
+                let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+                Err(Failure::Refused { pid, reason })
+            }
             // EOF or junk: the child is gone or is not a pid-server.
             // Prefer its exit status as the reason when it comes quickly.
             _ => Err(match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
