@@ -465,3 +465,62 @@ fn fault_new_binary_cannot_start_and_says_why() {
         "could not start: LISTEN_FDNAMES has 2 names for 1 sockets",
     );
 }
+
+/// One variable of a running process, from `/proc/PID/environ`.
+fn environ_var(pid: u32, key: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{key}=")).map(str::to_string)
+    })
+}
+
+#[test]
+fn the_next_generation_gets_the_environment_of_a_helper_from_its_own_unit() {
+    // What `systemctl edit` (a new Environment=) then `systemctl reload`
+    // does: systemd starts the helper with the unit's current environment
+    // and the same INVOCATION_ID as the main process.
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(proc::BIN.as_ref(), addr, &notify);
+    cmd.env("INVOCATION_ID", "0123abcd")
+        .env("DEMO_SETTING", "old");
+    let old = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = Reaper::default();
+    let helper = |invocation: &str, value: &str| {
+        let out = std::process::Command::new(proc::BIN)
+            .args(["reload", "--pid"])
+            .arg(proc::health_pid(addr).to_string())
+            .env("INVOCATION_ID", invocation)
+            .env("DEMO_SETTING", value)
+            .env("DEMO_ADDED", "yes")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_reloaded(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    // A helper of this very invocation: its environment goes to the child.
+    let (_, first, ..) = helper("0123abcd", "new");
+    reaper.watch(first);
+    assert_eq!(environ_var(first, "DEMO_SETTING").as_deref(), Some("new"));
+    assert_eq!(environ_var(first, "DEMO_ADDED").as_deref(), Some("yes"));
+    // The per-process ones stay the server's own.
+    assert_eq!(
+        environ_var(first, "NOTIFY_SOCKET").map(std::path::PathBuf::from),
+        Some(notify.path.clone())
+    );
+    assert_eq!(environ_var(first, "MAINPID"), None);
+    // A helper from elsewhere (a shell, another unit) changes nothing.
+    let (_, second, ..) = helper("ffff", "elsewhere");
+    reaper.watch(second);
+    assert_eq!(environ_var(second, "DEMO_SETTING").as_deref(), Some("new"));
+    assert!(
+        old.log()
+            .contains("the next generation gets the unit's current environment")
+    );
+}

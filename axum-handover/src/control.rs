@@ -19,6 +19,14 @@
 //! - helper: `upgrade`
 //! - server: `ok <old-pid> <new-pid> <generation> <millis>`, or
 //!   `failed <reason>`, or `refused <reason>`.
+//! - after `upgrade`, in the same write, a helper that systemd started
+//!   (`ExecReload=`, with the unit's current environment) may send
+//!   `environment <n>` and `n` lines `KEY=VALUE` (`%`, CR and LF
+//!   percent-escaped). A server of the first release reads the first line
+//!   only and ignores the rest; a later one starts the next generation with
+//!   that environment when the helper belongs to its own unit invocation
+//!   (the same `INVOCATION_ID`), so `systemctl edit` then `systemctl
+//!   reload` applies a changed `Environment=`.
 //! - after `ok`, a second line once the old process has let go of its
 //!   connections (or after a bound): `moved <moved> <fell-back> <busy>
 //!   <millis>`. A helper of the first release reads the first line only,
@@ -152,7 +160,68 @@ impl Report {
 /// An `upgrade` request from a helper, with the connection to answer on.
 pub(crate) struct Request {
     answer_to: tokio::net::unix::OwnedWriteHalf,
+    /// The helper's environment, when it sent one.
+    pub(crate) environment: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
+
+/// One variable as sent: `KEY=VALUE`, escaped.
+fn escape(kv: &[u8]) -> String {
+    let mut out = String::with_capacity(kv.len());
+    for &b in kv {
+        match b {
+            b'%' | b'\n' | b'\r' => out.push_str(&format!("%{b:02X}")),
+            // Non-UTF-8 bytes too, so the line is text.
+            0x80.. => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(b as char),
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The environment block a helper sends after `upgrade`.
+pub(crate) fn environment_block(vars: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> String {
+    let lines: Vec<String> = vars
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push(b'=');
+            kv.extend_from_slice(&v);
+            escape(&kv)
+        })
+        .collect();
+    let mut out = format!("environment {}\n", lines.len());
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses one escaped `KEY=VALUE` line.
+pub(crate) fn parse_variable(line: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let kv = unescape(line)?;
+    let eq = kv.iter().position(|b| *b == b'=').filter(|i| *i > 0)?;
+    Some((kv[..eq].to_vec(), kv[eq + 1..].to_vec()))
+}
+
+/// The most variables a helper may send.
+const MAX_VARIABLES: usize = 4096;
 
 impl Request {
     /// Writes the answer (bounded), so it is out before the process goes on
@@ -263,12 +332,26 @@ async fn handle(
     tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line))
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    // A helper of this release sends its environment in the same write; an
+    // older one sends nothing more, so wait only for what is already here.
+    let environment = if read.buffer().is_empty() {
+        None
+    } else {
+        tokio::time::timeout(Duration::from_secs(1), read_environment(&mut read))
+            .await
+            .ok()
+            .flatten()
+    };
     let refusal = if !allowed {
         Answer::Refused("permission denied: not the server's user or root".into())
     } else if line.trim() != "upgrade" {
         Answer::Refused(format!("unknown request {:?}", line.trim()))
     } else {
-        match requests.send(Request { answer_to: write }).await {
+        let req = Request {
+            answer_to: write,
+            environment,
+        };
+        match requests.send(req).await {
             Ok(()) => return Ok(()),
             Err(mpsc::error::SendError(req)) => {
                 write = req.answer_to;
@@ -277,6 +360,25 @@ async fn handle(
         }
     };
     write.write_all(refusal.to_line().as_bytes()).await
+}
+
+/// Reads `environment <n>` and its `n` lines; `None` for anything else.
+async fn read_environment(
+    read: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut line = String::new();
+    read.read_line(&mut line).await.ok()?;
+    let n: usize = line.trim_end().strip_prefix("environment ")?.parse().ok()?;
+    if n > MAX_VARIABLES {
+        return None;
+    }
+    let mut vars = Vec::with_capacity(n);
+    for _ in 0..n {
+        line.clear();
+        read.read_line(&mut line).await.ok()?;
+        vars.push(parse_variable(line.trim_end_matches('\n'))?);
+    }
+    Some(vars)
 }
 
 /// Why the helper could not get an answer.
@@ -309,6 +411,7 @@ pub(crate) fn ask_upgrade(
     pid: u32,
     path: Option<&Path>,
     timeout: Duration,
+    environment: Option<String>,
 ) -> Result<(Answer, Option<Report>), AskError> {
     let io_err = |source| AskError::Io { pid, source };
     let stream = match path.filter(|p| p.exists()) {
@@ -321,7 +424,10 @@ pub(crate) fn ask_upgrade(
         source,
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    (&stream).write_all(b"upgrade\n").map_err(io_err)?;
+    // One write, so the server finds the environment with the request.
+    let mut request = String::from("upgrade\n");
+    request.push_str(environment.as_deref().unwrap_or(""));
+    (&stream).write_all(request.as_bytes()).map_err(io_err)?;
     let mut read = BufReader::new(&stream);
     let mut line = String::new();
     match read.read_line(&mut line) {
@@ -390,6 +496,23 @@ mod tests {
         };
         assert_eq!(Report::parse(&r.to_line()), Some(r));
         assert_eq!(Report::parse("moved 1 2 3"), None);
+        let block = environment_block(
+            [
+                (b"A".to_vec(), b"x=y%\nz".to_vec()),
+                (b"B".to_vec(), vec![0xff]),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(block, "environment 2\nA=x=y%25%0Az\nB=%FF\n");
+        let vars: Vec<_> = block
+            .lines()
+            .skip(1)
+            .map(|l| parse_variable(l).unwrap())
+            .collect();
+        assert_eq!(vars[0], (b"A".to_vec(), b"x=y%\nz".to_vec()));
+        assert_eq!(vars[1], (b"B".to_vec(), vec![0xff]));
+        assert_eq!(parse_variable("=x"), None);
+        assert_eq!(parse_variable("A=%zz"), None);
     }
 
     #[tokio::test]
@@ -407,7 +530,7 @@ mod tests {
         });
         let p = path.clone();
         let got = tokio::task::spawn_blocking(move || {
-            ask_upgrade("pid-server", pid, Some(&p), Duration::from_secs(5))
+            ask_upgrade("pid-server", pid, Some(&p), Duration::from_secs(5), None)
         })
         .await
         .unwrap()
@@ -419,7 +542,7 @@ mod tests {
         // Dropping the listeners removes the socket file.
         assert!(!path.exists());
         assert!(matches!(
-            ask_upgrade("pid-server", pid - 1, None, Duration::from_secs(1)),
+            ask_upgrade("pid-server", pid - 1, None, Duration::from_secs(1), None),
             Err(AskError::NoServer { .. })
         ));
     }

@@ -552,7 +552,10 @@ impl Running {
                 self.plan.generation
             ));
         }
-        match spawn::spawn(&self.plan, &self.config) {
+        let environment = reply_to
+            .as_ref()
+            .and_then(|r| unit_environment(r, &self.config));
+        match spawn::spawn(&self.plan, &self.config, environment) {
             Ok(pending) => {
                 tracing::info!(event = "reload_started", trigger = %trigger, new_pid = pending.pid,
                     new_generation = pending.generation, exe = %self.plan.exe.display(),
@@ -769,6 +772,42 @@ impl Running {
             );
         }
     }
+}
+
+/// The environment the next generation gets: the reload helper's, when
+/// systemd started it for this very unit invocation (it then has the unit's
+/// current `Environment=` and `EnvironmentFile=`); otherwise `None`, and the
+/// next generation inherits ours. Logs the names that change, not values.
+fn unit_environment<'a>(
+    req: &'a control::Request,
+    config: &Config,
+) -> Option<&'a [(Vec<u8>, Vec<u8>)]> {
+    use std::os::unix::ffi::OsStrExt;
+    let vars = req.environment.as_deref()?;
+    let ours = std::env::var_os("INVOCATION_ID")?;
+    let theirs = vars.iter().find(|(k, _)| k == b"INVOCATION_ID")?;
+    if theirs.1 != ours.as_bytes() {
+        return None;
+    }
+    let ignored = |k: &[u8]| spawn::PER_PROCESS.contains(&k) || spawn::is_handover_var(config, k);
+    let mut changed: Vec<String> = vars
+        .iter()
+        .filter(|(k, _)| !ignored(k))
+        .filter(|(k, v)| {
+            std::env::var_os(std::ffi::OsStr::from_bytes(k)).is_none_or(|o| o.as_bytes() != v)
+        })
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    for (k, _) in std::env::vars_os() {
+        let k = k.as_bytes();
+        if !ignored(k) && !vars.iter().any(|(v, _)| v == k) {
+            changed.push(format!("-{}", String::from_utf8_lossy(k)));
+        }
+    }
+    tracing::info!(event = "reload_environment", variables = vars.len(), changed = %changed.join(" "),
+        "the next generation gets the unit's current environment ({} variables; changed: {})",
+        vars.len(), if changed.is_empty() { "none".to_string() } else { changed.join(" ") });
+    Some(vars)
 }
 
 /// The outcome of the reload under way; pending forever without one.

@@ -111,7 +111,13 @@ pub fn reload(
     // $MAINPID in /proc, but it shares the network namespace where the
     // control socket lives.
     let path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
-    match control::ask_upgrade(name, pid, path.as_deref(), timeout) {
+    // Started by systemd (ExecReload=), this process has the unit's current
+    // environment: the next generation should get it.
+    let environment = std::env::var_os("INVOCATION_ID").map(|_| {
+        use std::os::unix::ffi::OsStringExt;
+        control::environment_block(std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())))
+    });
+    match control::ask_upgrade(name, pid, path.as_deref(), timeout, environment) {
         Ok((
             Answer::Ok {
                 old_pid,

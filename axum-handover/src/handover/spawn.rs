@@ -112,9 +112,29 @@ impl Pending {
     }
 }
 
+/// Variables that belong to one process, not to the unit: from a reload
+/// helper's environment they are dropped, and the next generation gets
+/// ours (or the ones `spawn` sets).
+pub(crate) const PER_PROCESS: &[&[u8]] = &[
+    b"MAINPID",
+    b"SYSTEMD_EXEC_PID",
+    b"JOURNAL_STREAM",
+    b"NOTIFY_SOCKET",
+    b"WATCHDOG_USEC",
+    b"WATCHDOG_PID",
+    b"LISTEN_FDS",
+    b"LISTEN_PID",
+    b"LISTEN_FDNAMES",
+];
+
 /// Starts the next generation. Its stdout and stderr are ours (the same
-/// journal stream under systemd).
-pub(crate) fn spawn(plan: &Plan, config: &Config) -> Result<Pending, Failure> {
+/// journal stream under systemd). `environment`: the unit's current one,
+/// from the reload helper; without it the child inherits ours.
+pub(crate) fn spawn(
+    plan: &Plan,
+    config: &Config,
+    environment: Option<&[(Vec<u8>, Vec<u8>)]>,
+) -> Result<Pending, Failure> {
     let spawn_err = |source| Failure::Spawn {
         exe: plan.exe.display().to_string(),
         source,
@@ -133,6 +153,24 @@ pub(crate) fn spawn(plan: &Plan, config: &Config) -> Result<Pending, Failure> {
     let names: Vec<&str> = plan.sockets.iter().map(|(_, name)| name.as_str()).collect();
 
     let mut cmd = std::process::Command::new(&plan.exe);
+    if let Some(vars) = environment {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        cmd.env_clear();
+        for (k, v) in vars {
+            // Ours to set below; and a helper's own handover variables, if
+            // any, are not the child's.
+            if PER_PROCESS.contains(&k.as_slice()) || is_handover_var(config, k) {
+                continue;
+            }
+            cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+        }
+        for k in PER_PROCESS {
+            if let Some(v) = std::env::var_os(OsStr::from_bytes(k)) {
+                cmd.env(OsStr::from_bytes(k), v);
+            }
+        }
+    }
     cmd.args(&plan.args)
         .env("LISTEN_FDS", n.to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
@@ -259,6 +297,18 @@ async fn handshake(
     };
     stop(&mut child, pid).await;
     r
+}
+
+pub(crate) fn is_handover_var(config: &Config, k: &[u8]) -> bool {
+    [
+        Var::HandoverFd,
+        Var::Generation,
+        Var::SocketOrigin,
+        Var::Protocol,
+        Var::ConnectionsFd,
+    ]
+    .iter()
+    .any(|v| config.var(*v).as_bytes() == k)
 }
 
 fn exit_text(st: std::io::Result<ExitStatus>) -> String {
