@@ -26,6 +26,8 @@ pub trait Generation: Clone + Send + Sync + 'static {
     fn generation(&self) -> u32;
     fn is_draining(&self) -> bool;
     fn in_flight(&self) -> usize;
+    /// What `/metrics` shows.
+    fn metrics(&self) -> axum_handover::Metrics;
 }
 
 impl Generation for Info {
@@ -41,6 +43,9 @@ impl Generation for Info {
     fn in_flight(&self) -> usize {
         Info::in_flight(self)
     }
+    fn metrics(&self) -> axum_handover::Metrics {
+        Info::metrics(self)
+    }
 }
 
 /// The routes.
@@ -50,7 +55,21 @@ pub fn router<G: Generation>(shared: G) -> Router {
         .route("/healthz", get(healthz::<G>))
         .route("/readyz", get(readyz::<G>))
         .route("/slow", get(slow::<G>))
+        .route("/metrics", get(metrics::<G>))
         .with_state(shared)
+}
+
+/// Prometheus' text format (version 0.0.4).
+async fn metrics<G: Generation>(State(s): State<G>) -> Response {
+    let body = crate::metrics::render(s.metrics());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn handled_by(pid: u32) -> String {
@@ -152,6 +171,25 @@ mod tests {
         fn in_flight(&self) -> usize {
             0
         }
+        fn metrics(&self) -> axum_handover::Metrics {
+            axum_handover::Metrics {
+                generation: self.generation,
+                requests: vec![(200, 7), (404, 1)],
+                in_flight: 0,
+                connections: 1,
+                reloads_ok: 2,
+                reloads_failed: 1,
+                reloads_refused: 0,
+                handover_seconds: axum_handover::Histogram {
+                    buckets: vec![(0.1, 0), (0.5, 2)],
+                    sum: 0.5,
+                    count: 2,
+                },
+                drain_seconds: axum_handover::Histogram::default(),
+                connections_moved: 20,
+                connections_fell_back: 0,
+            }
+        }
     }
 
     async fn get(shared: &Shared, uri: &str) -> (StatusCode, String) {
@@ -186,6 +224,26 @@ mod tests {
         assert_eq!(v["generation"], 3);
         assert_eq!(v["state"], "draining");
         assert_eq!(v["in_flight"], 0);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text() {
+        let (status, body) = get(&Shared::new(1, 3), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        for line in [
+            "# TYPE pid_server_requests_total counter",
+            "pid_server_requests_total{status=\"200\"} 7",
+            "pid_server_reloads_total{result=\"ok\"} 2",
+            "pid_server_reloads_total{result=\"failed\"} 1",
+            "pid_server_connections_moved_total 20",
+            "pid_server_generation 3",
+            "pid_server_handover_duration_seconds_bucket{le=\"0.1\"} 0",
+            "pid_server_handover_duration_seconds_bucket{le=\"0.5\"} 2",
+            "pid_server_handover_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "pid_server_handover_duration_seconds_count 2",
+        ] {
+            assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+        }
     }
 
     #[tokio::test]

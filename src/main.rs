@@ -6,6 +6,7 @@
 mod app;
 mod cli;
 mod logging;
+mod metrics;
 
 use std::process::ExitCode;
 

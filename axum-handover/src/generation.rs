@@ -31,6 +31,7 @@ use crate::handover::channel::PROTOCOL;
 use crate::handover::join::{self, Inherited, Successor};
 use crate::handover::spawn::{self, Failure, Joined, Pending, Plan};
 use crate::listeners::{self, ListenAddr, ListenError, Listener, Origin};
+use crate::metrics::ReloadResult;
 use crate::notify::{self, Notifier};
 use crate::server::{Counters, DrainReport, Server};
 use crate::signals::{self, Event, Signals, Stop, Trigger};
@@ -182,6 +183,12 @@ impl Info {
     /// Open connections.
     pub fn connections(&self) -> usize {
         self.counters.connections()
+    }
+    /// Every metric, counters carried over from the previous generations.
+    pub fn metrics(&self) -> crate::Metrics {
+        self.counters
+            .totals
+            .snapshot(self.generation, self.in_flight(), self.connections())
     }
 }
 
@@ -441,6 +448,11 @@ impl Running {
         let mut successor = Successor::announce(inherited, self.config.move_connections)
             .await
             .map_err(|e| format!("cannot report ready: {e}"))?;
+        // The old process's counters come now, its connections once we own
+        // the unit.
+        if let Some(channel) = successor.connections() {
+            self.server.adopt(channel);
+        }
         tokio::select! {
             r = successor.wait_commit() => r?,
             sig = self.signals.next_stop() => {
@@ -450,9 +462,7 @@ impl Running {
         let (n, s) = (self.notifier.clone(), self.status());
         // take_over blocks on the BARRIER=1 round trip.
         let _ = tokio::task::spawn_blocking(move || n.take_over(&s)).await;
-        if let Some(channel) = successor.confirm_owner().await {
-            self.server.adopt(channel);
-        }
+        successor.confirm_owner().await;
         self.ready()
     }
 
@@ -555,7 +565,8 @@ impl Running {
         let environment = reply_to
             .as_ref()
             .and_then(|r| unit_environment(r, &self.config));
-        match spawn::spawn(&self.plan, &self.config, environment) {
+        let totals = self.info.counters.totals.clone();
+        match spawn::spawn(&self.plan, &self.config, environment, totals) {
             Ok(pending) => {
                 tracing::info!(event = "reload_started", trigger = %trigger, new_pid = pending.pid,
                     new_generation = pending.generation, exe = %self.plan.exe.display(),
@@ -585,6 +596,7 @@ impl Running {
         tracing::error!(event = "reload_failed", new_pid, reason = %why,
             "reload failed, still serving: {why}");
         self.last_failure = Some(why.clone());
+        self.info.counters.totals.reload(ReloadResult::Failed);
         self.notifier.reclaim(&self.status());
         reply(reply_to, Answer::Failed(why)).await;
     }
@@ -615,7 +627,11 @@ impl Running {
                 // The successor owns the unit's notifications from here.
                 self.notifier.silence();
                 let (new_pid, new_gen) = (reload.pending.pid, reload.pending.generation);
-                let millis = reload.pending.started.elapsed().as_millis() as u64;
+                let took = reload.pending.started.elapsed();
+                let millis = took.as_millis() as u64;
+                let totals = &self.info.counters.totals;
+                totals.reload(ReloadResult::Ok);
+                totals.handover(took.as_secs_f64());
                 let moving = self.begin_letting_go(joined);
                 tracing::info!(
                     event = "handover",
@@ -647,6 +663,12 @@ impl Running {
         let Some(report) = report else {
             return Ended::Forced;
         };
+        let totals = &self.info.counters.totals;
+        totals.drained(report.elapsed.as_secs_f64(), report.moved, report.fell_back);
+        if let Some(channel) = self.server.successor() {
+            // The final totals, this drain included.
+            let _ = channel.send_counters(&totals.carried().encode()).await;
+        }
         self.log_drained(&report, handover);
         if handover.is_some() {
             Ended::HandedOver

@@ -88,6 +88,7 @@ mod generation;
 mod handover;
 pub mod helper;
 mod listeners;
+mod metrics;
 mod notify;
 mod server;
 mod signals;
@@ -96,6 +97,7 @@ pub use config::Config;
 pub use control::Report;
 pub use generation::{Ended, Generation, Hooks, Info, StartError, Status, refuse_start};
 pub use listeners::{ListenAddr, ListenError};
+pub use metrics::{Histogram, Metrics};
 
 /// The parsers of outside input, for fuzzing; not a stable API.
 #[doc(hidden)]

@@ -18,11 +18,17 @@
 //!   when both named it; unknown words are ignored, so a later protocol can
 //!   add features the same way.
 //!
-//! The one feature today is `move-connections`: once the new process owns
-//! the unit, the old one sends it each idle keep-alive connection on the
-//! seqpacket channel, one datagram each: a header line `conn tcp <n>` or
-//! `conn unix <n>`, then the `n` bytes it had read but not yet parsed, with
-//! the connection's fd attached (`SCM_RIGHTS`).
+//! The features today, both on the seqpacket channel:
+//! - `move-connections`: once the new process owns the unit, the old one
+//!   sends it each idle keep-alive connection, one datagram each: a header
+//!   line `conn tcp <n>` or `conn unix <n>`, then the `n` bytes it had read
+//!   but not yet parsed, with the connection's fd attached (`SCM_RIGHTS`).
+//! - `counters`: the old process sends its metrics' totals (a datagram
+//!   `counters` and a line per value, no fd) when the new one is ready and
+//!   again when it has let go of everything.
+//!
+//! A child that cannot start says `failed <reason>` instead of `ready`
+//! (protocol 2 only), and the reload fails with that reason.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -41,14 +47,17 @@ pub(crate) const PROTOCOL: u32 = 2;
 pub(crate) enum Feature {
     /// Idle keep-alive connections move to the new process.
     MoveConnections,
+    /// The old process's counters carry over to the new one.
+    Counters,
 }
 
 impl Feature {
-    const ALL: [Feature; 1] = [Feature::MoveConnections];
+    const ALL: [Feature; 2] = [Feature::MoveConnections, Feature::Counters];
 
     fn word(self) -> &'static str {
         match self {
             Feature::MoveConnections => "move-connections",
+            Feature::Counters => "counters",
         }
     }
 }
@@ -240,15 +249,33 @@ impl Connections {
             .map(|_| ())
     }
 
+    /// Sends the counters (no fd).
+    pub(crate) async fn send_counters(&self, datagram: &[u8]) -> io::Result<()> {
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                socket::send(fd.as_raw_fd(), datagram, MsgFlags::MSG_NOSIGNAL)
+                    .map_err(io::Error::from)
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Receives the next datagram: `None` once the peer closed its end.
     /// A datagram that is not a well-formed connection is an `Err` of its
     /// own (its fds, if any, are closed); the channel stays usable.
-    pub(crate) async fn recv(&self) -> io::Result<Option<Result<Received, BadMessage>>> {
+    pub(crate) async fn recv(&self) -> io::Result<Option<Result<Message, BadMessage>>> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         self.fd
             .async_io(Interest::READABLE, |fd| recv_one(fd.as_fd(), &mut buf))
             .await
     }
+}
+
+/// A message on the connection channel.
+#[derive(Debug)]
+pub(crate) enum Message {
+    Connection(Received),
+    Counters(crate::metrics::Carried),
 }
 
 /// A connection as it arrived.
@@ -259,10 +286,7 @@ pub(crate) struct Received {
     pub(crate) read_ahead: Vec<u8>,
 }
 
-fn recv_one(
-    fd: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<Option<Result<Received, BadMessage>>> {
+fn recv_one(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Result<Message, BadMessage>>> {
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
@@ -286,7 +310,22 @@ fn recv_one(
     if len == 0 && fds.is_empty() {
         return Ok(None);
     }
-    Ok(Some(check(&buf[..len], fds, truncated)))
+    Ok(Some(message(&buf[..len], fds, truncated)))
+}
+
+/// What a datagram and its fds are.
+pub(crate) fn message(
+    datagram: &[u8],
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+) -> Result<Message, BadMessage> {
+    if !truncated
+        && fds.is_empty()
+        && let Some(c) = crate::metrics::Carried::decode(datagram)
+    {
+        return Ok(Message::Counters(c));
+    }
+    check(datagram, fds, truncated).map(Message::Connection)
 }
 
 /// Pairs a datagram with the fds that came with it.
@@ -342,10 +381,14 @@ pub fn fuzz_one(data: &[u8]) {
         .filter_map(|_| std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
         .collect();
     let n = fds.len();
-    match check(rest, fds, pick & 0x80 != 0) {
-        Ok(r) => {
+    match message(rest, fds, pick & 0x80 != 0) {
+        Ok(Message::Connection(r)) => {
             assert_eq!(n, 1);
             assert_eq!(encode(r.kind, &r.read_ahead), rest);
+        }
+        Ok(Message::Counters(c)) => {
+            assert_eq!(n, 0);
+            assert_eq!(crate::metrics::Carried::decode(&c.encode()), Some(c));
         }
         Err(BadMessage::NoFd) => assert_eq!(n, 0),
         Err(_) => {}
@@ -420,7 +463,9 @@ mod tests {
         let (a, b) = (Connections::new(a).unwrap(), Connections::new(b).unwrap());
         let (mine, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         a.send(Kind::Unix, mine.as_fd(), b"GET /").await.unwrap();
-        let got = b.recv().await.unwrap().unwrap().unwrap();
+        let Message::Connection(got) = b.recv().await.unwrap().unwrap().unwrap() else {
+            panic!("not a connection")
+        };
         assert_eq!((got.kind, &got.read_ahead[..]), (Kind::Unix, &b"GET /"[..]));
         drop(a);
         assert!(

@@ -120,18 +120,20 @@ impl Successor {
         let std = std::os::unix::net::UnixStream::from(inherited.channel);
         std.set_nonblocking(true)?;
         let (read, mut write) = tokio::net::UnixStream::from_std(std)?.into_split();
-        let takes = take_connections && inherited.connections.is_some();
-        let features: &[Feature] = if takes {
-            &[Feature::MoveConnections]
-        } else {
-            &[]
+        // With a connection channel we always take the counters; the
+        // connections only when the app lets them move.
+        let has_channel = inherited.connections.is_some();
+        let features: &[Feature] = match (has_channel, take_connections) {
+            (false, _) => &[],
+            (true, false) => &[Feature::Counters],
+            (true, true) => &[Feature::MoveConnections, Feature::Counters],
         };
         let line = Ready::line(inherited.parent_protocol, features);
         write.write_all(line.as_bytes()).await?;
         Ok(Successor {
             lines: tokio::io::BufReader::new(read).lines(),
             write,
-            connections: if takes { inherited.connections } else { None },
+            connections: inherited.connections,
         })
     }
 
@@ -146,15 +148,19 @@ impl Successor {
         }
     }
 
-    /// Says `owner`, after telling systemd `MAINPID=` (and waiting until it
-    /// processed that). If the old process is gone by now, we own the unit
-    /// all the same. Returns the channel on which the old process will move
-    /// its connections, if we take them.
-    pub(crate) async fn confirm_owner(mut self) -> Option<Connections> {
-        let _ = self.write.write_all(b"owner\n").await;
+    /// The channel on which the old process sends its counters, and its
+    /// connections once we own the unit.
+    pub(crate) fn connections(&mut self) -> Option<Connections> {
         self.connections
             .take()
             .and_then(|fd| Connections::new(fd).ok())
+    }
+
+    /// Says `owner`, after telling systemd `MAINPID=` (and waiting until it
+    /// processed that). If the old process is gone by now, we own the unit
+    /// all the same.
+    pub(crate) async fn confirm_owner(mut self) {
+        let _ = self.write.write_all(b"owner\n").await;
     }
 }
 

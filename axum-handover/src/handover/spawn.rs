@@ -134,6 +134,7 @@ pub(crate) fn spawn(
     plan: &Plan,
     config: &Config,
     environment: Option<&[(Vec<u8>, Vec<u8>)]>,
+    totals: std::sync::Arc<crate::metrics::Totals>,
 ) -> Result<Pending, Failure> {
     let spawn_err = |source| Failure::Spawn {
         exe: plan.exe.display().to_string(),
@@ -208,17 +209,36 @@ pub(crate) fn spawn(
     let (tx, outcome) = tokio::sync::oneshot::channel();
     let (cancel, cancelled) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let r = handshake(child, pid, channel, started, timing, cancelled)
-            .await
-            .map(|ready| {
-                // A child that does not take connections (protocol 1 ignores
-                // the socket) gets none; it closes its end with itself.
-                let connections = ready
-                    .has(channel::Feature::MoveConnections)
-                    .then(|| Connections::new(conns_ours).ok())
-                    .flatten();
-                Joined { ready, connections }
-            });
+        let conns = Connections::new(conns_ours).ok();
+        let r = handshake(
+            child,
+            pid,
+            channel,
+            started,
+            timing,
+            cancelled,
+            |ready: &Ready| {
+                // Counters first, before the probation: a scrape that reaches
+                // the new process then never sees less than the old counted.
+                let first = ready
+                    .has(channel::Feature::Counters)
+                    .then(|| totals.carried().encode());
+                async {
+                    if let (Some(c), Some(first)) = (&conns, first) {
+                        let _ = c.send_counters(&first).await;
+                    }
+                }
+            },
+        )
+        .await
+        .map(|ready| {
+            // A child that takes neither (protocol 1 ignores the socket)
+            // gets nothing; it closes its end with itself.
+            let wanted = ready.has(channel::Feature::MoveConnections)
+                || ready.has(channel::Feature::Counters);
+            let connections = if wanted { conns } else { None };
+            Joined { ready, connections }
+        });
         let _ = tx.send(r);
     });
     Ok(Pending {
@@ -231,14 +251,18 @@ pub(crate) fn spawn(
 }
 
 /// The old process's side of the handshake. Stops the child on failure.
-async fn handshake(
+async fn handshake<F>(
     mut child: tokio::process::Child,
     pid: u32,
     channel: tokio::net::UnixStream,
     started: Instant,
     (ready_timeout, probation): (Duration, Duration),
     mut cancelled: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Ready, Failure> {
+    on_ready: impl FnOnce(&Ready) -> F,
+) -> Result<Ready, Failure>
+where
+    F: std::future::Future<Output = ()>,
+{
     use tokio::io::AsyncWriteExt;
     let (read, mut write) = channel.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -268,6 +292,9 @@ async fn handshake(
         _ = &mut cancelled => Err(Failure::Cancelled),
     };
     // 2. Probation: both serve; the child must stay alive through it.
+    if let Ok(ready) = &r {
+        on_ready(ready).await;
+    }
     let r = match r {
         Ok(ready) => tokio::select! {
             st = child.wait() => Err(Failure::DiedOnProbation { pid, status: exit_text(st) }),

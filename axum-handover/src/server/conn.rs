@@ -309,6 +309,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
+            counters.totals.request(resp.status().as_u16());
             if counters.is_draining() || activity.closing.load(Ordering::SeqCst) {
                 // The client opens its next connection elsewhere (to the
                 // successor, or waits in the socket's queue).

@@ -36,7 +36,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 pub(crate) use conn::Stream;
 
 use crate::Config;
-use crate::handover::channel::Connections;
+use crate::handover::channel::{Connections, Message};
 use crate::listeners::{Listener, Socketish};
 
 /// The largest request head we buffer (request line and headers).
@@ -54,6 +54,8 @@ pub(crate) struct Counters {
     connections: AtomicUsize,
     moved: AtomicUsize,
     fell_back: AtomicUsize,
+    /// What survives a reload.
+    pub(crate) totals: Arc<crate::metrics::Totals>,
 }
 
 impl Counters {
@@ -227,7 +229,11 @@ impl Server {
                     _ = stop.wait_for(|s| *s) => break,
                 };
                 let received = match got {
-                    Ok(Some(Ok(r))) => r,
+                    Ok(Some(Ok(Message::Connection(r)))) => r,
+                    Ok(Some(Ok(Message::Counters(c)))) => {
+                        ctx.counters.totals.carry_over(c);
+                        continue;
+                    }
                     Ok(None) => break,
                     Ok(Some(Err(bad))) => {
                         tracing::warn!(event = "connection_refused", reason = %bad,
@@ -289,6 +295,11 @@ impl Server {
         let _ = self.mode.send(mode);
         let _ = self.stop_accepting.send(true);
         drop(self.done.take());
+    }
+
+    /// The successor's channel, once moving.
+    pub(crate) fn successor(&self) -> Option<&Connections> {
+        self.ctx.successor.get()
     }
 
     /// How many connections moved and fell back so far.

@@ -1,0 +1,125 @@
+//! `/metrics` in Prometheus' text format, from the library's snapshot
+//! ([`axum_handover::Metrics`]). Built with `prometheus-client`, the
+//! Prometheus project's own Rust client: its encoder gets the format's
+//! escaping, `_total` suffixes and histogram buckets right, and a custom
+//! collector lets each scrape encode the snapshot as it is, counters that
+//! carried over from earlier generations included.
+
+use std::fmt;
+
+use axum_handover::{Histogram, Metrics};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The text a scrape gets.
+pub fn render(m: Metrics) -> String {
+    let mut registry = Registry::with_prefix("pid_server");
+    registry.register_collector(Box::new(Scrape(m)));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct Scrape(Metrics);
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let m = &self.0;
+        let mut requests = e.encode_descriptor(
+            "requests",
+            "HTTP requests answered, by status, since the first generation",
+            None,
+            MetricType::Counter,
+        )?;
+        for (status, n) in &m.requests {
+            let labels = [("status", status.to_string())];
+            requests
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        let mut reloads = e.encode_descriptor(
+            "reloads",
+            "Reloads by result (ok: handed over; failed: the new process failed, the old one \
+             kept serving; refused: one was under way)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("ok", m.reloads_ok),
+            ("failed", m.reloads_failed),
+            ("refused", m.reloads_refused),
+        ] {
+            reloads
+                .encode_family(&[("result", result)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        for (name, help, n) in [
+            (
+                "connections_moved",
+                "Keep-alive connections moved to a new generation",
+                m.connections_moved,
+            ),
+            (
+                "connections_fell_back",
+                "Connections that were to move and were served to the end by the old generation",
+                m.connections_fell_back,
+            ),
+        ] {
+            e.encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        for (name, help, v) in [
+            (
+                "in_flight",
+                "Requests in progress in this process",
+                m.in_flight as i64,
+            ),
+            (
+                "open_connections",
+                "Connections open in this process",
+                m.connections as i64,
+            ),
+            (
+                "generation",
+                "This process's generation (0 fresh, +1 per reload)",
+                i64::from(m.generation),
+            ),
+        ] {
+            e.encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&v)?;
+        }
+        histogram(
+            &mut e,
+            "handover_duration_seconds",
+            "From a reload request to the new process owning the unit",
+            &m.handover_seconds,
+        )?;
+        histogram(
+            &mut e,
+            "drain_duration_seconds",
+            "How long an old generation took to let go of its connections after a handover, or a stop's drain",
+            &m.drain_seconds,
+        )
+    }
+}
+
+fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> fmt::Result {
+    // The encoder wants per-bucket counts; the snapshot is cumulative.
+    let mut previous = 0;
+    let mut buckets: Vec<(f64, u64)> = h
+        .buckets
+        .iter()
+        .map(|(le, n)| {
+            let own = n - previous.min(*n);
+            previous = *n;
+            (*le, own)
+        })
+        .collect();
+    buckets.push((f64::INFINITY, h.count.saturating_sub(previous)));
+    e.encode_descriptor(name, help, None, MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets, None)
+}
