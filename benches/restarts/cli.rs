@@ -1,38 +1,140 @@
-//! The command line, resolved into [`Args`] (`--quick` changes the
-//! defaults).
+//! The command line (clap), resolved into [`Args`]: `--quick` changes the
+//! defaults of the durations and counts, so those flags are optional here
+//! and get their value in [`Flags::resolve`].
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use clap::Parser;
 
 use crate::load::Mode;
 use crate::servers::{MANIFEST_DIR, PID_SERVER};
 use crate::strategies::STRATEGIES;
 
-const USAGE: &str = "\
-usage: cargo bench --bench restarts -- [OPTIONS]
+/// Failed requests and latency across restarts of pid-server, every
+/// strategy side by side, then the steady state against Go and nginx
+/// (benches/README.md explains every column).
+#[derive(Parser, Debug)]
+#[command(
+    name = "restarts",
+    override_usage = "cargo bench --bench restarts -- [OPTIONS]",
+    disable_version_flag = true,
+    // As before clap: a flag given twice takes the last value.
+    args_override_self = true
+)]
+struct Flags {
+    /// Restarts per strategy and client mode [default: 20; --quick: 3]
+    #[arg(long, value_name = "N")]
+    restarts: Option<u64>,
 
-  --restarts N          restarts per strategy and client mode (20; --quick: 3)
-  --spacing-ms MS       time between the starts of two restarts (500; --quick: 400)
-  --warmup-ms MS        load before the first restart (2500; --quick: 1500); what comes
-                        before the first restart's window is the run's own baseline
-  --settle-ms MS        load after the last restart (1000; --quick: 500)
-  --concurrency N       concurrent connections of the load client (32)
-  --client-threads N    threads of the load client (2)
-  --timeout-ms MS       a request (connect, send, whole response) fails after this (5000)
-  --window-ms MS        \"around restarts\": requests started within this of a restart (1000)
-  --steady-secs S       steady-state load per server and client mode (6; --quick: 1)
-  --bucket-ms MS        time resolution of the JSON timeline and the picture (50)
-  --strategies LIST     comma-separated subset of naive-kill,naive-term,reuseport-migrate0,
-                        reuseport-migrate1,reload,systemd-restart,systemd-reload (all)
-  --modes LIST          keep-alive,one-shot (both)
-  --no-compare          skip the steady-state comparison with Go and nginx
-  --quick               a short smoke run: 3 restarts each, 1 s steady state
-  --check               exit 1 if `pid-server reload` failed a request (or could not run)
-  --out DIR             where restarts.json, restarts.svg and logs/ go
-                        (<target dir>/bench-results)
-";
+    /// Time between the starts of two restarts [default: 500; --quick: 400]
+    #[arg(long, value_name = "MS")]
+    spacing_ms: Option<u64>,
 
+    /// Load before the first restart; what comes before the first
+    /// restart's window is the run's own baseline [default: 2500; --quick:
+    /// 1500]
+    #[arg(long, value_name = "MS")]
+    warmup_ms: Option<u64>,
+
+    /// Load after the last restart [default: 1000; --quick: 500]
+    #[arg(long, value_name = "MS")]
+    settle_ms: Option<u64>,
+
+    /// Concurrent connections of the load client
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+
+    /// Threads of the load client
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    client_threads: u64,
+
+    /// A request (connect, send, whole response) fails after this
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+
+    /// "Around restarts": requests started within this of a restart
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    window_ms: u64,
+
+    /// Steady-state load per server and client mode [default: 6; --quick: 1]
+    #[arg(long, value_name = "S")]
+    steady_secs: Option<u64>,
+
+    /// The same in milliseconds (wins over --steady-secs)
+    #[arg(long, value_name = "MS", hide = true)]
+    steady_ms: Option<u64>,
+
+    /// Time resolution of the JSON timeline and the picture
+    #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    bucket_ms: u64,
+
+    /// Comma-separated subset of naive-kill, naive-term,
+    /// reuseport-migrate0, reuseport-migrate1, reload, systemd-restart,
+    /// systemd-reload [default: all]
+    #[arg(long, value_name = "LIST", value_parser = strategy_list)]
+    strategies: Option<List<String>>,
+
+    /// Comma-separated client modes: keep-alive, one-shot [default: both]
+    #[arg(long, value_name = "LIST", value_parser = mode_list)]
+    modes: Option<List<Mode>>,
+
+    /// Skip the steady-state comparison with Go and nginx
+    #[arg(long)]
+    no_compare: bool,
+
+    /// A short smoke run: 3 restarts each, 1 s steady state
+    #[arg(long)]
+    quick: bool,
+
+    /// Exit 1 if `pid-server reload` failed a request (or could not run)
+    #[arg(long)]
+    check: bool,
+
+    /// Where restarts.json, restarts.svg and logs/ go [default: <target
+    /// dir>/bench-results]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+
+    /// Passed by `cargo bench` to every `harness = false` target; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A comma-separated list, parsed as one value (blanks around the commas
+/// and empty items are ignored).
+#[derive(Debug, Clone)]
+struct List<T>(Vec<T>);
+
+fn strategy_list(v: &str) -> Result<List<String>, String> {
+    items(v)
+        .map(|s| {
+            if STRATEGIES.contains(&s) {
+                Ok(s.to_string())
+            } else {
+                Err(format!("unknown strategy {s:?}"))
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
+fn mode_list(v: &str) -> Result<List<Mode>, String> {
+    items(v)
+        .map(|m| match m {
+            "keep-alive" | "keepalive" => Ok(Mode::KeepAlive),
+            "one-shot" | "oneshot" => Ok(Mode::OneShot),
+            _ => Err(format!("unknown client mode {m:?}")),
+        })
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
+fn items(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Every setting of a bench run, defaults filled in.
 #[derive(Debug, Clone)]
 pub(crate) struct Args {
     pub(crate) restarts: usize,
@@ -53,133 +155,67 @@ pub(crate) struct Args {
     pub(crate) out: PathBuf,
 }
 
-/// The flags, or exit 64 (`EX_USAGE`) with the usage.
+/// The flags, or exit 64 (`EX_USAGE`) with clap's message (`--help`: 0).
 pub(crate) fn parse_or_exit() -> Args {
-    match parse_args() {
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
+    match flags.resolve() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("bench: {e}\n\n{USAGE}");
+            eprintln!("bench: {e}");
             std::process::exit(64);
         }
     }
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut quick = false;
-    let mut check = false;
-    let mut compare = true;
-    let mut nums: HashMap<&'static str, u64> = HashMap::new();
-    let mut strategies: Option<Vec<String>> = None;
-    let mut modes: Option<Vec<Mode>> = None;
-    let mut out: Option<PathBuf> = None;
-    let mut it = std::env::args().skip(1);
-    const NUMERIC: [&str; 11] = [
-        "--restarts",
-        "--spacing-ms",
-        "--warmup-ms",
-        "--settle-ms",
-        "--concurrency",
-        "--client-threads",
-        "--timeout-ms",
-        "--window-ms",
-        "--steady-secs",
-        "--bucket-ms",
-        "--steady-ms",
-    ];
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
+impl Flags {
+    fn resolve(self) -> Result<Args, String> {
+        let quick = self.quick;
+        let pick = |v: Option<u64>, normal: u64, quick_v: u64| {
+            v.unwrap_or(if quick { quick_v } else { normal })
         };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
+        let ms = |v: Option<u64>, normal: u64, quick_v: u64| {
+            Duration::from_millis(pick(v, normal, quick_v))
         };
-        match flag.as_str() {
-            // `cargo bench` passes this to every harness = false target.
-            "--bench" => {}
-            "--quick" => quick = true,
-            "--check" => check = true,
-            "--no-compare" => compare = false,
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--strategies" => {
-                let v = value("--strategies")?;
-                let list: Vec<String> = v
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                for s in &list {
-                    if !STRATEGIES.contains(&s.as_str()) {
-                        return Err(format!("unknown strategy {s:?}"));
-                    }
-                }
-                strategies = Some(list);
-            }
-            "--modes" => {
-                let v = value("--modes")?;
-                let mut list = Vec::new();
-                for m in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    list.push(match m {
-                        "keep-alive" | "keepalive" => Mode::KeepAlive,
-                        "one-shot" | "oneshot" => Mode::OneShot,
-                        _ => return Err(format!("unknown client mode {m:?}")),
-                    });
-                }
-                modes = Some(list);
-            }
-            "--out" => out = Some(PathBuf::from(value("--out")?)),
-            f if NUMERIC.contains(&f) => {
-                let key = NUMERIC.iter().find(|k| **k == f).unwrap();
-                let v = value(f)?;
-                let n: u64 = v.parse().map_err(|_| format!("{f}: not a number: {v:?}"))?;
-                nums.insert(key, n);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
+        let args = Args {
+            restarts: pick(self.restarts, 20, 3) as usize,
+            spacing: ms(self.spacing_ms, 500, 400),
+            warmup: ms(self.warmup_ms, 2500, 1500),
+            settle: ms(self.settle_ms, 1000, 500),
+            concurrency: self.concurrency as usize,
+            client_threads: self.client_threads as usize,
+            timeout: Duration::from_millis(self.timeout_ms),
+            window: Duration::from_millis(self.window_ms),
+            steady: match self.steady_ms {
+                Some(v) => Duration::from_millis(v),
+                None => Duration::from_secs(pick(self.steady_secs, 6, 1)),
+            },
+            bucket: Duration::from_millis(self.bucket_ms),
+            strategies: self
+                .strategies
+                .map(|l| l.0)
+                .unwrap_or_else(|| STRATEGIES.map(String::from).to_vec()),
+            modes: self
+                .modes
+                .map(|l| l.0)
+                .unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot]),
+            compare: !self.no_compare,
+            quick,
+            check: self.check,
+            out: self
+                .out
+                .unwrap_or_else(|| target_dir().join("bench-results")),
+        };
+        if args.modes.is_empty() {
+            return Err("--modes: no client mode".into());
         }
+        Ok(args)
     }
-    let num = |k: &str, normal: u64, quick_v: u64| -> u64 {
-        nums.get(k)
-            .copied()
-            .unwrap_or(if quick { quick_v } else { normal })
-    };
-    let ms = |k: &str, normal: u64, quick_v: u64| Duration::from_millis(num(k, normal, quick_v));
-    let args = Args {
-        restarts: num("--restarts", 20, 3) as usize,
-        spacing: ms("--spacing-ms", 500, 400),
-        warmup: ms("--warmup-ms", 2500, 1500),
-        settle: ms("--settle-ms", 1000, 500),
-        concurrency: num("--concurrency", 32, 32) as usize,
-        client_threads: num("--client-threads", 2, 2) as usize,
-        timeout: ms("--timeout-ms", 5000, 5000),
-        window: ms("--window-ms", 1000, 1000),
-        steady: match nums.get("--steady-ms") {
-            Some(&v) => Duration::from_millis(v),
-            None => Duration::from_secs(num("--steady-secs", 6, 1)),
-        },
-        bucket: ms("--bucket-ms", 50, 50),
-        strategies: strategies.unwrap_or_else(|| STRATEGIES.map(String::from).to_vec()),
-        modes: modes.unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot]),
-        compare,
-        quick,
-        check,
-        out: out.unwrap_or_else(|| target_dir().join("bench-results")),
-    };
-    if args.concurrency == 0 || args.client_threads == 0 {
-        return Err("--concurrency and --client-threads must be at least 1".into());
-    }
-    if args.bucket.is_zero() || args.timeout.is_zero() {
-        return Err("--bucket-ms and --timeout-ms must be at least 1".into());
-    }
-    if args.modes.is_empty() {
-        return Err("--modes: no client mode".into());
-    }
-    Ok(args)
 }
 
 /// The target dir this bench was built in (`target/` by default): the
