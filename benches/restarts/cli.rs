@@ -75,9 +75,26 @@ struct Flags {
     #[arg(long, value_name = "LIST", value_parser = strategy_list)]
     strategies: Option<List<String>>,
 
-    /// Comma-separated client modes: keep-alive, one-shot [default: both]
+    /// Comma-separated client modes: keep-alive, one-shot, paused [default:
+    /// all three]
     #[arg(long, value_name = "LIST", value_parser = mode_list)]
     modes: Option<List<Mode>>,
+
+    /// Connections of the paused client mode (each mostly idle)
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    paused_clients: u64,
+
+    /// Shortest idle time of a paused connection between two requests
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pause_min_ms: u64,
+
+    /// Longest idle time of a paused connection between two requests
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pause_max_ms: u64,
+
+    /// Seed of the paused clients' idle times
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
 
     /// Skip the steady-state comparison with Go and nginx
     #[arg(long)]
@@ -124,6 +141,7 @@ fn mode_list(v: &str) -> Result<List<Mode>, String> {
         .map(|m| match m {
             "keep-alive" | "keepalive" => Ok(Mode::KeepAlive),
             "one-shot" | "oneshot" => Ok(Mode::OneShot),
+            "paused" => Ok(Mode::Paused),
             _ => Err(format!("unknown client mode {m:?}")),
         })
         .collect::<Result<_, _>>()
@@ -149,10 +167,24 @@ pub(crate) struct Args {
     pub(crate) bucket: Duration,
     pub(crate) strategies: Vec<String>,
     pub(crate) modes: Vec<Mode>,
+    pub(crate) paused_clients: usize,
+    pub(crate) pause_min: Duration,
+    pub(crate) pause_max: Duration,
+    pub(crate) seed: u64,
     pub(crate) compare: bool,
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
+}
+
+impl Args {
+    /// The load client's connections in `mode`.
+    pub(crate) fn connections(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Paused => self.paused_clients,
+            Mode::KeepAlive | Mode::OneShot => self.concurrency,
+        }
+    }
 }
 
 /// The flags, or exit 64 (`EX_USAGE`) with clap's message (`--help`: 0).
@@ -203,7 +235,11 @@ impl Flags {
             modes: self
                 .modes
                 .map(|l| l.0)
-                .unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot]),
+                .unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot, Mode::Paused]),
+            paused_clients: self.paused_clients as usize,
+            pause_min: Duration::from_millis(self.pause_min_ms),
+            pause_max: Duration::from_millis(self.pause_max_ms),
+            seed: self.seed,
             compare: !self.no_compare,
             quick,
             check: self.check,
@@ -213,6 +249,9 @@ impl Flags {
         };
         if args.modes.is_empty() {
             return Err("--modes: no client mode".into());
+        }
+        if args.pause_min > args.pause_max {
+            return Err("--pause-min-ms is above --pause-max-ms".into());
         }
         Ok(args)
     }

@@ -18,6 +18,12 @@ pub(crate) enum Mode {
     KeepAlive,
     /// `Connection: close`, one request per new connection.
     OneShot,
+    /// Kept connections like `KeepAlive`, but each idles a random
+    /// `--pause-min-ms`..`--pause-max-ms` after every answer before its
+    /// next request on the same connection: no liveness check before
+    /// reusing it and no retry, so a connection the server closed while it
+    /// was idle shows up as a failure (then the client reconnects).
+    Paused,
 }
 
 impl Mode {
@@ -25,7 +31,13 @@ impl Mode {
         match self {
             Mode::KeepAlive => "keep-alive",
             Mode::OneShot => "one-shot",
+            Mode::Paused => "paused",
         }
+    }
+
+    /// Connections kept across requests (the survival share means something).
+    pub(crate) fn keeps_connections(self) -> bool {
+        self != Mode::OneShot
     }
 }
 
@@ -99,6 +111,12 @@ pub(crate) struct Rec {
     pub(crate) kind: Kind,
     /// Sent on a connection that had already carried a request.
     pub(crate) reused: bool,
+    /// The connection it was sent on: unique in the load (client task in
+    /// the high 32 bits, the task's count of connections in the low ones).
+    pub(crate) conn: u64,
+    /// The connection ended with it: the response said `Connection:
+    /// close`, or the request failed.
+    pub(crate) closed: bool,
 }
 
 impl Rec {
@@ -248,6 +266,11 @@ pub(crate) struct LoadCfg {
     pub(crate) concurrency: usize,
     threads: usize,
     pub(crate) timeout: Duration,
+    /// Paused mode: the idle time after each answer, drawn uniformly
+    /// between these.
+    pause: (Duration, Duration),
+    /// Seeds the pauses (each client task its own stream).
+    seed: u64,
     /// Hard bounds, whatever the controller does.
     max_duration: Duration,
     max_requests: u64,
@@ -259,10 +282,45 @@ struct WorkerOut {
     pub(crate) fails: Vec<FailRec>,
 }
 
-async fn worker(cfg: Arc<LoadCfg>, t0: Instant, stop: Arc<AtomicBool>) -> WorkerOut {
+/// splitmix64: a few lines of seeded randomness for the pauses, so that a
+/// run's pauses are the same for the same `--seed`.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi` (µs resolution).
+    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let (lo, hi) = (lo.as_micros() as u64, hi.as_micros() as u64);
+        Duration::from_micros(lo + self.next() % (hi.saturating_sub(lo) + 1))
+    }
+}
+
+/// Sleeps `d`, cut short by the stop flag or the deadline (checked every
+/// 50 ms: a paused client must not hold up the end of a load).
+async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
+    let until = (Instant::now() + d).min(deadline);
+    loop {
+        let now = Instant::now();
+        if now >= until || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+    }
+}
+
+async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>) -> WorkerOut {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.port));
     let req: &[u8] = match cfg.mode {
-        Mode::KeepAlive => b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\n\r\n",
+        Mode::KeepAlive | Mode::Paused => {
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\n\r\n"
+        }
         Mode::OneShot => {
             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\nConnection: close\r\n\r\n"
         }
@@ -273,12 +331,17 @@ async fn worker(cfg: Arc<LoadCfg>, t0: Instant, stop: Arc<AtomicBool>) -> Worker
         recs: Vec::with_capacity(16 * 1024),
         fails: Vec::new(),
     };
+    let mut rng = Rng(cfg.seed ^ task.wrapping_mul(0xa076_1d64_78bd_642f));
     let mut conn: Option<Conn> = None;
+    let mut conns = 0u64;
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && sent < max {
         sent += 1;
         let start = Instant::now();
         let reused = conn.is_some();
+        if !reused {
+            conns += 1;
+        }
         let r = tokio::time::timeout(cfg.timeout, exchange(&mut conn, addr, req)).await;
         let lat = start.elapsed();
         let (kind, pid, close, error) = match r {
@@ -305,6 +368,8 @@ async fn worker(cfg: Arc<LoadCfg>, t0: Instant, stop: Arc<AtomicBool>) -> Worker
             pid,
             kind,
             reused,
+            conn: task << 32 | conns,
+            closed: close || cfg.mode == Mode::OneShot,
         });
         if let Some(error) = error {
             out.fails.push(FailRec {
@@ -327,6 +392,9 @@ async fn worker(cfg: Arc<LoadCfg>, t0: Instant, stop: Arc<AtomicBool>) -> Worker
             }
         } else if close {
             conn = None;
+        }
+        if cfg.mode == Mode::Paused {
+            pause(rng.between(cfg.pause.0, cfg.pause.1), &stop, deadline).await;
         }
     }
     out
@@ -360,7 +428,7 @@ impl Load {
         let t0 = Instant::now();
         let cfg = Arc::new(cfg);
         let tasks = (0..cfg.concurrency)
-            .map(|_| rt.spawn(worker(cfg.clone(), t0, stop.clone())))
+            .map(|i| rt.spawn(worker(cfg.clone(), i as u64, t0, stop.clone())))
             .collect();
         Ok(Load {
             rt,
@@ -406,7 +474,9 @@ pub(crate) fn load_cfg(args: &Args, port: u16, mode: Mode, planned: Duration) ->
     LoadCfg {
         port,
         mode,
-        concurrency: args.concurrency,
+        concurrency: args.connections(mode),
+        pause: (args.pause_min, args.pause_max),
+        seed: args.seed,
         threads: args.client_threads,
         timeout: args.timeout,
         max_duration: planned * 3 + Duration::from_secs(120),

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::cli::Args;
 use crate::load::{KINDS, Kind, Mode};
 use crate::procs::aborted;
-use crate::results::{Bucket, RunResult};
+use crate::results::{Bucket, Kept, RunResult};
 use crate::servers::{PID_SERVER, go_version, nginx_version};
 use crate::steady::SteadyResult;
 use crate::strategies::Skips;
@@ -45,14 +45,16 @@ fn restart_table(runs: &[RunResult]) -> String {
     s.push_str(
         "| strategy | client | restarts ok | sent | failed | refused | reset | eof | timeout | non-200 | other \
          | p50 ms | p99 ms | max ms | p99 before | p50 ±1s | p99 ±1s | max ±1s \
-         | restart → new PID, median ms |\n",
+         | restart → new PID, median ms | kept conns survived |\n",
     );
-    s.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    s.push_str(
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
     for r in runs {
         let k = |kind: Kind| r.by_kind[kind.index()].to_string();
         let _ = writeln!(
             s,
-            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.strategy,
             r.mode.name(),
             r.restarts_ok(),
@@ -75,9 +77,21 @@ fn restart_table(runs: &[RunResult]) -> String {
             r.median_until_new()
                 .map(|d| ms(d.as_micros() as u64))
                 .unwrap_or_else(|| "–".into()),
+            kept_cell(r.kept()),
         );
     }
     s
+}
+
+/// "37% (120/324)": survived / connections whose fate is known.
+fn kept_cell(k: Option<Kept>) -> String {
+    match k {
+        None => "–".into(),
+        Some(k) => match k.share() {
+            Some(f) => format!("{:.0}% ({}/{})", f * 100.0, k.survived, k.determined()),
+            None => "– (0/0)".into(),
+        },
+    }
 }
 
 fn steady_table(steady: &[SteadyResult]) -> String {
@@ -116,18 +130,28 @@ fn steady_table(steady: &[SteadyResult]) -> String {
 
 /// The answers to "did the reload fail anything", "p99 around reloads vs
 /// steady", "throughput vs Go". Returns the text and whether the reload
-/// strategy failed no request in every mode it ran (false if it did not run).
+/// strategy failed no request in every checked client mode it ran (false if
+/// it ran in none). The checked modes are keep-alive and one-shot; paused
+/// clients are reported, not checked.
 fn verdicts(args: &Args, runs: &[RunResult], steady: &[SteadyResult]) -> (String, bool) {
     let mut s = String::new();
     let reloads: Vec<&RunResult> = runs.iter().filter(|r| r.strategy == "reload").collect();
-    let mut clean = !reloads.is_empty();
+    let mut clean = reloads.iter().any(|r| r.mode != Mode::Paused);
     for r in &reloads {
         let ok = r.failed() == 0 && r.restarts_ok() == r.restarts.len();
-        clean &= ok;
+        let checked = r.mode != Mode::Paused;
+        if checked {
+            clean &= ok;
+        }
         let _ = writeln!(
             s,
-            "- `pid-server reload`, {}: {} of {} reloads done, {} requests, {} failed{} → {}",
+            "- `pid-server reload`, {}{}: {} of {} reloads done, {} requests, {} failed{} → {}",
             r.mode.name(),
+            if checked {
+                ""
+            } else {
+                " (not part of --check)"
+            },
             r.restarts_ok(),
             r.restarts.len(),
             r.sent,
@@ -139,6 +163,9 @@ fn verdicts(args: &Args, runs: &[RunResult], steady: &[SteadyResult]) -> (String
             },
             if ok { "zero failures" } else { "FAILURES" }
         );
+        if r.mode == Mode::Paused {
+            paused_verdict(&mut s, r, steady);
+        }
         if r.lat_win.is_empty() {
             continue;
         }
@@ -177,8 +204,14 @@ fn verdicts(args: &Args, runs: &[RunResult], steady: &[SteadyResult]) -> (String
     }
     if reloads.is_empty() {
         let _ = writeln!(s, "- `pid-server reload` did not run");
+    } else if !reloads.iter().any(|r| r.mode != Mode::Paused) {
+        let _ = writeln!(
+            s,
+            "- `pid-server reload` did not run with keep-alive or one-shot clients (what --check checks)"
+        );
     }
-    for &mode in &args.modes {
+    // Paused clients' throughput is set by their pauses: not compared.
+    for &mode in args.modes.iter().filter(|m| **m != Mode::Paused) {
         let find = |name: &str| {
             steady
                 .iter()
@@ -200,6 +233,31 @@ fn verdicts(args: &Args, runs: &[RunResult], steady: &[SteadyResult]) -> (String
         }
     }
     (s, clean)
+}
+
+/// Paused clients across reloads against the same clients without them,
+/// and the kept connections' survival.
+fn paused_verdict(s: &mut String, r: &RunResult, steady: &[SteadyResult]) {
+    if let Some(b) = steady
+        .iter()
+        .find(|b| b.mode == Mode::Paused && b.server == "pid-server")
+    {
+        let _ = writeln!(
+            s,
+            "- paused clients without reloads (steady state, pid-server): {} failed of {}",
+            b.failed,
+            b.failed + b.requests
+        );
+    }
+    if let Some(k) = r.kept() {
+        let _ = writeln!(
+            s,
+            "- kept connections that survived a reload, paused: {} ({} open when a reload began, {} of them unseen afterwards)",
+            kept_cell(Some(k)),
+            k.open,
+            k.undetermined
+        );
+    }
 }
 
 fn hist_json(h: &Histogram<u64>) -> Value {
@@ -225,6 +283,15 @@ fn kinds_json(k: &[u64; 7]) -> Value {
     Value::Object(m)
 }
 
+fn kept_json(k: Kept) -> Value {
+    json!({
+        "open_at_restart": k.open,
+        "survived": k.survived,
+        "undetermined": k.undetermined,
+        "survived_share": k.share(),
+    })
+}
+
 const MAX_FAILURES_IN_JSON: usize = 500;
 
 fn run_json(r: &RunResult, args: &Args) -> Value {
@@ -233,7 +300,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
         "strategy": r.strategy,
         "client": r.mode.name(),
         "note": r.note,
-        "concurrency": args.concurrency,
+        "concurrency": args.connections(r.mode),
         "duration_s": r.duration.as_secs_f64(),
         "sent": r.sent,
         "ok": r.by_kind[Kind::Ok.index()],
@@ -247,6 +314,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
             "before_restarts": hist_json(&r.lat_before),
         },
         "median_restart_until_new_pid_ms": r.median_until_new().map(ms_f),
+        "kept_connections": r.kept().map(kept_json),
         "restarts": r.restarts.iter().map(|e| json!({
             "at_ms": ms_f(e.at),
             "command_ms": ms_f(e.took),
@@ -256,6 +324,7 @@ fn run_json(r: &RunResult, args: &Args) -> Value {
             "until_new_pid_answered_ms": e.until_new.map(ms_f),
             "until_old_pid_last_answered_ms": e.last_old.map(ms_f),
             "failed_until_next_restart": e.failed_after,
+            "kept_connections": e.kept.map(kept_json),
         })).collect::<Vec<_>>(),
         "answers_by_pid": r.pids.iter().map(|(p, n)| json!({"pid": p, "ok": n})).collect::<Vec<_>>(),
         "failures_total": r.failures.len(),
@@ -517,13 +586,18 @@ pub(crate) fn publish(
         out,
         "\n## Restarts under load\n\n{} restarts per row, {} ms apart, after {} ms of load; \
          {} connections from {} client threads; latency of 200s; ±1s = requests started \
-         within {} ms of a restart's start.\n",
+         within {} ms of a restart's start. Paused clients: {} connections, each idle {}–{} ms \
+         after every answer. Kept conns survived: connections open when a restart began that \
+         a process which came after it answered, of those whose fate was seen.\n",
         args.restarts,
         args.spacing.as_millis(),
         args.warmup.as_millis(),
         args.concurrency,
         args.client_threads,
-        args.window.as_millis()
+        args.window.as_millis(),
+        args.paused_clients,
+        args.pause_min.as_millis(),
+        args.pause_max.as_millis(),
     );
     out.push_str(&restart_table(runs));
     if !steady.is_empty() {
@@ -574,6 +648,11 @@ pub(crate) fn publish(
             "window_ms": args.window.as_millis() as u64,
             "steady_ms": args.steady.as_millis() as u64,
             "quick": args.quick,
+            "paused_clients": args.paused_clients,
+            "pause_min_ms": args.pause_min.as_millis() as u64,
+            "pause_max_ms": args.pause_max.as_millis() as u64,
+            "seed": args.seed,
+            "modes": args.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
         },
         "wall_time_s": wall.as_secs_f64(),
         "runs": runs.iter().map(|r| run_json(r, args)).collect::<Vec<_>>(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::cli::Args;
-use crate::load::{FailRec, Kind, LoadData, Mode};
+use crate::load::{FailRec, Kind, LoadData, Mode, Rec};
 
 /// The first requests of a run (connections opening, caches warming) are
 /// not part of its "before restarts" baseline.
@@ -35,6 +35,99 @@ pub(crate) struct RestartEvent {
     /// Failed requests started from `at` until the next restart (or the
     /// end of the load).
     pub(crate) failed_after: u64,
+    /// The client's kept connections across this restart (client modes
+    /// that keep connections only).
+    pub(crate) kept: Option<Kept>,
+}
+
+/// What became of the client's kept connections across one restart.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Kept {
+    /// Connections open when the restart began: answered (200) before it,
+    /// and not closed (`Connection: close`, or a failed request) by then.
+    pub(crate) open: u64,
+    /// Of those, the ones answered on the same client socket by a server
+    /// process that had not answered anything before the restart began:
+    /// the connection lived on into the new generation (or, behind a proxy,
+    /// the proxy kept it while the server behind it was replaced).
+    pub(crate) survived: u64,
+    /// Of those, the ones neither survived nor seen closed by the end of
+    /// the load (no request after the restart, or only answers from
+    /// processes that were there before it): not counted in the share.
+    pub(crate) undetermined: u64,
+}
+
+impl Kept {
+    fn add(&mut self, o: Kept) {
+        self.open += o.open;
+        self.survived += o.survived;
+        self.undetermined += o.undetermined;
+    }
+
+    /// The connections whose fate is known.
+    pub(crate) fn determined(&self) -> u64 {
+        self.open - self.undetermined
+    }
+
+    /// survived / determined.
+    pub(crate) fn share(&self) -> Option<f64> {
+        let d = self.determined();
+        (d > 0).then(|| self.survived as f64 / d as f64)
+    }
+}
+
+/// One client connection, as far as the survival share needs it.
+#[derive(Default)]
+struct ConnLife {
+    /// End of its first 200, µs.
+    first_ok_end: Option<u64>,
+    /// End of the request that closed it, µs.
+    closed_at: Option<u64>,
+    /// The PIDs that answered on it (200s), each once.
+    pids: Vec<u32>,
+}
+
+/// Per restart, the fate of the connections open when it began (see
+/// [`Kept`]). `first_answer` is each PID's first 200's end in the whole
+/// load, µs: a PID whose first answer came after a restart began is a
+/// process that was not serving before it.
+fn kept_connections(recs: &[Rec], first_answer: &HashMap<u32, u64>, restarts: &mut [RestartEvent]) {
+    let mut conns: HashMap<u64, ConnLife> = HashMap::new();
+    for r in recs {
+        let c = conns.entry(r.conn).or_default();
+        if r.kind == Kind::Ok {
+            if c.first_ok_end.is_none() {
+                c.first_ok_end = Some(r.end_us());
+            }
+            if r.pid != 0 && !c.pids.contains(&r.pid) {
+                c.pids.push(r.pid);
+            }
+        }
+        if r.closed {
+            c.closed_at = Some(r.end_us());
+        }
+    }
+    for ev in restarts {
+        let at = ev.at.as_micros() as u64;
+        let mut k = Kept::default();
+        for c in conns.values() {
+            let open =
+                c.first_ok_end.is_some_and(|e| e < at) && c.closed_at.is_none_or(|e| e >= at);
+            if !open {
+                continue;
+            }
+            k.open += 1;
+            if c.pids
+                .iter()
+                .any(|p| first_answer.get(p).is_some_and(|&f| f >= at))
+            {
+                k.survived += 1;
+            } else if c.closed_at.is_none() {
+                k.undetermined += 1;
+            }
+        }
+        ev.kept = Some(k);
+    }
 }
 
 pub(crate) struct Bucket {
@@ -75,6 +168,14 @@ impl RunResult {
     }
     pub(crate) fn restarts_ok(&self) -> usize {
         self.restarts.iter().filter(|r| r.error.is_none()).count()
+    }
+    /// The kept connections over every restart of the run.
+    pub(crate) fn kept(&self) -> Option<Kept> {
+        let mut total: Option<Kept> = None;
+        for k in self.restarts.iter().filter_map(|r| r.kept) {
+            total.get_or_insert_default().add(k);
+        }
+        total
     }
     pub(crate) fn median_until_new(&self) -> Option<Duration> {
         let mut v: Vec<Duration> = self.restarts.iter().filter_map(|r| r.until_new).collect();
@@ -185,6 +286,10 @@ pub(crate) fn analyze(
                 .last()
                 .map(|&e| Duration::from_micros(e.saturating_sub(at)));
         }
+    }
+    if mode.keeps_connections() {
+        let first_answer: HashMap<u32, u64> = ends.iter().map(|(p, v)| (*p, v[0])).collect();
+        kept_connections(&data.recs, &first_answer, &mut restarts);
     }
     RunResult {
         strategy: strategy.to_string(),

@@ -108,6 +108,13 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<SteadyResult> {
     let mut order: Vec<usize> = (0..contenders.len()).collect();
     order.extend((0..contenders.len()).rev());
     for &mode in &args.modes {
+        // Paused clients send about one request per pause: a turn as long
+        // as the longest pause (and a little) has every connection reused
+        // at least once after a long idle time.
+        let half = match mode {
+            Mode::Paused => half.max(args.pause_max + Duration::from_millis(500)),
+            _ => half,
+        };
         let mut per: Vec<SteadyResult> = contenders
             .iter()
             .map(|c| SteadyResult {

@@ -222,6 +222,16 @@ impl Strategy for Systemd<'_> {
     }
 }
 
+/// The load after the last restart: for paused clients at least their
+/// longest pause (and a little), so that every connection open at the last
+/// restart sends once more and its fate is seen.
+fn settle_for(args: &Args, mode: Mode) -> Duration {
+    match mode {
+        Mode::Paused => args.settle.max(args.pause_max + Duration::from_millis(250)),
+        _ => args.settle,
+    }
+}
+
 /// Load on, N restarts spaced evenly, load off; then the numbers.
 fn run_restarts(
     args: &Args,
@@ -230,15 +240,17 @@ fn run_restarts(
     s: &mut dyn Strategy,
     note: Option<String>,
 ) -> Result<RunResult, String> {
-    let planned = args.warmup + args.spacing * args.restarts as u32 + args.settle;
+    let settle = settle_for(args, mode);
+    let planned = args.warmup + args.spacing * args.restarts as u32 + settle;
+    let cfg = load_cfg(args, s.port(), mode, planned);
     eprintln!(
         "bench: {name} / {}: {} restarts, {} connections, about {:.1} s",
         mode.name(),
         args.restarts,
-        args.concurrency,
+        cfg.concurrency,
         planned.as_secs_f64()
     );
-    let load = Load::start(load_cfg(args, s.port(), mode, planned))?;
+    let load = Load::start(cfg)?;
     let mut events = Vec::new();
     for i in 0..args.restarts {
         sleep_until(load.t0 + args.warmup + args.spacing * i as u32);
@@ -273,10 +285,11 @@ fn run_restarts(
             until_new: None,
             last_old: None,
             failed_after: 0,
+            kept: None,
         });
         s.tidy();
     }
-    sleep_until(Instant::now() + args.settle);
+    sleep_until(Instant::now() + settle);
     let data = load.finish();
     s.tidy();
     let r = analyze(name, mode, data, events, args, note);
