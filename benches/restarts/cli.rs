@@ -71,7 +71,7 @@ struct Flags {
 
     /// Comma-separated subset of naive-kill, naive-term,
     /// reuseport-migrate0, reuseport-migrate1, reload, systemd-restart,
-    /// systemd-reload [default: all]
+    /// systemd-reload, nginx-reload [default: all]
     #[arg(long, value_name = "LIST", value_parser = strategy_list)]
     strategies: Option<List<String>>,
 

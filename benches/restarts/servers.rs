@@ -127,11 +127,57 @@ pub(crate) fn nginx_version() -> String {
         .unwrap_or_default()
 }
 
+/// What the bench's nginx does with a request.
+pub(crate) enum NginxSite {
+    /// `return 200 "OK. Handled by PID: $pid"` (its own worker's PID).
+    Return200,
+    /// Reverse proxy to a pid-server on `127.0.0.1:port`, with a pool of
+    /// kept upstream connections; nginx's defaults otherwise (a request
+    /// that fails on a kept upstream connection with an error is tried
+    /// again on a new one: `proxy_next_upstream error timeout`).
+    ProxyTo(u16),
+}
+
+impl NginxSite {
+    fn config(&self) -> String {
+        match self {
+            NginxSite::Return200 => "\
+                 \x20   server {\n\
+                 \x20       listen 127.0.0.1:PORT reuseport;\n\
+                 \x20       location / {\n\
+                 \x20           default_type text/plain;\n\
+                 \x20           return 200 \"OK. Handled by PID: $pid\\n\";\n\
+                 \x20       }\n\
+                 \x20   }\n"
+                .to_string(),
+            NginxSite::ProxyTo(backend) => format!(
+                "\
+                 \x20   upstream pid_server {{\n\
+                 \x20       server 127.0.0.1:{backend};\n\
+                 \x20       # idle kept connections per worker, never retired by count\n\
+                 \x20       keepalive 64;\n\
+                 \x20       keepalive_requests 100000000;\n\
+                 \x20       keepalive_timeout 60s;\n\
+                 \x20   }}\n\
+                 \x20   server {{\n\
+                 \x20       listen 127.0.0.1:PORT reuseport;\n\
+                 \x20       location / {{\n\
+                 \x20           proxy_pass http://pid_server;\n\
+                 \x20           proxy_http_version 1.1;\n\
+                 \x20           proxy_set_header Connection \"\";\n\
+                 \x20       }}\n\
+                 \x20   }}\n"
+            ),
+        }
+    }
+}
+
 /// nginx as its own master with a config, prefix and temp paths in `dir`.
-pub(crate) fn nginx_cmd(port: u16, dir: &Path) -> Result<Command, String> {
+pub(crate) fn nginx_cmd(port: u16, dir: &Path, site: NginxSite) -> Result<Command, String> {
     let nginx = find_program("nginx")
         .ok_or("`nginx` not found (apt-get install nginx; see .ci/bench-deps)")?;
     let d = dir.display();
+    let site = site.config().replace("PORT", &port.to_string());
     let conf = format!(
         "# Written by benches/restarts/servers.rs\n\
          daemon off;\n\
@@ -150,13 +196,7 @@ pub(crate) fn nginx_cmd(port: u16, dir: &Path) -> Result<Command, String> {
          \x20   # like pid-server and Go: no cap on requests per connection\n\
          \x20   keepalive_requests 100000000;\n\
          \x20   keepalive_timeout 75s;\n\
-         \x20   server {{\n\
-         \x20       listen 127.0.0.1:{port} reuseport;\n\
-         \x20       location / {{\n\
-         \x20           default_type text/plain;\n\
-         \x20           return 200 \"OK. Handled by PID: $pid\\n\";\n\
-         \x20       }}\n\
-         \x20   }}\n\
+         {site}\
          }}\n"
     );
     fs::create_dir_all(dir).map_err(|e| format!("mkdir {d}: {e}"))?;

@@ -1,6 +1,7 @@
 //! The restart strategies, and the run that restarts a server under load
 //! with one of them.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,11 +12,13 @@ use crate::cli::Args;
 use crate::load::{Load, Mode, load_cfg};
 use crate::netns::NetNs;
 use crate::nspawn;
-use crate::procs::{Procs, aborted, run_cmd, sleep_until};
+use crate::procs::{Procs, TempDir, aborted, run_cmd, sleep_until};
 use crate::results::{RestartEvent, RunResult, analyze};
-use crate::servers::{PID_SERVER, pid_server_cmd, wait_for_pid, wait_serving};
+use crate::servers::{
+    NginxSite, PID_SERVER, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
+};
 
-pub(crate) const STRATEGIES: [&str; 7] = [
+pub(crate) const STRATEGIES: [&str; 8] = [
     "naive-kill",
     "naive-term",
     "reuseport-migrate0",
@@ -23,13 +26,20 @@ pub(crate) const STRATEGIES: [&str; 7] = [
     "reload",
     "systemd-restart",
     "systemd-reload",
+    "nginx-reload",
 ];
 const SERVICE: &str = "pid-server.service";
 const SOCKET: &str = "pid-server.socket";
 const STARTLIMIT_DROPIN: &str = "/etc/systemd/system/pid-server.service.d/bench-start-limit.conf";
 
 trait Strategy {
+    /// Where the load goes.
     fn port(&self) -> u16;
+    /// Where the bench asks `/healthz` whether the new PID serves: the
+    /// server itself, not a proxy in front of it.
+    fn probe_port(&self) -> u16 {
+        self.port()
+    }
     /// The PID that serves now.
     fn pid(&self) -> u32;
     /// One restart; returns the new PID.
@@ -154,6 +164,69 @@ impl Strategy for Reload {
     }
 }
 
+/// nginx in front of a pid-server (kept upstream connections), and
+/// `pid-server reload` behind it: what clients of a proxy see when the
+/// server behind it is replaced.
+struct NginxReload {
+    /// nginx's master and workers; stopped before `dir` goes.
+    _nginx: Procs,
+    dir: TempDir,
+    port: u16,
+    backend: Reload,
+}
+
+impl NginxReload {
+    fn start(args: &Args, label: &str) -> Result<NginxReload, String> {
+        let backend_port = nspawn::free_port();
+        let backend = Reload {
+            p: Plain::start(backend_port, &log_path(args, label))?,
+        };
+        let dir = TempDir::new(&format!("nginx-front-{label}"))?;
+        let port = nspawn::free_port();
+        let mut nginx = Procs::new(&log_path(args, &format!("{label}-nginx")))?;
+        nginx.spawn(
+            nginx_cmd(port, &dir.0, NginxSite::ProxyTo(backend_port))?,
+            "nginx",
+        )?;
+        wait_for_pid(port, backend.p.pid, Duration::from_secs(10))?;
+        Ok(NginxReload {
+            _nginx: nginx,
+            dir,
+            port,
+            backend,
+        })
+    }
+}
+
+impl NginxReload {
+    /// The lines of nginx's error log about its upstream (a kept upstream
+    /// connection closed or reset under a request, which nginx then tries
+    /// again on a new one, or answers 502): what the proxy hid, or did not.
+    fn upstream_errors(&self) -> usize {
+        fs::read_to_string(self.dir.0.join("error.log"))
+            .map(|log| log.lines().filter(|l| l.contains("upstream")).count())
+            .unwrap_or(0)
+    }
+}
+
+impl Strategy for NginxReload {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn probe_port(&self) -> u16 {
+        self.backend.p.port
+    }
+    fn pid(&self) -> u32 {
+        self.backend.pid()
+    }
+    fn restart(&mut self) -> Result<u32, String> {
+        self.backend.restart()
+    }
+    fn tidy(&mut self) {
+        self.backend.tidy();
+    }
+}
+
 /// `systemctl restart pid-server.service` or `systemctl reload pid-server`
 /// in the container.
 struct Systemd<'a> {
@@ -266,7 +339,7 @@ fn run_restarts(
             Ok(new) => {
                 // Serving before the next restart, whatever the strategy
                 // waited for (not part of `took`).
-                match wait_for_pid(s.port(), new, Duration::from_secs(20)) {
+                match wait_for_pid(s.probe_port(), new, Duration::from_secs(20)) {
                     Ok(_) => (new, None),
                     Err(e) => (new, Some(e)),
                 }
@@ -325,6 +398,7 @@ pub(crate) fn run_all(args: &Args, skips: &mut Skips) -> Vec<RunResult> {
     run_plain_strategies(args, &mut runs, skips);
     run_reuseport(args, &mut runs, skips);
     run_systemd(args, &mut runs, skips);
+    run_nginx_reload(args, &mut runs, skips);
     // Table order: the order the strategies are listed in.
     runs.sort_by_key(|r| {
         (
@@ -367,6 +441,37 @@ fn run_plain_strategies(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skip
                 Ok(r) => runs.push(r),
                 Err(e) => skips.add(&format!("{name} / {}", mode.name()), e),
             }
+        }
+    }
+}
+
+fn run_nginx_reload(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
+    let name = "nginx-reload";
+    if !args.strategies.iter().any(|s| s == name) {
+        return;
+    }
+    for &mode in &args.modes {
+        if aborted() {
+            return;
+        }
+        let label = format!("{name}-{}", mode.name());
+        let r = NginxReload::start(args, &label).and_then(|mut s| {
+            let note = format!(
+                "nginx on port {} in front of pid-server on port {} (upstream keepalive)",
+                s.port, s.backend.p.port
+            );
+            let mut r = run_restarts(args, name, mode, &mut s, Some(note))?;
+            let errors = s.upstream_errors();
+            if let Some(n) = &mut r.note {
+                n.push_str(&format!(
+                    "; nginx's error log: {errors} lines about its upstream"
+                ));
+            }
+            Ok(r)
+        });
+        match r {
+            Ok(r) => runs.push(r),
+            Err(e) => skips.add(&format!("{name} / {}", mode.name()), e),
         }
     }
 }
