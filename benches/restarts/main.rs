@@ -2,9 +2,11 @@
 //! restarts, every strategy side by side (see `benches/README.md`).
 //!
 //! A load client of its own (tokio, fixed concurrency, real TCP on
-//! loopback) drives a pid-server in two modes, keep-alive connections and
-//! one request per new connection, and records every request's outcome,
-//! latency and answering PID, while a strategy restarts the server N times:
+//! loopback) drives a pid-server in three modes, keep-alive connections in
+//! a closed loop, one request per new connection, and kept connections that
+//! idle 0.3–3 s between requests ("paused"), and records every request's
+//! outcome, latency, answering PID and connection, while a strategy
+//! restarts the server N times:
 //!
 //! - `naive-kill`, `naive-term`: SIGKILL (or SIGTERM and wait for the exit),
 //!   then start a new process;
@@ -15,7 +17,9 @@
 //! - `reload`: `pid-server reload --pid <current>`;
 //! - `systemd-restart`, `systemd-reload`: `systemctl restart` (the socket
 //!   unit holds the queue) and `systemctl reload` in a container booted by
-//!   `tests/support/nspawn.rs`.
+//!   `tests/support/nspawn.rs`;
+//! - `nginx-reload`: nginx in front (kept upstream connections), `pid-server
+//!   reload` behind it.
 //!
 //! Then the steady state of `GET /`: pid-server against a minimal Go
 //! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
@@ -26,7 +30,6 @@
 //! Everything the bench starts (servers, network namespaces, the container)
 //! is owned by a guard whose `Drop` stops and reaps it, also on a panic; a
 //! SIGINT/SIGTERM makes the bench stop early and clean up.
-
 //!
 //! # Layout
 //!

@@ -603,10 +603,13 @@ pub(crate) fn publish(
     if !steady.is_empty() {
         let _ = writeln!(
             out,
-            "\n## Steady state, GET /\n\n{:.1} s per server and client mode ({} connections, {} client threads), same client for all.\n",
+            "\n## Steady state, GET /\n\n{:.1} s per server and client mode ({} connections, {} client threads; \
+             paused: {} connections, at least {:.1} s), same client for all.\n",
             args.steady.as_secs_f64(),
             args.concurrency,
-            args.client_threads
+            args.client_threads,
+            args.paused_clients,
+            2.0 * args.pause_max.as_secs_f64() + 1.0,
         );
         out.push_str(&steady_table(steady));
     }
