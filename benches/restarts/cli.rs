@@ -104,7 +104,9 @@ struct Flags {
     #[arg(long)]
     quick: bool,
 
-    /// Exit 1 if `pid-server reload` failed a request (or could not run)
+    /// Exit 1 if `pid-server reload` failed a request of the keep-alive or
+    /// one-shot clients (or ran with neither); paused clients are reported,
+    /// not checked
     #[arg(long)]
     check: bool,
 
