@@ -1,0 +1,270 @@
+//! The command line (clap), resolved into [`Args`]: `--quick` changes the
+//! defaults of the durations and counts, so those flags are optional here
+//! and get their value in [`Flags::resolve`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::load::Mode;
+use crate::servers::{MANIFEST_DIR, PID_SERVER};
+use crate::strategies::STRATEGIES;
+
+/// Failed requests and latency across restarts of pid-server, every
+/// strategy side by side, then the steady state against Go and nginx
+/// (benches/README.md explains every column).
+#[derive(Parser, Debug)]
+#[command(
+    name = "restarts",
+    override_usage = "cargo bench --bench restarts -- [OPTIONS]",
+    disable_version_flag = true,
+    // As before clap: a flag given twice takes the last value.
+    args_override_self = true
+)]
+struct Flags {
+    /// Restarts per strategy and client mode [default: 20; --quick: 3]
+    #[arg(long, value_name = "N")]
+    restarts: Option<u64>,
+
+    /// Time between the starts of two restarts [default: 500; --quick: 400]
+    #[arg(long, value_name = "MS")]
+    spacing_ms: Option<u64>,
+
+    /// Load before the first restart; what comes before the first
+    /// restart's window is the run's own baseline [default: 2500; --quick:
+    /// 1500]
+    #[arg(long, value_name = "MS")]
+    warmup_ms: Option<u64>,
+
+    /// Load after the last restart [default: 1000; --quick: 500]
+    #[arg(long, value_name = "MS")]
+    settle_ms: Option<u64>,
+
+    /// Concurrent connections of the load client
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+
+    /// Threads of the load client
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    client_threads: u64,
+
+    /// A request (connect, send, whole response) fails after this
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+
+    /// "Around restarts": requests started within this of a restart
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    window_ms: u64,
+
+    /// Steady-state load per server and client mode [default: 6; --quick: 1]
+    #[arg(long, value_name = "S")]
+    steady_secs: Option<u64>,
+
+    /// The same in milliseconds (wins over --steady-secs)
+    #[arg(long, value_name = "MS", hide = true)]
+    steady_ms: Option<u64>,
+
+    /// Time resolution of the JSON timeline and the picture
+    #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    bucket_ms: u64,
+
+    /// Comma-separated subset of naive-kill, naive-term,
+    /// reuseport-migrate0, reuseport-migrate1, reload, systemd-restart,
+    /// systemd-reload, nginx-reload [default: all]
+    #[arg(long, value_name = "LIST", value_parser = strategy_list)]
+    strategies: Option<List<String>>,
+
+    /// Comma-separated client modes: keep-alive, one-shot, paused [default:
+    /// all three]
+    #[arg(long, value_name = "LIST", value_parser = mode_list)]
+    modes: Option<List<Mode>>,
+
+    /// Connections of the paused client mode (each mostly idle)
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    paused_clients: u64,
+
+    /// Shortest idle time of a paused connection between two requests
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pause_min_ms: u64,
+
+    /// Longest idle time of a paused connection between two requests
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pause_max_ms: u64,
+
+    /// Seed of the paused clients' idle times
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+
+    /// Skip the steady-state comparison with Go and nginx
+    #[arg(long)]
+    no_compare: bool,
+
+    /// A short smoke run: 3 restarts each, 1 s steady state
+    #[arg(long)]
+    quick: bool,
+
+    /// Exit 1 if `pid-server reload` failed a request of the keep-alive or
+    /// one-shot clients (or ran with neither); paused clients are reported,
+    /// not checked
+    #[arg(long)]
+    check: bool,
+
+    /// Where restarts.json, restarts.svg and logs/ go [default: <target
+    /// dir>/bench-results]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+
+    /// Passed by `cargo bench` to every `harness = false` target; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A comma-separated list, parsed as one value (blanks around the commas
+/// and empty items are ignored).
+#[derive(Debug, Clone)]
+struct List<T>(Vec<T>);
+
+fn strategy_list(v: &str) -> Result<List<String>, String> {
+    items(v)
+        .map(|s| {
+            if STRATEGIES.contains(&s) {
+                Ok(s.to_string())
+            } else {
+                Err(format!("unknown strategy {s:?}"))
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
+fn mode_list(v: &str) -> Result<List<Mode>, String> {
+    items(v)
+        .map(|m| match m {
+            "keep-alive" | "keepalive" => Ok(Mode::KeepAlive),
+            "one-shot" | "oneshot" => Ok(Mode::OneShot),
+            "paused" => Ok(Mode::Paused),
+            _ => Err(format!("unknown client mode {m:?}")),
+        })
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
+fn items(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Every setting of a bench run, defaults filled in.
+#[derive(Debug, Clone)]
+pub(crate) struct Args {
+    pub(crate) restarts: usize,
+    pub(crate) spacing: Duration,
+    pub(crate) warmup: Duration,
+    pub(crate) settle: Duration,
+    pub(crate) concurrency: usize,
+    pub(crate) client_threads: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) window: Duration,
+    pub(crate) steady: Duration,
+    pub(crate) bucket: Duration,
+    pub(crate) strategies: Vec<String>,
+    pub(crate) modes: Vec<Mode>,
+    pub(crate) paused_clients: usize,
+    pub(crate) pause_min: Duration,
+    pub(crate) pause_max: Duration,
+    pub(crate) seed: u64,
+    pub(crate) compare: bool,
+    pub(crate) quick: bool,
+    pub(crate) check: bool,
+    pub(crate) out: PathBuf,
+}
+
+impl Args {
+    /// The load client's connections in `mode`.
+    pub(crate) fn connections(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Paused => self.paused_clients,
+            Mode::KeepAlive | Mode::OneShot => self.concurrency,
+        }
+    }
+}
+
+/// The flags, or exit 64 (`EX_USAGE`) with clap's message (`--help`: 0).
+pub(crate) fn parse_or_exit() -> Args {
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
+    match flags.resolve() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(64);
+        }
+    }
+}
+
+impl Flags {
+    fn resolve(self) -> Result<Args, String> {
+        let quick = self.quick;
+        let pick = |v: Option<u64>, normal: u64, quick_v: u64| {
+            v.unwrap_or(if quick { quick_v } else { normal })
+        };
+        let ms = |v: Option<u64>, normal: u64, quick_v: u64| {
+            Duration::from_millis(pick(v, normal, quick_v))
+        };
+        let args = Args {
+            restarts: pick(self.restarts, 20, 3) as usize,
+            spacing: ms(self.spacing_ms, 500, 400),
+            warmup: ms(self.warmup_ms, 2500, 1500),
+            settle: ms(self.settle_ms, 1000, 500),
+            concurrency: self.concurrency as usize,
+            client_threads: self.client_threads as usize,
+            timeout: Duration::from_millis(self.timeout_ms),
+            window: Duration::from_millis(self.window_ms),
+            steady: match self.steady_ms {
+                Some(v) => Duration::from_millis(v),
+                None => Duration::from_secs(pick(self.steady_secs, 6, 1)),
+            },
+            bucket: Duration::from_millis(self.bucket_ms),
+            strategies: self
+                .strategies
+                .map(|l| l.0)
+                .unwrap_or_else(|| STRATEGIES.map(String::from).to_vec()),
+            modes: self
+                .modes
+                .map(|l| l.0)
+                .unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot, Mode::Paused]),
+            paused_clients: self.paused_clients as usize,
+            pause_min: Duration::from_millis(self.pause_min_ms),
+            pause_max: Duration::from_millis(self.pause_max_ms),
+            seed: self.seed,
+            compare: !self.no_compare,
+            quick,
+            check: self.check,
+            out: self
+                .out
+                .unwrap_or_else(|| target_dir().join("bench-results")),
+        };
+        if args.modes.is_empty() {
+            return Err("--modes: no client mode".into());
+        }
+        if args.pause_min > args.pause_max {
+            return Err("--pause-min-ms is above --pause-max-ms".into());
+        }
+        Ok(args)
+    }
+}
+
+/// The target dir this bench was built in (`target/` by default): the
+/// pid-server binary is `<target>/release/pid-server`.
+fn target_dir() -> PathBuf {
+    Path::new(PID_SERVER)
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(MANIFEST_DIR).join("target"))
+}

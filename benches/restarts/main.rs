@@ -1,0 +1,90 @@
+//! `cargo bench --bench restarts`: failed requests and latency across
+//! restarts, every strategy side by side (see `benches/README.md`).
+//!
+//! A load client of its own (tokio, fixed concurrency, real TCP on
+//! loopback) drives a pid-server in three modes, keep-alive connections in
+//! a closed loop, one request per new connection, and kept connections that
+//! idle 0.3–3 s between requests ("paused"), and records every request's
+//! outcome, latency, answering PID and connection, while a strategy
+//! restarts the server N times:
+//!
+//! - `naive-kill`, `naive-term`: SIGKILL (or SIGTERM and wait for the exit),
+//!   then start a new process;
+//! - `reuseport-migrate0`, `reuseport-migrate1`: the seed's way (a second
+//!   process beside the old one on its own `SO_REUSEPORT` socket, wait until
+//!   the new PID answers `/healthz`, SIGTERM the old one), in a network
+//!   namespace of the bench's own with `net.ipv4.tcp_migrate_req` 0 and 1;
+//! - `reload`: `pid-server reload --pid <current>`;
+//! - `systemd-restart`, `systemd-reload`: `systemctl restart` (the socket
+//!   unit holds the queue) and `systemctl reload` in a container booted by
+//!   `tests/support/nspawn.rs`;
+//! - `nginx-reload`: nginx in front (kept upstream connections), `pid-server
+//!   reload` behind it.
+//!
+//! Then the steady state of `GET /`: pid-server against a minimal Go
+//! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
+//! same client. Tables go to stdout (Markdown), progress to stderr, raw
+//! results to `<target>/bench-results/restarts.json` and a picture to
+//! `<target>/bench-results/restarts.svg`.
+//!
+//! Everything the bench starts (servers, network namespaces, the container)
+//! is owned by a guard whose `Drop` stops and reaps it, also on a panic; a
+//! SIGINT/SIGTERM makes the bench stop early and clean up.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the flags, resolved into [`cli::Args`];
+//! - [`load`]: the load client (connections, requests, outcomes);
+//! - [`strategies`]: a restart strategy per kind of restart, and the run
+//!   that restarts a server under load;
+//! - [`steady`]: the steady-state comparison;
+//! - [`results`]: one run's records turned into counts, percentiles and a
+//!   timeline;
+//! - [`report`]: tables, verdict, JSON and the picture;
+//! - [`procs`], [`netns`], [`servers`]: processes, network namespaces and
+//!   the servers the bench starts, and how it probes them.
+
+#[path = "../../tests/support/nspawn.rs"]
+mod nspawn;
+
+mod cli;
+mod load;
+mod netns;
+mod procs;
+mod report;
+mod results;
+mod servers;
+mod steady;
+mod strategies;
+
+use std::fs;
+use std::time::Instant;
+
+use crate::procs::aborted;
+use crate::servers::PID_SERVER;
+
+fn main() {
+    let args = cli::parse_or_exit();
+    procs::catch_signals();
+    procs::become_subreaper();
+    netns::sweep_stale();
+    let started = Instant::now();
+    if let Err(e) = fs::create_dir_all(args.out.join("logs")) {
+        eprintln!("bench: mkdir {}: {e}", args.out.display());
+        std::process::exit(1);
+    }
+    eprintln!(
+        "bench: pid-server binary {PID_SERVER} (built by cargo bench, bench profile = release)"
+    );
+    let mut skips = strategies::Skips::default();
+    let runs = strategies::run_all(&args, &mut skips);
+    let steady = steady::run(&args, &mut skips);
+    let reload_clean = report::publish(&args, &runs, &steady, &skips, started.elapsed());
+    if aborted() {
+        std::process::exit(130);
+    }
+    if args.check && !reload_clean {
+        eprintln!("bench: --check: `pid-server reload` failed requests or did not run");
+        std::process::exit(1);
+    }
+}
