@@ -30,6 +30,7 @@ use crate::control::{self, Answer, Report};
 use crate::handover::channel::PROTOCOL;
 use crate::handover::join::{self, Inherited, Successor};
 use crate::handover::spawn::{self, Failure, Joined, Pending, Plan};
+use crate::limits::FdLimit;
 use crate::listeners::{self, ListenAddr, ListenError, Listener, Origin};
 use crate::metrics::ReloadResult;
 use crate::notify::{self, Notifier};
@@ -208,6 +209,7 @@ pub struct Generation {
     exe: std::path::PathBuf,
     args: Vec<std::ffi::OsString>,
     info: Info,
+    fd_limit: Option<FdLimit>,
 }
 
 impl Generation {
@@ -229,6 +231,8 @@ impl Generation {
             .map_err(|e| StartError::Other(format!("cannot tell which binary this is: {e}")))?;
         signals::unblock()
             .map_err(|e| StartError::Other(format!("cannot unblock signals: {e}")))?;
+        // Before the runtime's threads, like every process-wide setting.
+        let fd_limit = FdLimit::raise();
         let info = Info {
             pid: std::process::id(),
             generation: number,
@@ -243,6 +247,7 @@ impl Generation {
             exe,
             args: join::args(),
             info,
+            fd_limit,
         })
     }
 
@@ -374,6 +379,28 @@ impl Running {
             );
         }
         hooks.check_ready()?;
+        let mut config = g.config.clone();
+        if let Some(limit) = g.fd_limit {
+            let budget = limit.connection_budget(g.listeners.len());
+            tracing::info!(
+                event = "fd_limit",
+                soft = limit.soft,
+                hard = limit.hard,
+                soft_before = limit.soft_before,
+                connection_budget = budget,
+                "{limit}"
+            );
+            if config.max_connections > budget {
+                tracing::warn!(
+                    event = "max_connections_clamped",
+                    asked = config.max_connections,
+                    budget,
+                    "at most {budget} connections fit under the {limit}; serving at most {budget} (asked for {})",
+                    config.max_connections
+                );
+                config.max_connections = budget;
+            }
+        }
         let sockets = describe(&g.listeners);
         // Second descriptors of every socket, for the next generation.
         let handover: Vec<(OwnedFd, String)> = g
@@ -405,7 +432,7 @@ impl Running {
                 None
             }
         };
-        let server = Server::start(g.listeners, router, g.info.counters.clone(), &g.config)
+        let server = Server::start(g.listeners, router, g.info.counters.clone(), &config)
             .map_err(|e| format!("cannot serve the sockets: {e}"))?;
         Ok(Running {
             config: g.config,

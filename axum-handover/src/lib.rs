@@ -87,6 +87,7 @@ mod env;
 mod generation;
 mod handover;
 pub mod helper;
+mod limits;
 mod listeners;
 mod metrics;
 mod notify;
