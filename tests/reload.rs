@@ -42,14 +42,27 @@ fn parse_reloaded(line: &str) -> (u32, u32, u32, u64) {
 fn upgrade_under_load_loses_nothing() {
     let (_dir, _bin, old, notify, addr) = start_private();
     let reaper = Reaper::default();
-    let ka = Load::start(addr, "/", 2, Mode::KeepAlive, 1000, Duration::from_secs(20));
-    let nc = Load::start(
+    // 2 ms between requests: 500 per client then take over a second, well
+    // past the handover (250 ms of probation), so the new PID answers some.
+    // (Unpaced, both loads were done in under 200 ms, before it.)
+    let pace = Duration::from_millis(2);
+    let ka = Load::paced(
+        addr,
+        "/",
+        2,
+        Mode::KeepAlive,
+        1000,
+        Duration::from_secs(20),
+        pace,
+    );
+    let nc = Load::paced(
         addr,
         "/",
         2,
         Mode::NewConnection,
         1000,
         Duration::from_secs(20),
+        pace,
     );
     // Let the load reach the old process first.
     let deadline = Instant::now() + WAIT;
