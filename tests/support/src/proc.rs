@@ -1,0 +1,301 @@
+//! Running the real `pid-server` binary in tests: spawn it, wait for its
+//! `READY=1` on a mock `NOTIFY_SOCKET`, read its log, and always reap it
+//! (and any generation it started) when the test ends, also on panic.
+//!
+//! Functions that start the binary take its path (`BIN` of the test file,
+//! or a private copy the test may replace).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::cmd::TestCommand;
+
+/// A bound on every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A mock systemd notify socket: a thread receives every datagram, as
+/// systemd does (a receiver that stops reading would block the sender). A
+/// plain `recv` also closes fds passed with `BARRIER=1`, which is what
+/// answers the barrier.
+pub struct Notify {
+    pub path: PathBuf,
+    seen: Arc<(Mutex<Vec<String>>, Condvar)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Notify {
+    pub fn new() -> Notify {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let seen: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let s2 = seen.clone();
+        // Ends with the test binary; it only reads.
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let (lock, cv) = &*s2;
+                lock.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                cv.notify_all();
+            }
+        });
+        Notify {
+            path,
+            seen,
+            _dir: dir,
+        }
+    }
+
+    /// Waits (bounded) for a message for which `pred` holds and returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        let (lock, cv) = &*self.seen;
+        let mut seen = lock.lock().unwrap();
+        loop {
+            if let Some(m) = seen.iter().find(|m| pred(m)) {
+                return m.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no notify message with {what}; saw {:?}",
+                *seen
+            );
+            seen = cv.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+
+    /// Every message received so far.
+    pub fn messages(&self) -> Vec<String> {
+        self.seen.0.lock().unwrap().clone()
+    }
+}
+
+impl Default for Notify {
+    fn default() -> Notify {
+        Notify::new()
+    }
+}
+
+/// A `pid-server` process started by a test.
+pub struct Proc {
+    pub child: Child,
+    pub pid: u32,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stderr to a file.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("stderr.log");
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f);
+        // Plain logs, whatever the test runner's environment says.
+        cmd.env_remove("JOURNAL_STREAM").env("NO_COLOR", "1");
+        // A binary a test just copied can be briefly "busy": another test
+        // thread's fork inherited the copy's write fd until its exec.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.expect("spawn pid-server"),
+            }
+        };
+        let pid = child.id();
+        Proc {
+            child,
+            pid,
+            log,
+            _logdir: logdir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid-server {} still running after {within:?}; log:\n{}",
+                self.pid,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The PIDs of `pid`'s children, grandchildren, ...
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let kids =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+        out.push(k);
+        out.extend(descendants(k));
+    }
+    out
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A generation the process started (a handover under way when the
+        // test failed) must not outlive the test either.
+        for pid in descendants(self.pid) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- pid-server {} log ---\n{}", self.pid, self.log());
+        }
+    }
+}
+
+/// Kills processes that are not our children (later generations) when the
+/// test ends.
+#[derive(Default)]
+pub struct Reaper(pub Mutex<Vec<u32>>);
+
+impl Reaper {
+    pub fn watch(&self, pid: u32) {
+        self.0.lock().unwrap().push(pid);
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in self.0.lock().unwrap().iter() {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) until `pid` is gone.
+pub fn wait_gone(pid: u32, within: Duration) {
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "PID {pid} still alive after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A command for the binary at `bin` serving `--listen addr`, with the mock
+/// notify socket.
+pub fn serve_cmd(bin: impl AsRef<Path>, addr: SocketAddr, notify: &Notify) -> Command {
+    let mut cmd = Command::new(bin.as_ref());
+    cmd.args(["serve", "--listen", &addr.to_string()])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("WATCHDOG_USEC");
+    cmd
+}
+
+/// A free loopback address (port 0 bound and released; SO_REUSEPORT makes a
+/// later bind by pid-server safe even if the test's socket lingers).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Starts pid-server on a fresh loopback port and waits for `READY=1`.
+pub fn start(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
+    let notify = Notify::new();
+    let addr = free_addr();
+    let p = Proc::spawn(serve_cmd(bin, addr, &notify));
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, notify, addr)
+}
+
+/// A private copy of the binary at `bin` in `dir`, so a test can replace
+/// it like a package upgrade does.
+pub fn private_binary(bin: impl AsRef<Path>, dir: &Path) -> PathBuf {
+    let p = dir.join("pid-server");
+    std::fs::copy(bin, &p).unwrap();
+    p
+}
+
+/// Atomically replaces `path` with an executable shell script.
+pub fn install_script(path: &Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, script).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Atomically puts the binary at `bin` back at `path`.
+pub fn install_real(bin: impl AsRef<Path>, path: &Path) {
+    let tmp = path.with_extension("new");
+    std::fs::copy(bin, &tmp).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Runs `BIN reload ARGS` (bounded: longer than the helper's own 60 s
+/// default) and returns (exit code, stdout, stderr).
+pub fn reload(bin: impl AsRef<Path>, args: &[&str]) -> (i32, String, String) {
+    let out = TestCommand::new(bin.as_ref())
+        .arg("reload")
+        .args(args)
+        .timeout(RELOAD_TIMEOUT)
+        .output();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The bound on a `pid-server reload` run by [`reload`].
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The PID that answers `/healthz` on a new connection.
+pub fn health_pid(addr: SocketAddr) -> u32 {
+    let r = crate::http::get(addr, "/healthz").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["pid"].as_u64().unwrap() as u32
+}
