@@ -15,7 +15,7 @@
 //! - `reload`: `pid-server reload --pid <current>`;
 //! - `systemd-restart`, `systemd-reload`: `systemctl restart` (the socket
 //!   unit holds the queue) and `systemctl reload` in a container booted by
-//!   `tests/support/nspawn.rs`.
+//!   the test support crate's `nspawn` (`tests/support/`).
 //!
 //! Then the steady state of `GET /`: pid-server against a minimal Go
 //! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
@@ -27,8 +27,7 @@
 //! is owned by a guard whose `Drop` stops and reaps it, also on a panic; a
 //! SIGINT/SIGTERM makes the bench stop early and clean up.
 
-#[path = "../tests/support/nspawn.rs"]
-mod nspawn;
+use pid_server_test_support::nspawn;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
