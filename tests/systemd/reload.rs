@@ -2,12 +2,17 @@
 
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::nspawn;
+use pid_server_test_support::{Load, nspawn};
 
 use super::{
-    SERVICE, WAIT, activate, assert_no_failures, boot, healthz, join_bounded, reload_ok, say,
-    spawn_request, start_load, stop_load, timer, wait_gone, wait_in_flight,
+    LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
+    boot, healthz, join_bounded, local, reload_ok, say, spawn_request, start_load, stop_load,
+    timer, wait_gone, wait_in_flight,
 };
+
+/// Paused clients beside the load of the reload case: kept connections
+/// that idle 0.3–3 s between two requests, the ones a reload finds idle.
+const PAUSED_CLIENTS: usize = 8;
 
 #[test]
 fn five_reloads_under_load_fail_no_request() {
@@ -20,7 +25,18 @@ fn five_reloads_under_load_fail_no_request() {
     let first = activate(&c, port);
 
     let load = start_load(port, 3, 2);
+    let paused = Load::to(local(port))
+        .paused(PAUSED_CLIENTS)
+        .max_requests(LOAD_MAX_REQUESTS * PAUSED_CLIENTS as u64)
+        .max_time(LOAD_MAX_TIME)
+        .timeout(REQUEST_TIMEOUT)
+        .start();
     load.wait_answers_from(first, 200, WAIT);
+    // Every paused connection is open, and idle most of the time, when the
+    // reloads begin.
+    paused.wait_for("an answer to every paused client", WAIT, |t| {
+        t.ok_paused >= PAUSED_CLIENTS as u64
+    });
     let mut pids = vec![first];
     for round in 1..=5u32 {
         let old = *pids.last().unwrap();
@@ -67,6 +83,55 @@ fn five_reloads_under_load_fail_no_request() {
         "answers from a PID that was never MainPID: {t:?} vs {pids:?}"
     );
     assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+
+    // The paused clients come back once more after the last reload.
+    let since = paused.snapshot();
+    paused.wait_for(
+        "a request of every paused client after the last reload",
+        WAIT,
+        |t| t.sent >= since.sent + PAUSED_CLIENTS as u64,
+    );
+    let p = stop_load(paused);
+    let conns: Vec<String> = p
+        .conns
+        .iter()
+        .map(|c| format!("client {} {}: {:?} {:?}", c.client, c.local, c.runs, c.end))
+        .collect();
+    say(&format!(
+        "case 2 paused clients: {}
+  {}",
+        p.summary(),
+        conns.join("\n  ")
+    ));
+    // What holds for paused clients today: answered by generations that
+    // were MainPID, and never refused (the listening socket stays open).
+    assert!(p.ok_paused > 0, "{}", p.summary());
+    assert_eq!(p.refused(), 0, "{}\n{:?}", p.summary(), p.examples);
+    for pid in p.by_pid.keys() {
+        assert!(
+            pids.contains(pid),
+            "a paused client was answered by PID {pid}, never MainPID: {} vs {pids:?}",
+            p.summary()
+        );
+    }
+    // ====================================================================
+    // CONNECTION MOVE: not asserted yet. Today the old generation's drain
+    // closes a kept connection once it has been idle for --idle-grace-ms
+    // (500 ms), so a paused client meets a closed connection (a failure,
+    // "closed on reused connection") or a `Connection: close`, and
+    // reconnects. Once a reload moves kept connections to its successor,
+    // assert here that none failed and every one was kept:
+    //
+    //     assert_eq!(p.failed(), 0, "{}\n{:?}", p.summary(), p.examples);
+    //     let r = p.conn_report();
+    //     assert_eq!((r.closed, r.failed), (0, 0), "{r}");
+    //     assert_eq!(r.kept_across_pid_change, r.saw_change_or_closed, "{r}");
+    //     // and, per reload, connections answered by the old PID and then,
+    //     // on the same client socket, by the new one:
+    //     for w in pids.windows(2) { assert!(p.moved(w[0], w[1]) > 0) }
+    //
+    // (A paused client may sleep through a reload, hence "> 0" per pair.)
+    // ====================================================================
 }
 
 #[test]
