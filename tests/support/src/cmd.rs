@@ -147,15 +147,6 @@ impl TestCommand {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs it and panics (showing everything) unless it exits with `code`.
-    pub fn expect_code(&mut self, code: i32) -> Output {
-        let out = self.output();
-        if out.status.code() != Some(code) {
-            panic!("{}", self.failure(&out, &format!("exit code {code}")));
-        }
-        out
-    }
-
     /// The report of a finished command that did not do what was expected.
     pub fn failure(&self, out: &Output, expected: &str) -> String {
         banner(&format!(
