@@ -3,7 +3,7 @@
 # machine that has only Rust (cargo) and systemd. Run as root.
 #
 #   packaging/ci-deps.sh            what the tests need (tests/package.rs,
-#                                   tests/image.rs, tests/systemd_harness.rs)
+#                                   tests/image.rs, tests/systemd/)
 #   packaging/ci-deps.sh --lint     also the linters: lintian (the package),
 #                                   hadolint (the Dockerfile), kubernetes-validate
 #                                   (deploy/kubernetes.yaml) and ShellCheck

@@ -6,7 +6,7 @@
 #   sudo systemd/try.sh 8081       another port
 #
 # Boots the host's own systemd as PID 1 in a systemd-nspawn container (the
-# recipe of tests/support/nspawn.rs: a fresh tmpfs root, the host's /usr with
+# recipe of tests/support/src/nspawn/: a fresh tmpfs root, the host's /usr with
 # a throw-away writable layer, the host's network), installs the freshly
 # built binary and the repo's units, moves pid-server.socket to
 # 127.0.0.1:PORT, starts it, and opens a shell inside. Type

@@ -4,18 +4,16 @@
 //! direction falls back to is asserted too: the newer side never asks the
 //! older one for what it does not know.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/proc.rs"]
-mod proc;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use http::{Load, Mode};
-use proc::{Reaper, WAIT};
+use pid_server_test_support::Load;
+use pid_server_test_support::http;
+use pid_server_test_support::proc::{self, Reaper, WAIT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// The previous release's binary, built once (and cached) by
 /// `.ci/previous-release`; `None` (printed, or a failure under CI) when it
@@ -91,11 +89,25 @@ fn reload_across(
     let old = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let reaper = Reaper::default();
-    // Paced, so the load spans the handover whatever the binaries' speed.
+    // Closed-loop keep-alive and one-shot clients, paced so the load spans
+    // the handover whatever the binaries' speed, and paused keep-alive
+    // clients (idle 0.3-3 s between requests, no retry).
     let pace = Duration::from_millis(2);
-    let max = Duration::from_secs(20);
-    let ka = Load::paced(addr, "/", 2, Mode::KeepAlive, 1500, max, pace);
-    let nc = Load::paced(addr, "/", 1, Mode::NewConnection, 500, max, pace);
+    let max = Duration::from_secs(30);
+    let ka = Load::to(addr)
+        .keep_alive(2)
+        .pace(pace)
+        .max_requests(1500)
+        .max_time(max)
+        .start();
+    let nc = Load::to(addr)
+        .one_shot(1)
+        .pace(pace)
+        .max_requests(500)
+        .max_time(max)
+        .start();
+    let paused = Load::to(addr).paused(8).max_time(max).start();
+    paused.wait_answers_from(old.pid, 8, WAIT);
     let mut idle: Vec<http::Conn> = (0..10)
         .map(|_| http::Conn::open(addr, WAIT).unwrap())
         .collect();
@@ -126,8 +138,15 @@ fn reload_across(
             assert_eq!(r.pid(), Some(new));
         }
     }
-    let (ka, nc) = (ka.join(), nc.join());
-    for (name, t) in [("keep-alive", &ka), ("new-connection", &nc)] {
+    // Every paused client comes back at least once after the handover.
+    let before = paused.snapshot().by_pid.get(&new).copied().unwrap_or(0);
+    paused.wait_answers_from(new, before + 8, WAIT);
+    let (ka, nc, paused) = (ka.join(), nc.join(), paused.finish());
+    for (name, t) in [
+        ("keep-alive", &ka),
+        ("new-connection", &nc),
+        ("paused", &paused),
+    ] {
         eprintln!("{name}: {}", t.summary());
         assert_eq!(t.failed(), 0, "{name}: {}\n{}", t.summary(), old.log());
         assert!(
@@ -144,7 +163,7 @@ fn reload_across(
 #[test]
 fn previous_release_to_this_one_drains_then_this_one_moves() {
     let Some(prev) = previous() else { return };
-    let this = Path::new(proc::BIN);
+    let this = Path::new(BIN);
     // The previous release is the old process: it knows no protocol but 1,
     // so it drains; its idle grace must outlast a pause, as it always had
     // to for such clients.
@@ -157,7 +176,7 @@ fn previous_release_to_this_one_drains_then_this_one_moves() {
 #[test]
 fn this_release_to_the_previous_one_drains_instead_of_moving() {
     let Some(prev) = previous() else { return };
-    let this = Path::new(proc::BIN);
+    let this = Path::new(BIN);
     let (out, _old, _r) = reload_across(this, prev, this, &[]);
     let line = out.lines().next().unwrap();
     assert!(
@@ -175,7 +194,7 @@ fn the_previous_release_s_helper_reloads_this_release() {
     // After a package upgrade the unit's ExecReload= helper is still the
     // copy of the release it started with.
     let Some(prev) = previous() else { return };
-    let this = Path::new(proc::BIN);
+    let this = Path::new(BIN);
     let (out, _old, _r) = reload_across(this, this, prev, &[]);
     let line = out.lines().next().unwrap();
     assert!(line.starts_with("reloaded: "), "{line}");

@@ -2,16 +2,14 @@
 //! The process must stay responsive to others (a probe request answers
 //! within PROBE_BOUND) and keep its memory and fds bounded.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/proc.rs"]
-mod proc;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use proc::{BIN, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::{Load, http};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// How fast a probe must be answered while a bad client misbehaves.
 const PROBE_BOUND: Duration = Duration::from_millis(500);
@@ -35,7 +33,7 @@ fn rss_kb(pid: u32) -> u64 {
 fn start_with(args: &[&str]) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.args(args);
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -207,7 +205,7 @@ fn over_the_connection_cap_new_clients_wait_instead_of_failing() {
 fn listen_pid_of_another_process_falls_back_to_binding() {
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.env("LISTEN_FDS", "1").env("LISTEN_PID", "1");
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -239,7 +237,7 @@ fn a_notify_socket_nobody_listens_on_is_a_warning_not_a_failure() {
 #[test]
 fn one_hundred_reloads_under_light_load() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(&bin, addr, &notify);
@@ -247,18 +245,15 @@ fn one_hundred_reloads_under_light_load() {
     let first = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let reaper = Reaper::default();
-    let load = http::Load::start(
-        addr,
-        "/",
-        1,
-        http::Mode::KeepAlive,
-        1_000_000,
-        Duration::from_secs(120),
-    );
+    let load = Load::to(addr)
+        .keep_alive(1)
+        .max_requests(1_000_000)
+        .max_time(Duration::from_secs(120))
+        .start();
     let mut pid = first.pid;
     let (mut rss, mut fds) = (Vec::new(), Vec::new());
     for generation in 1..=100u32 {
-        let (code, out, err) = proc::reload(&["--pid", &pid.to_string()]);
+        let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
         assert_eq!(code, 0, "generation {generation}: {err}");
         let new: u32 = out.split_whitespace().nth(3).unwrap().parse().unwrap();
         assert!(out.contains(&format!("(generation {generation})")), "{out}");

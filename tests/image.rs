@@ -5,8 +5,8 @@
 //! within seconds.
 //!
 //! Nothing is pulled: the base image is imported from the cached debootstrap
-//! tree (`tar -C ROOTFS -c . | podman import - ...`, see
-//! `support/deploy.rs`), and the image is built with
+//! tree (`tar -C ROOTFS -c . | podman import - ...`, see the support
+//! crate's `deploy`), and the image is built with
 //! `--target runtime-prebuilt`, which copies the pid-server binary cargo
 //! built for this test run instead of compiling it in a Rust image. The
 //! container joins a network namespace the test makes; the test's clients
@@ -22,21 +22,18 @@
 //! - `PID_SERVER_TEST_ROOTFS`: a debootstrap tree instead of the cached one.
 //! - `CI=true`: a missing tool fails the test instead of skipping it.
 
-#[path = "support/nspawn.rs"]
-mod nspawn;
-
-#[path = "support/deploy.rs"]
-mod deploy;
-#[path = "support/http.rs"]
-mod http;
-
 use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deploy::{Load, Netns};
+use pid_server_test_support::cmd::text;
+use pid_server_test_support::netns::Netns;
+use pid_server_test_support::{Load, TestCommand, deploy, http, nspawn, repo, report};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 const PORT: u16 = 8080;
 const RELOADS: usize = 5;
@@ -45,10 +42,16 @@ const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
 /// SIGRTMIN+3, systemd's clean poweroff).
 const STOP_BOUND: Duration = Duration::from_secs(5);
 
+/// The image's port on the loopback of the test's network namespace.
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
 fn podman(args: &[&str]) -> Result<std::process::Output, String> {
-    let mut cmd = Command::new("podman");
-    cmd.args(args);
-    deploy::run_timeout(cmd, PODMAN_TIMEOUT)
+    TestCommand::new("podman")
+        .args(args)
+        .timeout(PODMAN_TIMEOUT)
+        .try_output()
 }
 
 fn podman_ok(args: &[&str]) -> String {
@@ -58,7 +61,7 @@ fn podman_ok(args: &[&str]) -> String {
         "`podman {}` failed ({}):\n{}",
         args.join(" "),
         out.status,
-        deploy::text(&out)
+        text(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -70,7 +73,7 @@ impl Drop for Image {
     fn drop(&mut self) {
         match podman(&["rmi", "-f", &self.0]) {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("image test: podman rmi {}: {}", self.0, deploy::text(&o)),
+            Ok(o) => eprintln!("image test: podman rmi {}: {}", self.0, text(&o)),
             Err(e) => eprintln!("image test: {e}"),
         }
     }
@@ -95,7 +98,7 @@ impl Ctr {
             self.0,
             args.join(" "),
             out.status,
-            deploy::text(&out),
+            text(&out),
             self.journal(&["-n", "40"])
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -104,7 +107,7 @@ impl Ctr {
     fn journal(&self, args: &[&str]) -> String {
         let mut full = vec!["journalctl", "--no-pager"];
         full.extend_from_slice(args);
-        deploy::text(&self.exec(&full))
+        text(&self.exec(&full))
     }
 
     fn main_pid(&self) -> u32 {
@@ -129,13 +132,13 @@ impl Drop for Ctr {
                 eprintln!(
                     "--- journal of {} (test panicked) ---\n{}",
                     self.0,
-                    deploy::text(&o)
+                    text(&o)
                 );
             }
         }
         match podman(&["rm", "-f", "-t", "0", &self.0]) {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("image test: podman rm {}: {}", self.0, deploy::text(&o)),
+            Ok(o) => eprintln!("image test: podman rm {}: {}", self.0, text(&o)),
             Err(e) => eprintln!("image test: {e}"),
         }
     }
@@ -209,7 +212,7 @@ fn copy(src: &Path, dst: &Path) {
 /// The build context: the Dockerfile and .dockerignore, the units, and the
 /// binary where `--target runtime-prebuilt` expects it.
 fn make_context(dir: &Path) {
-    let repo = deploy::repo();
+    let repo = repo();
     copy(&repo.join("Dockerfile"), &dir.join("Dockerfile"));
     copy(&repo.join(".dockerignore"), &dir.join(".dockerignore"));
     let units = std::env::var_os("PID_SERVER_TEST_UNIT_DIR")
@@ -220,7 +223,7 @@ fn make_context(dir: &Path) {
     }
     let binary = std::env::var_os("PID_SERVER_TEST_BINARY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pid-server")));
+        .unwrap_or_else(|| PathBuf::from(BIN));
     copy(&binary, &dir.join("target/release/pid-server"));
 }
 
@@ -237,14 +240,8 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
         ("bash", "bash"),
         ("tar", "tar"),
     ];
-    if std::env::var_os(deploy::ROOTFS_ENV).is_none()
-        && !Path::new(deploy::CACHE_DIR)
-            .join("rootfs-bookworm-minbase.recipe")
-            .exists()
-    {
-        tools.push(("debootstrap", "apt-get install debootstrap"));
-    }
-    if !deploy::require_tools(TEST, &tools) {
+    tools.extend(deploy::tree_tools());
+    if !report::require_tools(TEST, &tools) {
         return;
     }
     sweep_stale();
@@ -271,8 +268,8 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
         ])
         .arg(&tree)
         .arg(&base.0);
-    let out = deploy::run_timeout(import, PODMAN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "import: {}", deploy::text(&out));
+    let out = TestCommand::from(import).timeout(PODMAN_TIMEOUT).output();
+    assert!(out.status.success(), "import: {}", text(&out));
     let import_time = t.elapsed();
 
     // --- build: --target runtime-prebuilt --------------------------------------
@@ -363,7 +360,7 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
         state,
         "running",
         "systemd in the container: {state}\n{}",
-        deploy::text(&ctr.exec(&["systemctl", "--failed", "--no-pager"]))
+        text(&ctr.exec(&["systemctl", "--failed", "--no-pager"]))
     );
     assert_eq!(
         ctr.exec_ok(&["systemctl", "is-enabled", "pid-server.socket"])
@@ -372,15 +369,24 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
     );
 
     // --- GET / from outside the container ---------------------------------------
-    deploy::wait_http_ok(Some(&nsp), PORT, "/readyz", Duration::from_secs(10));
-    let r = deploy::get(Some(&nsp), PORT, "/").expect("GET /");
+    ns.run(|| http::wait_ok(local(PORT), "/readyz", Duration::from_secs(10)));
+    let r = ns.run(|| http::get(local(PORT), "/")).expect("GET /");
     assert_eq!(r.status, 200, "{r:?}");
     let mut pids = vec![ctr.main_pid()];
     assert_eq!(r.pid(), Some(pids[0]), "{r:?}");
 
     // --- five reloads under load ----------------------------------------------
-    let load = Load::start(Some(&nsp), PORT, 4, 60_000, Duration::from_secs(90));
-    thread::sleep(Duration::from_millis(300));
+    // Half one-shot, half keep-alive; the clients run in the namespace.
+    let load = Load::to(local(PORT))
+        .one_shot(2)
+        .keep_alive(2)
+        .pace(Duration::from_millis(1))
+        .max_requests(60_000)
+        .max_time(Duration::from_secs(90))
+        .netns(&nsp)
+        .start();
+    // Traffic reaches each generation before the next reload.
+    load.wait_answers_from(pids[0], 300, Duration::from_secs(10));
     let mut reload_times = Vec::new();
     for i in 1..=RELOADS {
         let t = Instant::now();
@@ -390,7 +396,7 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
             out.status.success(),
             "reload {i} failed ({}):\n{}\n--- journal ---\n{}",
             out.status,
-            deploy::text(&out),
+            text(&out),
             ctr.journal(&["-u", "pid-server", "-o", "cat", "-n", "30"])
         );
         let pid = ctr.main_pid();
@@ -399,7 +405,7 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
             "reload {i}: MainPID {pid} is not new (had {pids:?})"
         );
         pids.push(pid);
-        thread::sleep(Duration::from_millis(300));
+        load.wait_answers_from(pid, 300, Duration::from_secs(10));
     }
     let tally = load.finish();
     eprintln!(

@@ -2,20 +2,18 @@
 //! new process, fd and unread bytes together, and the client notices
 //! nothing but the new PID in the body. With the real binary, no systemd.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/proc.rs"]
-mod proc;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use proc::{Reaper, WAIT};
+use pid_server_test_support::http;
+use pid_server_test_support::proc::{self, Reaper, WAIT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// Reloads `pid` with the helper; returns the new PID and the helper's line.
 fn reload(pid: u32) -> (u32, String) {
-    let (code, out, err) = proc::reload(&["--pid", &pid.to_string()]);
+    let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
     assert_eq!(code, 0, "reload failed: {err}");
     let line = out.trim().to_string();
     let new = line
@@ -34,7 +32,7 @@ fn health_generation(c: &mut http::Conn) -> u64 {
 
 #[test]
 fn idle_keepalive_connections_are_answered_by_the_new_process_on_the_same_socket() {
-    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let (old, _notify, addr) = proc::start(BIN);
     let reaper = Reaper::default();
     let mut conns: Vec<http::Conn> = (0..20)
         .map(|_| http::Conn::open(addr, WAIT).unwrap())
@@ -56,13 +54,13 @@ fn idle_keepalive_connections_are_answered_by_the_new_process_on_the_same_socket
         assert_eq!((r.status, r.pid()), (200, Some(new)), "{local}");
         assert!(!r.close, "a moved connection stays open");
         assert_eq!(&c.local_addr(), local, "the same client socket");
-        assert_eq!(c.served, 2);
+        assert_eq!(c.served(), 2);
     }
 }
 
 #[test]
 fn with_only_idle_connections_the_old_process_is_gone_within_a_second() {
-    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let (old, _notify, addr) = proc::start(BIN);
     let reaper = Reaper::default();
     let mut conns: Vec<http::Conn> = (0..10)
         .map(|_| http::Conn::open(addr, WAIT).unwrap())
@@ -113,7 +111,7 @@ fn raw(addr: SocketAddr) -> BufReader<TcpStream> {
 
 #[test]
 fn a_request_head_split_across_the_handover_is_answered() {
-    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let (old, _notify, addr) = proc::start(BIN);
     let reaper = Reaper::default();
     // One connection finishes its head after the handover, one while it
     // runs; each had a request answered first, so both are keep-alive
@@ -155,7 +153,7 @@ fn a_request_head_split_across_the_handover_is_answered() {
 
 #[test]
 fn pipelined_requests_across_the_handover_are_answered_in_order() {
-    let (old, _notify, addr) = proc::start(proc::BIN.as_ref());
+    let (old, _notify, addr) = proc::start(BIN);
     let reaper = Reaper::default();
     let mut s = raw(addr);
     s.get_mut()
@@ -228,7 +226,7 @@ fn rss_kb(pid: u32) -> u64 {
 fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
     let notify = proc::Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(proc::BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.args(["--upgrade-probation-ms", "0"]);
     let p = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -275,7 +273,7 @@ fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
 
 #[test]
 fn a_successor_that_dies_right_after_taking_over_loses_only_what_it_held() {
-    let (old, notify, addr) = proc::start(proc::BIN.as_ref());
+    let (old, notify, addr) = proc::start(BIN);
     let reaper = Reaper::default();
     let mut idle: Vec<http::Conn> = (0..5)
         .map(|_| http::Conn::open(addr, WAIT).unwrap())

@@ -3,7 +3,7 @@
 //! a restart: every request answered 200, the PID changes), remove, purge.
 //!
 //! The container is a debootstrap tree (cached under
-//! /var/cache/pid-server-tests, see `support/deploy.rs`) booted with
+//! /var/cache/pid-server-tests, see the support crate's `deploy`) booted with
 //! `systemd-nspawn --volatile=overlay`: dpkg works there, and the tree stays
 //! pristine. It runs in a network namespace the test makes, so the package's
 //! socket is tested exactly as shipped (`ListenStream=8080`, no drop-in)
@@ -19,23 +19,20 @@
 //!   cached one.
 //! - `CI=true`: a missing tool fails the test instead of skipping it.
 
-#[path = "support/nspawn.rs"]
-mod nspawn;
-
-#[path = "support/deploy.rs"]
-mod deploy;
-#[path = "support/http.rs"]
-mod http;
-
 use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use deploy::{Load, Netns};
-use nspawn::{Container, TreeOptions};
+use pid_server_test_support::cmd::{tail, text};
+use pid_server_test_support::netns::Netns;
+use pid_server_test_support::nspawn::{self, Container, TreeOptions};
+use pid_server_test_support::{Load, TestCommand, deploy, http, repo, report};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// The port the package's socket listens on.
 const PORT: u16 = 8080;
@@ -44,19 +41,25 @@ const SOCKET: &str = "pid-server.socket";
 /// The bound on a package build (a cold release build takes minutes).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
+/// The package's port on the loopback of the test's network namespace.
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
 struct Debs {
     first: PathBuf,
     upgrade: PathBuf,
 }
 
 fn deb_version(deb: &Path) -> String {
-    deploy::run_ok(
-        "dpkg-deb",
-        &["-f", &deb.to_string_lossy(), "Version"],
-        Duration::from_secs(30),
-    )
-    .trim()
-    .to_string()
+    TestCommand::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .arg("Version")
+        .timeout(Duration::from_secs(30))
+        .stdout()
+        .trim()
+        .to_string()
 }
 
 /// Runs `packaging/build-deb.sh VERSION` in this test binary's target dir
@@ -64,15 +67,16 @@ fn deb_version(deb: &Path) -> String {
 /// older versions it finds there).
 fn build_deb(version: &str) -> PathBuf {
     let started = Instant::now();
-    let mut cmd = Command::new(deploy::repo().join("packaging/build-deb.sh"));
-    cmd.arg(version)
-        .env("CARGO_TARGET_DIR", deploy::target_dir())
-        .current_dir(deploy::repo());
-    let out = deploy::run_timeout(cmd, BUILD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let out = TestCommand::new(repo().join("packaging/build-deb.sh"))
+        .arg(version)
+        .env("CARGO_TARGET_DIR", deploy::target_dir(BIN))
+        .current_dir(repo())
+        .timeout(BUILD_TIMEOUT)
+        .output();
     assert!(
         out.status.success(),
         "packaging/build-deb.sh {version} failed:\n{}",
-        deploy::tail(&deploy::text(&out), 40)
+        tail(&text(&out), 40)
     );
     let built = PathBuf::from(
         String::from_utf8_lossy(&out.stdout)
@@ -81,7 +85,7 @@ fn build_deb(version: &str) -> PathBuf {
             .unwrap_or_default()
             .trim(),
     );
-    let dir = deploy::target_dir().join("pid-server-test-debs");
+    let dir = deploy::target_dir(BIN).join("pid-server-test-debs");
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     let copy = dir.join(built.file_name().expect("a .deb file name"));
     fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
@@ -111,7 +115,7 @@ fn debs(test: &str) -> Option<&'static Debs> {
             );
             return Some(Debs { first, upgrade });
         }
-        if !deploy::require_tools(test, &[("cargo-deb", "cargo install cargo-deb --locked")]) {
+        if !report::require_tools(test, &[("cargo-deb", "cargo install cargo-deb --locked")]) {
             return None;
         }
         let base = env!("CARGO_PKG_VERSION");
@@ -128,14 +132,8 @@ fn can_run(test: &str) -> bool {
         return false;
     }
     let mut tools = vec![("ip", "apt-get install iproute2"), ("dpkg-deb", "dpkg")];
-    if std::env::var_os(deploy::ROOTFS_ENV).is_none()
-        && !Path::new(deploy::CACHE_DIR)
-            .join("rootfs-bookworm-minbase.recipe")
-            .exists()
-    {
-        tools.push(("debootstrap", "apt-get install debootstrap"));
-    }
-    deploy::require_tools(test, &tools)
+    tools.extend(deploy::tree_tools());
+    report::require_tools(test, &tools)
 }
 
 /// `env -i` with a plain PATH: dpkg and the maintainer scripts see what
@@ -150,7 +148,7 @@ fn dpkg(c: &Container, args: &[&str]) -> (bool, String) {
     ];
     full.extend_from_slice(args);
     let out = c.exec(&full);
-    (out.status.success(), deploy::text(&out))
+    (out.status.success(), text(&out))
 }
 
 fn dpkg_ok(c: &Container, args: &[&str]) -> String {
@@ -243,20 +241,30 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
             .is_file(),
         "unit not in the system unit dir"
     );
-    deploy::wait_http_ok(Some(&nsp), PORT, "/readyz", Duration::from_secs(10));
-    let r = deploy::get(Some(&nsp), PORT, "/").expect("GET /");
+    ns.run(|| http::wait_ok(local(PORT), "/readyz", Duration::from_secs(10)));
+    let r = ns.run(|| http::get(local(PORT), "/")).expect("GET /");
     let pid1 = c.main_pid(SERVICE);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.pid(), Some(pid1), "{r:?} (MainPID {pid1})");
 
     // --- upgrade under load: a reload, not a restart --------------------------
     let active_since = c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic");
-    let load = Load::start(Some(&nsp), PORT, 4, 40_000, Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(500));
+    // Half one-shot, half keep-alive; the clients run in the namespace.
+    let load = Load::to(local(PORT))
+        .one_shot(2)
+        .keep_alive(2)
+        .pace(Duration::from_millis(1))
+        .max_requests(40_000)
+        .max_time(Duration::from_secs(60))
+        .netns(&nsp)
+        .start();
+    // Traffic flows before the upgrade and goes on after it.
+    load.wait_answers_from(pid1, 500, Duration::from_secs(10));
     let t = Instant::now();
     let (upgraded, upgrade_out) = dpkg(&c, &["dpkg", "-i", "/tmp/pid-server-2.deb"]);
     let upgrade_time = t.elapsed();
-    thread::sleep(Duration::from_millis(500));
+    let after = load.snapshot();
+    load.wait_more(&after, 500, Duration::from_secs(10));
     let tally = load.finish();
     eprintln!(
         "package test: upgrade {v1} -> {v2} took {} ms:\n{upgrade_out}\nload: {}",
@@ -327,7 +335,7 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
             "{unit} is {enabled:?} after remove"
         );
     }
-    let gone = deploy::get(Some(&nsp), PORT, "/");
+    let gone = ns.run(|| http::get(local(PORT), "/"));
     assert!(
         gone.is_err(),
         "port 8080 still answers after remove: {gone:?}"
@@ -402,8 +410,10 @@ fn package_enables_units_without_a_running_systemd() {
             script,
         ])
         .env_remove("NOTIFY_SOCKET");
-    let out = deploy::run_timeout(cmd, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
-    let text = deploy::text(&out);
+    let out = TestCommand::from(cmd)
+        .timeout(Duration::from_secs(120))
+        .output();
+    let text = text(&out);
     eprintln!("package test: install without systemd:\n{text}");
     assert!(out.status.success(), "{text}");
     assert!(

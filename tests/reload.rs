@@ -2,16 +2,13 @@
 //! in-flight work, the helper's outcomes and exit codes, rollback, and
 //! leaks across many generations.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/proc.rs"]
-mod proc;
-
 use std::time::{Duration, Instant};
 
-use http::{Load, Mode};
 use nix::sys::signal::Signal;
-use proc::{Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::{Load, http};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// Starts a private copy of the binary (so the test can replace it).
 fn start_private() -> (
@@ -22,7 +19,7 @@ fn start_private() -> (
     std::net::SocketAddr,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let (p, notify, addr) = proc::start(&bin);
     (dir, bin, p, notify, addr)
 }
@@ -44,21 +41,25 @@ fn parse_reloaded(line: &str) -> (u32, u32, u32, u64) {
 fn upgrade_under_load_loses_nothing() {
     let (_dir, _bin, old, notify, addr) = start_private();
     let reaper = Reaper::default();
-    let ka = Load::start(addr, "/", 2, Mode::KeepAlive, 1000, Duration::from_secs(20));
-    let nc = Load::start(
-        addr,
-        "/",
-        2,
-        Mode::NewConnection,
-        1000,
-        Duration::from_secs(20),
-    );
+    // 2 ms between requests: 500 per client then take over a second, well
+    // past the handover (250 ms of probation), so the new PID answers some.
+    // (Unpaced, both loads were done in under 200 ms, before it.)
+    let load = |keep_alive, one_shot| {
+        Load::to(addr)
+            .keep_alive(keep_alive)
+            .one_shot(one_shot)
+            .pace(Duration::from_millis(2))
+            .max_requests(1000)
+            .max_time(Duration::from_secs(20))
+            .start()
+    };
+    let (ka, nc) = (load(2, 0), load(0, 2));
     // Let the load reach the old process first.
     let deadline = Instant::now() + WAIT;
     while http::get(addr, "/healthz").is_err() {
         assert!(Instant::now() < deadline);
     }
-    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 0, "{err}");
     let (from, to, generation, _ms) = parse_reloaded(out.trim());
     reaper.watch(to);
@@ -156,7 +157,7 @@ fn in_flight_request_completes_on_the_old_process() {
         assert!(Instant::now() < deadline, "slow request never arrived");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 0, "{err}");
     reaper.watch(parse_reloaded(out.trim()).1);
     let r = slow.join().unwrap().unwrap();
@@ -168,8 +169,12 @@ fn in_flight_request_completes_on_the_old_process() {
 fn a_new_binary_that_exits_at_once_leaves_the_old_serving() {
     let (_dir, bin, old, _notify, addr) = start_private();
     proc::install_script(&bin, "#!/bin/sh\necho 'broken build' >&2\nexit 1\n");
-    let load = Load::start(addr, "/", 2, Mode::KeepAlive, 400, Duration::from_secs(10));
-    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let load = Load::to(addr)
+        .keep_alive(2)
+        .max_requests(400)
+        .max_time(Duration::from_secs(10))
+        .start();
+    let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     let t = load.finish();
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -190,8 +195,8 @@ fn a_new_binary_that_exits_at_once_leaves_the_old_serving() {
         old.log()
     );
     // The good binary back: the next reload works.
-    proc::install_real(&bin);
-    let (code, out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    proc::install_real(BIN, &bin);
+    let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 0, "{err}");
     let reaper = Reaper::default();
     reaper.watch(parse_reloaded(out.trim()).1);
@@ -200,7 +205,7 @@ fn a_new_binary_that_exits_at_once_leaves_the_old_serving() {
 #[test]
 fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(&bin, addr, &notify);
@@ -210,7 +215,7 @@ fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
     // Looks alive, never says ready.
     proc::install_script(&bin, "#!/bin/sh\nexec sleep 30\n");
     let t = Instant::now();
-    let (code, _out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let (code, _out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("was not ready within 1s; stopped it"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10));
@@ -227,33 +232,30 @@ fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
 #[test]
 fn helper_errors_have_their_own_exit_codes() {
     // No such process.
-    let (code, _, err) = proc::reload(&["--pid", "999999999"]);
+    let (code, _, err) = proc::reload(BIN, &["--pid", "999999999"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("no process with PID 999999999"), "{err}");
     // A process that is not a pid-server (this test).
     let me = std::process::id().to_string();
-    let (code, _, err) = proc::reload(&["--pid", &me]);
+    let (code, _, err) = proc::reload(BIN, &["--pid", &me]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("is not a running pid-server"), "{err}");
-    let (code, _, err) = proc::reload(&["--pid", "abc"]);
+    let (code, _, err) = proc::reload(BIN, &["--pid", "abc"]);
     assert_eq!(code, 64, "{err}");
 }
 
 #[test]
 fn two_reloads_at_once_one_runs_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let reaper = Reaper::default();
     let (old, _notify, addr) = proc::start(&bin);
     // A child that takes a while to be ready keeps the first reload open.
-    proc::install_script(
-        &bin,
-        &format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", proc::BIN),
-    );
+    proc::install_script(&bin, &format!("#!/bin/sh\nsleep 1\nexec {BIN} \"$@\"\n"));
     let pid = old.pid.to_string();
     let first = {
         let pid = pid.clone();
-        std::thread::spawn(move || proc::reload(&["--pid", &pid]))
+        std::thread::spawn(move || proc::reload(BIN, &["--pid", &pid]))
     };
     // The second asks while the first's child sleeps. Wait until the first
     // has started its child (the old process then has one), bounded.
@@ -269,7 +271,7 @@ fn two_reloads_at_once_one_runs_one_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (code, _, err) = proc::reload(&["--pid", &pid]);
+    let (code, _, err) = proc::reload(BIN, &["--pid", &pid]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("already under way"), "{err}");
     let (code, out, err) = first.join().unwrap();
@@ -288,7 +290,7 @@ fn ten_upgrades_leak_no_fds_and_leave_no_zombies() {
     let mut fds = Vec::new();
     let mut times = Vec::new();
     for generation in 1..=10 {
-        let (code, out, err) = proc::reload(&["--pid", &pid.to_string()]);
+        let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
         assert_eq!(code, 0, "generation {generation}: {err}");
         let (from, to, g, ms) = parse_reloaded(out.trim());
         assert_eq!((from, g), (pid, generation));
@@ -328,7 +330,7 @@ fn ten_upgrades_leak_no_fds_and_leave_no_zombies() {
 /// process keeps serving every request.
 fn broken_release(script: Option<&str>, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(&bin, addr, &notify);
@@ -342,23 +344,17 @@ fn broken_release(script: Option<&str>, reason: &str) {
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
     }
-    let load = Load::start(
-        addr,
-        "/",
-        2,
-        Mode::KeepAlive,
-        100_000,
-        Duration::from_secs(20),
-    );
-    let nc = Load::start(
-        addr,
-        "/",
-        1,
-        Mode::NewConnection,
-        100_000,
-        Duration::from_secs(20),
-    );
-    let (code, _out, err) = proc::reload(&["--pid", &old.pid.to_string()]);
+    let load = Load::to(addr)
+        .keep_alive(2)
+        .max_requests(100_000)
+        .max_time(Duration::from_secs(20))
+        .start();
+    let nc = Load::to(addr)
+        .one_shot(1)
+        .max_requests(100_000)
+        .max_time(Duration::from_secs(20))
+        .start();
+    let (code, _out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     let (t, n) = (load.finish(), nc.finish());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(reason), "{err:?} lacks {reason:?}");
@@ -413,7 +409,7 @@ fn fault_new_binary_closes_the_channel() {
 #[test]
 fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = proc::private_binary(dir.path());
+    let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(&bin, addr, &notify);
@@ -422,7 +418,7 @@ fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
     let mut old = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let pid = old.pid.to_string();
-    let helper = std::thread::spawn(move || proc::reload(&["--pid", &pid]));
+    let helper = std::thread::spawn(move || proc::reload(BIN, &["--pid", &pid]));
     // The new process is up once a second PID answers on the shared port.
     let deadline = Instant::now() + WAIT;
     let new = loop {
@@ -459,7 +455,7 @@ fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
 fn fault_new_binary_cannot_start_and_says_why() {
     // A successor whose start-up fails tells the old process why over the
     // handover channel; the helper prints that, not only an exit status.
-    let script = format!("#!/bin/sh\nLISTEN_FDNAMES=a:b exec {} \"$@\"\n", proc::BIN);
+    let script = format!("#!/bin/sh\nLISTEN_FDNAMES=a:b exec {} \"$@\"\n", BIN);
     broken_release(
         Some(&script),
         "could not start: LISTEN_FDNAMES has 2 names for 1 sockets",
@@ -482,14 +478,14 @@ fn the_next_generation_gets_the_environment_of_a_helper_from_its_own_unit() {
     // and the same INVOCATION_ID as the main process.
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(proc::BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.env("INVOCATION_ID", "0123abcd")
         .env("DEMO_SETTING", "old");
     let old = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let reaper = Reaper::default();
     let helper = |invocation: &str, value: &str| {
-        let out = std::process::Command::new(proc::BIN)
+        let out = std::process::Command::new(BIN)
             .args(["reload", "--pid"])
             .arg(proc::health_pid(addr).to_string())
             .env("INVOCATION_ID", invocation)

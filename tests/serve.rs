@@ -1,24 +1,22 @@
 //! The serve contract, with the real binary and real sockets: sockets from
 //! systemd or bound with SO_REUSEPORT, notifications, drain, bad input.
 
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/proc.rs"]
-mod proc;
-
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use proc::{BIN, Notify, Proc, WAIT};
+use pid_server_test_support::proc::{self, Notify, Proc, WAIT};
+use pid_server_test_support::{TestCommand, http, report};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 #[test]
 fn two_processes_share_a_port_and_both_answer() {
-    let (a, _na, addr) = proc::start(BIN.as_ref());
+    let (a, _na, addr) = proc::start(BIN);
     let nb = Notify::new();
-    let b = Proc::spawn(proc::serve_cmd(BIN.as_ref(), addr, &nb));
+    let b = Proc::spawn(proc::serve_cmd(BIN, addr, &nb));
     nb.wait_for("READY=1", |m| m.contains("READY=1"));
     let mut seen = std::collections::BTreeSet::new();
     // The kernel spreads new connections over both sockets; 200 tries make
@@ -36,7 +34,7 @@ fn two_processes_share_a_port_and_both_answer() {
 
 #[test]
 fn answers_with_its_pid_and_reports_health() {
-    let (p, notify, addr) = proc::start(BIN.as_ref());
+    let (p, notify, addr) = proc::start(BIN);
     let r = http::get(addr, "/").unwrap();
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -104,12 +102,14 @@ fn libc_dup2(from: i32, to: i32) -> i32 {
 
 #[test]
 fn runs_under_systemd_socket_activate() {
-    let Ok(path) = which("systemd-socket-activate") else {
-        eprintln!(
-            "*** SKIPPED runs_under_systemd_socket_activate: systemd-socket-activate not installed"
-        );
+    const TEST: &str = "runs_under_systemd_socket_activate";
+    if !report::require_tools(
+        TEST,
+        &[("systemd-socket-activate", "apt-get install systemd")],
+    ) {
         return;
-    };
+    }
+    let path = report::find_in_path("systemd-socket-activate").unwrap();
     let addr = proc::free_addr();
     let notify = Notify::new();
     let mut cmd = Command::new(path);
@@ -140,18 +140,9 @@ fn runs_under_systemd_socket_activate() {
     assert!(ready.contains("(systemd: http)"), "{ready}");
 }
 
-fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(tool))
-        .find(|p| p.exists())
-        .ok_or(())
-}
-
 #[test]
 fn sigterm_finishes_in_flight_work_and_turns_unready() {
-    let (mut p, notify, addr) = proc::start(BIN.as_ref());
+    let (mut p, notify, addr) = proc::start(BIN);
     // A keep-alive connection opened before the drain, to ask /readyz on it
     // afterwards (new connections are no longer accepted then).
     let mut probe = http::Conn::open(addr, WAIT).unwrap();
@@ -190,7 +181,7 @@ fn proc_in_flight(_addr: std::net::SocketAddr, conn: &mut http::Conn) -> u64 {
 fn idle_keepalive_connections_are_closed_after_the_grace() {
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.args(["--idle-grace-ms", "200"]);
     let mut p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -216,7 +207,7 @@ fn idle_keepalive_connections_are_closed_after_the_grace() {
 fn drain_timeout_cuts_and_counts() {
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.args(["--drain-timeout", "1"]);
     let mut p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -242,7 +233,7 @@ fn drain_timeout_cuts_and_counts() {
 
 #[test]
 fn a_second_sigterm_exits_at_once() {
-    let (mut p, notify, addr) = proc::start(BIN.as_ref());
+    let (mut p, notify, addr) = proc::start(BIN);
     let mut probe = http::Conn::open(addr, WAIT).unwrap();
     let _slow = std::thread::spawn(move || http::get(addr, "/slow?ms=20000"));
     let deadline = Instant::now() + WAIT;
@@ -258,8 +249,8 @@ fn a_second_sigterm_exits_at_once() {
 
 /// Runs the binary expecting a start-up failure: one line on stderr, the
 /// given exit code.
-fn expect_one_line_error(cmd: &mut Command, code: i32, needle: &str) {
-    let out = cmd.env_remove("JOURNAL_STREAM").output().unwrap();
+fn expect_one_line_error(cmd: &mut TestCommand, code: i32, needle: &str) {
+    let out = cmd.env_remove("JOURNAL_STREAM").output();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "stderr: {err}");
     assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
@@ -269,20 +260,24 @@ fn expect_one_line_error(cmd: &mut Command, code: i32, needle: &str) {
 
 #[test]
 fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
-    expect_one_line_error(Command::new(BIN).arg("--bogus"), 64, "--bogus");
+    expect_one_line_error(TestCommand::new(BIN).arg("--bogus"), 64, "--bogus");
     expect_one_line_error(
-        Command::new(BIN).args(["--drain-timeout", "0"]),
+        TestCommand::new(BIN).args(["--drain-timeout", "0"]),
         64,
         "drain-timeout",
     );
     expect_one_line_error(
-        Command::new(BIN).args(["--listen", "localhost"]),
+        TestCommand::new(BIN).args(["--listen", "localhost"]),
         64,
         "localhost",
     );
-    expect_one_line_error(Command::new(BIN).env("LISTEN_FDS", "abc"), 64, "LISTEN_FDS");
     expect_one_line_error(
-        Command::new(BIN).env("LISTEN_FDS", "999999"),
+        TestCommand::new(BIN).env("LISTEN_FDS", "abc"),
+        64,
+        "LISTEN_FDS",
+    );
+    expect_one_line_error(
+        TestCommand::new(BIN).env("LISTEN_FDS", "999999"),
         64,
         "LISTEN_FDS",
     );
@@ -299,10 +294,10 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             Ok(())
         });
     }
-    expect_one_line_error(&mut cmd, 1, "inherited fd 3");
+    expect_one_line_error(&mut TestCommand::from(cmd), 1, "inherited fd 3");
     // A closed fd 3.
     expect_one_line_error(
-        Command::new("/bin/sh")
+        TestCommand::new("/bin/sh")
             .args(["-c", &format!("exec 3>&-; exec {BIN}")])
             .env("LISTEN_FDS", "1"),
         1,
@@ -315,7 +310,7 @@ fn a_port_taken_without_reuseport_fails_clearly_and_harms_nobody() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap();
     expect_one_line_error(
-        Command::new(BIN).args(["--listen", &addr.to_string()]),
+        TestCommand::new(BIN).args(["--listen", &addr.to_string()]),
         1,
         &addr.to_string(),
     );
@@ -326,12 +321,10 @@ fn a_port_taken_without_reuseport_fails_clearly_and_harms_nobody() {
 
 #[test]
 fn help_and_version() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pid-server "));
-    let out = Command::new(BIN).arg("--help").output().unwrap();
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
+    // stdout() asserts the exit status is 0.
+    let version = TestCommand::new(BIN).arg("--version").stdout();
+    assert!(version.starts_with("pid-server "));
+    let help = TestCommand::new(BIN).arg("--help").stdout();
     assert!(
         help.contains("reload") && help.contains("--listen"),
         "{help}"
@@ -344,7 +337,7 @@ fn help_and_version() {
 fn sigterm_works_even_when_the_parent_blocked_it() {
     let notify = Notify::new();
     let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN.as_ref(), addr, &notify);
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     // SAFETY: sigprocmask in the child before exec is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {

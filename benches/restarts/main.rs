@@ -44,8 +44,7 @@
 //! - [`procs`], [`netns`], [`servers`]: processes, network namespaces and
 //!   the servers the bench starts, and how it probes them.
 
-#[path = "../../tests/support/nspawn.rs"]
-mod nspawn;
+use pid_server_test_support::nspawn;
 
 mod cli;
 mod load;

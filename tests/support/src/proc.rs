@@ -1,7 +1,9 @@
 //! Running the real `pid-server` binary in tests: spawn it, wait for its
 //! `READY=1` on a mock `NOTIFY_SOCKET`, read its log, and always reap it
 //! (and any generation it started) when the test ends, also on panic.
-#![allow(dead_code)]
+//!
+//! Functions that start the binary take its path (`BIN` of the test file,
+//! or a private copy the test may replace).
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+use crate::cmd::TestCommand;
 
 /// A bound on every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -76,6 +78,12 @@ impl Notify {
     /// Every message received so far.
     pub fn messages(&self) -> Vec<String> {
         self.seen.0.lock().unwrap().clone()
+    }
+}
+
+impl Default for Notify {
+    fn default() -> Notify {
+        Notify::new()
     }
 }
 
@@ -217,8 +225,8 @@ pub fn wait_gone(pid: u32, within: Duration) {
 
 /// A command for the binary at `bin` serving `--listen addr`, with the mock
 /// notify socket.
-pub fn serve_cmd(bin: &Path, addr: SocketAddr, notify: &Notify) -> Command {
-    let mut cmd = Command::new(bin);
+pub fn serve_cmd(bin: impl AsRef<Path>, addr: SocketAddr, notify: &Notify) -> Command {
+    let mut cmd = Command::new(bin.as_ref());
     cmd.args(["serve", "--listen", &addr.to_string()])
         .env("NOTIFY_SOCKET", &notify.path)
         .env_remove("LISTEN_FDS")
@@ -235,7 +243,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// Starts pid-server on a fresh loopback port and waits for `READY=1`.
-pub fn start(bin: &Path) -> (Proc, Notify, SocketAddr) {
+pub fn start(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
     let addr = free_addr();
     let p = Proc::spawn(serve_cmd(bin, addr, &notify));
@@ -243,11 +251,11 @@ pub fn start(bin: &Path) -> (Proc, Notify, SocketAddr) {
     (p, notify, addr)
 }
 
-/// A private copy of the binary, so a test can replace it like a package
-/// upgrade does.
-pub fn private_binary(dir: &Path) -> PathBuf {
+/// A private copy of the binary at `bin` in `dir`, so a test can replace
+/// it like a package upgrade does.
+pub fn private_binary(bin: impl AsRef<Path>, dir: &Path) -> PathBuf {
     let p = dir.join("pid-server");
-    std::fs::copy(BIN, &p).unwrap();
+    std::fs::copy(bin, &p).unwrap();
     p
 }
 
@@ -260,22 +268,30 @@ pub fn install_script(path: &Path, script: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Atomically puts the real binary back at `path`.
-pub fn install_real(path: &Path) {
+/// Atomically puts the binary at `bin` back at `path`.
+pub fn install_real(bin: impl AsRef<Path>, path: &Path) {
     let tmp = path.with_extension("new");
-    std::fs::copy(BIN, &tmp).unwrap();
+    std::fs::copy(bin, &tmp).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Runs `pid-server reload` and returns (exit code, stdout, stderr).
-pub fn reload(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).arg("reload").args(args).output().unwrap();
+/// Runs `BIN reload ARGS` (bounded: longer than the helper's own 60 s
+/// default) and returns (exit code, stdout, stderr).
+pub fn reload(bin: impl AsRef<Path>, args: &[&str]) -> (i32, String, String) {
+    let out = TestCommand::new(bin.as_ref())
+        .arg("reload")
+        .args(args)
+        .timeout(RELOAD_TIMEOUT)
+        .output();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The bound on a `pid-server reload` run by [`reload`].
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The PID that answers `/healthz` on a new connection.
 pub fn health_pid(addr: SocketAddr) -> u32 {

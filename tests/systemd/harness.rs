@@ -1,19 +1,16 @@
-//! Tests of the container harness itself (tests/support/nspawn.rs), plus the
-//! first end-to-end check: pid-server socket-activated by a real systemd.
-
-#[path = "support/nspawn.rs"]
-mod nspawn;
+//! Tests of the container harness itself (the support crate's `nspawn`),
+//! plus the first end-to-end check: pid-server socket-activated by a real
+//! systemd.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use nspawn::{BootOptions, Container};
+use pid_server_test_support::nspawn::{self, BootOptions, Container};
+use pid_server_test_support::{report, wait};
 
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pid-server"))
-}
+use super::{binary, get};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -150,7 +147,7 @@ fn containers_run_side_by_side() {
         return;
     }
     if !nspawn::private_cgroups_supported() {
-        nspawn::skip(
+        report::skip(
             "containers_run_side_by_side",
             "containers cannot get cgroups of their own here",
         );
@@ -167,8 +164,8 @@ fn containers_run_side_by_side() {
         c.systemctl_ok(&["start", "pid-server.socket"]);
     }
     // Same unit running in both.
-    assert_eq!(nspawn::http_get(port_a, "/").0, 200);
-    assert_eq!(nspawn::http_get(port_b, "/").0, 200);
+    assert_eq!(get(port_a, "/").status, 200);
+    assert_eq!(get(port_b, "/").status, 200);
     let server_b = b.main_pid("pid-server.service");
     a.systemctl_ok(&["stop", "pid-server.service"]);
     let journal_a = a.journal(&["-u", "pid-server.service"]);
@@ -183,7 +180,7 @@ fn containers_run_side_by_side() {
     drop(a);
     assert_eq!(b.main_pid("systemd-journald.service"), journald_b);
     assert_eq!(b.main_pid("pid-server.service"), server_b);
-    assert_eq!(nspawn::http_get(port_b, "/").0, 200);
+    assert_eq!(get(port_b, "/").status, 200);
     let state = stdout(&b.systemctl(&["is-system-running"]));
     assert!(state == "running" || state == "degraded", "{state}");
 }
@@ -198,32 +195,14 @@ fn serves_its_pid_through_socket_activation() {
     let c = Container::boot(&BootOptions::new(binary(), port));
     c.systemctl_ok(&["start", "pid-server.socket"]);
 
-    let (status, body) = nspawn::http_get(port, "/");
+    let r = get(port, "/");
     let pid = c.main_pid("pid-server.service");
     assert_ne!(pid, 0, "pid-server.service has no main pid");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body.trim_end(), format!("OK. Handled by PID: {pid}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body.trim_end(), format!("OK. Handled by PID: {pid}"));
     assert_eq!(
         c.unit_property("pid-server.service", "ActiveState"),
         "active"
-    );
-}
-
-#[test]
-fn http_response_parsing() {
-    let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-    assert_eq!(
-        nspawn::parse_http_response(plain).unwrap(),
-        (200, "hello".into())
-    );
-    let chunked =
-        b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-    assert_eq!(
-        nspawn::parse_http_response(chunked).unwrap(),
-        (503, "abcde".into())
-    );
-    assert!(
-        nspawn::parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err()
     );
 }
 
@@ -245,7 +224,7 @@ fn teardown_kills_a_container_that_will_not_stop() {
         "trap '' TERM; while :; do sleep 1; done",
     ]);
     assert!(out.status.success(), "{out:?}");
-    nspawn::wait_for(
+    wait::until(
         "stubborn.service active",
         std::time::Duration::from_secs(5),
         || (c.unit_property("stubborn.service", "ActiveState") == "active").then_some(()),

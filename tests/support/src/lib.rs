@@ -1,0 +1,69 @@
+//! What pid-server's integration tests share. The tests run the real
+//! binary and talk to it over real sockets; this crate does not link
+//! pid-server, so it does not change when `src/` does.
+//!
+//! # Layout
+//!
+//! - [`http`]: the one HTTP/1.1 client, strict about what it reads: a
+//!   single connection ([`http::Conn`]), a client that keeps one alive and
+//!   opens another when the server closes it ([`http::Client`]), and one
+//!   request on a new connection ([`http::get`]).
+//! - [`load`]: the load generator, bounded in requests and in time:
+//!   keep-alive, one-shot and paused clients ([`Load`]), and what they saw
+//!   ([`Tally`], per kept connection [`ConnRecord`]).
+//! - [`proc`]: pid-server processes a test starts: a mock `NOTIFY_SOCKET`,
+//!   reaping on drop, the `reload` helper.
+//! - [`cmd`]: running a command with a bound ([`TestCommand`]); a failure
+//!   prints the command, its folder, its status, stdout and stderr.
+//! - [`netns`]: network namespaces the test makes, and threads inside them.
+//! - [`nspawn`]: a real systemd booted as PID 1 in a `systemd-nspawn`
+//!   container, with pid-server's units installed.
+//! - [`deploy`]: the Debian tree the package and image tests boot.
+//! - [`report`]: running or skipping (`SKIPPED …`, an error under
+//!   `CI=true`), output that shows without `--nocapture`, checks reported
+//!   together; [`wait`]: bounded waits.
+//!
+//! # The binary under test
+//!
+//! `env!("CARGO_BIN_EXE_pid-server")` exists only in the test's own crate,
+//! so each test file says once
+//!
+//! ```ignore
+//! const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+//! ```
+//!
+//! and hands `BIN` to what starts the binary ([`proc::start`],
+//! [`nspawn::BootOptions::new`], …).
+//!
+//! # Rules the code keeps
+//!
+//! - Traffic goes to loopback only (the client refuses anything else): the
+//!   host's, or that of a network namespace the test made.
+//! - Every wait has a bound, and waits for a signal where there is one
+//!   (`READY=1`, a condition variable, the readiness endpoint).
+//! - Whatever a test starts (processes, containers, namespaces, load
+//!   threads) is stopped and reaped on drop, also when the test panics.
+
+pub mod cmd;
+pub mod deploy;
+pub mod http;
+pub mod load;
+pub mod netns;
+pub mod nspawn;
+pub mod proc;
+pub mod report;
+pub mod wait;
+
+pub use cmd::TestCommand;
+pub use load::{ConnEnd, ConnRecord, ConnReport, Load, Mode, Tally};
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root (this crate lives in `tests/support/`).
+pub fn repo() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .and_then(Path::parent)
+        .expect("tests/support has a grandparent")
+        .to_path_buf()
+}

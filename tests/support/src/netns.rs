@@ -1,0 +1,132 @@
+//! Network namespaces made by the test (`ip netns add`, `lo` up), deleted
+//! on drop; and threads that run inside one. Containers join such a
+//! namespace (`--network-namespace-path=`, podman's `--network ns:`) and
+//! the test's clients enter it, so nothing listens on the host's network
+//! and two tests can each use port 8080.
+//!
+//! Namespaces of test binaries that died without running `Drop` are swept
+//! when the next one is made.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::cmd::{TestCommand, text};
+
+const PREFIX: &str = "pst";
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A network namespace `pst-<test pid>-<n>`, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        sweep_stale();
+        let name = format!(
+            "{PREFIX}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        TestCommand::new("ip")
+            .args(["netns", "add", &name])
+            .timeout(IP_TIMEOUT)
+            .stdout();
+        let ns = Netns { name };
+        TestCommand::new("ip")
+            .args(["-n", &ns.name, "link", "set", "lo", "up"])
+            .timeout(IP_TIMEOUT)
+            .stdout();
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread inside this namespace and returns its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        spawn_in(Some(self.path()), f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Netns {
+        Netns::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match TestCommand::new("ip")
+            .args(["netns", "del", &self.name])
+            .timeout(IP_TIMEOUT)
+            .try_output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("netns: ip netns del {}: {}", self.name, text(&o)),
+            Err(e) => eprintln!("netns: {e}"),
+        }
+    }
+}
+
+/// Deletes `pst-<pid>-*` namespaces whose test process is gone.
+fn sweep_stale() {
+    for e in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix(&format!("{PREFIX}-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{owner}")).exists() {
+            eprintln!("netns: deleting stale network namespace {name}");
+            let _ = TestCommand::new("ip")
+                .args(["netns", "del", &name])
+                .timeout(IP_TIMEOUT)
+                .try_output();
+        }
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`; panics
+/// if it cannot. Threads it starts afterwards are in it too (a new thread
+/// inherits its creator's namespaces); the test's other threads are not
+/// affected.
+pub fn enter(path: &Path) {
+    let file = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns on an fd we own; it changes only this thread's network
+    // namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        panic!("setns {}: {}", path.display(), io::Error::last_os_error());
+    }
+}
+
+/// Runs `f` on a new thread that first enters the network namespace at
+/// `netns` (`None`: stays in the host's).
+pub fn spawn_in<T: Send + 'static>(
+    netns: Option<PathBuf>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    thread::spawn(move || {
+        if let Some(ns) = netns {
+            enter(&ns);
+        }
+        f()
+    })
+}

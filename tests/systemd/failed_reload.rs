@@ -1,0 +1,248 @@
+//! Reloads to a broken binary fail, and the old process keeps serving.
+
+use std::time::{Duration, Instant};
+
+use pid_server_test_support::cmd::text;
+use pid_server_test_support::nspawn;
+use pid_server_test_support::report::Checks;
+use pid_server_test_support::wait;
+
+use super::{
+    SERVICE, WAIT, activate, assert_no_failures, binary, boot, healthz, reload_ok, say, start_load,
+    status, status_line, stop_load, timer, wait_gone, wait_state, wait_status_line,
+};
+
+/// What is wrong with the binary installed before the reload.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Broken {
+    /// Exits 1 at start-up.
+    ExitsAtStart,
+    /// Starts and never says ready (`exec sleep 1000`).
+    NeverReady,
+}
+
+/// Whether `pid-server reload` (what `ExecReload=` runs, from the same path)
+/// is broken too.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Helper {
+    /// The whole of /usr/bin/pid-server is the broken script, as an upgrade
+    /// to a broken build installs it.
+    AlsoBroken,
+    /// The script hands `reload` to a good copy: only serving is broken.
+    StillWorks,
+}
+
+/// Where the good binary goes for [`Helper::StillWorks`].
+const GOOD_COPY: &str = "/usr/local/libexec/pid-server-good";
+
+/// A reload to a broken binary fails (`systemctl reload` exits non-zero, in
+/// bounded time), the old process serves every request throughout, the
+/// `Status:` line and the journal say why, and once the good binary is back
+/// a reload works.
+fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
+    let _timer = timer(case);
+    let port = nspawn::free_port();
+    let dropins: &[(&str, &str)] = match broken {
+        Broken::ExitsAtStart => &[],
+        Broken::NeverReady => &[(
+            "upgrade-timeout.conf",
+            "[Service]\nEnvironment=PID_SERVER_UPGRADE_TIMEOUT=2\n",
+        )],
+    };
+    let c = boot(port, dropins);
+    let old = activate(&c, port);
+    let load = start_load(port, 2, 2);
+    load.wait_answers_from(old, 200, WAIT);
+
+    let mut script = String::from("#!/bin/sh\n");
+    if helper == Helper::StillWorks {
+        c.copy_in(&binary(), GOOD_COPY, 0o755);
+        script.push_str(&format!(
+            "if [ \"$1\" = reload ]; then exec {GOOD_COPY} \"$@\"; fi\n"
+        ));
+    }
+    let (reason, bound) = match broken {
+        Broken::ExitsAtStart => {
+            script.push_str("echo 'pid-server: broken build' >&2\nexit 1\n");
+            ("exited with status 1", Duration::from_secs(15))
+        }
+        Broken::NeverReady => {
+            script.push_str("exec sleep 1000\n");
+            ("was not ready within 2s", Duration::from_secs(15))
+        }
+    };
+    c.write_file(nspawn::BINARY_INSIDE, script.as_bytes(), 0o755);
+
+    let mut checks = Checks::new(case);
+    let t0 = Instant::now();
+    let out = c.exec_timeout(&["systemctl", "--no-pager", "reload", "pid-server"], bound);
+    let took = t0.elapsed();
+    match &out {
+        Ok(out) => {
+            say(&format!(
+                "{case}: systemctl reload returned {} after {} ms",
+                out.status,
+                took.as_millis()
+            ));
+            checks.check(!out.status.success(), || {
+                format!("systemctl reload succeeded: {}", text(out))
+            });
+        }
+        Err(e) => {
+            checks.check(false, || {
+                format!("systemctl reload did not return within {bound:?}: {e}")
+            });
+            // Unblock the unit: kill the stuck ExecReload= process.
+            c.systemctl_ok(&["kill", "--kill-who=control", "-s", "SIGKILL", SERVICE]);
+        }
+    }
+    if broken == Broken::NeverReady {
+        checks.check(took >= Duration::from_secs(2), || {
+            format!("the reload failed before the 2 s upgrade timeout: {took:?}")
+        });
+    }
+    wait_state(&c, SERVICE, "active", "running");
+    checks.check(c.main_pid(SERVICE) == old, || {
+        "MainPID moved on a failed reload".into()
+    });
+    let h = healthz(port);
+    checks.check(h["pid"] == old && h["state"] == "serving", || {
+        format!("the old process does not answer a new connection: {h}")
+    });
+
+    // The Status: line says the reload failed, and why.
+    let st = status(&c);
+    let line = status_line(&st).unwrap_or_default();
+    checks.check(line.starts_with("serving 1 socket (systemd: http)"), || {
+        format!("Status: line {line:?}")
+    });
+    checks.check(
+        line.contains("last reload failed") && line.contains(reason),
+        || format!("the Status: line does not say \"last reload failed: ... {reason}\": {line:?}"),
+    );
+    checks.check(
+        st.lines()
+            .any(|l| l.trim_start().starts_with("Active: active (running)")),
+        || format!("not active (running):\n{st}"),
+    );
+    // The journal has the reason.
+    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    checks.check(
+        j.lines()
+            .any(|l| l.contains("reload failed") && l.contains(reason)),
+        || format!("no \"reload failed ... {reason}\" in the journal:\n{j}"),
+    );
+    // Whatever was started is gone again: only the server is left.
+    let stuck: Option<u32> = j.lines().find_map(|l| {
+        l.split("new process ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    if let Some(stuck) = stuck {
+        wait_gone(&c, stuck, "the new process that failed");
+    }
+    wait::until("only the old process in the unit's cgroup", WAIT, || {
+        (c.unit_pids(SERVICE) == vec![old]).then_some(())
+    });
+    // Requests keep flowing to the old process.
+    let mid = load.snapshot();
+    load.wait_more(&mid, 200, WAIT);
+    let during = load.snapshot();
+    checks.check(during.by_pid.keys().eq([&old]), || {
+        format!(
+            "answers from others than the old process: {:?}",
+            during.by_pid
+        )
+    });
+
+    // The good binary again: a reload works.
+    c.install_binary(&binary());
+    reload_ok(&c);
+    let new = c.main_pid(SERVICE);
+    assert_ne!(new, old);
+    assert_eq!(healthz(port)["pid"], new);
+    wait_gone(&c, old, "the old generation");
+    load.wait_answers_from(new, 200, WAIT);
+    let st = wait_status_line(&c, "without the old failure", |l| {
+        !l.contains("last reload failed")
+    });
+    assert!(
+        status_line(&st)
+            .unwrap()
+            .starts_with("serving 1 socket (systemd: http)"),
+        "{st}"
+    );
+
+    let t = stop_load(load);
+    say(&format!("{case} load: {}", t.summary()));
+    assert_no_failures(&t, 400);
+    let mut expected = vec![old, new];
+    expected.sort();
+    assert_eq!(
+        t.by_pid.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "answered by others than the old and the new process"
+    );
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+    checks.finish();
+}
+
+/// The brief's case: /usr/bin/pid-server becomes a script that exits 1.
+/// Note that `ExecReload=` runs that very script as the reload helper.
+#[test]
+fn reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving() {
+    if !nspawn::require_or_skip(
+        "reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving",
+    ) {
+        return;
+    }
+    failed_upgrade(
+        "3a failed upgrade: binary exits 1",
+        Broken::ExitsAtStart,
+        Helper::AlsoBroken,
+    );
+}
+
+/// Only `serve` of the new binary exits 1; its `reload` works.
+#[test]
+fn reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving() {
+    if !nspawn::require_or_skip(
+        "reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving",
+    ) {
+        return;
+    }
+    failed_upgrade(
+        "3b failed upgrade: serve exits 1, reload works",
+        Broken::ExitsAtStart,
+        Helper::StillWorks,
+    );
+}
+
+/// /usr/bin/pid-server becomes `exec sleep 1000`, upgrade timeout 2 s.
+#[test]
+fn reload_to_a_binary_that_never_gets_ready_times_out() {
+    if !nspawn::require_or_skip("reload_to_a_binary_that_never_gets_ready_times_out") {
+        return;
+    }
+    failed_upgrade(
+        "3c failed upgrade: binary never ready",
+        Broken::NeverReady,
+        Helper::AlsoBroken,
+    );
+}
+
+/// Only `serve` of the new binary hangs; its `reload` works.
+#[test]
+fn reload_to_a_server_that_never_gets_ready_times_out() {
+    if !nspawn::require_or_skip("reload_to_a_server_that_never_gets_ready_times_out") {
+        return;
+    }
+    failed_upgrade(
+        "3d failed upgrade: serve never ready, reload works",
+        Broken::NeverReady,
+        Helper::StillWorks,
+    );
+}

@@ -1,0 +1,241 @@
+//! pid-server under a real systemd (252, booted in a `systemd-nspawn`
+//! container by the support crate's `nspawn` harness), one module per
+//! thing the operator does: socket activation, reloads under load, failed
+//! reloads, stops and their drains, restarts, the journal, the watchdog,
+//! the sandbox; and `harness`, the container harness itself.
+//!
+//! Every test boots a container of its own (about a second) on a port of its
+//! own, so none depends on another's leftovers and they may run side by side.
+//! Waits poll a state with a bound; load loops are bounded in requests and in
+//! time; all traffic goes to 127.0.0.1. Each case prints its wall time (and
+//! the load tests their request counts) straight to stderr, so it shows
+//! without `--nocapture` too.
+
+mod activation;
+mod failed_reload;
+mod harness;
+mod journal;
+mod reload;
+mod restart;
+mod sandbox;
+mod stop;
+mod watchdog;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Output;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use pid_server_test_support::cmd::text;
+use pid_server_test_support::http::{self, Response};
+use pid_server_test_support::nspawn::{BootOptions, Container};
+use pid_server_test_support::report::{self, CaseTimer};
+use pid_server_test_support::{Load, Tally, wait};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+
+const SERVICE: &str = "pid-server.service";
+const SOCKET: &str = "pid-server.socket";
+const SERVICE_DROPIN_DIR: &str = "/etc/systemd/system/pid-server.service.d";
+
+/// Bound on waiting for a process to exit, a unit state, a journal entry.
+const WAIT: Duration = Duration::from_secs(20);
+/// Timeouts of one request of the load and of the probes.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn binary() -> PathBuf {
+    PathBuf::from(BIN)
+}
+
+/// Writes to fd 2 in one go (`eprintln!` is captured by the test harness).
+fn say(msg: &str) {
+    report::say(&format!("[systemd] {msg}"));
+}
+
+/// Prints the case's wall time when it ends, passed or not.
+fn timer(case: &'static str) -> CaseTimer {
+    CaseTimer::start("[systemd]", case)
+}
+
+/// `127.0.0.1:port`: the containers share the host's network.
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+// ---------------------------------------------------------------------------
+// Container helpers
+// ---------------------------------------------------------------------------
+
+/// Boots a container with the repo's units (plus `dropins`: file name in
+/// `pid-server.service.d/`, contents) and starts pid-server.socket only.
+fn boot(port: u16, dropins: &[(&str, &str)]) -> Container {
+    let mut opts = BootOptions::new(binary(), port);
+    for (name, contents) in dropins {
+        opts = opts.dropin(&format!("{SERVICE_DROPIN_DIR}/{name}"), contents);
+    }
+    let c = Container::boot(&opts);
+    c.systemctl_ok(&["start", SOCKET]);
+    c
+}
+
+/// `GET path` on a new connection; panics on a connection or protocol error.
+fn get(port: u16, path: &str) -> Response {
+    http::get(local(port), path)
+        .unwrap_or_else(|e| panic!("GET http://127.0.0.1:{port}{path}: {e}"))
+}
+
+/// Sends the first request, which starts the service; returns its MainPID
+/// (checked against the PID that answered).
+fn activate(c: &Container, port: u16) -> u32 {
+    let r = get(port, "/");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pid = r
+        .pid()
+        .unwrap_or_else(|| panic!("not a pid-server answer: {:?}", r.body));
+    assert_eq!(
+        c.main_pid(SERVICE),
+        pid,
+        "MainPID is not the PID that answered"
+    );
+    pid
+}
+
+/// `GET /healthz` on a fresh connection, parsed.
+fn healthz(port: u16) -> serde_json::Value {
+    let r = get(port, "/healthz");
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("/healthz {:?}: {e}", r.body))
+}
+
+fn wait_gone(c: &Container, pid: u32, what: &str) -> Duration {
+    c.wait_gone(pid, what, WAIT)
+}
+
+fn wait_state(c: &Container, unit: &str, active: &str, sub: &str) {
+    c.wait_unit_state(unit, active, sub, WAIT);
+}
+
+/// `systemctl status -l pid-server` (it exits 0 only while active).
+fn status(c: &Container) -> String {
+    text(&c.systemctl(&["status", "-l", "--lines=0", SERVICE]))
+}
+
+/// The `Status: "..."` line of `systemctl status`, without the quotes.
+fn status_line(status: &str) -> Option<String> {
+    status.lines().find_map(|l| {
+        let v = l.trim_start().strip_prefix("Status:")?.trim();
+        Some(v.trim_matches('"').to_string())
+    })
+}
+
+/// Polls `systemctl status` until its `Status:` line satisfies `ok`.
+fn wait_status_line(c: &Container, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(c);
+        if status_line(&s).is_some_and(|l| ok(&l)) {
+            return s;
+        }
+        if Instant::now() >= deadline {
+            panic!("waited {WAIT:?} for a Status: line {what}; last status:\n{s}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `systemctl reload pid-server`, timed.
+fn reload(c: &Container) -> (Output, Duration) {
+    let t0 = Instant::now();
+    let out = c.systemctl(&["reload", "pid-server"]);
+    (out, t0.elapsed())
+}
+
+fn reload_ok(c: &Container) -> Duration {
+    let (out, took) = reload(c);
+    assert!(
+        out.status.success(),
+        "systemctl reload failed ({}):\n{}\n--- journal ---\n{}",
+        out.status,
+        text(&out),
+        c.journal(&["-u", SERVICE, "-n", "40"])
+    );
+    took
+}
+
+fn wait_journal(c: &Container, args: &[&str], what: &str, ok: impl Fn(&str) -> bool) -> String {
+    c.wait_journal(args, what, WAIT, ok)
+}
+
+/// A request started on a thread of its own: the response or the error,
+/// and when it finished.
+type Finished = (io::Result<Response>, Instant);
+
+fn spawn_request(port: u16, path: &'static str) -> JoinHandle<Finished> {
+    thread::spawn(move || {
+        let r = http::get_timeout(local(port), path, Duration::from_secs(30));
+        (r, Instant::now())
+    })
+}
+
+/// Waits until the server counts `n` requests in flight besides the
+/// `/healthz` asking.
+fn wait_in_flight(port: u16, n: u64) {
+    wait::until(
+        &format!("{n} request(s) in flight"),
+        Duration::from_secs(10),
+        || (healthz(port)["in_flight"].as_u64().unwrap_or(0) > n).then_some(()),
+    );
+}
+
+fn join_bounded<T>(h: JoinHandle<T>, what: &str, bound: Duration) -> T {
+    wait::join(h, what, bound)
+}
+
+// ---------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------
+
+/// Per load thread.
+const LOAD_MAX_REQUESTS: u64 = 200_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(150);
+/// Between two requests of one thread: keeps two cores free enough for
+/// systemd and the server under test while requests never stop flowing.
+const LOAD_PACE: Duration = Duration::from_micros(500);
+
+/// Client threads sending `GET /` to 127.0.0.1:port until stopped, each
+/// bounded in requests and in time.
+fn start_load(port: u16, keep_alive: usize, one_shot: usize) -> Load {
+    Load::to(local(port))
+        .keep_alive(keep_alive)
+        .one_shot(one_shot)
+        .pace(LOAD_PACE)
+        .max_requests(LOAD_MAX_REQUESTS * (keep_alive + one_shot) as u64)
+        .max_time(LOAD_MAX_TIME)
+        .timeout(REQUEST_TIMEOUT)
+        .start()
+}
+
+/// Stops the load; no thread may have hit its bound before.
+fn stop_load(load: Load) -> Tally {
+    let t = load.finish();
+    assert_eq!(
+        t.exhausted, 0,
+        "a load thread hit its bound before the test was done: {t:?}"
+    );
+    t
+}
+
+/// Every request answered 200, and there were requests.
+fn assert_no_failures(t: &Tally, min_ok: u64) {
+    assert_eq!(
+        t.failed(),
+        0,
+        "{} request(s) failed: {}\nfirst failures:\n  {}",
+        t.failed(),
+        t.summary(),
+        t.examples.join("\n  ")
+    );
+    assert!(t.ok >= min_ok, "too little traffic: {}", t.summary());
+}

@@ -1,0 +1,183 @@
+//! `systemctl stop` drains: in-flight requests finish (or are cut at the drain timeout), the unit ends inactive.
+
+use std::time::{Duration, Instant};
+
+use pid_server_test_support::cmd::text;
+use pid_server_test_support::report::Checks;
+use pid_server_test_support::{nspawn, wait};
+
+use super::{
+    SERVICE, SOCKET, WAIT, activate, boot, join_bounded, reload_ok, say, spawn_request, timer,
+    wait_gone, wait_in_flight, wait_journal, wait_state,
+};
+
+/// `systemctl stop` with a 3 s request in flight on the main process: the
+/// request completes with 200, the unit ends inactive (not failed).
+fn stop_drains(case: &'static str, reloads: u32) {
+    let _timer = timer(case);
+    let port = nspawn::free_port();
+    let c = boot(port, &[]);
+    let mut pid = activate(&c, port);
+    for _ in 0..reloads {
+        reload_ok(&c);
+        let new = c.main_pid(SERVICE);
+        assert_ne!(new, pid);
+        wait_gone(&c, pid, "the old generation");
+        pid = new;
+    }
+
+    let slow = spawn_request(port, "/slow?ms=3000");
+    wait_in_flight(port, 1);
+    let t0 = Instant::now();
+    let out = c.systemctl(&["stop", SERVICE]);
+    let stop_took = t0.elapsed();
+    assert!(out.status.success(), "systemctl stop: {}", text(&out));
+    say(&format!(
+        "{case}: systemctl stop took {} ms with a 3 s request in flight",
+        stop_took.as_millis()
+    ));
+
+    let (result, _) = join_bounded(slow, "the slow request", Duration::from_secs(10));
+    let mut checks = Checks::new(case);
+    match &result {
+        Ok(r) => checks.check(r.status == 200 && r.pid() == Some(pid), || {
+            format!(
+                "the slow request got {} {:?}, not 200 from PID {pid}",
+                r.status, r.body
+            )
+        }),
+        Err(e) => checks.check(false, || {
+            format!("the slow request was cut by the stop: {e}")
+        }),
+    }
+    checks.check(stop_took >= Duration::from_millis(1500), || {
+        format!("stop returned in {stop_took:?}: it did not wait for the drain")
+    });
+    wait::until("pid-server.service to leave its stop states", WAIT, || {
+        let s = c.unit_state(SERVICE);
+        (s.0 == "inactive" || s.0 == "failed").then_some(())
+    });
+    let state = c.unit_state(SERVICE);
+    let result = c.unit_property(SERVICE, "Result");
+    checks.check(state == ("inactive".into(), "dead".into()), || {
+        format!("the unit ended {state:?}, Result={result}")
+    });
+    checks.check(result == "success", || format!("Result={result}"));
+    let failed = c.systemctl(&["is-failed", SERVICE]);
+    checks.check(!failed.status.success(), || {
+        format!("is-failed: {}", text(&failed))
+    });
+    checks.check(!c.process_alive(pid), || {
+        format!("PID {pid} is still there")
+    });
+    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    checks.check(j.contains("SIGTERM: draining 1 in-flight requests"), || {
+        format!("no drain in the journal:\n{j}")
+    });
+    checks.check(
+        !j.contains("with signal SIGKILL") && !j.contains("status=9/KILL"),
+        || format!("systemd SIGKILLed the service:\n{j}"),
+    );
+    // The socket is still there for the next start.
+    assert_eq!(c.unit_state(SOCKET), ("active".into(), "listening".into()));
+    checks.finish();
+}
+
+#[test]
+fn stop_finishes_the_request_in_flight_and_ends_inactive() {
+    if !nspawn::require_or_skip("stop_finishes_the_request_in_flight_and_ends_inactive") {
+        return;
+    }
+    stop_drains("5a stop drains", 0);
+}
+
+/// The same once a reload has made a process that is not systemd's child
+/// the main process.
+#[test]
+fn stop_after_a_reload_finishes_the_request_in_flight_and_ends_inactive() {
+    if !nspawn::require_or_skip(
+        "stop_after_a_reload_finishes_the_request_in_flight_and_ends_inactive",
+    ) {
+        return;
+    }
+    stop_drains("5b stop drains after a reload", 1);
+}
+
+/// A stop right after a reload: the old generation, still draining a slow
+/// request, is left to finish it (the unit's `KillMode=mixed` comment).
+#[test]
+fn stop_right_after_a_reload_lets_the_old_generation_finish() {
+    if !nspawn::require_or_skip("stop_right_after_a_reload_lets_the_old_generation_finish") {
+        return;
+    }
+    let case = "5c stop right after a reload";
+    let _timer = timer(case);
+    let port = nspawn::free_port();
+    let c = boot(port, &[]);
+    let old = activate(&c, port);
+    let slow = spawn_request(port, "/slow?ms=3000");
+    wait_in_flight(port, 1);
+    reload_ok(&c);
+    let new = c.main_pid(SERVICE);
+    assert_ne!(new, old);
+    assert!(c.process_alive(old), "the old generation is not draining");
+    let t0 = Instant::now();
+    let out = c.systemctl(&["stop", SERVICE]);
+    assert!(out.status.success(), "systemctl stop: {}", text(&out));
+    say(&format!(
+        "{case}: systemctl stop took {} ms",
+        t0.elapsed().as_millis()
+    ));
+    let (result, _) = join_bounded(slow, "the slow request", Duration::from_secs(10));
+    let r = result.unwrap_or_else(|e| {
+        panic!(
+            "the old generation's in-flight request was cut by the stop: {e}\n{}",
+            c.journal(&["-u", SERVICE, "-o", "cat", "-n", "12"])
+        )
+    });
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.pid(), Some(old));
+    wait_state(&c, SERVICE, "inactive", "dead");
+    assert!(!c.process_alive(old));
+}
+
+/// A drain longer than --drain-timeout: the stuck request is cut at the
+/// limit, the number cut is logged, and systemd's stop timeout is not hit.
+#[test]
+fn a_drain_past_its_timeout_cuts_and_ends_inactive() {
+    if !nspawn::require_or_skip("a_drain_past_its_timeout_cuts_and_ends_inactive") {
+        return;
+    }
+    let case = "F2 drain timeout";
+    let _timer = timer(case);
+    let port = nspawn::free_port();
+    let c = boot(
+        port,
+        &[(
+            "drain.conf",
+            "[Service]\nEnvironment=PID_SERVER_DRAIN_TIMEOUT=2\n",
+        )],
+    );
+    activate(&c, port);
+    let slow = spawn_request(port, "/slow?ms=30000");
+    wait_in_flight(port, 1);
+    let t0 = Instant::now();
+    let out = c.systemctl(&["stop", SERVICE]);
+    let took = t0.elapsed();
+    assert!(out.status.success(), "systemctl stop: {}", text(&out));
+    say(&format!(
+        "{case}: systemctl stop took {} ms",
+        took.as_millis()
+    ));
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let (r, _) = join_bounded(slow, "the slow request", Duration::from_secs(10));
+    assert!(r.is_err(), "the stuck request should have been cut");
+    wait_state(&c, SERVICE, "inactive", "dead");
+    assert_eq!(c.unit_property(SERVICE, "Result"), "success");
+    wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the cut count", |j| {
+        j.contains("cut 1 in-flight requests")
+    });
+}
