@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::http;
 use pid_server_test_support::proc::{self, Reaper, WAIT};
+use pid_server_test_support::{Load, http};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -343,4 +343,58 @@ fn proc_in_flight(addr: SocketAddr) -> u64 {
     let r = http::get(addr, "/healthz").unwrap();
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     v["in_flight"].as_u64().unwrap()
+}
+
+#[test]
+fn paused_clients_fail_nothing_across_twenty_reloads_as_in_steady_state() {
+    // Clients that keep their connection and pause 0.3-3 s between
+    // requests, with no liveness check and no retry: what a drain that
+    // closes idle connections breaks, and a move does not.
+    let (first, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    let steady = Load::to(addr)
+        .paused(20)
+        .max_time(Duration::from_secs(60))
+        .start();
+    steady.wait_for("steady state: 60 answers", WAIT, |t| t.ok >= 60);
+    let steady = steady.finish();
+    let paused = Load::to(addr)
+        .paused(20)
+        .max_time(Duration::from_secs(120))
+        .start();
+    paused.wait_answers_from(first.pid, 20, WAIT);
+    let mut pid = first.pid;
+    for round in 1..=20 {
+        let (new, line) = reload(pid);
+        reaper.watch(new);
+        assert!(line.contains(" 0 fell back"), "round {round}: {line}");
+        let since = paused.snapshot();
+        paused.wait_more(&since, 3, WAIT);
+        pid = new;
+    }
+    let since = paused.snapshot().by_pid.get(&pid).copied().unwrap_or(0);
+    paused.wait_answers_from(pid, since + 20, WAIT);
+    let across = paused.finish();
+    eprintln!("paused clients, steady state: {}", steady.summary());
+    eprintln!("paused clients, 20 reloads:   {}", across.summary());
+    eprintln!("paused clients' connections:  {}", across.conn_report());
+    assert_eq!(steady.failed(), 0, "{}", steady.summary());
+    assert_eq!(
+        across.failed(),
+        0,
+        "{}\n{:?}",
+        across.summary(),
+        across.examples
+    );
+    let r = across.conn_report();
+    assert_eq!((r.closed, r.failed), (0, 0), "{r}");
+    assert_eq!(
+        r.kept_across_pid_change, r.connections,
+        "every connection kept: {r}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    proc::wait_gone(pid, WAIT);
 }
