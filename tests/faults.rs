@@ -291,3 +291,67 @@ fn one_hundred_reloads_under_light_load() {
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     assert_eq!(children.trim(), "", "zombies or children left: {children}");
 }
+
+/// Starts the server with the open-files limit set to `soft`:`hard`.
+fn start_with_nofile(soft: u64, hard: u64) -> (Proc, SocketAddr) {
+    use std::os::unix::process::CommandExt;
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, addr)
+}
+
+#[test]
+fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+    let (p, addr) = start_with_nofile(256, 4096);
+    probe(addr);
+    let log = p.log();
+    assert!(
+        log.contains("open-files limit raised from 256 to 4096 (the hard limit)"),
+        "{log}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.pid)).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        open_files
+            .split_whitespace()
+            .filter(|w| *w == "4096")
+            .count()
+            == 2,
+        "{open_files}"
+    );
+}
+
+#[test]
+fn a_low_hard_limit_clamps_the_connection_cap_with_one_warning() {
+    let (p, addr) = start_with_nofile(100, 100);
+    probe(addr);
+    let log = p.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connections fit under"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("serving at most 34 (asked for 10000)"),
+        "{log}"
+    );
+}
