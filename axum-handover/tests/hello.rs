@@ -73,8 +73,13 @@ fn swaps_under_load(first: &Proc, addr: SocketAddr) {
     for (name, t) in [("keep-alive", &ka), ("one-shot", &nc), ("paused", &paused)] {
         eprintln!("hello, {name}: {}", t.summary());
         assert_eq!(t.failed(), 0, "{name}: {}", t.summary());
-        assert!(
-            t.by_pid.len() >= 5,
+    }
+    // The closed-loop clients waited for answers from every generation; a
+    // paused one may sleep through a swap.
+    for (name, t) in [("keep-alive", &ka), ("one-shot", &nc)] {
+        assert_eq!(
+            t.by_pid.len(),
+            5,
             "{name}: not every generation answered: {:?}",
             t.by_pid
         );

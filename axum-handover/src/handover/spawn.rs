@@ -155,22 +155,7 @@ pub(crate) fn spawn(
 
     let mut cmd = std::process::Command::new(&plan.exe);
     if let Some(vars) = environment {
-        use std::ffi::OsStr;
-        use std::os::unix::ffi::OsStrExt;
-        cmd.env_clear();
-        for (k, v) in vars {
-            // Ours to set below; and a helper's own handover variables, if
-            // any, are not the child's.
-            if PER_PROCESS.contains(&k.as_slice()) || is_handover_var(config, k) {
-                continue;
-            }
-            cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
-        }
-        for k in PER_PROCESS {
-            if let Some(v) = std::env::var_os(OsStr::from_bytes(k)) {
-                cmd.env(OsStr::from_bytes(k), v);
-            }
-        }
+        unit_environment(&mut cmd, config, vars);
     }
     cmd.args(&plan.args)
         .env("LISTEN_FDS", n.to_string())
@@ -324,6 +309,28 @@ where
     };
     stop(&mut child, pid).await;
     r
+}
+
+/// Gives the child the unit's current environment (from the reload
+/// helper) instead of ours, but for the per-process variables, which stay
+/// ours, and the handover's own, which `spawn` sets.
+fn unit_environment(cmd: &mut std::process::Command, config: &Config, vars: &[(Vec<u8>, Vec<u8>)]) {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    cmd.env_clear();
+    for (k, v) in vars {
+        // Ours to set below; and a helper's own handover variables, if
+        // any, are not the child's.
+        if PER_PROCESS.contains(&k.as_slice()) || is_handover_var(config, k) {
+            continue;
+        }
+        cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+    }
+    for k in PER_PROCESS {
+        if let Some(v) = std::env::var_os(OsStr::from_bytes(k)) {
+            cmd.env(OsStr::from_bytes(k), v);
+        }
+    }
 }
 
 pub(crate) fn is_handover_var(config: &Config, k: &[u8]) -> bool {

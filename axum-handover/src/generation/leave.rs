@@ -1,0 +1,208 @@
+//! Letting go: connections moved to the successor or drained, the helper
+//! told, the last counters sent.
+
+use std::time::Duration;
+
+use super::Ended;
+use super::running::{Leave, Running, drain_status};
+use crate::control::{self, Answer, Report};
+use crate::handover::channel::PROTOCOL;
+use crate::handover::spawn::Joined;
+use crate::metrics::ReloadResult;
+use crate::server::DrainReport;
+
+impl Running {
+    /// Lets go of the connections, and of the unit: moved to the successor
+    /// or drained.
+    pub(super) async fn leave(mut self, leave: Leave) -> Ended {
+        if let Some(t) = self.control.take() {
+            t.abort();
+        }
+        let pid = self.info.pid;
+        let mut reporter = None;
+        let handover = match leave {
+            Leave::Stop(sig) => {
+                tracing::info!(
+                    event = "drain",
+                    signal = %sig,
+                    in_flight = self.info.in_flight(),
+                    connections = self.info.connections(),
+                    "{sig}: draining {} in-flight requests",
+                    self.info.in_flight()
+                );
+                self.server.begin_drain();
+                self.notifier.stopping(&self.drain_status());
+                None
+            }
+            Leave::HandedOver { reload, joined } => {
+                // The successor owns the unit's notifications from here.
+                self.notifier.silence();
+                let (new_pid, new_gen) = (reload.pending.pid, reload.pending.generation);
+                let took = reload.pending.started.elapsed();
+                let millis = took.as_millis() as u64;
+                let totals = &self.info.counters.totals;
+                totals.reload(ReloadResult::Ok);
+                totals.handover(took.as_secs_f64());
+                let moving = self.begin_letting_go(joined);
+                tracing::info!(
+                    event = "handover",
+                    old_pid = pid,
+                    new_pid,
+                    new_generation = new_gen,
+                    handover_ms = millis,
+                    trigger = %reload.trigger,
+                    in_flight = self.info.in_flight(),
+                    connections = self.info.connections(),
+                    "handed over to PID {new_pid} (generation {new_gen}) in {millis} ms; {}",
+                    if moving { "moving connections" } else { "draining" }
+                );
+                if let Some(r) = reload.reply {
+                    let answer = Answer::Ok {
+                        old_pid: pid,
+                        new_pid,
+                        generation: new_gen,
+                        millis,
+                    };
+                    reporter = Some(r.accept(answer).await);
+                }
+                Some(new_pid)
+            }
+        };
+        let extender = self.extend_drain();
+        let report = self.finish(reporter).await;
+        extender.abort();
+        let Some(report) = report else {
+            return Ended::Forced;
+        };
+        let totals = &self.info.counters.totals;
+        totals.drained(report.elapsed.as_secs_f64(), report.moved, report.fell_back);
+        if let Some(channel) = self.server.successor() {
+            // The final totals, this drain included.
+            let _ = channel.send_counters(&totals.carried().encode()).await;
+        }
+        self.log_drained(&report, handover);
+        if handover.is_some() {
+            Ended::HandedOver
+        } else {
+            Ended::Stopped
+        }
+    }
+
+    /// After a handover: move the connections when the successor takes
+    /// them, else drain. Says which.
+    fn begin_letting_go(&mut self, joined: Joined) -> bool {
+        match joined.connections {
+            Some(channel) if self.config.move_connections => {
+                self.server.begin_move(channel);
+                true
+            }
+            _ => {
+                let why = if !self.config.move_connections {
+                    "moving connections is off"
+                } else if joined.ready.protocol < 2 {
+                    "the new process predates moving connections (handover protocol 1)"
+                } else {
+                    "the new process takes no connections"
+                };
+                tracing::info!(
+                    event = "connections_not_moved",
+                    reason = why,
+                    peer_protocol = joined.ready.protocol,
+                    protocol = PROTOCOL,
+                    "not moving connections: {why}; draining them instead"
+                );
+                self.server.begin_drain();
+                false
+            }
+        }
+    }
+
+    /// Keeps systemd from killing a drain that runs long, and shows its
+    /// progress; both no-ops once silenced.
+    fn extend_drain(&self) -> tokio::task::JoinHandle<()> {
+        let (notifier, info) = (self.notifier.clone(), self.info.clone());
+        let drain_timeout = self.config.drain_timeout;
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let left = drain_timeout.saturating_sub(started.elapsed());
+                notifier.extend_timeout(left + Duration::from_secs(10));
+                notifier.status(&drain_status(&info));
+            }
+        })
+    }
+
+    /// Waits for the drain, answering the reload helper's second line when
+    /// it ends or after two seconds, whichever is first. `None`: a second
+    /// stop signal cut it short.
+    async fn finish(&mut self, mut reporter: Option<control::Reporter>) -> Option<DrainReport> {
+        let started = tokio::time::Instant::now();
+        let bound = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(bound);
+        let report = loop {
+            tokio::select! {
+                r = self.server.finish_drain() => break r,
+                _ = &mut bound, if reporter.is_some() => {
+                    let (moved, fell_back) = self.server.moves();
+                    let busy = self.info.connections();
+                    let millis = started.elapsed().as_millis() as u64;
+                    if let Some(r) = reporter.take() {
+                        r.report(Report { moved, fell_back, busy, millis }).await;
+                    }
+                }
+                sig = self.signals.next_stop() => {
+                    tracing::warn!(event = "forced_exit", signal = %sig, in_flight = self.info.in_flight(),
+                        "{sig} again: exiting now, cutting {} in-flight requests", self.info.in_flight());
+                    return None;
+                }
+            }
+        };
+        if let Some(r) = reporter {
+            r.report(Report {
+                moved: report.moved,
+                fell_back: report.fell_back,
+                busy: report.cut_connections,
+                millis: report.elapsed.as_millis() as u64,
+            })
+            .await;
+        }
+        Some(report)
+    }
+
+    fn log_drained(&self, report: &DrainReport, handover: Option<u32>) {
+        let drain_ms = report.elapsed.as_millis() as u64;
+        if report.timed_out() {
+            tracing::warn!(
+                event = "drain_timeout",
+                cut_requests = report.cut_requests,
+                cut_connections = report.cut_connections,
+                connections_moved = report.moved,
+                connections_fell_back = report.fell_back,
+                drain_ms,
+                "drain timeout ({}s): cut {} in-flight requests on {} connections",
+                self.config.drain_timeout.as_secs(),
+                report.cut_requests,
+                report.cut_connections
+            );
+        } else if let Some(new_pid) = handover {
+            tracing::info!(
+                event = "drained",
+                connections_moved = report.moved,
+                connections_fell_back = report.fell_back,
+                new_pid,
+                drain_ms,
+                "drained in {drain_ms} ms after the handover: {} connections moved to PID {new_pid}, {} fell back; exiting",
+                report.moved,
+                report.fell_back
+            );
+        } else {
+            tracing::info!(
+                event = "drained",
+                drain_ms,
+                "drained in {drain_ms} ms; exiting"
+            );
+        }
+    }
+}

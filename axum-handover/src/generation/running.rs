@@ -1,0 +1,257 @@
+//! A started generation: what the phases share, starting, and joining.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::{Generation, Hooks, Info, Status};
+use crate::Config;
+use crate::control;
+use crate::handover::join::{self, Inherited, Successor};
+use crate::handover::spawn::{Joined, Pending, Plan};
+use crate::listeners::{self, Listener, Origin};
+use crate::notify::{self, Notifier};
+use crate::server::Server;
+use crate::signals::{Signals, Stop, Trigger};
+
+/// A reload under way: the new process, and who asked.
+pub(super) struct Reload {
+    pub(super) pending: Pending,
+    pub(super) trigger: Trigger,
+    pub(super) reply: Option<control::Request>,
+}
+
+/// Why the serving phase ended.
+pub(super) enum Leave {
+    Stop(Stop),
+    HandedOver { reload: Reload, joined: Joined },
+}
+
+/// A started generation: everything the phases share.
+pub(super) struct Running {
+    pub(super) config: Config,
+    pub(super) info: Info,
+    pub(super) hooks: Box<dyn Hooks>,
+    pub(super) sockets: String,
+    pub(super) notifier: Arc<Notifier>,
+    pub(super) signals: Signals,
+    pub(super) server: Server,
+    pub(super) inherited: Option<Inherited>,
+    /// The control socket's task and the requests it forwards.
+    pub(super) control: Option<tokio::task::JoinHandle<()>>,
+    pub(super) requests: mpsc::Receiver<control::Request>,
+    /// How to start the next generation: fixed at start-up.
+    pub(super) plan: Plan,
+    pub(super) last_failure: Option<String>,
+}
+
+impl Running {
+    /// Starts serving the sockets: accept loops, signal handlers, control
+    /// socket. Nothing is said to systemd yet.
+    pub(super) fn start(
+        mut g: Generation,
+        router: axum::Router,
+        hooks: Box<dyn Hooks>,
+    ) -> Result<Running, String> {
+        // A successor that cannot start tells the old process why, over the
+        // channel, before it is closed.
+        let inherited = g.inherited.take();
+        let config = g.config.clone();
+        match Self::start_inner(g, router, hooks) {
+            Ok(mut r) => {
+                r.inherited = inherited;
+                Ok(r)
+            }
+            Err(why) => {
+                if inherited.is_some() {
+                    join::refuse(&config, &why);
+                }
+                Err(why)
+            }
+        }
+    }
+
+    fn start_inner(
+        g: Generation,
+        router: axum::Router,
+        hooks: Box<dyn Hooks>,
+    ) -> Result<Running, String> {
+        let pid = g.info.pid;
+        // A new generation speaks for the unit only once it has taken over.
+        let notifier = Notifier::from_env(g.inherited.is_none());
+        if let Some(w) = &g.warning {
+            tracing::warn!(event = "listen_fds_ignored", "{w}");
+        }
+        for l in &g.listeners {
+            tracing::info!(event = "listening", socket = %l.name, address = %l.local_addr(),
+                origin = %l.origin, "listening on {} ({}, {})", l.local_addr(), l.origin, l.name);
+        }
+        // Only the first generation binds; later ones share its very
+        // sockets and need no migration.
+        if g.number == 0
+            && g.listeners
+                .iter()
+                .any(|l| l.origin == Origin::Bound && l.port().is_some())
+            && listeners::tcp_migrate_req() == Some(false)
+        {
+            tracing::warn!(
+                event = "tcp_migrate_req_off",
+                "net.ipv4.tcp_migrate_req=0: if another process shares this port and this one \
+                 stops, connections still queued on its socket are reset; set it to 1 (Linux \
+                 5.14+), or reload, which hands over the very same socket"
+            );
+        }
+        hooks.check_ready()?;
+        let mut config = g.config.clone();
+        if let Some(limit) = g.fd_limit {
+            let budget = limit.connection_budget(g.listeners.len());
+            tracing::info!(
+                event = "fd_limit",
+                soft = limit.soft,
+                hard = limit.hard,
+                soft_before = limit.soft_before,
+                connection_budget = budget,
+                "{limit}"
+            );
+            if config.max_connections > budget {
+                tracing::warn!(
+                    event = "max_connections_clamped",
+                    asked = config.max_connections,
+                    budget,
+                    "at most {budget} connections fit under the {limit}; serving at most {budget} (asked for {})",
+                    config.max_connections
+                );
+                config.max_connections = budget;
+            }
+        }
+        let sockets = describe(&g.listeners);
+        // Second descriptors of every socket, for the next generation.
+        let handover: Vec<(OwnedFd, String)> = g
+            .listeners
+            .iter()
+            .map(|l| l.try_clone_fd().map(|fd| (fd, l.name.clone())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot duplicate a listening socket: {e}"))?;
+        let plan = Plan {
+            origin: g
+                .listeners
+                .first()
+                .map(|l| l.origin)
+                .unwrap_or(Origin::Bound),
+            exe: g.exe,
+            args: g.args,
+            generation: g.number + 1,
+            sockets: handover,
+        };
+        let signals =
+            Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let (tx, requests) = mpsc::channel::<control::Request>(4);
+        let path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
+        let control = match control::listen(g.config.name(), pid, path) {
+            Ok(l) => Some(tokio::spawn(control::serve(l, tx))),
+            Err(e) => {
+                tracing::warn!(event = "control_unavailable", error = %e,
+                    "no control socket: the reload helper cannot reach this process; SIGUSR2 still works");
+                None
+            }
+        };
+        let server = Server::start(g.listeners, router, g.info.counters.clone(), &config)
+            .map_err(|e| format!("cannot serve the sockets: {e}"))?;
+        Ok(Running {
+            config: g.config,
+            info: g.info,
+            hooks,
+            sockets,
+            notifier,
+            signals,
+            server,
+            inherited: g.inherited,
+            control,
+            requests,
+            plan,
+            last_failure: None,
+        })
+    }
+
+    pub(super) fn status(&self) -> String {
+        self.hooks.status(&Status {
+            sockets: self.sockets.clone(),
+            generation: self.info.generation,
+            in_flight: self.info.in_flight(),
+            last_reload_failure: self.last_failure.clone(),
+        })
+    }
+
+    pub(super) fn drain_status(&self) -> String {
+        drain_status(&self.info)
+    }
+
+    /// Every socket is being accepted from: say so. A successor says it to
+    /// the old process, takes the unit over on `commit`, then takes the
+    /// connections the old process moves. `Err`: the handover was called
+    /// off before we took over.
+    pub(super) async fn join(&mut self) -> Result<(), String> {
+        let Some(inherited) = self.inherited.take() else {
+            self.notifier.ready(&self.status());
+            return self.ready();
+        };
+        let mut successor = Successor::announce(inherited, self.config.move_connections)
+            .await
+            .map_err(|e| format!("cannot report ready: {e}"))?;
+        // The old process's counters come now, its connections once we own
+        // the unit.
+        if let Some(channel) = successor.connections() {
+            self.server.adopt(channel);
+        }
+        tokio::select! {
+            r = successor.wait_commit() => r?,
+            sig = self.signals.next_stop() => {
+                return Err(format!("{sig} before the handover was committed"));
+            }
+        }
+        let (n, s) = (self.notifier.clone(), self.status());
+        // take_over blocks on the BARRIER=1 round trip.
+        let _ = tokio::task::spawn_blocking(move || n.take_over(&s)).await;
+        successor.confirm_owner().await;
+        self.ready()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let (sockets, generation) = (&self.sockets, self.info.generation);
+        tracing::info!(event = "ready", sockets = %sockets, "serving {sockets} as generation {generation}");
+        if let Some(interval) = notify::watchdog_interval() {
+            tracing::info!(
+                event = "watchdog",
+                interval_ms = interval.as_millis() as u64,
+                "pinging the systemd watchdog"
+            );
+            tokio::spawn(notify::watchdog_loop(self.notifier.clone(), interval));
+        }
+        Ok(())
+    }
+}
+
+/// "2 sockets (systemd: http, admin)".
+pub(super) fn describe(listeners: &[Listener]) -> String {
+    let n = listeners.len();
+    let origin = listeners
+        .first()
+        .map(|l| l.origin.to_string())
+        .unwrap_or_default();
+    let names: Vec<String> = listeners.iter().map(Listener::label).collect();
+    format!(
+        "{n} socket{} ({origin}: {})",
+        if n == 1 { "" } else { "s" },
+        names.join(", ")
+    )
+}
+
+pub(super) fn drain_status(info: &Info) -> String {
+    format!(
+        "draining: {} in flight on {} connections · generation {}",
+        info.in_flight(),
+        info.connections(),
+        info.generation
+    )
+}
