@@ -96,7 +96,9 @@ mod signals;
 
 pub use config::Config;
 pub use control::Report;
-pub use generation::{Ended, Generation, Hooks, Info, StartError, Status, refuse_start};
+pub use generation::{
+    Ended, Generation, Hooks, Info, LastReload, StartError, Status, refuse_start,
+};
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
 

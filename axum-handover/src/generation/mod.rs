@@ -110,7 +110,9 @@ impl Ended {
 /// The status line a serving generation reports to systemd (`STATUS=`),
 /// refreshed each second when it changes. Its `Display` is the default
 /// wording: `serving 1 socket (systemd: http) · generation 0 · 0 in flight`,
-/// then ` · last reload failed: <why>` after a failed reload.
+/// then ` · last reload ok at 12:03:04 UTC` in a generation a reload
+/// started, or ` · last reload failed at 12:03:04 UTC: <why>` in one that
+/// stayed after a failed reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     /// The sockets, as in `1 socket (systemd: http)`.
@@ -119,8 +121,17 @@ pub struct Status {
     pub generation: u32,
     /// Requests in progress.
     pub in_flight: usize,
-    /// Why the last reload failed, if it did.
-    pub last_reload_failure: Option<String>,
+    /// The last reload this process knows of.
+    pub last_reload: Option<LastReload>,
+}
+
+/// When the last reload happened and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When it ended.
+    pub at: std::time::SystemTime,
+    /// `Err` with the reason when the new process failed.
+    pub outcome: Result<(), String>,
 }
 
 impl fmt::Display for Status {
@@ -130,11 +141,25 @@ impl fmt::Display for Status {
             "serving {} · generation {} · {} in flight",
             self.sockets, self.generation, self.in_flight
         )?;
-        if let Some(why) = &self.last_reload_failure {
-            write!(f, " · last reload failed: {why}")?;
+        if let Some(r) = &self.last_reload {
+            let at = clock(r.at);
+            match &r.outcome {
+                Ok(()) => write!(f, " · last reload ok at {at} UTC")?,
+                Err(why) => write!(f, " · last reload failed at {at} UTC: {why}")?,
+            }
         }
         Ok(())
     }
+}
+
+/// `HH:MM:SS` of a time, in UTC.
+fn clock(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// What an app may add to a generation's life. Every method has a default.

@@ -125,7 +125,10 @@ impl Running {
         let why = failure.to_string();
         tracing::error!(event = "reload_failed", new_pid, reason = %why,
             "reload failed, still serving: {why}");
-        self.last_failure = Some(why.clone());
+        self.last_reload = Some(super::LastReload {
+            at: std::time::SystemTime::now(),
+            outcome: Err(why.clone()),
+        });
         self.info.counters.totals.reload(ReloadResult::Failed);
         self.notifier.reclaim(&self.status());
         reply(reply_to, Answer::Failed(why)).await;

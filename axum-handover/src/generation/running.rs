@@ -43,7 +43,7 @@ pub(super) struct Running {
     pub(super) requests: mpsc::Receiver<control::Request>,
     /// How to start the next generation: fixed at start-up.
     pub(super) plan: Plan,
-    pub(super) last_failure: Option<String>,
+    pub(super) last_reload: Option<super::LastReload>,
 }
 
 impl Running {
@@ -170,7 +170,11 @@ impl Running {
             control,
             requests,
             plan,
-            last_failure: None,
+            // A generation a reload started: that reload went well.
+            last_reload: (g.number > 0).then(|| super::LastReload {
+                at: std::time::SystemTime::now(),
+                outcome: Ok(()),
+            }),
         })
     }
 
@@ -179,7 +183,7 @@ impl Running {
             sockets: self.sockets.clone(),
             generation: self.info.generation,
             in_flight: self.info.in_flight(),
-            last_reload_failure: self.last_failure.clone(),
+            last_reload: self.last_reload.clone(),
         })
     }
 
