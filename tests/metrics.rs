@@ -1,0 +1,92 @@
+//! `/metrics`: Prometheus' text format, and counters that a reload does not
+//! reset (they carry over to the next generation), with the real binary.
+
+use std::collections::BTreeMap;
+
+use pid_server_test_support::proc::{self, Reaper, WAIT};
+use pid_server_test_support::{http, wait};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+
+/// The samples of a scrape: `name{labels}` → value.
+fn scrape(c: &mut http::Conn) -> BTreeMap<String, f64> {
+    let r = c.get("/metrics").unwrap();
+    assert_eq!(r.status, 200);
+    r.body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample {l:?}"));
+            (
+                k.to_string(),
+                v.parse().unwrap_or_else(|_| panic!("bad value {l:?}")),
+            )
+        })
+        .collect()
+}
+
+fn reload(pid: u32) -> (i32, String, String) {
+    proc::reload(BIN, &["--pid", &pid.to_string()])
+}
+
+#[test]
+fn counters_survive_reloads_and_failed_reloads_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = proc::private_binary(BIN, dir.path());
+    let (first, _notify, addr) = proc::start(&bin);
+    let reaper = Reaper::default();
+    let mut c = http::Conn::open(addr, WAIT).unwrap();
+    for _ in 0..10 {
+        assert_eq!(c.get("/").unwrap().status, 200);
+    }
+    assert_eq!(c.get("/nope").unwrap().status, 404);
+    let before = scrape(&mut c);
+    assert_eq!(before["pid_server_requests_total{status=\"200\"}"], 10.0);
+    assert_eq!(before["pid_server_generation"], 0.0);
+    // A failed reload: the old process stays, and counts it.
+    proc::install_script(&bin, "#!/bin/sh\nexit 1\n");
+    let (code, _, _) = reload(first.pid);
+    assert_eq!(code, 1);
+    proc::install_real(BIN, &bin);
+    // Two good ones; the kept connection moves each time.
+    let mut pid = first.pid;
+    for _ in 0..2 {
+        let old = pid;
+        let (code, out, err) = reload(pid);
+        assert_eq!(code, 0, "{err}");
+        pid = out
+            .split(" -> ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        reaper.watch(pid);
+        // The old process sends its last counters when it is done.
+        proc::wait_gone(old, WAIT);
+    }
+    // The old process's last totals reach the new one a moment after it
+    // exits (a datagram the new one reads on its own time).
+    let after = wait::until("the old generation's last totals", WAIT, || {
+        let m = scrape(&mut c);
+        (m["pid_server_reloads_total{result=\"ok\"}"] == 2.0).then_some(m)
+    });
+    assert_eq!(after["pid_server_generation"], 2.0);
+    // Every request the first generations answered is still counted (and
+    // the scrapes themselves).
+    assert!(
+        after["pid_server_requests_total{status=\"200\"}"] >= 11.0,
+        "{after:?}"
+    );
+    assert_eq!(after["pid_server_requests_total{status=\"404\"}"], 1.0);
+    assert_eq!(after["pid_server_reloads_total{result=\"ok\"}"], 2.0);
+    assert_eq!(after["pid_server_reloads_total{result=\"failed\"}"], 1.0);
+    assert_eq!(after["pid_server_handover_duration_seconds_count"], 2.0);
+    assert!(
+        after["pid_server_connections_moved_total"] >= 2.0,
+        "{after:?}"
+    );
+    assert_eq!(after["pid_server_connections_fell_back_total"], 0.0);
+    assert_eq!(http::get(addr, "/healthz").unwrap().status, 200);
+}
