@@ -286,6 +286,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     let fd = f.as_raw_fd();
     let mut cmd = Command::new(BIN);
     cmd.env("LISTEN_FDS", "1");
+    // SAFETY: dup2 is async-signal-safe; the fd is ours.
     unsafe {
         cmd.pre_exec(move || {
             if libc_dup2(fd, 3) < 0 {
