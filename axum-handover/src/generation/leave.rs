@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Ended;
 use super::running::{Leave, Running, drain_status};
 use crate::control::{self, Answer, Report};
-use crate::handover::channel::PROTOCOL;
+use crate::handover::channel::{Feature, PROTOCOL};
 use crate::handover::spawn::Joined;
 use crate::metrics::ReloadResult;
 use crate::server::DrainReport;
@@ -91,30 +91,32 @@ impl Running {
     /// After a handover: move the connections when the successor takes
     /// them, else drain. Says which.
     fn begin_letting_go(&mut self, joined: Joined) -> bool {
+        let takes = joined.ready.has(Feature::MoveConnections);
         match joined.connections {
-            Some(channel) if self.config.move_connections => {
+            Some(channel) if takes && self.config.move_connections => {
                 self.server.begin_move(channel);
-                true
+                return true;
             }
-            _ => {
-                let why = if !self.config.move_connections {
-                    "moving connections is off"
-                } else if joined.ready.protocol < 2 {
-                    "the new process predates moving connections (handover protocol 1)"
-                } else {
-                    "the new process takes no connections"
-                };
-                tracing::info!(
-                    event = "connections_not_moved",
-                    reason = why,
-                    peer_protocol = joined.ready.protocol,
-                    protocol = PROTOCOL,
-                    "not moving connections: {why}; draining them instead"
-                );
-                self.server.begin_drain();
-                false
-            }
+            // Still the way for the last counters, if it takes them.
+            Some(channel) => self.server.keep_successor(channel),
+            None => {}
         }
+        let why = if !self.config.move_connections {
+            "moving connections is off"
+        } else if joined.ready.protocol < 2 {
+            "the new process predates moving connections (handover protocol 1)"
+        } else {
+            "the new process takes no connections"
+        };
+        tracing::info!(
+            event = "connections_not_moved",
+            reason = why,
+            peer_protocol = joined.ready.protocol,
+            protocol = PROTOCOL,
+            "not moving connections: {why}; draining them instead"
+        );
+        self.server.begin_drain();
+        false
     }
 
     /// Keeps systemd from killing a drain that runs long, and shows its

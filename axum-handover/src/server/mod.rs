@@ -297,6 +297,12 @@ impl Server {
         drop(self.done.take());
     }
 
+    /// Keeps the successor's channel without moving connections on it
+    /// (for the counters).
+    pub(crate) fn keep_successor(&mut self, channel: Connections) {
+        let _ = self.ctx.successor.set(channel);
+    }
+
     /// The successor's channel, once moving.
     pub(crate) fn successor(&self) -> Option<&Connections> {
         self.ctx.successor.get()
