@@ -16,6 +16,8 @@ use axum::routing::get;
 use axum_handover::Info;
 use serde::Serialize;
 
+use crate::config_file::ConfigFile;
+
 /// The longest `/slow` sleep; longer asks are a 400, so one request cannot
 /// hold a drain for an hour.
 pub const SLOW_MAX_MS: u64 = 60_000;
@@ -52,6 +54,15 @@ impl Generation for Info {
 pub struct ConfigFileId {
     pub path: String,
     pub sha256: String,
+}
+
+impl From<ConfigFile> for ConfigFileId {
+    fn from(f: ConfigFile) -> ConfigFileId {
+        ConfigFileId {
+            path: f.path.display().to_string(),
+            sha256: f.sha256,
+        }
+    }
 }
 
 /// What every route may read.

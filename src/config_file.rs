@@ -57,16 +57,6 @@ pub struct ConfigFile {
     pub settings: FileSettings,
 }
 
-impl ConfigFile {
-    /// What `/healthz` shows of it.
-    pub fn id(self) -> crate::app::ConfigFileId {
-        crate::app::ConfigFileId {
-            path: self.path.display().to_string(),
-            sha256: self.sha256,
-        }
-    }
-}
-
 /// What a file sets; `None` where it leaves a setting out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileSettings {

@@ -49,7 +49,7 @@ fn serve(mut args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
     };
-    let router = app::router(generation.info(), file.map(config_file::ConfigFile::id));
+    let router = app::router(generation.info(), file.map(Into::into));
     let ended = runtime.block_on(generation.serve(router, ()));
     // Do not wait for blocked tasks (a cut /slow request) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
