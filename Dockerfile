@@ -29,7 +29,9 @@ RUN if [ ! -x /lib/systemd/systemd ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY systemd/pid-server.service systemd/pid-server.socket /etc/systemd/system/
-# The very units the tests boot, unchanged. (Under an unprivileged engine the
+COPY packaging/pid-server.toml /etc/pid-server/pid-server.toml
+# The very units the tests boot, unchanged, and the configuration file the
+# service reads (as the package installs it). (Under an unprivileged engine the
 # unit's PrivateNetwork= namespace may not be joinable by later Exec*=
 # processes; the reload helper then reaches the server through the control
 # socket in RuntimeDirectory=, which does not depend on it.)

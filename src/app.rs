@@ -1,9 +1,11 @@
 //! The HTTP application: what each route answers, and the state it reports.
 //!
 //! The routes know nothing about sockets or signals; they read what the
-//! library says about the generation serving them ([`Info`]).
+//! library says about the generation serving them ([`Info`]), and which
+//! configuration file the process read ([`ConfigFileId`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +15,8 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use axum_handover::Info;
 use serde::Serialize;
+
+use crate::config_file::ConfigFile;
 
 /// The longest `/slow` sleep; longer asks are a 400, so one request cannot
 /// hold a drain for an hour.
@@ -48,20 +52,49 @@ impl Generation for Info {
     }
 }
 
+/// The configuration file the process runs with, as `/healthz` shows it:
+/// after a reload, the digest tells which version of the file the new
+/// process read.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigFileId {
+    pub path: String,
+    pub sha256: String,
+}
+
+impl From<ConfigFile> for ConfigFileId {
+    fn from(f: ConfigFile) -> ConfigFileId {
+        ConfigFileId {
+            path: f.path.display().to_string(),
+            sha256: f.sha256,
+        }
+    }
+}
+
+/// What every route may read.
+#[derive(Clone)]
+struct App<G> {
+    generation: G,
+    /// `None` without a configuration file.
+    config: Option<Arc<ConfigFileId>>,
+}
+
 /// The routes.
-pub fn router<G: Generation>(shared: G) -> Router {
+pub fn router<G: Generation>(generation: G, config: Option<ConfigFileId>) -> Router {
     Router::new()
         .route("/", get(root::<G>))
         .route("/healthz", get(healthz::<G>))
         .route("/readyz", get(readyz::<G>))
         .route("/slow", get(slow::<G>))
         .route("/metrics", get(metrics::<G>))
-        .with_state(shared)
+        .with_state(App {
+            generation,
+            config: config.map(Arc::new),
+        })
 }
 
 /// Prometheus' text format (version 0.0.4).
-async fn metrics<G: Generation>(State(s): State<G>) -> Response {
-    let body = crate::metrics::render(s.metrics());
+async fn metrics<G: Generation>(State(s): State<App<G>>) -> Response {
+    let body = crate::metrics::render(s.generation.metrics());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -76,8 +109,8 @@ fn handled_by(pid: u32) -> String {
     format!("OK. Handled by PID: {pid}\n")
 }
 
-async fn root<G: Generation>(State(s): State<G>) -> String {
-    handled_by(s.pid())
+async fn root<G: Generation>(State(s): State<App<G>>) -> String {
+    handled_by(s.generation.pid())
 }
 
 #[derive(Serialize)]
@@ -86,23 +119,26 @@ struct Health {
     generation: u32,
     state: &'static str,
     in_flight: usize,
+    config: Option<ConfigFileId>,
 }
 
-async fn healthz<G: Generation>(State(s): State<G>) -> Json<Health> {
+async fn healthz<G: Generation>(State(s): State<App<G>>) -> Json<Health> {
+    let g = &s.generation;
     Json(Health {
-        pid: s.pid(),
-        generation: s.generation(),
-        state: if s.is_draining() {
+        pid: g.pid(),
+        generation: g.generation(),
+        state: if g.is_draining() {
             "draining"
         } else {
             "serving"
         },
-        in_flight: s.in_flight(),
+        in_flight: g.in_flight(),
+        config: s.config.as_deref().cloned(),
     })
 }
 
-async fn readyz<G: Generation>(State(s): State<G>) -> Response {
-    if s.is_draining() {
+async fn readyz<G: Generation>(State(s): State<App<G>>) -> Response {
+    if s.generation.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
@@ -110,7 +146,7 @@ async fn readyz<G: Generation>(State(s): State<G>) -> Response {
 }
 
 async fn slow<G: Generation>(
-    State(s): State<G>,
+    State(s): State<App<G>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let ms = match q.get("ms").map(|v| v.parse::<u64>()) {
@@ -124,7 +160,7 @@ async fn slow<G: Generation>(
         }
     };
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    handled_by(s.pid()).into_response()
+    handled_by(s.generation.pid()).into_response()
 }
 
 #[cfg(test)]
@@ -193,7 +229,15 @@ mod tests {
     }
 
     async fn get(shared: &Shared, uri: &str) -> (StatusCode, String) {
-        let resp = router(shared.clone())
+        get_with(shared, None, uri).await
+    }
+
+    async fn get_with(
+        shared: &Shared,
+        config: Option<ConfigFileId>,
+        uri: &str,
+    ) -> (StatusCode, String) {
+        let resp = router(shared.clone(), config)
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
             .await
             .unwrap();
@@ -224,6 +268,21 @@ mod tests {
         assert_eq!(v["generation"], 3);
         assert_eq!(v["state"], "draining");
         assert_eq!(v["in_flight"], 0);
+        assert!(v["config"].is_null(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn health_names_the_configuration_file() {
+        let id = ConfigFileId {
+            path: "/etc/pid-server/pid-server.toml".into(),
+            sha256: "ab".repeat(32),
+        };
+        let (_, body) = get_with(&Shared::new(1, 0), Some(id), "/healthz").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["config"],
+            serde_json::json!({"path": "/etc/pid-server/pid-server.toml", "sha256": "ab".repeat(32)})
+        );
     }
 
     #[tokio::test]

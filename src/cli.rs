@@ -1,16 +1,24 @@
 //! The command line: `pid-server [serve]`, `pid-server reload`,
-//! `pid-server stop`.
+//! `pid-server stop`, `pid-server check-config`.
 //!
 //! Every `serve` flag can also come from the environment, so a unit file or a
-//! container can configure the service without editing `ExecStart=`. A new
-//! generation started by a handover gets the same arguments and environment
-//! as the old one, so it serves with the same configuration.
+//! container can configure the service without editing `ExecStart=`, and
+//! from the configuration file (`--config`, see `config_file`), which a
+//! reload rereads. A flag beats the environment, which beats the file, which
+//! beats the default. A new generation started by a handover gets the same
+//! arguments and environment as the old one, so only the file can change
+//! what it serves with.
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use axum_handover::{Config, ListenAddr};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config_file::{self, FileSettings};
 
 /// The handover settings every subcommand shares: the name from which the
 /// control socket (`@pid-server/<pid>/control`), the environment prefix
@@ -42,7 +50,7 @@ pub fn helper_exit(
 /// Parses the command line. A bad one is one line on stderr and exit 64
 /// (`--help` and `--version` print and exit 0).
 pub fn parse() -> Result<Cli, ExitCode> {
-    match Cli::try_parse() {
+    match parse_from(std::env::args_os()) {
         Ok(cli) => Ok(cli),
         Err(e) if !e.use_stderr() => {
             let _ = e.print();
@@ -58,6 +66,21 @@ pub fn parse() -> Result<Cli, ExitCode> {
             Err(ExitCode::from(64))
         }
     }
+}
+
+/// Parses `args`, and notes for `serve` which settings a flag or the
+/// environment gave (the file may not override those).
+fn parse_from(
+    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    match (&mut cli.command, matches.subcommand()) {
+        (Some(Command::Serve(args)), Some((_, sub))) => args.given = Given::of(sub),
+        (None, _) => cli.serve.given = Given::of(&matches),
+        _ => {}
+    }
+    Ok(cli)
 }
 
 #[derive(Debug, Parser)]
@@ -87,6 +110,9 @@ pub enum Command {
     /// SIGTERM the main process and wait until every generation has drained
     /// and exited. This is what `ExecStop=` runs.
     Stop(StopArgs),
+    /// Check a configuration file without serving: prints `PATH: ok`, or
+    /// `PATH:LINE: what is wrong` and exits 78.
+    CheckConfig(CheckConfigArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,9 +125,21 @@ pub struct ServeArgs {
         value_name = "ADDR",
         env = "PID_SERVER_LISTEN",
         value_delimiter = ',',
-        default_value = "0.0.0.0:8080"
+        default_value = "0.0.0.0:8080",
+        value_parser = parse_listen
     )]
     pub listen: Vec<ListenAddr>,
+
+    /// A TOML file with any of these settings (keys: the long flag names
+    /// with `_` for `-`). Read at every start, so a reload applies a
+    /// changed file; a flag or an environment variable beats it.
+    #[arg(
+        long = "config",
+        value_name = "PATH",
+        env = "PID_SERVER_CONFIG",
+        value_parser = clap::value_parser!(PathBuf)
+    )]
+    pub config_file: Option<PathBuf>,
 
     /// Seconds to let in-flight requests finish when stopping; what is still
     /// running then is cut.
@@ -181,12 +219,85 @@ pub struct ServeArgs {
         value_name = "N",
         env = "PID_SERVER_MAX_CONNECTIONS",
         default_value = "10000",
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = parse_max_connections
     )]
     pub max_connections: u32,
+
+    /// The settings a flag or the environment gave.
+    #[arg(skip)]
+    given: Given,
+}
+
+/// The ids of the settings a flag or an environment variable gave, as
+/// opposed to a default.
+#[derive(Debug, Clone, Default)]
+struct Given(BTreeSet<String>);
+
+impl Given {
+    fn of(matches: &ArgMatches) -> Given {
+        let given = matches.ids().map(|id| id.as_str()).filter(|id| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        });
+        Given(given.map(str::to_string).collect())
+    }
 }
 
 impl ServeArgs {
+    /// Reads the configuration file, if one is named, and takes from it
+    /// every setting that no flag or environment variable gave. Returns the
+    /// file as read, for `/healthz`.
+    pub fn read_config_file(
+        &mut self,
+    ) -> Result<Option<config_file::ConfigFile>, config_file::Error> {
+        let Some(path) = &self.config_file else {
+            return Ok(None);
+        };
+        let file = config_file::read(path)?;
+        self.fill_from(file.settings.clone());
+        Ok(Some(file))
+    }
+
+    /// Takes each setting of `file` that no flag or environment variable
+    /// gave.
+    fn fill_from(&mut self, file: FileSettings) {
+        // Destructured, so that a new setting cannot be forgotten here.
+        let FileSettings {
+            listen,
+            drain_timeout,
+            upgrade_timeout,
+            upgrade_probation,
+            header_timeout,
+            keep_alive_timeout,
+            idle_grace,
+            max_connections,
+        } = file;
+        let given = &self.given.0;
+        // A setting's clap id is its field's name.
+        macro_rules! fill {
+            ($($field:ident),*) => {$(
+                if let Some(v) = $field
+                    && !given.contains(stringify!($field))
+                {
+                    self.$field = v;
+                }
+            )*};
+        }
+        fill!(
+            listen,
+            drain_timeout,
+            upgrade_timeout,
+            upgrade_probation,
+            header_timeout,
+            keep_alive_timeout,
+            max_connections
+        );
+        let idle_grace = idle_grace.map(Some);
+        fill!(idle_grace);
+    }
+
     /// The handover settings these flags ask for.
     pub fn config(&self) -> Config {
         let c = config()
@@ -230,7 +341,27 @@ pub struct StopArgs {
     pub timeout: Duration,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
+#[derive(Debug, Clone, Args)]
+pub struct CheckConfigArgs {
+    /// The file to check.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PID_SERVER_CONFIG",
+        default_value = config_file::PACKAGED_PATH
+    )]
+    pub config: PathBuf,
+}
+
+// The parsers of the values, shared by the flags, the environment and the
+// configuration file, so that each is checked the same way wherever it
+// comes from.
+
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse()
+}
+
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("must be at least 1 second".into()),
         Ok(n) if n <= 24 * 3600 => Ok(Duration::from_secs(n)),
@@ -239,11 +370,20 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn parse_ms(s: &str) -> Result<Duration, String> {
+pub fn parse_ms(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<u64>() {
         Ok(n) if n <= 60_000 => Ok(Duration::from_millis(n)),
         Ok(_) => Err("must be at most 60000 ms".into()),
         Err(_) => Err(format!("`{s}` is not a whole number of milliseconds")),
+    }
+}
+
+pub fn parse_max_connections(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) if s.trim().parse::<u64>().is_ok() => Err(format!("must be at most {}", u32::MAX)),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
     }
 }
 
@@ -287,6 +427,35 @@ mod tests {
                 Cli::try_parse_from(["pid-server", "--drain-timeout", bad]).is_err(),
                 "{bad} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn the_file_fills_only_what_no_flag_gave() {
+        let file = FileSettings {
+            listen: Some(vec!["127.0.0.1:2".parse().unwrap()]),
+            drain_timeout: Some(Duration::from_secs(7)),
+            keep_alive_timeout: Some(Duration::from_secs(3)),
+            idle_grace: Some(Duration::from_millis(9)),
+            ..FileSettings::default()
+        };
+        for argv in [
+            &["pid-server", "--drain-timeout", "5"][..],
+            &["pid-server", "serve", "--drain-timeout", "5"][..],
+        ] {
+            let cli = parse_from(argv).unwrap();
+            let mut args = match cli.command {
+                Some(Command::Serve(args)) => args,
+                _ => cli.serve,
+            };
+            args.fill_from(file.clone());
+            // The flag wins; the file beats the defaults.
+            assert_eq!(args.drain_timeout, Duration::from_secs(5), "{argv:?}");
+            assert_eq!(args.keep_alive_timeout, Duration::from_secs(3));
+            assert_eq!(args.idle_grace, Some(Duration::from_millis(9)));
+            assert_eq!(args.listen, file.listen.clone().unwrap());
+            // What neither sets keeps its default.
+            assert_eq!(args.header_timeout, Duration::from_secs(10));
         }
     }
 }

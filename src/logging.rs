@@ -8,6 +8,8 @@
 use std::os::fd::AsFd;
 
 use tracing_subscriber::EnvFilter;
+
+use crate::config_file::ConfigFile;
 use tracing_subscriber::prelude::*;
 
 /// Whether stderr is the journal stream systemd connected us to: the
@@ -30,8 +32,24 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
-/// Sets the global subscriber. Returns where logs go, for the first line.
-pub fn init(pid: u32, generation: u32) -> &'static str {
+/// Sets the global subscriber, and logs which configuration file this
+/// generation read (after a reload: which version of it, by digest).
+pub fn init(pid: u32, generation: u32, file: Option<&ConfigFile>) {
+    subscribe(pid, generation);
+    if let Some(f) = file {
+        tracing::info!(
+            event = "config",
+            config_path = %f.path.display(),
+            config_sha256 = %f.sha256,
+            "configuration from {} (sha256 {})",
+            f.path.display(),
+            f.sha256
+        );
+    }
+}
+
+/// Sets the global subscriber. Returns where logs go.
+fn subscribe(pid: u32, generation: u32) -> &'static str {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if stderr_is_journal()
         && let Ok(layer) = tracing_journald::layer()

@@ -164,6 +164,7 @@ root=/proc/$init/root
 mkdir -p "$root/etc/systemd/system/pid-server.socket.d"
 install -m 0755 "$binary" "$root/usr/bin/pid-server"
 install -m 0644 "$here/pid-server.service" "$here/pid-server.socket" "$root/etc/systemd/system/"
+install -D -m 0644 "$here/../packaging/pid-server.toml" "$root/etc/pid-server/pid-server.toml"
 printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:%s\n' "$port" \
     >"$root/etc/systemd/system/pid-server.socket.d/try-port.conf"
 inside systemctl daemon-reload

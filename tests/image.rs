@@ -209,8 +209,9 @@ fn copy(src: &Path, dst: &Path) {
         .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
 }
 
-/// The build context: the Dockerfile and .dockerignore, the units, and the
-/// binary where `--target runtime-prebuilt` expects it.
+/// The build context: the Dockerfile and .dockerignore, the units, the
+/// configuration file, and the binary where `--target runtime-prebuilt`
+/// expects it.
 fn make_context(dir: &Path) {
     let repo = repo();
     copy(&repo.join("Dockerfile"), &dir.join("Dockerfile"));
@@ -221,6 +222,9 @@ fn make_context(dir: &Path) {
     for unit in ["pid-server.service", "pid-server.socket"] {
         copy(&units.join(unit), &dir.join("systemd").join(unit));
     }
+    // The configuration file the unit's `serve --config` names.
+    let conf = "packaging/pid-server.toml";
+    copy(&repo.join(conf), &dir.join(conf));
     let binary = std::env::var_os("PID_SERVER_TEST_BINARY")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(BIN));

@@ -12,6 +12,7 @@
 //! without `--nocapture` too.
 
 mod activation;
+mod config;
 mod failed_reload;
 mod harness;
 mod journal;

@@ -1,0 +1,104 @@
+//! The configuration file under a real systemd, with the repo's sandboxed
+//! unit: the service reads `/etc/pid-server/pid-server.toml`, `systemctl
+//! reload` applies a changed file and refuses a broken one with the old
+//! process still serving, and a start with a broken file fails once (exit
+//! 78), not in a restart loop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use pid_server_test_support::{nspawn, wait};
+use sha2::{Digest, Sha256};
+
+use super::{SERVICE, WAIT, boot, healthz, local, timer};
+
+const CONFIG: &str = "/etc/pid-server/pid-server.toml";
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `Keep-Alive: timeout=N` a response advertises.
+fn advertised_keep_alive(port: u16) -> u64 {
+    let mut s = TcpStream::connect_timeout(&local(port), WAIT).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    raw.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("keep-alive")
+                .then(|| v.trim().strip_prefix("timeout=")?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
+}
+
+#[test]
+fn the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change() {
+    if !nspawn::require_or_skip(
+        "the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change",
+    ) {
+        return;
+    }
+    let _timer = timer("C config file: read, applied by a reload, refused when broken");
+    let port = nspawn::free_port();
+    let c = boot(port, &[]);
+
+    // The packaged file, read through ProtectSystem=strict, DynamicUser=,
+    // PrivateUsers= and the rest of the sandbox.
+    let packaged = c.read_file(CONFIG);
+    let h = healthz(port);
+    let first = h["pid"].as_u64().unwrap() as u32;
+    assert_eq!(h["config"]["path"], CONFIG, "{h}");
+    assert_eq!(h["config"]["sha256"], sha256(&packaged), "{h}");
+    assert_eq!(advertised_keep_alive(port), 5);
+
+    // A changed file: `systemctl reload` applies it.
+    let changed = b"keep_alive_timeout = 2\n";
+    c.write_file(CONFIG, changed, 0o644);
+    c.systemctl_ok(&["reload", SERVICE]);
+    let second = c.main_pid(SERVICE);
+    assert_ne!(second, first);
+    let h = healthz(port);
+    assert_eq!(h["pid"], second, "{h}");
+    assert_eq!(h["config"]["sha256"], sha256(changed), "{h}");
+    assert_eq!(advertised_keep_alive(port), 2);
+
+    // A broken file: the reload fails, the old process keeps the unit.
+    c.write_file(CONFIG, b"keep_alive_timeout = \"3\"\n", 0o644);
+    let out = c.systemctl(&["reload", SERVICE]);
+    assert!(!out.status.success(), "reload to a broken file succeeded");
+    assert_eq!(c.main_pid(SERVICE), second);
+    assert_eq!(healthz(port)["config"]["sha256"], sha256(changed));
+    let journal = wait::until("the new process's error in the journal", WAIT, || {
+        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+        j.contains(&format!(
+            "{CONFIG}:1: `keep_alive_timeout`: expected a whole number"
+        ))
+        .then_some(j)
+    });
+    // The reload failed with the new process's reason, not only its status.
+    assert!(
+        journal.contains(&format!(
+            "could not start: {CONFIG}:1: `keep_alive_timeout`"
+        )),
+        "{journal}"
+    );
+    let check = c.exec(&["/usr/bin/pid-server", "check-config"]);
+    assert_eq!(check.status.code(), Some(78));
+
+    // A start with it fails with 78, once: no restart loop.
+    let _ = c.systemctl(&["restart", SERVICE]);
+    wait::until("the service to fail", WAIT, || {
+        (c.unit_property(SERVICE, "ActiveState") == "failed").then_some(())
+    });
+    assert_eq!(c.unit_property(SERVICE, "ExecMainStatus"), "78");
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+}
