@@ -127,14 +127,14 @@ impl Ctr {
 
 impl Drop for Ctr {
     fn drop(&mut self) {
-        if thread::panicking() {
-            if let Ok(o) = podman(&["exec", &self.0, "journalctl", "--no-pager", "-n", "80"]) {
-                eprintln!(
-                    "--- journal of {} (test panicked) ---\n{}",
-                    self.0,
-                    text(&o)
-                );
-            }
+        if thread::panicking()
+            && let Ok(o) = podman(&["exec", &self.0, "journalctl", "--no-pager", "-n", "80"])
+        {
+            eprintln!(
+                "--- journal of {} (test panicked) ---\n{}",
+                self.0,
+                text(&o)
+            );
         }
         match podman(&["rm", "-f", "-t", "0", &self.0]) {
             Ok(o) if o.status.success() => {}

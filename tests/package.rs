@@ -428,3 +428,140 @@ fn package_enables_units_without_a_running_systemd() {
     );
     assert!(text.contains("processes: 0"), "something started:\n{text}");
 }
+
+/// The previous release's package (`.ci/previous-release --deb`), built once.
+fn previous_deb(test: &str) -> Option<PathBuf> {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let got = DEB.get_or_init(|| {
+        let out = TestCommand::new("bash")
+            .arg(repo().join(".ci/previous-release"))
+            .arg("--deb")
+            .timeout(BUILD_TIMEOUT)
+            .try_output()?;
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        path.is_file()
+            .then_some(path)
+            .ok_or_else(|| "previous-release printed no package".to_string())
+    });
+    match got {
+        Ok(p) => Some(p.clone()),
+        Err(e) => {
+            report::cannot_run(
+                test,
+                &format!("cannot build the previous release's package: {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// Upgrades (or downgrades) to the package at `inside` under load; asserts
+/// every request succeeded, the service was reloaded (not restarted) and
+/// the new MainPID runs the unpacked binary. Returns the new MainPID.
+fn switch_under_load(c: &Container, nsp: &Path, inside: &str, what: &str) -> u32 {
+    let old = c.main_pid(SERVICE);
+    let active_since = c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic");
+    let load = Load::to(local(PORT))
+        .one_shot(2)
+        .keep_alive(2)
+        .pace(Duration::from_millis(1))
+        .max_requests(40_000)
+        .max_time(Duration::from_secs(60))
+        .netns(nsp)
+        .start();
+    load.wait_answers_from(old, 300, Duration::from_secs(10));
+    let (ok, out) = dpkg(c, &["dpkg", "-i", inside]);
+    let new = c.main_pid(SERVICE);
+    let after = load.snapshot();
+    load.wait_more(&after, 300, Duration::from_secs(10));
+    let tally = load.finish();
+    let journal = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    eprintln!("package test: {what}: {}", tally.summary());
+    assert!(
+        ok,
+        "{what}: dpkg -i failed:\n{out}\n--- journal ---\n{journal}"
+    );
+    assert!(
+        !out.contains("reload after upgrade failed"),
+        "{what}:\n{out}\n{journal}"
+    );
+    assert_ne!(new, old, "{what}: MainPID did not change:\n{journal}");
+    assert_eq!(
+        c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic"),
+        active_since,
+        "{what}: the service was restarted, not reloaded:\n{journal}"
+    );
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0", "{what}");
+    assert_eq!(
+        tally.failed(),
+        0,
+        "{what}: {}\n{:#?}",
+        tally.summary(),
+        tally.examples
+    );
+    assert!(
+        tally.by_pid.contains_key(&new),
+        "{what}: {}",
+        tally.summary()
+    );
+    new
+}
+
+#[test]
+fn package_upgrades_from_the_previous_release_and_back_by_reload() {
+    // Every upgrade is a reload from the release that runs to the one just
+    // unpacked; a rollback (installing the previous package again) is one
+    // back. Both across the handover channel's versions.
+    const TEST: &str = "package_upgrades_from_the_previous_release_and_back_by_reload";
+    if !can_run(TEST) {
+        return;
+    }
+    let Some(debs) = debs(TEST) else { return };
+    let Some(previous) = previous_deb(TEST) else {
+        return;
+    };
+    let ns = Netns::new();
+    let nsp = ns.path();
+    let c = Container::boot_tree(&TreeOptions {
+        rootfs: deploy::debian_tree(),
+        netns: Some(nsp.clone()),
+        bind_ro: Vec::new(),
+    });
+    c.write_file("/tmp/previous.deb", &fs::read(&previous).unwrap(), 0o644);
+    c.write_file("/tmp/this.deb", &fs::read(&debs.upgrade).unwrap(), 0o644);
+    dpkg_ok(&c, &["dpkg", "-i", "/tmp/previous.deb"]);
+    ns.run(|| http::wait_ok(local(PORT), "/readyz", Duration::from_secs(10)));
+    // The previous release has no /metrics; this one has.
+    let metrics = || {
+        ns.run(|| http::get(local(PORT), "/metrics"))
+            .map(|r| r.status)
+    };
+    assert_eq!(metrics().unwrap(), 404);
+
+    let new = switch_under_load(
+        &c,
+        &nsp,
+        "/tmp/this.deb",
+        "upgrade from the previous release",
+    );
+    assert_eq!(metrics().unwrap(), 200, "PID {new} is not this release");
+    let back = switch_under_load(
+        &c,
+        &nsp,
+        "/tmp/previous.deb",
+        "rollback to the previous release",
+    );
+    assert_eq!(
+        metrics().unwrap(),
+        404,
+        "PID {back} is not the previous release"
+    );
+    let journal = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    assert!(
+        journal.contains("predates moving connections (handover protocol 1)"),
+        "this release should have said why it drained instead of moving:\n{journal}"
+    );
+}
