@@ -13,6 +13,7 @@
 
 mod activation;
 mod config;
+mod environment;
 mod failed_reload;
 mod harness;
 mod journal;
