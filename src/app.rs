@@ -78,18 +78,50 @@ struct App<G> {
     config: Option<Arc<ConfigFileId>>,
 }
 
-/// The routes.
-pub fn router<G: Generation>(generation: G, config: Option<ConfigFileId>) -> Router {
+/// The routes but `/metrics`.
+fn app_routes<G: Generation>() -> Router<App<G>> {
     Router::new()
         .route("/", get(root::<G>))
         .route("/healthz", get(healthz::<G>))
         .route("/readyz", get(readyz::<G>))
         .route("/slow", get(slow::<G>))
-        .route("/metrics", get(metrics::<G>))
-        .with_state(App {
+}
+
+fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
+    r.route("/metrics", get(metrics::<G>))
+}
+
+/// The name of the socket that, when systemd passes one
+/// (`FileDescriptorName=metrics`), serves `/metrics` and nothing else; the
+/// other sockets then do not serve it.
+pub const METRICS_SOCKET: &str = "metrics";
+
+/// What a socket serves, by its name: everything, or with a socket of its
+/// own for `/metrics`, that alone there and the rest elsewhere.
+pub fn routes<G: Generation>(
+    generation: G,
+    config: Option<ConfigFileId>,
+    sockets: &[String],
+) -> impl Fn(&str) -> Router + Send + use<G> {
+    let split = sockets.iter().any(|s| s == METRICS_SOCKET);
+    let state = App::new(generation, config);
+    let all = with_metrics(app_routes()).with_state(state.clone());
+    let app = app_routes().with_state(state.clone());
+    let metrics_only = with_metrics(Router::new()).with_state(state);
+    move |socket: &str| match (split, socket == METRICS_SOCKET) {
+        (false, _) => all.clone(),
+        (true, true) => metrics_only.clone(),
+        (true, false) => app.clone(),
+    }
+}
+
+impl<G> App<G> {
+    fn new(generation: G, config: Option<ConfigFileId>) -> App<G> {
+        App {
             generation,
             config: config.map(Arc::new),
-        })
+        }
+    }
 }
 
 /// Prometheus' text format (version 0.0.4).
@@ -237,7 +269,7 @@ mod tests {
         config: Option<ConfigFileId>,
         uri: &str,
     ) -> (StatusCode, String) {
-        let resp = router(shared.clone(), config)
+        let resp = routes(shared.clone(), config, &[])("http")
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
             .await
             .unwrap();

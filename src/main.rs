@@ -50,8 +50,12 @@ fn serve(mut args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
     };
-    let router = app::router(generation.info(), file.map(Into::into));
-    let ended = runtime.block_on(generation.serve(router, ()));
+    let routes = app::routes(
+        generation.info(),
+        file.map(Into::into),
+        &generation.socket_names(),
+    );
+    let ended = runtime.block_on(generation.serve_sockets(routes, ()));
     // Do not wait for blocked tasks (a cut /slow request) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     ExitCode::from(ended.exit_code())

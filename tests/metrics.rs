@@ -90,3 +90,73 @@ fn counters_survive_reloads_and_failed_reloads_are_counted() {
     assert_eq!(after["pid_server_connections_fell_back_total"], 0.0);
     assert_eq!(http::get(addr, "/healthz").unwrap().status, 200);
 }
+
+#[test]
+fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Two sockets the systemd way (`FileDescriptorName=http`, `=metrics`).
+    let http_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (web, scrape_at) = (
+        http_l.local_addr().unwrap(),
+        metrics_l.local_addr().unwrap(),
+    );
+    let fds = [http_l.as_raw_fd(), metrics_l.as_raw_fd()];
+    let notify = proc::Notify::new();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:1"])
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "http:metrics")
+        .env_remove("LISTEN_PID")
+        .env("NOTIFY_SOCKET", &notify.path);
+    // SAFETY: fcntl and dup2 are async-signal-safe; the fds are ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Above the targets first, so placing one cannot close another.
+            let high: Vec<i32> = fds
+                .iter()
+                .map(|fd| libc::fcntl(*fd, libc::F_DUPFD, 10))
+                .collect();
+            for (i, h) in high.iter().enumerate() {
+                if *h < 0 || libc::dup2(*h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let p = proc::Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    drop((http_l, metrics_l));
+    let reaper = Reaper::default();
+    let mut kept = http::Conn::open(scrape_at, WAIT).unwrap();
+    let check = |kept: &mut http::Conn| {
+        assert_eq!(kept.get("/metrics").unwrap().status, 200);
+        assert_eq!(
+            kept.get("/").unwrap().status,
+            404,
+            "the metrics socket serves /metrics alone"
+        );
+        assert_eq!(http::get(web, "/").unwrap().status, 200);
+        assert_eq!(
+            http::get(web, "/metrics").unwrap().status,
+            404,
+            "not on the main socket"
+        );
+    };
+    check(&mut kept);
+    let (code, out, err) = reload(p.pid);
+    assert_eq!(code, 0, "{err}");
+    let new: u32 = out
+        .split(" -> ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    reaper.watch(new);
+    proc::wait_gone(p.pid, WAIT);
+    // The kept connection moved, and kept its socket's routes.
+    check(&mut kept);
+    assert_eq!(proc::health_pid(web), new);
+}

@@ -288,11 +288,29 @@ impl Generation {
         self.info.clone()
     }
 
-    /// Serves `router` until stopped or handed over, and lets go of the
-    /// connections (moved or drained). Run on a tokio runtime with I/O and
-    /// time enabled.
+    /// The names of the listening sockets (`LISTEN_FDNAMES`, systemd's
+    /// `FileDescriptorName=`; `listen` for sockets bound here), in order:
+    /// what [`Generation::serve_sockets`] is asked about.
+    pub fn socket_names(&self) -> Vec<String> {
+        self.listeners.iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// Serves `router` on every socket until stopped or handed over, and
+    /// lets go of the connections (moved or drained). Run on a tokio
+    /// runtime with I/O and time enabled.
     pub async fn serve(self, router: axum::Router, hooks: impl Hooks) -> Ended {
-        let mut run = match Running::start(self, router, Box::new(hooks)) {
+        self.serve_sockets(move |_| router.clone(), hooks).await
+    }
+
+    /// Like [`Generation::serve`], with the routes each socket serves asked
+    /// for by its name (say `/metrics` alone on a second socket systemd
+    /// passes as `metrics`). A moved connection keeps its socket's routes.
+    pub async fn serve_sockets(
+        self,
+        routes: impl Fn(&str) -> axum::Router + Send,
+        hooks: impl Hooks,
+    ) -> Ended {
+        let mut run = match Running::start(self, &routes, Box::new(hooks)) {
             Ok(r) => r,
             Err(why) => {
                 tracing::error!(event = "start_failed", reason = %why, "cannot start: {why}");

@@ -51,14 +51,14 @@ impl Running {
     /// socket. Nothing is said to systemd yet.
     pub(super) fn start(
         mut g: Generation,
-        router: axum::Router,
+        routes: &dyn Fn(&str) -> axum::Router,
         hooks: Box<dyn Hooks>,
     ) -> Result<Running, String> {
         // A successor that cannot start tells the old process why, over the
         // channel, before it is closed.
         let inherited = g.inherited.take();
         let config = g.config.clone();
-        match Self::start_inner(g, router, hooks) {
+        match Self::start_inner(g, routes, hooks) {
             Ok(mut r) => {
                 r.inherited = inherited;
                 Ok(r)
@@ -74,7 +74,7 @@ impl Running {
 
     fn start_inner(
         g: Generation,
-        router: axum::Router,
+        routes: &dyn Fn(&str) -> axum::Router,
         hooks: Box<dyn Hooks>,
     ) -> Result<Running, String> {
         let pid = g.info.pid;
@@ -156,7 +156,7 @@ impl Running {
                 None
             }
         };
-        let server = Server::start(g.listeners, router, g.info.counters.clone(), &config)
+        let server = Server::start(g.listeners, routes, g.info.counters.clone(), &config)
             .map_err(|e| format!("cannot serve the sockets: {e}"))?;
         Ok(Running {
             config: g.config,

@@ -21,8 +21,9 @@
 //! The features today, both on the seqpacket channel:
 //! - `move-connections`: once the new process owns the unit, the old one
 //!   sends it each idle keep-alive connection, one datagram each: a header
-//!   line `conn tcp <n>` or `conn unix <n>`, then the `n` bytes it had read
-//!   but not yet parsed, with the connection's fd attached (`SCM_RIGHTS`).
+//!   line `conn tcp <n> <socket>` or `conn unix <n> <socket>` (the name of
+//!   the listening socket it came in on), then the `n` bytes it had read but
+//!   not yet parsed, with the connection's fd attached (`SCM_RIGHTS`).
 //! - `counters`: the old process sends its metrics' totals (a datagram
 //!   `counters` and a line per value, no fd) when the new one is ready and
 //!   again when it has let go of everything.
@@ -143,9 +144,12 @@ impl Kind {
 /// most its buffer limit ahead, well under this).
 pub(crate) const MAX_DATAGRAM: usize = 256 * 1024;
 
-/// A moved connection's datagram, without its fd.
-pub(crate) fn encode(kind: Kind, read_ahead: &[u8]) -> Vec<u8> {
-    let mut out = format!("conn {} {}\n", kind.word(), read_ahead.len()).into_bytes();
+/// A moved connection's datagram, without its fd: the header names the
+/// listening socket it was accepted on, so the new process serves it with
+/// that socket's routes.
+pub(crate) fn encode(kind: Kind, socket: &str, read_ahead: &[u8]) -> Vec<u8> {
+    let socket = socket.replace('\n', " ");
+    let mut out = format!("conn {} {} {socket}\n", kind.word(), read_ahead.len()).into_bytes();
     out.extend_from_slice(read_ahead);
     out
 }
@@ -165,15 +169,16 @@ pub(crate) enum BadMessage {
     Truncated,
 }
 
-/// Parses a datagram: the kind and the bytes read ahead.
-pub(crate) fn decode(datagram: &[u8]) -> Result<(Kind, &[u8]), BadMessage> {
+/// Parses a datagram: the kind, the socket's name (the rest of the header
+/// line; empty when none was given) and the bytes read ahead.
+pub(crate) fn decode(datagram: &[u8]) -> Result<(Kind, &str, &[u8]), BadMessage> {
     let nl = datagram
         .iter()
         .position(|b| *b == b'\n')
         .ok_or(BadMessage::Header)?;
     let header = std::str::from_utf8(&datagram[..nl]).map_err(|_| BadMessage::Header)?;
     let rest = &datagram[nl + 1..];
-    let mut w = header.split(' ');
+    let mut w = header.splitn(4, ' ');
     if w.next() != Some("conn") {
         return Err(BadMessage::Header);
     }
@@ -186,16 +191,14 @@ pub(crate) fn decode(datagram: &[u8]) -> Result<(Kind, &[u8]), BadMessage> {
         .next()
         .and_then(|n| n.parse().ok())
         .ok_or(BadMessage::Header)?;
-    if w.next().is_some() {
-        return Err(BadMessage::Header);
-    }
+    let socket = w.next().unwrap_or("");
     if said != rest.len() {
         return Err(BadMessage::Length {
             said,
             got: rest.len(),
         });
     }
-    Ok((kind, rest))
+    Ok((kind, socket, rest))
 }
 
 /// A seqpacket socketpair for moving connections: (the parent's end, the
@@ -233,10 +236,11 @@ impl Connections {
     pub(crate) async fn send(
         &self,
         kind: Kind,
+        socket: &str,
         conn: BorrowedFd<'_>,
         read_ahead: &[u8],
     ) -> io::Result<()> {
-        let msg = encode(kind, read_ahead);
+        let msg = encode(kind, socket, read_ahead);
         let fds = [conn.as_raw_fd()];
         self.fd
             .async_io(Interest::WRITABLE, |fd| {
@@ -282,6 +286,8 @@ pub(crate) enum Message {
 #[derive(Debug)]
 pub(crate) struct Received {
     pub(crate) kind: Kind,
+    /// The listening socket's name, as the old process knew it.
+    pub(crate) socket: String,
     pub(crate) fd: OwnedFd,
     pub(crate) read_ahead: Vec<u8>,
 }
@@ -337,11 +343,12 @@ pub(crate) fn check(
     if truncated {
         return Err(BadMessage::Truncated);
     }
-    let (kind, read_ahead) = decode(datagram)?;
+    let (kind, socket, read_ahead) = decode(datagram)?;
     match fds.len() {
         0 => Err(BadMessage::NoFd),
         1 => Ok(Received {
             kind,
+            socket: socket.to_string(),
             fd: fds.pop().expect("one fd"),
             read_ahead: read_ahead.to_vec(),
         }),
@@ -384,7 +391,10 @@ pub fn fuzz_one(data: &[u8]) {
     match message(rest, fds, pick & 0x80 != 0) {
         Ok(Message::Connection(r)) => {
             assert_eq!(n, 1);
-            assert_eq!(encode(r.kind, &r.read_ahead), rest);
+            assert_eq!(
+                decode(&encode(r.kind, &r.socket, &r.read_ahead)),
+                decode(rest)
+            );
         }
         Ok(Message::Counters(c)) => {
             assert_eq!(n, 0);
@@ -436,9 +446,13 @@ mod tests {
 
     #[test]
     fn connection_messages_round_trip_and_reject_junk() {
-        let m = encode(Kind::Tcp, b"GET / HT");
-        assert_eq!(decode(&m), Ok((Kind::Tcp, &b"GET / HT"[..])));
-        assert_eq!(decode(&encode(Kind::Unix, b"")), Ok((Kind::Unix, &b""[..])));
+        let m = encode(Kind::Tcp, "http", b"GET / HT");
+        assert_eq!(decode(&m), Ok((Kind::Tcp, "http", &b"GET / HT"[..])));
+        assert_eq!(
+            decode(&encode(Kind::Unix, "a b", b"")),
+            Ok((Kind::Unix, "a b", &b""[..]))
+        );
+        assert_eq!(decode(b"conn tcp 0\n"), Ok((Kind::Tcp, "", &b""[..])));
         assert_eq!(
             decode(b"conn tcp 3\nab"),
             Err(BadMessage::Length { said: 3, got: 2 })
@@ -448,7 +462,6 @@ mod tests {
             b"conn",
             b"conn udp 0\n",
             b"conn tcp x\n",
-            b"conn tcp 0 1\n",
             b"ready\n",
         ] {
             assert_eq!(decode(bad), Err(BadMessage::Header), "{bad:?}");
@@ -462,11 +475,16 @@ mod tests {
         let (a, b) = pair().unwrap();
         let (a, b) = (Connections::new(a).unwrap(), Connections::new(b).unwrap());
         let (mine, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.send(Kind::Unix, mine.as_fd(), b"GET /").await.unwrap();
+        a.send(Kind::Unix, "http", mine.as_fd(), b"GET /")
+            .await
+            .unwrap();
         let Message::Connection(got) = b.recv().await.unwrap().unwrap().unwrap() else {
             panic!("not a connection")
         };
-        assert_eq!((got.kind, &got.read_ahead[..]), (Kind::Unix, &b"GET /"[..]));
+        assert_eq!(
+            (got.kind, got.socket.as_str(), &got.read_ahead[..]),
+            (Kind::Unix, "http", &b"GET /"[..])
+        );
         drop(a);
         assert!(
             b.recv().await.unwrap().is_none(),

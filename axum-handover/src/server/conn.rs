@@ -229,7 +229,12 @@ pub(crate) enum Ended {
 }
 
 /// Serves one connection to its end.
-pub(crate) async fn serve(stream: Stream, read_ahead: Vec<u8>, ctx: &ConnCtx) -> Ended {
+pub(crate) async fn serve(
+    stream: Stream,
+    read_ahead: Vec<u8>,
+    socket: Arc<str>,
+    ctx: &ConnCtx,
+) -> Ended {
     let mut stream = stream;
     let mut read_ahead = read_ahead;
     let mut fell_back = false;
@@ -246,13 +251,13 @@ pub(crate) async fn serve(stream: Stream, read_ahead: Vec<u8>, ctx: &ConnCtx) ->
         };
         let conn = ctx
             .http
-            .serve_connection(TokioIo::new(io), service(ctx, &activity));
+            .serve_connection(TokioIo::new(io), service(ctx, &socket, &activity));
         match run(conn, &activity, ctx, fell_back).await {
             Step::Done if fell_back => return Ended::FellBack,
             Step::Done => return Ended::Closed,
             Step::Move(parts) => {
                 let ahead = parts.read_ahead;
-                match move_out(parts.stream, &ahead, ctx).await {
+                match move_out(parts.stream, &socket, &ahead, ctx).await {
                     Ok(()) => return Ended::Moved,
                     Err((s, e)) => {
                         tracing::warn!(event = "connection_move_failed", error = %e,
@@ -279,9 +284,9 @@ struct Service {
     keep_alive: HeaderValue,
 }
 
-fn service(ctx: &ConnCtx, activity: &Arc<Activity>) -> Service {
+fn service(ctx: &ConnCtx, socket: &str, activity: &Arc<Activity>) -> Service {
     Service {
-        router: ctx.router.clone(),
+        router: ctx.router(socket),
         counters: ctx.counters.clone(),
         activity: activity.clone(),
         keep_alive: HeaderValue::from_str(&format!("timeout={}", ctx.keep_alive.as_secs()))
@@ -387,6 +392,7 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
 /// given back, when it still can be served here.
 async fn move_out(
     stream: Stream,
+    socket: &str,
     read_ahead: &[u8],
     ctx: &ConnCtx,
 ) -> Result<(), (Option<Stream>, io::Error)> {
@@ -395,7 +401,7 @@ async fn move_out(
         return Err((Some(stream), e));
     };
     let (kind, fd) = stream.into_fd().map_err(|e| (None, e))?;
-    match channel.send(kind, fd.as_fd(), read_ahead).await {
+    match channel.send(kind, socket, fd.as_fd(), read_ahead).await {
         Ok(()) => Ok(()),
         Err(e) => Err((Stream::from_fd(kind, fd).ok(), e)),
     }

@@ -113,7 +113,9 @@ enum Mode {
 
 /// What every connection task shares.
 struct ConnCtx {
-    router: axum::Router,
+    /// Each listening socket's routes, by name (the first serves a moved
+    /// connection whose socket this generation does not have).
+    routers: Vec<(Arc<str>, axum::Router)>,
     counters: Arc<Counters>,
     http: hyper::server::conn::http1::Builder,
     mode: watch::Receiver<Mode>,
@@ -166,7 +168,7 @@ impl Server {
     /// being accepted from: the moment to tell systemd `READY=1`.
     pub(crate) fn start(
         listeners: Vec<Listener>,
-        router: axum::Router,
+        routes: &dyn Fn(&str) -> axum::Router,
         counters: Arc<Counters>,
         config: &Config,
     ) -> io::Result<Self> {
@@ -174,8 +176,12 @@ impl Server {
         let (mode, mode_rx) = watch::channel(Mode::Serving);
         let (done, all_done) = mpsc::channel(1);
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let routers = listeners
+            .iter()
+            .map(|l| (Arc::from(l.name.as_str()), routes(&l.name)))
+            .collect();
         let ctx = Arc::new(ConnCtx {
-            router,
+            routers,
             counters: counters.clone(),
             http: {
                 let mut b = hyper::server::conn::http1::Builder::new();
@@ -193,11 +199,12 @@ impl Server {
         for l in listeners {
             let stop = stop_accepting.subscribe();
             let (ctx, slots, done) = (ctx.clone(), slots.clone(), done.clone());
+            let name: Arc<str> = Arc::from(l.name.as_str());
             let l = match l.socket {
                 Socketish::Tcp(s) => AnyListener::Tcp(TcpListener::from_std(s)?),
                 Socketish::Unix(s) => AnyListener::Unix(UnixListener::from_std(s)?),
             };
-            tokio::spawn(accept_loop(l, stop, slots, ctx, done));
+            tokio::spawn(accept_loop(l, name, stop, slots, ctx, done));
         }
         Ok(Server {
             counters,
@@ -249,10 +256,12 @@ impl Server {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
+                let socket = ctx.socket(&received.socket);
                 match Stream::from_fd(received.kind, received.fd) {
                     Ok(s) => {
                         adopted += 1;
-                        spawn_conn(s, received.read_ahead, ctx.clone(), permit, done.clone());
+                        let conn = (s, received.read_ahead, socket);
+                        spawn_conn(conn, ctx.clone(), permit, done.clone());
                     }
                     Err(e) => {
                         tracing::warn!(event = "connection_refused", error = %e,
@@ -341,6 +350,28 @@ impl Server {
     }
 }
 
+impl ConnCtx {
+    /// The socket of ours with that name, or our first.
+    fn socket(&self, name: &str) -> Arc<str> {
+        self.routers
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .or(self.routers.first())
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// The routes of the socket with that name, or of our first.
+    fn router(&self, name: &str) -> axum::Router {
+        self.routers
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .or(self.routers.first())
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// A listening socket of either kind, so one accept loop serves both.
 enum AnyListener {
     Tcp(TcpListener),
@@ -363,6 +394,7 @@ impl AnyListener {
 
 async fn accept_loop(
     listener: AnyListener,
+    socket: Arc<str>,
     mut stop: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
     ctx: Arc<ConnCtx>,
@@ -380,7 +412,10 @@ async fn accept_loop(
             _ = stop.wait_for(|s| *s) => break,
         };
         match accepted {
-            Ok(s) => spawn_conn(s, Vec::new(), ctx.clone(), permit, done.clone()),
+            Ok(s) => {
+                let conn = (s, Vec::new(), socket.clone());
+                spawn_conn(conn, ctx.clone(), permit, done.clone());
+            }
             Err(e) => {
                 // Out of fds or memory, or a connection reset before we took
                 // it: keep serving the others, and don't spin.
@@ -393,9 +428,12 @@ async fn accept_loop(
     // that shares the socket keeps it open and keeps accepting.
 }
 
+/// A connection to serve: its stream, the bytes read ahead of it (by a
+/// previous generation), the name of the socket it came in on.
+type NewConn = (Stream, Vec<u8>, Arc<str>);
+
 fn spawn_conn(
-    stream: Stream,
-    read_ahead: Vec<u8>,
+    (stream, read_ahead, socket): NewConn,
     ctx: Arc<ConnCtx>,
     permit: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::Sender<()>,
@@ -404,7 +442,7 @@ fn spawn_conn(
         let _permit = permit;
         let _done = done;
         let _counted = ctx.counters.connection_opened();
-        let counter = match conn::serve(stream, read_ahead, &ctx).await {
+        let counter = match conn::serve(stream, read_ahead, socket, &ctx).await {
             conn::Ended::Closed => return,
             conn::Ended::Moved => &ctx.counters.moved,
             conn::Ended::FellBack => &ctx.counters.fell_back,
