@@ -246,6 +246,32 @@ impl Given {
 }
 
 impl ServeArgs {
+    /// What was asked for but cannot apply: `listen` when the sockets are
+    /// inherited (from systemd, or from the previous generation on a
+    /// reload), which only a restart (or the socket unit) changes.
+    pub fn unapplied(
+        &self,
+        file: Option<&config_file::ConfigFile>,
+        sockets_inherited: bool,
+        serving: &[String],
+    ) -> Option<String> {
+        let from = if self.given.0.contains("listen") {
+            "--listen or PID_SERVER_LISTEN".to_string()
+        } else {
+            let f = file.filter(|f| f.settings.listen.is_some())?;
+            format!("{}", f.path.display())
+        };
+        let addrs: Vec<String> = self.listen.iter().map(ToString::to_string).collect();
+        if !sockets_inherited || addrs == serving {
+            return None;
+        }
+        Some(format!(
+            "listen = {} (from {from}) is not applied: the sockets are inherited; \
+             change the socket unit, or restart to bind them",
+            addrs.join(", ")
+        ))
+    }
+
     /// Reads the configuration file, if one is named, and takes from it
     /// every setting that no flag or environment variable gave. Returns the
     /// file as read, for `/healthz`.

@@ -407,3 +407,38 @@ fn a_reload_to_a_broken_file_fails_and_the_old_process_keeps_serving() {
     proc::wait_gone(old.pid, WAIT);
     assert_eq!(advertised_keep_alive(addr), 2);
 }
+
+#[test]
+fn a_listen_a_reload_cannot_apply_is_said_not_ignored() {
+    // The successor inherits the sockets; a changed `listen` needs a
+    // restart. The new process says so in its log, and the helper prints it.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("pid-server.toml");
+    let (first, other) = (proc::free_addr(), proc::free_addr());
+    write(&conf, &format!("listen = \"{first}\"\n"));
+    let notify = Notify::new();
+    let mut cmd = clean(Command::new(BIN));
+    cmd.args(["serve", "--config"])
+        .arg(&conf)
+        .env("NOTIFY_SOCKET", &notify.path);
+    let old = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = Reaper::default();
+    write(&conf, &format!("listen = \"{other}\"\n"));
+    let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let why = format!(
+        "note: listen = {other} (from {}) is not applied: the sockets are inherited",
+        conf.display()
+    );
+    assert!(out.contains(&why), "{out}");
+    let new = proc::health_pid(first);
+    reaper.watch(new);
+    assert_ne!(new, old.pid, "the new process serves the inherited socket");
+    assert!(
+        old.log()
+            .contains("is not applied: the sockets are inherited"),
+        "{}",
+        old.log()
+    );
+}

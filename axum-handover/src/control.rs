@@ -29,7 +29,8 @@
 //!   reload` applies a changed `Environment=`.
 //! - after `ok`, a second line once the old process has let go of its
 //!   connections (or after a bound): `moved <moved> <fell-back> <busy>
-//!   <millis>`. A helper of the first release reads the first line only,
+//!   <millis>`, then a line `note <text>` for each thing the new process
+//!   said the operator should hear (a setting it cannot apply). A helper of the first release reads the first line only,
 //!   so the second changes nothing for it; a later helper shows it when it
 //!   comes.
 
@@ -238,20 +239,33 @@ impl Request {
             self.answer_to.write_all(line.as_bytes()),
         )
         .await;
-        Reporter(self.answer_to)
+        Reporter {
+            to: self.answer_to,
+            notes: Vec::new(),
+        }
     }
 }
 
-/// Where the second line goes.
-pub(crate) struct Reporter(tokio::net::unix::OwnedWriteHalf);
+/// Where the second line goes, and the notes after it.
+pub(crate) struct Reporter {
+    to: tokio::net::unix::OwnedWriteHalf,
+    notes: Vec<String>,
+}
 
 impl Reporter {
+    /// Notes from the new process, sent after the report.
+    pub(crate) fn with_notes(mut self, notes: Vec<String>) -> Reporter {
+        self.notes = notes;
+        self
+    }
+
     pub(crate) async fn report(mut self, report: Report) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.0.write_all(report.to_line().as_bytes()),
-        )
-        .await;
+        let mut text = report.to_line();
+        for n in &self.notes {
+            text.push_str(&format!("note {}\n", n.replace('\n', " ")));
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.to.write_all(text.as_bytes())).await;
     }
 }
 
@@ -412,7 +426,7 @@ pub(crate) fn ask_upgrade(
     path: Option<&Path>,
     timeout: Duration,
     environment: Option<String>,
-) -> Result<(Answer, Option<Report>), AskError> {
+) -> Result<(Answer, Option<Report>, Vec<String>), AskError> {
     let io_err = |source| AskError::Io { pid, source };
     let stream = match path.filter(|p| p.exists()) {
         Some(p) => StdUnixStream::connect(p),
@@ -448,7 +462,7 @@ pub(crate) fn ask_upgrade(
         line: line.clone(),
     })?;
     if !matches!(answer, Answer::Ok { .. }) {
-        return Ok((answer, None));
+        return Ok((answer, None, Vec::new()));
     }
     // The report follows within a few seconds (the server bounds it); an
     // older server closes the connection instead.
@@ -458,7 +472,17 @@ pub(crate) fn ask_upgrade(
         Ok(_) => Report::parse(&second),
         Err(_) => None,
     };
-    Ok((answer, report))
+    let mut notes = Vec::new();
+    if report.is_some() {
+        let mut line = String::new();
+        while notes.len() < 16 && matches!(read.read_line(&mut line), Ok(n) if n > 0) {
+            if let Some(n) = line.trim_end().strip_prefix("note ") {
+                notes.push(n.to_string());
+            }
+            line.clear();
+        }
+    }
+    Ok((answer, report, notes))
 }
 
 fn timed_out(e: &io::Error) -> bool {
@@ -535,7 +559,7 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        assert_eq!(got, (Answer::Refused("busy".into()), None));
+        assert_eq!(got, (Answer::Refused("busy".into()), None, vec![]));
         answer.await.unwrap();
         server.abort();
         let _ = server.await;

@@ -64,6 +64,9 @@ pub struct Reloaded {
     /// What became of the old process's connections (`None` from a server
     /// of the first release, which does not report it).
     pub report: Option<Report>,
+    /// What the new process said the operator should hear (a setting it
+    /// cannot apply).
+    pub notes: Vec<String>,
 }
 
 impl fmt::Display for Reloaded {
@@ -88,6 +91,9 @@ impl fmt::Display for Reloaded {
                     r.busy, self.old_pid, r.millis
                 )?;
             }
+        }
+        for n in &self.notes {
+            write!(f, "; note: {n}")?;
         }
         Ok(())
     }
@@ -126,17 +132,19 @@ pub fn reload(
                 millis,
             },
             report,
+            notes,
         )) => Ok(Reloaded {
             old_pid,
             new_pid,
             generation,
             millis,
             report,
+            notes,
         }),
-        Ok((Answer::Failed(why), _)) => Err(HelperError::Failed(format!(
+        Ok((Answer::Failed(why), ..)) => Err(HelperError::Failed(format!(
             "reload of PID {pid} failed: {why}; PID {pid} keeps serving"
         ))),
-        Ok((Answer::Refused(why), _)) => Err(HelperError::Refused(format!(
+        Ok((Answer::Refused(why), ..)) => Err(HelperError::Refused(format!(
             "PID {pid} refused the reload: {why}"
         ))),
         Err(AskError::NoServer { .. }) if !process_exists(pid) => {

@@ -43,6 +43,7 @@ impl Running {
                 let totals = &self.info.counters.totals;
                 totals.reload(ReloadResult::Ok);
                 totals.handover(took.as_secs_f64());
+                let notes = joined.notes.clone();
                 let moving = self.begin_letting_go(joined);
                 tracing::info!(
                     event = "handover",
@@ -63,7 +64,7 @@ impl Running {
                         generation: new_gen,
                         millis,
                     };
-                    reporter = Some(r.accept(answer).await);
+                    reporter = Some(r.accept(answer).await.with_notes(notes));
                 }
                 Some(new_pid)
             }

@@ -236,6 +236,8 @@ pub struct Generation {
     args: Vec<std::ffi::OsString>,
     info: Info,
     fd_limit: Option<FdLimit>,
+    /// What the operator should hear about this start.
+    notes: Vec<String>,
 }
 
 impl Generation {
@@ -274,6 +276,7 @@ impl Generation {
             args: join::args(),
             info,
             fd_limit,
+            notes: Vec::new(),
         })
     }
 
@@ -286,6 +289,33 @@ impl Generation {
     /// A handle for the app's routes (PID, generation, draining, counts).
     pub fn info(&self) -> Info {
         self.info.clone()
+    }
+
+    /// Whether the sockets were passed in (by systemd, or by the previous
+    /// generation) rather than bound from the addresses given to
+    /// [`Generation::take`], which are then not used.
+    pub fn sockets_inherited(&self) -> bool {
+        self.inherited.is_some()
+            || self
+                .listeners
+                .iter()
+                .any(|l| l.origin == listeners::Origin::Systemd)
+    }
+
+    /// The listening sockets' local addresses (`127.0.0.1:8080`,
+    /// `unix:/path`), in order.
+    pub fn local_addrs(&self) -> Vec<String> {
+        self.listeners.iter().map(|l| l.local_addr()).collect()
+    }
+
+    /// Something the operator should hear about this start, say a setting
+    /// it cannot apply: logged as a warning (`EVENT=not_applied`) when
+    /// the generation starts, and, when a reload started it, printed by the
+    /// reload helper after its `reloaded:` line.
+    pub fn note(&mut self, text: impl Into<String>) {
+        if self.notes.len() < crate::handover::channel::MAX_NOTES {
+            self.notes.push(text.into());
+        }
     }
 
     /// The names of the listening sockets (`LISTEN_FDNAMES`, systemd's

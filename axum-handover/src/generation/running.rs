@@ -44,6 +44,9 @@ pub(super) struct Running {
     /// How to start the next generation: fixed at start-up.
     pub(super) plan: Plan,
     pub(super) last_reload: Option<super::LastReload>,
+    /// What the operator should hear about this start (sent to the old
+    /// process when a reload started us).
+    pub(super) notes: Vec<String>,
 }
 
 impl Running {
@@ -101,6 +104,9 @@ impl Running {
                  stops, connections still queued on its socket are reset; set it to 1 (Linux \
                  5.14+), or reload, which hands over the very same socket"
             );
+        }
+        for n in &g.notes {
+            tracing::warn!(event = "not_applied", note = %n, "{n}");
         }
         hooks.check_ready()?;
         let mut config = g.config.clone();
@@ -171,6 +177,7 @@ impl Running {
             requests,
             plan,
             // A generation a reload started: that reload went well.
+            notes: g.notes,
             last_reload: (g.number > 0).then(|| super::LastReload {
                 at: std::time::SystemTime::now(),
                 outcome: Ok(()),
@@ -200,9 +207,10 @@ impl Running {
             self.notifier.ready(&self.status());
             return self.ready();
         };
-        let mut successor = Successor::announce(inherited, self.config.move_connections)
-            .await
-            .map_err(|e| format!("cannot report ready: {e}"))?;
+        let mut successor =
+            Successor::announce(inherited, self.config.move_connections, &self.notes)
+                .await
+                .map_err(|e| format!("cannot report ready: {e}"))?;
         // The old process's counters come now, its connections once we own
         // the unit.
         if let Some(channel) = successor.connections() {

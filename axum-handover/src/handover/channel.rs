@@ -124,6 +124,21 @@ pub(crate) fn failed_reason(line: &str) -> Option<&str> {
     line.strip_prefix("failed ").filter(|r| !r.is_empty())
 }
 
+/// A line a protocol-2 child may send before `ready`: something the
+/// operator should hear about this reload (a setting it cannot apply), shown
+/// by the reload helper. `note <text>`.
+pub(crate) fn note_line(text: &str) -> String {
+    format!("note {}\n", text.replace('\n', " "))
+}
+
+/// The text of a `note` line.
+pub(crate) fn note_text(line: &str) -> Option<&str> {
+    line.strip_prefix("note ").filter(|t| !t.is_empty())
+}
+
+/// The most notes a parent keeps from one child.
+pub(crate) const MAX_NOTES: usize = 16;
+
 /// The kind of a moved connection's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {

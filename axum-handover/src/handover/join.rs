@@ -116,6 +116,7 @@ impl Successor {
     pub(crate) async fn announce(
         inherited: Inherited,
         take_connections: bool,
+        notes: &[String],
     ) -> std::io::Result<Successor> {
         let std = std::os::unix::net::UnixStream::from(inherited.channel);
         std.set_nonblocking(true)?;
@@ -128,6 +129,15 @@ impl Successor {
             (true, false) => &[Feature::Counters],
             (true, true) => &[Feature::MoveConnections, Feature::Counters],
         };
+        // Notes first: a protocol-2 parent collects them until `ready`; a
+        // protocol-1 parent would take one for junk, so it gets none.
+        if inherited.parent_protocol.unwrap_or(1) >= 2 {
+            for n in notes {
+                write
+                    .write_all(super::channel::note_line(n).as_bytes())
+                    .await?;
+            }
+        }
         let line = Ready::line(inherited.parent_protocol, features);
         write.write_all(line.as_bytes()).await?;
         Ok(Successor {

@@ -84,6 +84,8 @@ pub(crate) struct Joined {
     pub(crate) ready: Ready,
     /// The connection channel, when the new process takes connections.
     pub(crate) connections: Option<Connections>,
+    /// What the new process said the operator should hear.
+    pub(crate) notes: Vec<String>,
 }
 
 /// A new generation under way. Its outcome arrives on `outcome`; the
@@ -216,13 +218,17 @@ pub(crate) fn spawn(
             },
         )
         .await
-        .map(|ready| {
+        .map(|(ready, notes)| {
             // A child that takes neither (protocol 1 ignores the socket)
             // gets nothing; it closes its end with itself.
             let wanted = ready.has(channel::Feature::MoveConnections)
                 || ready.has(channel::Feature::Counters);
             let connections = if wanted { conns } else { None };
-            Joined { ready, connections }
+            Joined {
+                ready,
+                connections,
+                notes,
+            }
         });
         let _ = tx.send(r);
     });
@@ -244,7 +250,7 @@ async fn handshake<F>(
     (ready_timeout, probation): (Duration, Duration),
     mut cancelled: tokio::sync::oneshot::Receiver<()>,
     on_ready: impl FnOnce(&Ready) -> F,
-) -> Result<Ready, Failure>
+) -> Result<(Ready, Vec<String>), Failure>
 where
     F: std::future::Future<Output = ()>,
 {
@@ -252,12 +258,13 @@ where
     let (read, mut write) = channel.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
     let deadline = tokio::time::Instant::from_std(started + ready_timeout);
+    let mut notes = Vec::new();
 
     // 1. "ready": the child accepts on the sockets. Biased: a child that
     // said "ready" and then died is one that died on probation.
     let r = tokio::select! {
         biased;
-        l = lines.next_line() => match l {
+        l = next_line(&mut lines, &mut notes) => match l {
             Ok(Some(l)) if Ready::parse(&l).is_some() => Ok(Ready::parse(&l).expect("parsed")),
             // A protocol-2 child that cannot start says why, then exits.
             Ok(Some(l)) if channel::failed_reason(&l).is_some() => {
@@ -296,8 +303,8 @@ where
                 why: e.to_string(),
             }),
             Ok(()) => tokio::select! {
-                l = lines.next_line() => match l {
-                    Ok(Some(l)) if l == "owner" => return Ok(ready),
+                l = next_line(&mut lines, &mut notes) => match l {
+                    Ok(Some(l)) if l == "owner" => return Ok((ready, notes)),
                     other => Err(Failure::NoTakeover { pid, why: format!("answered {other:?}") }),
                 },
                 st = child.wait() => Err(Failure::DiedOnProbation { pid, status: exit_text(st) }),
@@ -343,6 +350,24 @@ pub(crate) fn is_handover_var(config: &Config, k: &[u8]) -> bool {
     ]
     .iter()
     .any(|v| config.var(*v).as_bytes() == k)
+}
+
+/// The child's next line that is not a note; notes are kept (a few).
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    notes: &mut Vec<String>,
+) -> std::io::Result<Option<String>> {
+    loop {
+        let line = lines.next_line().await?;
+        match line.as_deref().and_then(channel::note_text) {
+            Some(n) => {
+                if notes.len() < channel::MAX_NOTES {
+                    notes.push(n.to_string());
+                }
+            }
+            None => return Ok(line),
+        }
+    }
 }
 
 fn exit_text(st: std::io::Result<ExitStatus>) -> String {

@@ -1,0 +1,44 @@
+//! `pid-server serve`: the configuration file, then the sockets (before
+//! the runtime starts threads), logging, the runtime, and the library's
+//! generation with pid-server's routes.
+
+use std::process::ExitCode;
+
+use axum_handover::Generation;
+
+use crate::cli::{self, ServeArgs};
+use crate::{app, config_file, logging};
+
+pub fn main(mut args: ServeArgs) -> ExitCode {
+    // Before any socket is taken: a new generation with a broken file exits
+    // here, and the reload that started it fails.
+    let file = match args.read_config_file() {
+        Ok(file) => file,
+        Err(e) => return config_file::refuse(&e.to_string()),
+    };
+    let mut generation = match Generation::take(&args.config(), &args.listen) {
+        Ok(g) => g,
+        Err(e) => return cli::fail(&e.to_string(), e.exit_code()),
+    };
+    let serving = generation.local_addrs();
+    if let Some(note) = args.unapplied(file.as_ref(), generation.sockets_inherited(), &serving) {
+        generation.note(note);
+    }
+    logging::init(std::process::id(), generation.number(), file.as_ref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    let routes = app::routes(
+        generation.info(),
+        file.map(Into::into),
+        &generation.socket_names(),
+    );
+    let ended = runtime.block_on(generation.serve_sockets(routes, ()));
+    // Do not wait for blocked tasks (a cut /slow request) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    ExitCode::from(ended.exit_code())
+}
