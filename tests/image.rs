@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pid_server_test_support::cmd::text;
 use pid_server_test_support::netns::Netns;
-use pid_server_test_support::{Load, TestCommand, deploy, http, nspawn, repo, report};
+use pid_server_test_support::{Load, Release, TestCommand, deploy, http, nspawn, repo, report};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -240,7 +240,7 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
         ("bash", "bash"),
         ("tar", "tar"),
     ];
-    tools.extend(deploy::tree_tools());
+    tools.extend(deploy::tree_tools(Release::Bookworm));
     if !report::require_tools(TEST, &tools) {
         return;
     }
@@ -256,7 +256,7 @@ fn image_boots_systemd_reloads_under_load_and_stops() {
     );
 
     // --- the base image, from the Debian tree ----------------------------------
-    let tree = deploy::debian_tree();
+    let tree = deploy::debian_tree(Release::Bookworm);
     let t = Instant::now();
     let base = Image(format!("localhost/pid-server-test-base:{id}"));
     let mut import = Command::new("bash");

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use pid_server_test_support::cmd::{tail, text};
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::nspawn::{self, Container, TreeOptions};
-use pid_server_test_support::{Load, TestCommand, deploy, http, repo, report};
+use pid_server_test_support::{Load, Release, TestCommand, deploy, http, repo, report};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -132,7 +132,7 @@ fn can_run(test: &str) -> bool {
         return false;
     }
     let mut tools = vec![("ip", "apt-get install iproute2"), ("dpkg-deb", "dpkg")];
-    tools.extend(deploy::tree_tools());
+    tools.extend(deploy::tree_tools(Release::Bookworm));
     report::require_tools(test, &tools)
 }
 
@@ -200,7 +200,7 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
         .expect("dpkg --compare-versions");
     assert!(newer.success(), "upgrade {v2} is not newer than {v1}");
 
-    let tree = deploy::debian_tree();
+    let tree = deploy::debian_tree(Release::Bookworm);
     let ns = Netns::new();
     let nsp = ns.path();
     let c = Container::boot_tree(&TreeOptions {
@@ -384,7 +384,7 @@ fn package_enables_units_without_a_running_systemd() {
         return;
     }
     let Some(debs) = debs(TEST) else { return };
-    let tree = deploy::debian_tree();
+    let tree = deploy::debian_tree(Release::Bookworm);
     let ns = Netns::new();
     let name = format!("pst-{}-chroot", std::process::id());
     let script = "set -e
