@@ -3,7 +3,7 @@
 //! systemd 252 and on Debian 13's 257 (`case::debian12_systemd252`,
 //! `case::debian13_systemd257`, made by `each_release!`), one module per
 //! thing the operator does: socket activation, reloads under load, failed
-//! reloads, stops and their drains, restarts,
+//! reloads, the notify-reload variant, stops and their drains, restarts,
 //! the journal, the watchdog, the sandbox; and `harness`, the container
 //! harness itself.
 //!
@@ -21,6 +21,7 @@ mod activation;
 mod failed_reload;
 mod harness;
 mod journal;
+mod notify_reload;
 mod reload;
 mod restart;
 mod sandbox;
@@ -110,6 +111,15 @@ fn boot_stopped(release: Release, dropins: &[(&str, &str)]) -> Container {
         release.suite()
     );
     c
+}
+
+/// The notify-reload drop-in's file name in `pid-server.service.d/`.
+const NOTIFY_RELOAD_DROPIN: &str = "notify-reload.conf";
+
+/// `systemd/notify-reload/notify-reload.conf`, as shipped.
+fn notify_reload_dropin() -> String {
+    let p = pid_server_test_support::repo().join("systemd/notify-reload/notify-reload.conf");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
 /// `GET path` on a new connection, in the container's network namespace;
