@@ -16,6 +16,7 @@ each_release!(
     stop_after_a_reload_finishes_the_request_in_flight_and_ends_inactive,
     stop_right_after_a_reload_lets_the_old_generation_finish,
     a_drain_past_its_timeout_cuts_and_ends_inactive,
+    without_the_stop_helper_a_stop_after_a_reload_kills_the_new_generation,
 );
 
 /// `systemctl stop` with a 3 s request in flight on the main process: the
@@ -190,4 +191,62 @@ fn a_drain_past_its_timeout_cuts_and_ends_inactive(r: Release) {
     wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the cut count", |j| {
         j.contains("cut 1 in-flight requests")
     });
+}
+
+/// Why the unit has `ExecStop=`: without it, a stop after a reload
+/// (the main process is then not systemd's child) is a SIGKILL at once, on
+/// 252 and on 257 alike: the request in flight is cut and the unit ends
+/// `failed (signal)`. When a systemd supervises such a process properly
+/// (through a pidfd; 257's source still says `FIXME`), this fails, and the
+/// helper can go for that version.
+fn without_the_stop_helper_a_stop_after_a_reload_kills_the_new_generation(r: Release) {
+    if !can_run(
+        "without_the_stop_helper_a_stop_after_a_reload_kills_the_new_generation",
+        r,
+    ) {
+        return;
+    }
+    let case = "5d stop after a reload without ExecStop=";
+    let _timer = timer(r, case);
+    let c = boot(r, &[("no-stop-helper.conf", "[Service]\nExecStop=\n")]);
+    assert_eq!(c.unit_property(SERVICE, "ExecStop"), "");
+    let old = activate(&c);
+    reload_ok(&c);
+    let new = c.main_pid(SERVICE);
+    assert_ne!(new, old);
+    wait_gone(&c, old, "the old generation");
+    let slow = spawn_request(&c, "/slow?ms=3000");
+    wait_in_flight(&c, 1);
+    let t0 = Instant::now();
+    let out = c.systemctl(&["stop", SERVICE]);
+    let took = t0.elapsed();
+    say(
+        r,
+        &format!(
+            "{case}: systemctl stop took {} ms ({})",
+            took.as_millis(),
+            out.status
+        ),
+    );
+    let (result, _) = join_bounded(slow, "the slow request", Duration::from_secs(10));
+    assert!(
+        result.is_err(),
+        "the request in flight survived a stop without the helper: {result:?}: \
+         does this systemd wait for a main process that is not its child?\n{}",
+        c.journal(&["-u", SERVICE, "-o", "cat", "-n", "20"])
+    );
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    wait::until("pid-server.service to leave its stop states", WAIT, || {
+        let s = c.unit_state(SERVICE);
+        (s.0 == "inactive" || s.0 == "failed").then_some(())
+    });
+    assert_eq!(c.unit_property(SERVICE, "Result"), "signal");
+    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    assert!(
+        j.contains(&format!(
+            "Killing process {new} (pid-server) with signal SIGKILL"
+        )),
+        "{j}"
+    );
+    assert!(!c.process_alive(new));
 }
