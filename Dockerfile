@@ -3,8 +3,19 @@
 # failed requests. See README.md, "Docker and podman".
 #
 #   podman build -t pid-server .
-#   podman run -d --name pid-server --systemd=always -p 127.0.0.1:8080:8080 pid-server
+#   podman run -d --name pid-server --systemd=always \
+#       --cap-add SYS_ADMIN --cap-add SYS_PTRACE --cap-add NET_ADMIN \
+#       -p 127.0.0.1:8080:8080 pid-server
 #   podman exec pid-server systemctl reload pid-server
+#
+# Debian 13 (systemd 257) is the default base. Its systemd needs
+# CAP_SYS_ADMIN and CAP_SYS_PTRACE in the container to set up the unit's
+# sandbox (DynamicUser=, PrivateUsers=, ProtectProc=): with an engine's
+# default capabilities pid-server.service fails with 226/NAMESPACE.
+# CAP_NET_ADMIN lets it apply PrivateNetwork= too (without, it logs that it
+# carries on without). A Debian 12 base (systemd 252) starts with the
+# defaults (but without the private network namespace; see README.md):
+#   --build-arg RUST_IMAGE=rust:1-bookworm --build-arg BASE_IMAGE=debian:bookworm-slim
 #
 # Targets:
 #   runtime (default)   builds the release binary in the build stage
@@ -13,9 +24,11 @@
 #                       [--build-arg PREBUILT_BINARY=target/release/pid-server]
 # Base images are build arguments so that local images can stand in for them:
 #   --build-arg RUST_IMAGE=...  --build-arg BASE_IMAGE=...
+# Keep the two on the same Debian release: a binary built on trixie (glibc
+# 2.41) does not start on bookworm (2.36).
 
-ARG RUST_IMAGE=rust:1-bookworm
-ARG BASE_IMAGE=debian:bookworm-slim
+ARG RUST_IMAGE=rust:1-trixie
+ARG BASE_IMAGE=debian:trixie-slim
 
 # --- runtime-base: systemd and the units, no binary yet -----------------------
 FROM ${BASE_IMAGE} AS runtime-base

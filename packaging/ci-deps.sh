@@ -8,8 +8,10 @@
 #                                   hadolint (the Dockerfile), kubernetes-validate
 #                                   (deploy/kubernetes.yaml) and ShellCheck
 #
-# The Debian tree the tests boot is made by the tests themselves (debootstrap,
-# cached under /var/cache/pid-server-tests) on their first run.
+# The Debian trees the tests boot (bookworm with systemd 252, trixie with
+# 257) are made by the tests themselves (debootstrap, cached under
+# /var/cache/pid-server-tests) on their first run, side by side: about a
+# minute for both here.
 set -eu
 
 lint=
@@ -22,14 +24,15 @@ esac
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 
-# systemd-container: systemd-nspawn      debootstrap: the Debian tree
+# systemd-container: systemd-nspawn      debootstrap: the Debian trees
+# debian-archive-keyring: brought up to date, so debootstrap can check trixie
 # iproute2: ip netns (the tests' own network namespaces), ss
 # util-linux: nsenter                    procps: pgrep (systemd/try.sh)
 # podman, runc: tests/image.rs (crun fails on hybrid cgroups; the test uses runc)
 # dpkg-dev: dpkg-shlibdeps, which cargo-deb uses to compute Depends:
 # curl: systemd/try.sh's examples
 apt-get install -y --no-install-recommends \
-    systemd-container debootstrap iproute2 util-linux procps \
+    systemd-container debootstrap debian-archive-keyring iproute2 util-linux procps \
     podman runc dpkg-dev curl ca-certificates
 
 # packaging/build-deb.sh (the package test builds two versions with it).

@@ -1,8 +1,10 @@
-//! The Debian package (`packaging/build-deb.sh`, cargo-deb) in a real Debian
-//! bookworm with systemd as PID 1: install, upgrade under load (a reload, not
-//! a restart: every request answered 200, the PID changes), remove, purge.
+//! The Debian package (`packaging/build-deb.sh`, cargo-deb), built once, in
+//! a real Debian with systemd as PID 1, on each release (Debian 12 with
+//! systemd 252, Debian 13 with 257): install, upgrade under load (a reload,
+//! not a restart: every request answered 200, the PID changes, NRestarts=0),
+//! remove, purge.
 //!
-//! The container is a debootstrap tree (cached under
+//! The container is the release's debootstrap tree (cached under
 //! /var/cache/pid-server-tests, see the support crate's `deploy`) booted with
 //! `systemd-nspawn --volatile=overlay`: dpkg works there, and the tree stays
 //! pristine. It runs in a network namespace the test makes, so the package's
@@ -15,8 +17,8 @@
 //!   test (the second must have a higher version); without them the test
 //!   builds both with `packaging/build-deb.sh` (a release build; needs
 //!   cargo-deb).
-//! - `PID_SERVER_TEST_ROOTFS`: a debootstrap tree to boot instead of the
-//!   cached one.
+//! - `PID_SERVER_TEST_ROOTFS_BOOKWORM`, `PID_SERVER_TEST_ROOTFS_TRIXIE`:
+//!   debootstrap trees to boot instead of the cached ones.
 //! - `CI=true`: a missing tool fails the test instead of skipping it.
 
 use std::fs;
@@ -30,7 +32,9 @@ use std::time::{Duration, Instant};
 use pid_server_test_support::cmd::{tail, text};
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::nspawn::{self, Container, TreeOptions};
-use pid_server_test_support::{Load, TestCommand, deploy, http, repo, report};
+use pid_server_test_support::{
+    Load, Release, TestCommand, deploy, each_release, http, repo, report,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -126,14 +130,11 @@ fn debs(test: &str) -> Option<&'static Debs> {
     .as_ref()
 }
 
-/// Everything the tests need, or `false` (skipped, or a panic under CI).
-fn can_run(test: &str) -> bool {
-    if !nspawn::require_or_skip(test) {
-        return false;
-    }
-    let mut tools = vec![("ip", "apt-get install iproute2"), ("dpkg-deb", "dpkg")];
-    tools.extend(deploy::tree_tools());
-    report::require_tools(test, &tools)
+/// Everything the tests need on `release`, or `false` (skipped, or a panic
+/// under CI).
+fn can_run(test: &str, release: Release) -> bool {
+    nspawn::require_or_skip_release(test, release)
+        && report::require_tools(test, &[("dpkg-deb", "dpkg")])
 }
 
 /// `env -i` with a plain PATH: dpkg and the maintainer scripts see what
@@ -185,10 +186,14 @@ fn installed_version(c: &Container) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-#[test]
-fn package_installs_upgrades_by_reload_removes_and_purges() {
+each_release!(
+    package_installs_upgrades_by_reload_removes_and_purges,
+    package_enables_units_without_a_running_systemd,
+);
+
+fn package_installs_upgrades_by_reload_removes_and_purges(release: Release) {
     const TEST: &str = "package_installs_upgrades_by_reload_removes_and_purges";
-    if !can_run(TEST) {
+    if !can_run(TEST, release) {
         return;
     }
     let Some(debs) = debs(TEST) else { return };
@@ -200,7 +205,7 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
         .expect("dpkg --compare-versions");
     assert!(newer.success(), "upgrade {v2} is not newer than {v1}");
 
-    let tree = deploy::debian_tree();
+    let tree = deploy::debian_tree(release);
     let ns = Netns::new();
     let nsp = ns.path();
     let c = Container::boot_tree(&TreeOptions {
@@ -208,6 +213,8 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
         netns: Some(nsp.clone()),
         bind_ro: Vec::new(),
     });
+    let systemd = c.systemd_version();
+    assert_eq!(systemd, release.systemd(), "the {release} tree's systemd");
 
     // --- install ------------------------------------------------------------
     c.write_file(
@@ -222,7 +229,10 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
     );
     let t = Instant::now();
     dpkg_ok(&c, &["dpkg", "-i", "/tmp/pid-server-1.deb"]);
-    eprintln!("package test: install took {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "package test on {release}: install took {} ms",
+        t.elapsed().as_millis()
+    );
     assert_eq!(
         installed_version(&c).as_deref(),
         Some(format!("install ok installed {v1}").as_str())
@@ -267,7 +277,7 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
     load.wait_more(&after, 500, Duration::from_secs(10));
     let tally = load.finish();
     eprintln!(
-        "package test: upgrade {v1} -> {v2} took {} ms:\n{upgrade_out}\nload: {}",
+        "package test on {release}: upgrade {v1} -> {v2} took {} ms:\n{upgrade_out}\nload: {}",
         upgrade_time.as_millis(),
         tally.summary()
     );
@@ -326,7 +336,10 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
     // --- remove: stopped, and (masked, the Debian way) disabled ----------------
     let t = Instant::now();
     dpkg_ok(&c, &["dpkg", "--remove", "pid-server"]);
-    eprintln!("package test: remove took {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "package test on {release}: remove took {} ms",
+        t.elapsed().as_millis()
+    );
     for unit in [SOCKET, SERVICE] {
         assert_eq!(systemctl_word(&c, "is-active", unit), "inactive", "{unit}");
         let enabled = systemctl_word(&c, "is-enabled", unit);
@@ -367,26 +380,29 @@ fn package_installs_upgrades_by_reload_removes_and_purges() {
     }
     assert_eq!(installed_version(&c), None, "dpkg still knows pid-server");
 
-    eprintln!(
-        "package test: {TEST} passed in {:.1} s (boot {} ms)",
+    report::say(&format!(
+        "[package] {TEST} on {release}: passed in {:.1} s (boot {} ms, upgrade by reload {} ms, \
+         {} requests, {} failed)",
         started.elapsed().as_secs_f32(),
-        c.boot_time().as_millis()
-    );
+        c.boot_time().as_millis(),
+        upgrade_time.as_millis(),
+        tally.sent,
+        tally.failed()
+    ));
 }
 
 /// In a chroot-like container where systemd is not running (image builds,
 /// debootstrap), the package installs, enables its units through
 /// deb-systemd-helper, and starts nothing.
-#[test]
-fn package_enables_units_without_a_running_systemd() {
+fn package_enables_units_without_a_running_systemd(release: Release) {
     const TEST: &str = "package_enables_units_without_a_running_systemd";
-    if !can_run(TEST) {
+    if !can_run(TEST, release) {
         return;
     }
     let Some(debs) = debs(TEST) else { return };
-    let tree = deploy::debian_tree();
+    let tree = deploy::debian_tree(release);
     let ns = Netns::new();
-    let name = format!("pst-{}-chroot", std::process::id());
+    let name = format!("pst-{}-chroot-{}", std::process::id(), release.suite());
     let script = "set -e
         test ! -d /run/systemd/system
         dpkg -i /tmp/pid-server.deb
@@ -414,7 +430,7 @@ fn package_enables_units_without_a_running_systemd() {
         .timeout(Duration::from_secs(120))
         .output();
     let text = text(&out);
-    eprintln!("package test: install without systemd:\n{text}");
+    eprintln!("package test on {release}: install without systemd:\n{text}");
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains("socket link: /lib/systemd/system/pid-server.socket")
@@ -516,7 +532,9 @@ fn package_upgrades_from_the_previous_release_and_back_by_reload() {
     // unpacked; a rollback (installing the previous package again) is one
     // back. Both across the handover channel's versions.
     const TEST: &str = "package_upgrades_from_the_previous_release_and_back_by_reload";
-    if !can_run(TEST) {
+    // On Debian 12, where the previous release was built and tested.
+    let release = Release::Bookworm;
+    if !can_run(TEST, release) {
         return;
     }
     let Some(debs) = debs(TEST) else { return };
@@ -526,7 +544,7 @@ fn package_upgrades_from_the_previous_release_and_back_by_reload() {
     let ns = Netns::new();
     let nsp = ns.path();
     let c = Container::boot_tree(&TreeOptions {
-        rootfs: deploy::debian_tree(),
+        rootfs: deploy::debian_tree(release),
         netns: Some(nsp.clone()),
         bind_ro: Vec::new(),
     });

@@ -1,17 +1,22 @@
 //! Socket activation: the first request starts the service, whose main process answers it.
 
-use pid_server_test_support::nspawn;
+use pid_server_test_support::{Release, each_release};
 
-use super::{SERVICE, SOCKET, activate, boot, healthz, status_line, timer, wait_status_line};
+use super::{
+    PORT, SERVICE, SOCKET, activate, boot, can_run, healthz, status_line, timer, wait_status_line,
+};
 
-#[test]
-fn socket_activation_starts_the_service_on_the_first_request() {
-    if !nspawn::require_or_skip("socket_activation_starts_the_service_on_the_first_request") {
+each_release!(socket_activation_starts_the_service_on_the_first_request);
+
+fn socket_activation_starts_the_service_on_the_first_request(r: Release) {
+    if !can_run(
+        "socket_activation_starts_the_service_on_the_first_request",
+        r,
+    ) {
         return;
     }
-    let _timer = timer("1 socket activation");
-    let port = nspawn::free_port();
-    let c = boot(port, &[]);
+    let _timer = timer(r, "1 socket activation");
+    let c = boot(r, &[]);
 
     // Only the socket runs; the service waits for a connection.
     assert_eq!(c.unit_state(SOCKET), ("active".into(), "listening".into()));
@@ -19,14 +24,14 @@ fn socket_activation_starts_the_service_on_the_first_request() {
     assert_eq!(c.main_pid(SERVICE), 0);
     assert_eq!(
         c.unit_property(SOCKET, "Listen"),
-        format!("127.0.0.1:{port} (Stream)")
+        format!("127.0.0.1:{PORT} (Stream)")
     );
 
     // The first request starts it and is answered by its main process.
-    let pid = activate(&c, port);
+    let pid = activate(&c);
     assert_ne!(pid, 0);
     assert_eq!(c.unit_state(SERVICE), ("active".into(), "running".into()));
-    let h = healthz(port);
+    let h = healthz(&c);
     assert_eq!(h["pid"], pid);
     assert_eq!(h["generation"], 0);
     assert_eq!(h["state"], "serving");

@@ -7,10 +7,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use pid_server_test_support::{nspawn, wait};
+use pid_server_test_support::nspawn::Container;
+use pid_server_test_support::{Release, each_release, wait};
 use sha2::{Digest, Sha256};
 
-use super::{SERVICE, WAIT, boot, healthz, local, timer};
+use super::{SERVICE, WAIT, boot, can_run, healthz, timer};
 
 const CONFIG: &str = "/etc/pid-server/pid-server.toml";
 
@@ -22,8 +23,13 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// The `Keep-Alive: timeout=N` a response advertises.
-fn advertised_keep_alive(port: u16) -> u64 {
-    let mut s = TcpStream::connect_timeout(&local(port), WAIT).unwrap();
+fn advertised_keep_alive(c: &Container) -> u64 {
+    let addr = c.addr();
+    c.in_netns(move || raw_keep_alive(addr))
+}
+
+fn raw_keep_alive(addr: std::net::SocketAddr) -> u64 {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -40,25 +46,29 @@ fn advertised_keep_alive(port: u16) -> u64 {
         .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
 }
 
-#[test]
-fn the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change() {
-    if !nspawn::require_or_skip(
+each_release!(the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change);
+
+fn the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change(r: Release) {
+    if !can_run(
         "the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change",
+        r,
     ) {
         return;
     }
-    let _timer = timer("C config file: read, applied by a reload, refused when broken");
-    let port = nspawn::free_port();
-    let c = boot(port, &[]);
+    let _timer = timer(
+        r,
+        "C config file: read, applied by a reload, refused when broken",
+    );
+    let c = boot(r, &[]);
 
     // The packaged file, read through ProtectSystem=strict, DynamicUser=,
     // PrivateUsers= and the rest of the sandbox.
     let packaged = c.read_file(CONFIG);
-    let h = healthz(port);
+    let h = healthz(&c);
     let first = h["pid"].as_u64().unwrap() as u32;
     assert_eq!(h["config"]["path"], CONFIG, "{h}");
     assert_eq!(h["config"]["sha256"], sha256(&packaged), "{h}");
-    assert_eq!(advertised_keep_alive(port), 5);
+    assert_eq!(advertised_keep_alive(&c), 5);
 
     // A changed file: `systemctl reload` applies it.
     let changed = b"keep_alive_timeout = 2\n";
@@ -66,17 +76,17 @@ fn the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change
     c.systemctl_ok(&["reload", SERVICE]);
     let second = c.main_pid(SERVICE);
     assert_ne!(second, first);
-    let h = healthz(port);
+    let h = healthz(&c);
     assert_eq!(h["pid"], second, "{h}");
     assert_eq!(h["config"]["sha256"], sha256(changed), "{h}");
-    assert_eq!(advertised_keep_alive(port), 2);
+    assert_eq!(advertised_keep_alive(&c), 2);
 
     // A broken file: the reload fails, the old process keeps the unit.
     c.write_file(CONFIG, b"keep_alive_timeout = \"3\"\n", 0o644);
     let out = c.systemctl(&["reload", SERVICE]);
     assert!(!out.status.success(), "reload to a broken file succeeded");
     assert_eq!(c.main_pid(SERVICE), second);
-    assert_eq!(healthz(port)["config"]["sha256"], sha256(changed));
+    assert_eq!(healthz(&c)["config"]["sha256"], sha256(changed));
     let journal = wait::until("the new process's error in the journal", WAIT, || {
         let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
         j.contains(&format!(

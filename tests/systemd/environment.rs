@@ -5,16 +5,22 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use pid_server_test_support::nspawn;
+use pid_server_test_support::nspawn::Container;
+use pid_server_test_support::{Release, each_release};
 
 use super::{
-    SERVICE, SERVICE_DROPIN_DIR, WAIT, activate, boot, healthz, local, reload_ok, timer,
+    SERVICE, SERVICE_DROPIN_DIR, WAIT, activate, boot, can_run, healthz, reload_ok, timer,
     wait_journal,
 };
 
 /// The `Keep-Alive: timeout=N` a response advertises.
-fn advertised_keep_alive(port: u16) -> u64 {
-    let mut s = TcpStream::connect_timeout(&local(port), WAIT).unwrap();
+fn advertised_keep_alive(c: &Container) -> u64 {
+    let addr = c.addr();
+    c.in_netns(move || raw_keep_alive(addr))
+}
+
+fn raw_keep_alive(addr: std::net::SocketAddr) -> u64 {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -31,16 +37,19 @@ fn advertised_keep_alive(port: u16) -> u64 {
         .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
 }
 
-#[test]
-fn a_reload_applies_a_changed_environment() {
-    if !nspawn::require_or_skip("a_reload_applies_a_changed_environment") {
+each_release!(a_reload_applies_a_changed_environment);
+
+fn a_reload_applies_a_changed_environment(r: Release) {
+    if !can_run("a_reload_applies_a_changed_environment", r) {
         return;
     }
-    let _timer = timer("E environment: a changed Environment= applied by a reload");
-    let port = nspawn::free_port();
-    let c = boot(port, &[]);
-    let first = activate(&c, port);
-    assert_eq!(advertised_keep_alive(port), 5);
+    let _timer = timer(
+        r,
+        "E environment: a changed Environment= applied by a reload",
+    );
+    let c = boot(r, &[]);
+    let first = activate(&c);
+    assert_eq!(advertised_keep_alive(&c), 5);
     // What `systemctl edit pid-server` writes.
     c.write_file(
         &format!("{SERVICE_DROPIN_DIR}/environment.conf"),
@@ -51,9 +60,9 @@ fn a_reload_applies_a_changed_environment() {
     reload_ok(&c);
     let second = c.main_pid(SERVICE);
     assert_ne!(second, first);
-    assert_eq!(healthz(port)["pid"], second);
+    assert_eq!(healthz(&c)["pid"], second);
     assert_eq!(
-        advertised_keep_alive(port),
+        advertised_keep_alive(&c),
         3,
         "the new environment was not applied"
     );

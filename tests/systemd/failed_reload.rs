@@ -3,18 +3,18 @@
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::cmd::text;
-use pid_server_test_support::nspawn;
 use pid_server_test_support::report::Checks;
-use pid_server_test_support::wait;
+use pid_server_test_support::{Release, each_release, nspawn, wait};
 
 use super::{
-    SERVICE, WAIT, activate, assert_no_failures, binary, boot, healthz, reload_ok, say, start_load,
-    status, status_line, stop_load, timer, wait_gone, wait_state, wait_status_line,
+    NOTIFY_RELOAD_DROPIN, SERVICE, WAIT, activate, assert_no_failures, binary, boot, can_run,
+    healthz, notify_reload_dropin, reload_ok, say, start_load, status, status_line, stop_load,
+    timer, wait_gone, wait_state, wait_status_line,
 };
 
 /// What is wrong with the binary installed before the reload.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Broken {
+pub(super) enum Broken {
     /// Exits 1 at start-up.
     ExitsAtStart,
     /// Starts and never says ready (`exec sleep 1000`).
@@ -24,7 +24,7 @@ enum Broken {
 /// Whether `pid-server reload` (what `ExecReload=` runs, from the same path)
 /// is broken too.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Helper {
+pub(super) enum Helper {
     /// The whole of /usr/bin/pid-server is the broken script, as an upgrade
     /// to a broken build installs it.
     AlsoBroken,
@@ -35,23 +35,48 @@ enum Helper {
 /// Where the good binary goes for [`Helper::StillWorks`].
 const GOOD_COPY: &str = "/usr/local/libexec/pid-server-good";
 
-/// A reload to a broken binary fails (`systemctl reload` exits non-zero, in
-/// bounded time), the old process serves every request throughout, the
-/// `Status:` line and the journal say why, and once the good binary is back
-/// a reload works.
-fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
-    let _timer = timer(case);
-    let port = nspawn::free_port();
-    let dropins: &[(&str, &str)] = match broken {
-        Broken::ExitsAtStart => &[],
-        Broken::NeverReady => &[(
+/// How the unit reloads, and so what `systemctl reload` says when the new
+/// binary fails.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Unit {
+    /// The shipped unit (`Type=notify`, `ExecReload=` runs the helper, whose
+    /// exit status is the reload's): `systemctl reload` fails.
+    Shipped,
+    /// With the notify-reload drop-in (systemd >= 253): systemd sends
+    /// SIGHUP, and the old process, taking the unit back, sends `READY=1`;
+    /// systemd 257 fails such a reload only on a timeout, so `systemctl
+    /// reload` succeeds and only the status line and the journal tell.
+    NotifyReload,
+}
+
+/// A reload to a broken binary leaves the old process serving every
+/// request throughout, the `Status:` line and the journal say why, and once
+/// the good binary is back a reload works. With the shipped unit
+/// `systemctl reload` fails (in bounded time); with the notify-reload
+/// drop-in it reports success, and systemd's `ReloadResult` too.
+pub(super) fn failed_upgrade(
+    r: Release,
+    case: &'static str,
+    broken: Broken,
+    helper: Helper,
+    unit: Unit,
+) {
+    let _timer = timer(r, case);
+    let mut dropins: Vec<(&str, &str)> = Vec::new();
+    if broken == Broken::NeverReady {
+        dropins.push((
             "upgrade-timeout.conf",
             "[Service]\nEnvironment=PID_SERVER_UPGRADE_TIMEOUT=2\n",
-        )],
-    };
-    let c = boot(port, dropins);
-    let old = activate(&c, port);
-    let load = start_load(port, 2, 2);
+        ));
+    }
+    let notify_reload = notify_reload_dropin();
+    if unit == Unit::NotifyReload {
+        assert!(r.has_notify_reload(), "{r} has no Type=notify-reload");
+        dropins.push((NOTIFY_RELOAD_DROPIN, &notify_reload));
+    }
+    let c = boot(r, &dropins);
+    let old = activate(&c);
+    let load = start_load(&c, 2, 2);
     load.wait_answers_from(old, 200, WAIT);
 
     let mut script = String::from("#!/bin/sh\n");
@@ -73,29 +98,52 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
     };
     c.write_file(nspawn::BINARY_INSIDE, script.as_bytes(), 0o755);
 
-    let mut checks = Checks::new(case);
+    let mut checks = Checks::new(format!("{case} on {r}"));
     let t0 = Instant::now();
     let out = c.exec_timeout(&["systemctl", "--no-pager", "reload", "pid-server"], bound);
     let took = t0.elapsed();
     match &out {
         Ok(out) => {
-            say(&format!(
-                "{case}: systemctl reload returned {} after {} ms",
-                out.status,
-                took.as_millis()
-            ));
-            checks.check(!out.status.success(), || {
-                format!("systemctl reload succeeded: {}", text(out))
-            });
+            say(
+                r,
+                &format!(
+                    "{case}: systemctl reload returned {} after {} ms: {:?}",
+                    out.status,
+                    took.as_millis(),
+                    text(out).trim()
+                ),
+            );
+            match unit {
+                Unit::Shipped => checks.check(!out.status.success(), || {
+                    format!("systemctl reload succeeded: {}", text(out))
+                }),
+                Unit::NotifyReload => checks.check(out.status.success(), || {
+                    format!(
+                        "systemctl reload under notify-reload did not report success \
+                         (what README says an operator sees on {r}): {}",
+                        text(out)
+                    )
+                }),
+            }
         }
         Err(e) => {
             checks.check(false, || {
                 format!("systemctl reload did not return within {bound:?}: {e}")
             });
             // Unblock the unit: kill the stuck ExecReload= process.
-            c.systemctl_ok(&["kill", "--kill-who=control", "-s", "SIGKILL", SERVICE]);
+            if unit == Unit::Shipped {
+                c.systemctl_ok(&["kill", "--kill-who=control", "-s", "SIGKILL", SERVICE]);
+            }
         }
     }
+    let reload_result = c.unit_property(SERVICE, "ReloadResult");
+    let expected = match unit {
+        Unit::Shipped => "exit-code",
+        Unit::NotifyReload => "success",
+    };
+    checks.check(reload_result == expected, || {
+        format!("ReloadResult={reload_result}, not {expected}")
+    });
     if broken == Broken::NeverReady {
         checks.check(took >= Duration::from_secs(2), || {
             format!("the reload failed before the 2 s upgrade timeout: {took:?}")
@@ -105,7 +153,7 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
     checks.check(c.main_pid(SERVICE) == old, || {
         "MainPID moved on a failed reload".into()
     });
-    let h = healthz(port);
+    let h = healthz(&c);
     checks.check(h["pid"] == old && h["state"] == "serving", || {
         format!("the old process does not answer a new connection: {h}")
     });
@@ -132,6 +180,14 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
             .any(|l| l.contains("reload failed") && l.contains(reason)),
         || format!("no \"reload failed ... {reason}\" in the journal:\n{j}"),
     );
+    // And what systemd made of it.
+    let systemd_says = match unit {
+        Unit::Shipped => "Reload failed for pid-server.service",
+        Unit::NotifyReload => "Reloaded pid-server.service",
+    };
+    checks.check(j.contains(systemd_says), || {
+        format!("no \"{systemd_says}\" in the journal:\n{j}")
+    });
     // Whatever was started is gone again: only the server is left.
     let stuck: Option<u32> = j.lines().find_map(|l| {
         l.split("new process ")
@@ -163,7 +219,7 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
     reload_ok(&c);
     let new = c.main_pid(SERVICE);
     assert_ne!(new, old);
-    assert_eq!(healthz(port)["pid"], new);
+    assert_eq!(healthz(&c)["pid"], new);
     wait_gone(&c, old, "the old generation");
     load.wait_answers_from(new, 200, WAIT);
     let st = wait_status_line(&c, "without the old failure", |l| {
@@ -177,7 +233,7 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
     );
 
     let t = stop_load(load);
-    say(&format!("{case} load: {}", t.summary()));
+    say(r, &format!("{case} load: {}", t.summary()));
     assert_no_failures(&t, 400);
     let mut expected = vec![old, new];
     expected.sort();
@@ -190,59 +246,72 @@ fn failed_upgrade(case: &'static str, broken: Broken, helper: Helper) {
     checks.finish();
 }
 
+each_release!(
+    reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving,
+    reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving,
+    reload_to_a_binary_that_never_gets_ready_times_out,
+    reload_to_a_server_that_never_gets_ready_times_out,
+);
+
 /// The brief's case: /usr/bin/pid-server becomes a script that exits 1.
 /// Note that `ExecReload=` runs that very script as the reload helper.
-#[test]
-fn reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving() {
-    if !nspawn::require_or_skip(
+fn reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving(r: Release) {
+    if !can_run(
         "reload_to_a_binary_that_exits_fails_and_the_old_process_keeps_serving",
+        r,
     ) {
         return;
     }
     failed_upgrade(
+        r,
         "3a failed upgrade: binary exits 1",
         Broken::ExitsAtStart,
         Helper::AlsoBroken,
+        Unit::Shipped,
     );
 }
 
 /// Only `serve` of the new binary exits 1; its `reload` works.
-#[test]
-fn reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving() {
-    if !nspawn::require_or_skip(
+fn reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving(r: Release) {
+    if !can_run(
         "reload_to_a_server_that_exits_at_start_fails_and_the_old_process_keeps_serving",
+        r,
     ) {
         return;
     }
     failed_upgrade(
+        r,
         "3b failed upgrade: serve exits 1, reload works",
         Broken::ExitsAtStart,
         Helper::StillWorks,
+        Unit::Shipped,
     );
 }
 
 /// /usr/bin/pid-server becomes `exec sleep 1000`, upgrade timeout 2 s.
-#[test]
-fn reload_to_a_binary_that_never_gets_ready_times_out() {
-    if !nspawn::require_or_skip("reload_to_a_binary_that_never_gets_ready_times_out") {
+fn reload_to_a_binary_that_never_gets_ready_times_out(r: Release) {
+    if !can_run("reload_to_a_binary_that_never_gets_ready_times_out", r) {
         return;
     }
     failed_upgrade(
+        r,
         "3c failed upgrade: binary never ready",
         Broken::NeverReady,
         Helper::AlsoBroken,
+        Unit::Shipped,
     );
 }
 
 /// Only `serve` of the new binary hangs; its `reload` works.
-#[test]
-fn reload_to_a_server_that_never_gets_ready_times_out() {
-    if !nspawn::require_or_skip("reload_to_a_server_that_never_gets_ready_times_out") {
+fn reload_to_a_server_that_never_gets_ready_times_out(r: Release) {
+    if !can_run("reload_to_a_server_that_never_gets_ready_times_out", r) {
         return;
     }
     failed_upgrade(
+        r,
         "3d failed upgrade: serve never ready, reload works",
         Broken::NeverReady,
         Helper::StillWorks,
+        Unit::Shipped,
     );
 }

@@ -1,16 +1,24 @@
 //! Tests of the container harness itself (the support crate's `nspawn`),
-//! plus the first end-to-end check: pid-server socket-activated by a real
-//! systemd.
+//! on both Debian trees and, for the first, on the host's `/usr` (the
+//! recipe `systemd/try.sh` and the benchmark boot); plus the first
+//! end-to-end check: pid-server socket-activated by a real systemd.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Instant;
 
-use pid_server_test_support::nspawn::{self, BootOptions, Container};
-use pid_server_test_support::{report, wait};
+use pid_server_test_support::nspawn::{self, BootOptions, Container, Recipe};
+use pid_server_test_support::{Release, each_release, report, wait};
 
-use super::{binary, get};
+use super::{PORT, binary, boot_stopped, can_run, get};
+
+each_release!(
+    boots_installs_units_and_cleans_up,
+    containers_run_side_by_side,
+    serves_its_pid_through_socket_activation,
+    teardown_kills_a_container_that_will_not_stop,
+);
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -32,13 +40,25 @@ fn process_gone(pid: u32, comm: &str) -> bool {
     field("Name:") != comm || field("State:").starts_with('Z')
 }
 
-#[test]
-fn boots_installs_units_and_cleans_up() {
-    if !nspawn::require_or_skip("boots_installs_units_and_cleans_up") {
+fn boots_installs_units_and_cleans_up(r: Release) {
+    if !can_run("boots_installs_units_and_cleans_up", r) {
         return;
     }
-    let port = nspawn::free_port();
-    let opts = BootOptions::new(binary(), port).dropin(
+    boots_installs_units_and_cleans_up_with(BootOptions::release(binary(), PORT, r));
+}
+
+/// The recipe with the host's `/usr` and network: no tree needed.
+#[test]
+fn boots_installs_units_and_cleans_up_on_the_hosts_usr() {
+    if !nspawn::require_or_skip("boots_installs_units_and_cleans_up_on_the_hosts_usr") {
+        return;
+    }
+    boots_installs_units_and_cleans_up_with(BootOptions::new(binary(), nspawn::free_port()));
+}
+
+fn boots_installs_units_and_cleans_up_with(opts: BootOptions) {
+    let port = opts.port;
+    let opts = opts.dropin(
         "/etc/systemd/system/pid-server.service.d/test-extra.conf",
         "[Service]\nEnvironment=PID_SERVER_HARNESS_TEST=1\n",
     );
@@ -102,17 +122,36 @@ fn boots_installs_units_and_cleans_up() {
     );
     assert!(c.journal(&["-b", "-o", "cat"]).contains("Startup finished"));
 
+    // Its network: the host's, or a namespace of its own, with the port on
+    // its loopback.
+    match c.netns_path() {
+        Some(ns) => {
+            assert!(opts.private_network);
+            assert!(ns.exists(), "{}", ns.display());
+            let own = fs::read_link(format!("/proc/{}/ns/net", c.init_pid())).unwrap();
+            assert_ne!(own, fs::read_link("/proc/self/ns/net").unwrap());
+        }
+        None => assert!(!opts.private_network),
+    }
+
     // Drop powers it off and leaves nothing behind.
     let (nspawn_pid, init_pid) = (c.nspawn_pid(), c.init_pid());
     let paths = c.cleanup_paths();
-    assert!(
-        paths
-            .iter()
-            .any(|p| p.to_string_lossy().starts_with("/var/tmp/nspawn-temp-")),
-        "nspawn's temp dir not found: {paths:?}"
-    );
+    let temp_dir = paths
+        .iter()
+        .any(|p| p.to_string_lossy().starts_with("/var/tmp/nspawn-temp-"));
+    // Only the host's /usr has an overlay whose upper layer is on the host;
+    // a tree's `--volatile=overlay` keeps its changes in a tmpfs of nspawn's.
+    match &opts.recipe {
+        Recipe::HostUsr => assert!(temp_dir, "nspawn's temp dir not found: {paths:?}"),
+        Recipe::Tree(_) => assert!(!temp_dir, "{paths:?}"),
+    }
     for p in &paths {
-        if p.starts_with("/var/tmp") || p.starts_with("/sys") || p.starts_with("/tmp") {
+        if p.starts_with("/var/tmp")
+            || p.starts_with("/sys")
+            || p.starts_with("/tmp")
+            || p.starts_with("/run/netns")
+        {
             assert!(
                 p.exists(),
                 "{} should exist while the container runs",
@@ -141,9 +180,9 @@ fn boots_installs_units_and_cleans_up() {
 /// both would use `payload/` below the test's cgroup, and stopping
 /// pid-server.service in one logs "Failed to kill control group
 /// /system.slice/pid-server.service ... Input/output error".)
-#[test]
-fn containers_run_side_by_side() {
-    if !nspawn::require_or_skip("containers_run_side_by_side") {
+/// Both on port 8080, each in its own network namespace.
+fn containers_run_side_by_side(r: Release) {
+    if !can_run("containers_run_side_by_side", r) {
         return;
     }
     if !nspawn::private_cgroups_supported() {
@@ -153,9 +192,9 @@ fn containers_run_side_by_side() {
         );
         return;
     }
-    let (port_a, port_b) = (nspawn::free_port(), nspawn::free_port());
-    let a = Container::boot(&BootOptions::new(binary(), port_a));
-    let b = Container::boot(&BootOptions::new(binary(), port_b));
+    let a = boot_stopped(r, &[]);
+    let b = boot_stopped(r, &[]);
+    assert_eq!((a.port(), b.port()), (PORT, PORT));
     let cgroup =
         |c: &Container| fs::read_to_string(format!("/proc/{}/cgroup", c.init_pid())).unwrap();
     assert_ne!(cgroup(&a), cgroup(&b));
@@ -164,8 +203,8 @@ fn containers_run_side_by_side() {
         c.systemctl_ok(&["start", "pid-server.socket"]);
     }
     // Same unit running in both.
-    assert_eq!(get(port_a, "/").status, 200);
-    assert_eq!(get(port_b, "/").status, 200);
+    assert_eq!(get(&a, "/").status, 200);
+    assert_eq!(get(&b, "/").status, 200);
     let server_b = b.main_pid("pid-server.service");
     a.systemctl_ok(&["stop", "pid-server.service"]);
     let journal_a = a.journal(&["-u", "pid-server.service"]);
@@ -180,26 +219,24 @@ fn containers_run_side_by_side() {
     drop(a);
     assert_eq!(b.main_pid("systemd-journald.service"), journald_b);
     assert_eq!(b.main_pid("pid-server.service"), server_b);
-    assert_eq!(get(port_b, "/").status, 200);
+    assert_eq!(get(&b, "/").status, 200);
     let state = stdout(&b.systemctl(&["is-system-running"]));
     assert!(state == "running" || state == "degraded", "{state}");
 }
 
 /// The end-to-end check: socket activation by systemd, one request.
-#[test]
-fn serves_its_pid_through_socket_activation() {
-    if !nspawn::require_or_skip("serves_its_pid_through_socket_activation") {
+fn serves_its_pid_through_socket_activation(r: Release) {
+    if !can_run("serves_its_pid_through_socket_activation", r) {
         return;
     }
-    let port = nspawn::free_port();
-    let c = Container::boot(&BootOptions::new(binary(), port));
+    let c = boot_stopped(r, &[]);
     c.systemctl_ok(&["start", "pid-server.socket"]);
 
-    let r = get(port, "/");
+    let resp = get(&c, "/");
     let pid = c.main_pid("pid-server.service");
     assert_ne!(pid, 0, "pid-server.service has no main pid");
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.body.trim_end(), format!("OK. Handled by PID: {pid}"));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.body.trim_end(), format!("OK. Handled by PID: {pid}"));
     assert_eq!(
         c.unit_property("pid-server.service", "ActiveState"),
         "active"
@@ -208,12 +245,11 @@ fn serves_its_pid_through_socket_activation() {
 
 /// A container whose shutdown hangs is killed after the bound, and still
 /// leaves nothing behind.
-#[test]
-fn teardown_kills_a_container_that_will_not_stop() {
-    if !nspawn::require_or_skip("teardown_kills_a_container_that_will_not_stop") {
+fn teardown_kills_a_container_that_will_not_stop(r: Release) {
+    if !can_run("teardown_kills_a_container_that_will_not_stop", r) {
         return;
     }
-    let c = Container::boot(&BootOptions::new(binary(), nspawn::free_port()));
+    let c = boot_stopped(r, &[]);
     let out = c.exec(&[
         "systemd-run",
         "--unit=stubborn",
@@ -221,13 +257,24 @@ fn teardown_kills_a_container_that_will_not_stop() {
         "TimeoutStopSec=infinity",
         "sh",
         "-c",
-        "trap '' TERM; while :; do sleep 1; done",
+        "trap '' TERM; touch /run/stubborn-ignores-sigterm; while :; do sleep 1; done",
     ]);
     assert!(out.status.success(), "{out:?}");
     wait::until(
         "stubborn.service active",
         std::time::Duration::from_secs(5),
         || (c.unit_property("stubborn.service", "ActiveState") == "active").then_some(()),
+    );
+    // Active is not enough: a SIGTERM before the shell has set its trap
+    // ends it (seen on 257, which gets there sooner).
+    wait::until(
+        "stubborn.service to ignore SIGTERM",
+        std::time::Duration::from_secs(5),
+        || {
+            c.host_path("/run/stubborn-ignores-sigterm")
+                .exists()
+                .then_some(())
+        },
     );
     let (nspawn_pid, init_pid, paths) = (c.nspawn_pid(), c.init_pid(), c.cleanup_paths());
     let t0 = Instant::now();

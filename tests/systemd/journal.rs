@@ -1,8 +1,12 @@
 //! The journal tells the story, with structured fields.
 
-use pid_server_test_support::nspawn;
+use pid_server_test_support::{Release, each_release, nspawn};
 
-use super::{SERVICE, activate, boot, reload_ok, timer, wait_gone, wait_journal, wait_state};
+use super::{
+    SERVICE, activate, boot, can_run, reload_ok, timer, wait_gone, wait_journal, wait_state,
+};
+
+each_release!(the_journal_tells_the_story_with_structured_fields);
 
 fn field<'a>(entry: &'a serde_json::Value, name: &str) -> Option<&'a str> {
     entry.get(name).and_then(|v| v.as_str())
@@ -10,18 +14,16 @@ fn field<'a>(entry: &'a serde_json::Value, name: &str) -> Option<&'a str> {
 
 /// Start, stop (a drain), start again, two reloads: the text and the
 /// structured fields of each step.
-#[test]
-fn the_journal_tells_the_story_with_structured_fields() {
-    if !nspawn::require_or_skip("the_journal_tells_the_story_with_structured_fields") {
+fn the_journal_tells_the_story_with_structured_fields(r: Release) {
+    if !can_run("the_journal_tells_the_story_with_structured_fields", r) {
         return;
     }
-    let _timer = timer("7 journal");
-    let port = nspawn::free_port();
-    let c = boot(port, &[]);
-    let first = activate(&c, port);
+    let _timer = timer(r, "7 journal");
+    let c = boot(r, &[]);
+    let first = activate(&c);
     c.systemctl_ok(&["stop", SERVICE]);
     wait_state(&c, SERVICE, "inactive", "dead");
-    let p0 = activate(&c, port);
+    let p0 = activate(&c);
     assert_ne!(p0, first);
     reload_ok(&c);
     let p1 = c.main_pid(SERVICE);

@@ -1,15 +1,21 @@
-//! pid-server under a real systemd (252, booted in a `systemd-nspawn`
-//! container by the support crate's `nspawn` harness), one module per
+//! pid-server under a real systemd, booted in a `systemd-nspawn` container
+//! by the support crate's `nspawn` harness: every case on Debian 12's
+//! systemd 252 and on Debian 13's 257 (`case::debian12_systemd252`,
+//! `case::debian13_systemd257`, made by `each_release!`), one module per
 //! thing the operator does: socket activation, reloads under load, failed
-//! reloads, stops and their drains, restarts, the journal, the watchdog,
-//! the sandbox; and `harness`, the container harness itself.
+//! reloads, the notify-reload variant, stops and their drains, restarts,
+//! the journal, the watchdog, the sandbox; and `harness`, the container
+//! harness itself.
 //!
-//! Every test boots a container of its own (about a second) on a port of its
-//! own, so none depends on another's leftovers and they may run side by side.
-//! Waits poll a state with a bound; load loops are bounded in requests and in
-//! time; all traffic goes to 127.0.0.1. Each case prints its wall time (and
-//! the load tests their request counts) straight to stderr, so it shows
-//! without `--nocapture` too.
+//! Every test boots a container of its own (about a second) from its
+//! release's debootstrap tree (made on first use, cached), in a network
+//! namespace of its own, so none depends on another's leftovers and they
+//! may run side by side; the two versions of a case are next to each other
+//! in the test order and so run at the same time. Waits poll a state with a
+//! bound; load loops are bounded in requests and in time; all traffic goes
+//! to the loopback of the container's namespace. Each case prints its wall
+//! time (and the load tests their request counts), tagged with the systemd
+//! version, straight to stderr, so it shows without `--nocapture` too.
 
 mod activation;
 mod config;
@@ -17,6 +23,7 @@ mod environment;
 mod failed_reload;
 mod harness;
 mod journal;
+mod notify_reload;
 mod reload;
 mod restart;
 mod sandbox;
@@ -24,7 +31,6 @@ mod stop;
 mod watchdog;
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Output;
 use std::thread::{self, JoinHandle};
@@ -32,9 +38,10 @@ use std::time::{Duration, Instant};
 
 use pid_server_test_support::cmd::text;
 use pid_server_test_support::http::{self, Response};
-use pid_server_test_support::nspawn::{BootOptions, Container};
+use pid_server_test_support::load::LoadBuilder;
+use pid_server_test_support::nspawn::{self, BootOptions, Container};
 use pid_server_test_support::report::{self, CaseTimer};
-use pid_server_test_support::{Load, Tally, wait};
+use pid_server_test_support::{Load, Release, Tally, netns, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -51,47 +58,88 @@ fn binary() -> PathBuf {
     PathBuf::from(BIN)
 }
 
+/// The `[systemd 257]` that starts the lines a case prints.
+fn tag(release: Release) -> &'static str {
+    match release {
+        Release::Bookworm => "[systemd 252]",
+        Release::Trixie => "[systemd 257]",
+    }
+}
+
 /// Writes to fd 2 in one go (`eprintln!` is captured by the test harness).
-fn say(msg: &str) {
-    report::say(&format!("[systemd] {msg}"));
+fn say(release: Release, msg: &str) {
+    report::say(&format!("{} {msg}", tag(release)));
 }
 
 /// Prints the case's wall time when it ends, passed or not.
-fn timer(case: &'static str) -> CaseTimer {
-    CaseTimer::start("[systemd]", case)
+fn timer(release: Release, case: &'static str) -> CaseTimer {
+    CaseTimer::start(tag(release), case)
 }
 
-/// `127.0.0.1:port`: the containers share the host's network.
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+/// Whether `test` can run on `release` here; if not, says SKIPPED (or
+/// panics under CI).
+fn can_run(test: &str, release: Release) -> bool {
+    nspawn::require_or_skip_release(test, release)
 }
 
 // ---------------------------------------------------------------------------
 // Container helpers
 // ---------------------------------------------------------------------------
 
-/// Boots a container with the repo's units (plus `dropins`: file name in
-/// `pid-server.service.d/`, contents) and starts pid-server.socket only.
-fn boot(port: u16, dropins: &[(&str, &str)]) -> Container {
-    let mut opts = BootOptions::new(binary(), port);
-    for (name, contents) in dropins {
-        opts = opts.dropin(&format!("{SERVICE_DROPIN_DIR}/{name}"), contents);
-    }
-    let c = Container::boot(&opts);
+/// The socket's port: the harness moves it to `127.0.0.1:8080` in the
+/// container's own network namespace.
+const PORT: u16 = 8080;
+
+/// Boots `release`'s tree with the repo's units (plus `dropins`: file name
+/// in `pid-server.service.d/`, contents), checks that its systemd is the
+/// release's, and starts pid-server.socket only.
+fn boot(release: Release, dropins: &[(&str, &str)]) -> Container {
+    let c = boot_stopped(release, dropins);
     c.systemctl_ok(&["start", SOCKET]);
     c
 }
 
-/// `GET path` on a new connection; panics on a connection or protocol error.
-fn get(port: u16, path: &str) -> Response {
-    http::get(local(port), path)
-        .unwrap_or_else(|e| panic!("GET http://127.0.0.1:{port}{path}: {e}"))
+/// [`boot`] without starting the socket.
+fn boot_stopped(release: Release, dropins: &[(&str, &str)]) -> Container {
+    let mut opts = BootOptions::release(binary(), PORT, release);
+    for (name, contents) in dropins {
+        opts = opts.dropin(&format!("{SERVICE_DROPIN_DIR}/{name}"), contents);
+    }
+    let c = Container::boot(&opts);
+    assert_eq!(
+        c.systemd_version(),
+        release.systemd(),
+        "the {} tree's systemd",
+        release.suite()
+    );
+    c
+}
+
+/// The notify-reload drop-in's file name in `pid-server.service.d/`.
+const NOTIFY_RELOAD_DROPIN: &str = "notify-reload.conf";
+
+/// `systemd/notify-reload/notify-reload.conf`, as shipped.
+fn notify_reload_dropin() -> String {
+    let p = pid_server_test_support::repo().join("systemd/notify-reload/notify-reload.conf");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// `GET path` on a new connection, in the container's network namespace;
+/// panics on a connection or protocol error.
+fn get(c: &Container, path: &str) -> Response {
+    try_get(c, path).unwrap_or_else(|e| panic!("GET http://{}{path}: {e}", c.addr()))
+}
+
+/// `GET path` on a new connection, in the container's network namespace.
+fn try_get(c: &Container, path: &str) -> io::Result<Response> {
+    let (addr, path) = (c.addr(), path.to_string());
+    c.in_netns(move || http::get(addr, &path))
 }
 
 /// Sends the first request, which starts the service; returns its MainPID
 /// (checked against the PID that answered).
-fn activate(c: &Container, port: u16) -> u32 {
-    let r = get(port, "/");
+fn activate(c: &Container) -> u32 {
+    let r = get(c, "/");
     assert_eq!(r.status, 200, "{}", r.body);
     let pid = r
         .pid()
@@ -105,8 +153,8 @@ fn activate(c: &Container, port: u16) -> u32 {
 }
 
 /// `GET /healthz` on a fresh connection, parsed.
-fn healthz(port: u16) -> serde_json::Value {
-    let r = get(port, "/healthz");
+fn healthz(c: &Container) -> serde_json::Value {
+    let r = get(c, "/healthz");
     assert_eq!(r.status, 200, "{}", r.body);
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("/healthz {:?}: {e}", r.body))
 }
@@ -147,10 +195,25 @@ fn wait_status_line(c: &Container, what: &str, ok: impl Fn(&str) -> bool) -> Str
     }
 }
 
-/// `systemctl reload pid-server`, timed.
+/// Bound on `systemctl reload`. With `Type=notify-reload`, systemd 257
+/// waits for ever for a `READY=1` after a `RELOADING=1` (systemd#37515),
+/// so a reload must never be waited on without one.
+const RELOAD_BOUND: Duration = Duration::from_secs(40);
+
+/// `systemctl reload pid-server` within [`RELOAD_BOUND`], timed.
 fn reload(c: &Container) -> (Output, Duration) {
     let t0 = Instant::now();
-    let out = c.systemctl(&["reload", "pid-server"]);
+    let out = c
+        .exec_timeout(
+            &["systemctl", "--no-pager", "reload", "pid-server"],
+            RELOAD_BOUND,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- journal ---\n{}",
+                c.journal(&["-u", SERVICE, "-n", "40"])
+            )
+        });
     (out, t0.elapsed())
 }
 
@@ -174,20 +237,22 @@ fn wait_journal(c: &Container, args: &[&str], what: &str, ok: impl Fn(&str) -> b
 /// and when it finished.
 type Finished = (io::Result<Response>, Instant);
 
-fn spawn_request(port: u16, path: &'static str) -> JoinHandle<Finished> {
-    thread::spawn(move || {
-        let r = http::get_timeout(local(port), path, Duration::from_secs(30));
+/// `GET path` on a thread of its own in the container's network namespace.
+fn spawn_request(c: &Container, path: &'static str) -> JoinHandle<Finished> {
+    let addr = c.addr();
+    netns::spawn_in(c.netns_path(), move || {
+        let r = http::get_timeout(addr, path, Duration::from_secs(30));
         (r, Instant::now())
     })
 }
 
 /// Waits until the server counts `n` requests in flight besides the
 /// `/healthz` asking.
-fn wait_in_flight(port: u16, n: u64) {
+fn wait_in_flight(c: &Container, n: u64) {
     wait::until(
         &format!("{n} request(s) in flight"),
         Duration::from_secs(10),
-        || (healthz(port)["in_flight"].as_u64().unwrap_or(0) > n).then_some(()),
+        || (healthz(c)["in_flight"].as_u64().unwrap_or(0) > n).then_some(()),
     );
 }
 
@@ -206,10 +271,19 @@ const LOAD_MAX_TIME: Duration = Duration::from_secs(150);
 /// systemd and the server under test while requests never stop flowing.
 const LOAD_PACE: Duration = Duration::from_micros(500);
 
-/// Client threads sending `GET /` to 127.0.0.1:port until stopped, each
-/// bounded in requests and in time.
-fn start_load(port: u16, keep_alive: usize, one_shot: usize) -> Load {
-    Load::to(local(port))
+/// A load to the container's socket, its clients in its network namespace.
+fn load_to(c: &Container) -> LoadBuilder {
+    let mut b = Load::to(c.addr());
+    if let Some(ns) = c.netns_path() {
+        b.netns(ns);
+    }
+    b
+}
+
+/// Client threads sending `GET /` to the container's socket until stopped,
+/// each bounded in requests and in time.
+fn start_load(c: &Container, keep_alive: usize, one_shot: usize) -> Load {
+    load_to(c)
         .keep_alive(keep_alive)
         .one_shot(one_shot)
         .pace(LOAD_PACE)

@@ -3,9 +3,12 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::nspawn::{self, Container};
+use pid_server_test_support::nspawn::Container;
+use pid_server_test_support::{Release, each_release};
 
-use super::{SERVICE, activate, boot, healthz, reload_ok, timer, wait_gone};
+use super::{SERVICE, activate, boot, can_run, healthz, reload_ok, timer, wait_gone};
+
+each_release!(the_watchdog_is_fed_across_a_reload);
 
 /// Watches the unit for `periods` watchdog periods: same MainPID, no
 /// restart, active, and the watchdog timestamp keeps moving.
@@ -50,16 +53,14 @@ fn watch_watchdog(c: &Container, pid: u32, period: Duration, periods: u32) {
     );
 }
 
-#[test]
-fn the_watchdog_is_fed_across_a_reload() {
-    if !nspawn::require_or_skip("the_watchdog_is_fed_across_a_reload") {
+fn the_watchdog_is_fed_across_a_reload(r: Release) {
+    if !can_run("the_watchdog_is_fed_across_a_reload", r) {
         return;
     }
-    let _timer = timer("8 watchdog");
-    let port = nspawn::free_port();
-    let c = boot(port, &[("watchdog.conf", "[Service]\nWatchdogSec=2\n")]);
+    let _timer = timer(r, "8 watchdog");
+    let c = boot(r, &[("watchdog.conf", "[Service]\nWatchdogSec=2\n")]);
     let period = Duration::from_secs(2);
-    let p0 = activate(&c, port);
+    let p0 = activate(&c);
     assert_eq!(c.unit_property(SERVICE, "WatchdogUSec"), "2s");
     watch_watchdog(&c, p0, period, 4);
 
@@ -68,7 +69,7 @@ fn the_watchdog_is_fed_across_a_reload() {
     assert_ne!(p1, p0);
     wait_gone(&c, p0, "the old generation");
     watch_watchdog(&c, p1, period, 4);
-    assert_eq!(healthz(port)["pid"], p1);
+    assert_eq!(healthz(&c)["pid"], p1);
     let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
     assert!(!j.to_lowercase().contains("watchdog timeout"), "{j}");
     assert!(j.contains("pinging the systemd watchdog"), "{j}");

@@ -18,7 +18,9 @@
 //! - [`netns`]: network namespaces the test makes, and threads inside them.
 //! - [`nspawn`]: a real systemd booted as PID 1 in a `systemd-nspawn`
 //!   container, with pid-server's units installed.
-//! - [`deploy`]: the Debian tree the package and image tests boot.
+//! - [`deploy`]: the Debian trees (one per [`Release`]: Debian 12 with
+//!   systemd 252, Debian 13 with 257) the containers boot; [`each_release!`]
+//!   makes a test of a case per release.
 //! - [`report`]: running or skipping (`SKIPPED …`, an error under
 //!   `CI=true`), output that shows without `--nocapture`, checks reported
 //!   together; [`wait`]: bounded waits.
@@ -55,6 +57,7 @@ pub mod report;
 pub mod wait;
 
 pub use cmd::TestCommand;
+pub use deploy::Release;
 pub use load::{ConnEnd, ConnRecord, ConnReport, Load, Mode, Tally};
 
 use std::path::{Path, PathBuf};

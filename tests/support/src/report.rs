@@ -74,17 +74,17 @@ pub fn require_tools(test: &str, tools: &[(&str, &str)]) -> bool {
 
 /// Prints a case's wall time when it is dropped, passed or not.
 pub struct CaseTimer {
-    tag: &'static str,
-    name: &'static str,
+    tag: String,
+    name: String,
     started: Instant,
 }
 
 impl CaseTimer {
-    /// `tag` starts the line (`[systemd]`), `name` names the case.
-    pub fn start(tag: &'static str, name: &'static str) -> CaseTimer {
+    /// `tag` starts the line (`[systemd 257]`), `name` names the case.
+    pub fn start(tag: impl Into<String>, name: impl Into<String>) -> CaseTimer {
         CaseTimer {
-            tag,
-            name,
+            tag: tag.into(),
+            name: name.into(),
             started: Instant::now(),
         }
     }
@@ -109,14 +109,14 @@ impl Drop for CaseTimer {
 /// Checks that are all run, then reported together: a test that checks
 /// five things about a failure tells all five that went wrong.
 pub struct Checks {
-    case: &'static str,
+    case: String,
     failed: Vec<String>,
 }
 
 impl Checks {
-    pub fn new(case: &'static str) -> Checks {
+    pub fn new(case: impl Into<String>) -> Checks {
         Checks {
-            case,
+            case: case.into(),
             failed: Vec::new(),
         }
     }

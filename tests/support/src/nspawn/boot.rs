@@ -22,10 +22,11 @@ use nix::sys::stat::Mode;
 
 use super::cleanup::{make_cgroups, remove_cgroups, serial_lock, sweep_stale};
 use super::{
-    BOOT_TIMEOUT, BootOptions, COUNTER, Container, NAME_PREFIX, PORT_DROPIN_INSIDE, STATE_DIR_NAME,
-    TreeOptions, UNIT_DIR_INSIDE,
+    BOOT_TIMEOUT, BootOptions, COUNTER, Container, NAME_PREFIX, PORT_DROPIN_INSIDE, Recipe,
+    STATE_DIR_NAME, TreeOptions, UNIT_DIR_INSIDE,
 };
 use crate::cmd::{tail, text};
+use crate::netns::Netns;
 
 /// What every boot needs before nspawn starts: a unique machine name, a
 /// state folder with the console log, and a private cgroup (or, failing
@@ -78,11 +79,15 @@ static SWEEP: Once = Once::new();
 
 impl Container {
     /// Boots a container and installs pid-server's units and binary (the
-    /// socket is not started). Panics, with nspawn's output, if it does not
-    /// come up within [`BOOT_TIMEOUT`].
+    /// socket is not started): the host's `/usr` or a Debian tree
+    /// ([`BootOptions::recipe`]), in the host's network or a namespace of
+    /// its own ([`BootOptions::private_network`]). Panics, with nspawn's
+    /// output, if it does not come up within [`BOOT_TIMEOUT`].
     pub fn boot(opts: &BootOptions) -> Container {
         SWEEP.call_once(sweep_stale);
         let started = Instant::now();
+        // Made before the slot, so that a failure here leaves nothing.
+        let netns = opts.private_network.then(Netns::new);
 
         let Slot {
             name,
@@ -91,25 +96,36 @@ impl Container {
             cgroups,
             serial,
         } = Slot::new();
-        let preset = state_dir.join("00-test.preset");
-        fs::write(&preset, "disable *\n").expect("write preset");
-
         let mut cmd = Command::new("systemd-nspawn");
-        cmd.arg("-D")
-            .arg("/")
-            .arg("--volatile=yes")
-            .arg("--overlay=/usr::/usr")
-            .arg("--register=no")
-            .arg("--keep-unit")
-            .arg("-M")
-            .arg(&name)
-            .arg(format!(
-                "--bind-ro={}:/etc/systemd/system-preset/00-test.preset",
-                preset.display()
-            ))
-            .arg("-b")
-            .arg("systemd.firstboot=off")
-            .arg("systemd.log_color=0");
+        match &opts.recipe {
+            Recipe::HostUsr => {
+                let preset = state_dir.join("00-test.preset");
+                fs::write(&preset, "disable *\n").expect("write preset");
+                cmd.args(["-D", "/", "--volatile=yes", "--overlay=/usr::/usr"])
+                    .arg(format!(
+                        "--bind-ro={}:/etc/systemd/system-preset/00-test.preset",
+                        preset.display()
+                    ));
+            }
+            Recipe::Tree(rootfs) => {
+                // debootstrap copies the host's /etc/hostname, which the
+                // container's systemd would set: name it after the machine,
+                // as on the host's /usr, so that the journals of containers
+                // side by side tell themselves apart.
+                let hostname = state_dir.join("hostname");
+                fs::write(&hostname, format!("{name}\n")).expect("write hostname");
+                cmd.arg("-D")
+                    .arg(rootfs)
+                    .arg("--volatile=overlay")
+                    .arg(format!("--bind-ro={}:/etc/hostname", hostname.display()));
+            }
+        }
+        common_args(&mut cmd, &name, netns.as_ref().map(Netns::path).as_deref());
+        cmd.arg("-b");
+        if opts.recipe == Recipe::HostUsr {
+            cmd.arg("systemd.firstboot=off");
+        }
+        cmd.arg("systemd.log_color=0");
         let child = launch(cmd, log, &cgroups, &state_dir);
 
         // From here on a panic drops `c`, which tears the container down.
@@ -125,6 +141,7 @@ impl Container {
             boot_time: Duration::ZERO,
             torn_down: false,
             _serial: serial,
+            netns,
         };
         c.find_init(started + BOOT_TIMEOUT);
         c.record_temp_dir();
@@ -133,10 +150,19 @@ impl Container {
         let running = started.elapsed();
         c.install(opts);
         c.boot_time = started.elapsed();
+        let from = match &opts.recipe {
+            Recipe::HostUsr => "the host's /usr".to_string(),
+            Recipe::Tree(t) => t.display().to_string(),
+        };
         eprintln!(
-            "nspawn harness: {} booted: init {} after {} ms, system running after {} ms, \
-             units installed after {} ms",
+            "nspawn harness: {} booted from {from}{}: init {} after {} ms, system running \
+             after {} ms, units installed after {} ms",
             c.name,
+            if c.netns.is_some() {
+                " in its own netns"
+            } else {
+                ""
+            },
             c.init,
             init_found.as_millis(),
             running.as_millis(),
@@ -150,6 +176,7 @@ impl Container {
     /// [`Container::boot`] (own cgroup, parent-death signal, `Drop`), and
     /// waits for `systemctl is-system-running`. Nothing is installed: the
     /// tree's own dpkg can install packages (`exec(&["dpkg", "-i", ..])`).
+    /// The network namespace, if any, is the caller's to make and delete.
     pub fn boot_tree(opts: &TreeOptions) -> Container {
         SWEEP.call_once(sweep_stale);
         let started = Instant::now();
@@ -162,16 +189,8 @@ impl Container {
         } = Slot::new();
 
         let mut cmd = Command::new("systemd-nspawn");
-        cmd.arg("-D")
-            .arg(&opts.rootfs)
-            .arg("--volatile=overlay")
-            .arg("--register=no")
-            .arg("--keep-unit")
-            .arg("-M")
-            .arg(&name);
-        if let Some(ns) = &opts.netns {
-            cmd.arg(format!("--network-namespace-path={}", ns.display()));
-        }
+        cmd.arg("-D").arg(&opts.rootfs).arg("--volatile=overlay");
+        common_args(&mut cmd, &name, opts.netns.as_deref());
         for (src, dst) in &opts.bind_ro {
             cmd.arg(format!("--bind-ro={}:{dst}", src.display()));
         }
@@ -189,6 +208,7 @@ impl Container {
             boot_time: Duration::ZERO,
             torn_down: false,
             _serial: serial,
+            netns: None,
         };
         c.find_init(started + BOOT_TIMEOUT);
         c.record_temp_dir();
@@ -202,6 +222,17 @@ impl Container {
             c.init
         );
         c
+    }
+}
+
+/// What both recipes pass: no machined, no scope unit (the harness makes the
+/// cgroups), the machine name; and a network namespace, with the capability
+/// systemd 257 needs to give the service one of its own inside it.
+fn common_args(cmd: &mut Command, name: &str, netns: Option<&Path>) {
+    cmd.args(["--register=no", "--keep-unit", "-M", name]);
+    if let Some(ns) = netns {
+        cmd.arg(format!("--network-namespace-path={}", ns.display()))
+            .arg("--capability=CAP_NET_ADMIN");
     }
 }
 
