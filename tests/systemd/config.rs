@@ -4,14 +4,10 @@
 //! process still serving, and a start with a broken file fails once (exit
 //! 78), not in a restart loop.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use pid_server_test_support::nspawn::Container;
 use pid_server_test_support::{Release, each_release, wait};
 use sha2::{Digest, Sha256};
 
-use super::{SERVICE, WAIT, boot, can_run, healthz, timer};
+use super::{SERVICE, WAIT, advertised_keep_alive, boot, can_run, healthz, timer};
 
 const CONFIG: &str = "/etc/pid-server/pid-server.toml";
 
@@ -20,30 +16,6 @@ fn sha256(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// The `Keep-Alive: timeout=N` a response advertises.
-fn advertised_keep_alive(c: &Container) -> u64 {
-    let addr = c.addr();
-    c.in_netns(move || raw_keep_alive(addr))
-}
-
-fn raw_keep_alive(addr: std::net::SocketAddr) -> u64 {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    raw.lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("keep-alive")
-                .then(|| v.trim().strip_prefix("timeout=")?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
 }
 
 each_release!(the_sandboxed_service_reads_its_file_and_a_reload_applies_or_refuses_a_change);

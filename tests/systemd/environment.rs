@@ -2,40 +2,12 @@
 //! new `Environment=`), `daemon-reload`, then `systemctl reload`, and the
 //! new generation runs with it.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use pid_server_test_support::nspawn::Container;
 use pid_server_test_support::{Release, each_release};
 
 use super::{
-    SERVICE, SERVICE_DROPIN_DIR, WAIT, activate, boot, can_run, healthz, reload_ok, timer,
-    wait_journal,
+    SERVICE, SERVICE_DROPIN_DIR, activate, advertised_keep_alive, boot, can_run, healthz,
+    reload_ok, timer, wait_journal,
 };
-
-/// The `Keep-Alive: timeout=N` a response advertises.
-fn advertised_keep_alive(c: &Container) -> u64 {
-    let addr = c.addr();
-    c.in_netns(move || raw_keep_alive(addr))
-}
-
-fn raw_keep_alive(addr: std::net::SocketAddr) -> u64 {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    raw.lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("keep-alive")
-                .then(|| v.trim().strip_prefix("timeout=")?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
-}
 
 each_release!(a_reload_applies_a_changed_environment);
 
