@@ -155,6 +155,13 @@ fn http_response_parsing() {
     let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
     let r = http::parse_response(plain).unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+    assert_eq!(r.keep_alive, None);
+    let advertised =
+        b"HTTP/1.1 200 OK\r\nKeep-Alive: max=9, timeout=3\r\ncontent-length: 0\r\n\r\n";
+    assert_eq!(
+        http::parse_response(advertised).unwrap().keep_alive,
+        Some(3)
+    );
     let chunked =
         b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
     let r = http::parse_response(chunked).unwrap();
@@ -196,6 +203,7 @@ fn the_parser_refuses_malformed_responses() {
         body: body.to_string(),
         close: false,
         reused: false,
+        keep_alive: None,
     };
     assert_eq!(ok("OK. Handled by PID: 42\n").pid(), Some(42));
     for body in [

@@ -115,28 +115,9 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Out {
 /// The `Keep-Alive: timeout=N` that a response on a new connection
 /// advertises: the keep-alive timeout in force.
 fn advertised_keep_alive(addr: SocketAddr) -> u64 {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(
-            n > 0 && head.len() < 16 * 1024,
-            "no response head: {head:?}"
-        );
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    head.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("keep-alive")
-                .then(|| v.trim().strip_prefix("timeout=")?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {head:?}"))
+    let r = http::get(addr, "/").expect("GET /");
+    r.keep_alive
+        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {r:?}"))
 }
 
 fn health(addr: SocketAddr) -> serde_json::Value {

@@ -1,7 +1,8 @@
 //! The Debian package (`packaging/build-deb.sh`, cargo-deb), built once, in
 //! a real Debian with systemd as PID 1, on each release (Debian 12 with
 //! systemd 252, Debian 13 with 257): install, upgrade under load (a reload,
-//! not a restart: every request answered 200, the PID changes, NRestarts=0),
+//! not a restart: every request answered 200, the PID changes, NRestarts=0)
+//! across a conffile the operator changed (kept, and applied by the reload),
 //! remove, purge.
 //!
 //! The container is the release's debootstrap tree (cached under
@@ -42,6 +43,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 const PORT: u16 = 8080;
 const SERVICE: &str = "pid-server.service";
 const SOCKET: &str = "pid-server.socket";
+/// The configuration file the unit starts with, a conffile.
+const CONFFILE: &str = "/etc/pid-server/pid-server.toml";
 /// The bound on a package build (a cold release build takes minutes).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
@@ -256,6 +259,14 @@ fn package_installs_upgrades_by_reload_removes_and_purges(release: Release) {
     let pid1 = c.main_pid(SERVICE);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.pid(), Some(pid1), "{r:?} (MainPID {pid1})");
+    assert_eq!(r.keep_alive, Some(5), "the packaged default: {r:?}");
+
+    // --- the operator changes the conffile; a running process is unaffected --
+    let shipped = String::from_utf8(c.read_file(CONFFILE)).expect("a UTF-8 conffile");
+    let changed = format!("{shipped}\n# changed by the operator\nkeep_alive_timeout = 3\n");
+    c.write_file(CONFFILE, changed.as_bytes(), 0o644);
+    let r = ns.run(|| http::get(local(PORT), "/")).expect("GET /");
+    assert_eq!(r.keep_alive, Some(5), "applied before any reload: {r:?}");
 
     // --- upgrade under load: a reload, not a restart --------------------------
     let active_since = c.unit_property(SERVICE, "ActiveEnterTimestampMonotonic");
@@ -314,6 +325,23 @@ fn package_installs_upgrades_by_reload_removes_and_purges(release: Release) {
     assert!(
         journal.contains(&format!("handed over to PID {pid2}")),
         "no handover to {pid2} in the journal:\n{journal}"
+    );
+    // dpkg kept the operator's conffile (the package's is unchanged, so
+    // without a question) and the reload applied it.
+    assert_eq!(
+        String::from_utf8_lossy(&c.read_file(CONFFILE)),
+        changed,
+        "the operator's {CONFFILE} was not kept:\n{upgrade_out}"
+    );
+    for ext in [".dpkg-dist", ".dpkg-new", ".dpkg-old"] {
+        let aside = format!("{CONFFILE}{ext}");
+        assert!(!c.host_path(&aside).exists(), "{aside} after the upgrade");
+    }
+    let r = ns.run(|| http::get(local(PORT), "/")).expect("GET /");
+    assert_eq!(
+        (r.pid(), r.keep_alive),
+        (Some(pid2), Some(3)),
+        "the new process should run the operator's configuration: {r:?}"
     );
     // The new process runs the newly unpacked binary.
     let exe = c.exec(&["readlink", &format!("/proc/{pid2}/exe")]);

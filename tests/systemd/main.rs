@@ -139,26 +139,9 @@ fn try_get(c: &Container, path: &str) -> io::Result<Response> {
 
 /// The `Keep-Alive: timeout=N` a response advertises.
 fn advertised_keep_alive(c: &Container) -> u64 {
-    let addr = c.addr();
-    c.in_netns(move || raw_keep_alive(addr))
-}
-
-fn raw_keep_alive(addr: std::net::SocketAddr) -> u64 {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    raw.lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("keep-alive")
-                .then(|| v.trim().strip_prefix("timeout=")?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {raw:?}"))
+    let r = get(c, "/");
+    r.keep_alive
+        .unwrap_or_else(|| panic!("no Keep-Alive: timeout=N in {r:?}"))
 }
 
 /// Sends the first request, which starts the service; returns its MainPID

@@ -34,6 +34,9 @@ pub struct Response {
     pub close: bool,
     /// Read on a connection that had carried an earlier response.
     pub reused: bool,
+    /// The `N` of a `Keep-Alive: timeout=N` header: how long the server
+    /// says it keeps the connection idle.
+    pub keep_alive: Option<u64>,
 }
 
 impl Response {
@@ -184,7 +187,7 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     let status_line =
         read_line(r, &mut budget)?.ok_or_else(|| eof("connection closed before a response"))?;
     let status = parse_status_line(&status_line)?;
-    let (mut length, mut chunked, mut close) = (None, false, false);
+    let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, false, None);
     loop {
         let line =
             read_line(r, &mut budget)?.ok_or_else(|| eof("connection closed in the headers"))?;
@@ -209,6 +212,14 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
                     return Err(bad(format!("unsupported transfer-encoding {value:?}")));
                 }
                 chunked = true;
+            }
+            "keep-alive" => {
+                keep_alive = value.split(',').find_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("timeout")
+                        .then(|| v.trim().parse().ok())?
+                });
             }
             "connection" => {
                 close |= value
@@ -236,6 +247,7 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
         body,
         close,
         reused: false,
+        keep_alive,
     })
 }
 
