@@ -3,7 +3,7 @@
 //! `PATH:LINE: what`, exit 78, nothing served), `check-config`, and reloads
 //! that apply a changed file or refuse a broken one.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

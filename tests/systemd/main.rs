@@ -30,8 +30,7 @@ mod sandbox;
 mod stop;
 mod watchdog;
 
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::io;
 use std::path::PathBuf;
 use std::process::Output;
 use std::thread::{self, JoinHandle};
