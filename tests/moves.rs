@@ -398,3 +398,42 @@ fn paused_clients_fail_nothing_across_twenty_reloads_as_in_steady_state() {
     );
     proc::wait_gone(pid, WAIT);
 }
+
+#[test]
+fn a_connection_busy_across_two_reloads_moves_on_to_the_newest_generation() {
+    let (a, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    // A long request in the first generation: its connection can move only
+    // once the response is written, by then two reloads later.
+    let mut busy = http::Conn::open(addr, WAIT).unwrap();
+    let local = busy.local_addr();
+    let slow = std::thread::spawn(move || {
+        let r = busy.get("/slow?ms=6000");
+        (busy, r)
+    });
+    let deadline = Instant::now() + WAIT;
+    while proc_in_flight(addr) < 2 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+    }
+    let (b, _) = reload(a.pid);
+    reaper.watch(b);
+    // The second generation hands over while it still adopts connections
+    // from the first: it keeps taking them, and passes each one on.
+    let (c, _) = reload(b);
+    reaper.watch(c);
+    let (mut busy, r) = slow.join().unwrap();
+    let r = r.unwrap();
+    assert_eq!((r.status, r.pid()), (200, Some(a.pid)));
+    assert!(!r.close, "a connection that can move is not closed");
+    let next = busy.get("/").unwrap();
+    assert_eq!(
+        (next.status, next.pid(), next.close),
+        (200, Some(c), false),
+        "the connection should have moved twice, to the newest generation"
+    );
+    assert_eq!(busy.local_addr(), local, "the same client socket");
+    proc::wait_gone(a.pid, WAIT);
+    proc::wait_gone(b, WAIT);
+    let log = a.log();
+    assert!(!log.contains("cannot move a connection"), "{log}");
+}

@@ -221,20 +221,24 @@ impl Server {
 
     /// Serves the connections the previous generation moves to us, as if we
     /// had accepted them (each takes a connection slot), until it closes the
-    /// channel or we stop accepting.
+    /// channel (it does when it exits).
+    ///
+    /// Also once we leave ourselves (a reload that came before the previous
+    /// generation was done): a connection that arrives then is served in the
+    /// mode we are in, so it moves on to our successor or drains here. Closing
+    /// the channel instead would close the connections queued in it and
+    /// make the previous generation's next sends fail. A generation therefore
+    /// exits only after the one before it (within its drain timeout), since
+    /// this task holds a `done` sender.
     pub(crate) fn adopt(&self, channel: Connections) {
         let Some(done) = self.done.clone() else {
             return;
         };
         let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
-        let mut stop = self.stop_accepting.subscribe();
         tokio::spawn(async move {
             let mut adopted = 0usize;
             loop {
-                let got = tokio::select! {
-                    r = channel.recv() => r,
-                    _ = stop.wait_for(|s| *s) => break,
-                };
+                let got = channel.recv().await;
                 let received = match got {
                     Ok(Some(Ok(Message::Connection(r)))) => r,
                     Ok(Some(Ok(Message::Counters(c)))) => {
