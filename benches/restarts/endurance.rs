@@ -68,13 +68,16 @@ fn verdict(ok: bool) -> &'static str {
 struct Census {
     fds: usize,
     rss_kb: u64,
-    /// pid-server processes alive (not zombies), the serving one included.
+    /// pid-server processes of this server's process group alive (not
+    /// zombies), the serving one included.
     alive: usize,
     /// Zombies whose parent is the server or the bench.
     zombies: usize,
 }
 
-fn census(server: u32) -> Census {
+/// `group`: the process group of the server's first generation, which
+/// every later one stays in (`Procs::spawn` makes it).
+fn census(server: u32, group: u32) -> Census {
     let fds = fs::read_dir(format!("/proc/{server}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -88,10 +91,10 @@ fn census(server: u32) -> Census {
         .unwrap_or(0);
     let me = std::process::id();
     let (mut alive, mut zombies) = (0, 0);
-    for (comm, state, ppid) in processes() {
+    for (comm, state, ppid, pgrp) in processes() {
         if state == 'Z' && (ppid == me || ppid == server) {
             zombies += 1;
-        } else if state != 'Z' && comm == "pid-server" {
+        } else if state != 'Z' && comm == "pid-server" && pgrp == group {
             alive += 1;
         }
     }
@@ -103,8 +106,8 @@ fn census(server: u32) -> Census {
     }
 }
 
-/// (comm, state, ppid) of every process.
-fn processes() -> Vec<(String, char, u32)> {
+/// (comm, state, ppid, process group) of every process.
+fn processes() -> Vec<(String, char, u32, u32)> {
     let mut v = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
         return v;
@@ -124,7 +127,8 @@ fn processes() -> Vec<(String, char, u32)> {
         let mut rest = stat[close + 1..].split_whitespace();
         let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        v.push((comm, state, ppid));
+        let pgrp = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        v.push((comm, state, ppid, pgrp));
     }
     v
 }
@@ -173,6 +177,7 @@ fn reloads(args: &Args) -> bool {
     if let Err(e) = wait_for_pid(port, pid, Duration::from_secs(10)) {
         return fail(&e);
     }
+    let group = pid;
     // A few clients of each kind: the point is many reloads with traffic
     // on every kind of connection, not throughput (two cores serve the
     // load, the server and the reloads).
@@ -209,7 +214,7 @@ fn reloads(args: &Args) -> bool {
         );
     };
     let t0 = Instant::now();
-    row(0, Duration::ZERO, &census(pid));
+    row(0, Duration::ZERO, &census(pid, group));
     let (mut ok, mut failed) = (0usize, Vec::new());
     let mut times = Vec::with_capacity(n);
     for i in 1..=n {
@@ -233,12 +238,12 @@ fn reloads(args: &Args) -> bool {
             // The old generation drains its last requests: let it go first,
             // so the census counts what stays, not what is on its way out.
             let gone = Instant::now() + Duration::from_secs(5);
-            while census(pid).alive > 1 && Instant::now() < gone {
+            while census(pid, group).alive > 1 && Instant::now() < gone {
                 procs.reap();
                 std::thread::sleep(Duration::from_millis(20));
             }
             procs.reap();
-            row(i, t0.elapsed(), &census(pid));
+            row(i, t0.elapsed(), &census(pid, group));
         }
     }
     let mut clean = failed.is_empty() && ok == n;
@@ -442,6 +447,7 @@ fn held_connections(args: &Args) -> bool {
     if let Err(e) = wait_for_pid(port, pid, Duration::from_secs(10)) {
         return fail(&e);
     }
+    let group = pid;
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads)
         .enable_all()
@@ -485,7 +491,7 @@ fn held_connections(args: &Args) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     let opened = t0.elapsed();
-    let c = census(pid);
+    let c = census(pid, group);
     println!();
     println!(
         "### Endurance: {n} connections held across {HELD_RELOADS} reloads ({} busy, {} idle)",
@@ -521,7 +527,7 @@ fn held_connections(args: &Args) -> bool {
         };
         let took = r0.elapsed();
         procs.reap();
-        let c = census(pid);
+        let c = census(pid, group);
         println!(
             "| {i} | {} | {said} | {} | {} | {} |",
             took.as_millis(),

@@ -15,7 +15,8 @@ use pid_server_test_support::{Load, Release, Tally, each_release, wait};
 use super::{
     LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
     binary, boot, can_run, healthz, join_bounded, load_to, reload, reload_ok, say, spawn_request,
-    start_load, status, status_line, stop_load, timer, try_get, wait_gone, wait_in_flight,
+    start_load, stop_load, timer, try_get, wait_gone, wait_in_flight,
+    wait_journal,
 };
 
 each_release!(
@@ -275,13 +276,19 @@ fn systemd_busy_during_a_reload(r: Release, case: &'static str, cmd: &str) {
             cmd_took.as_millis()
         ),
     );
+    // A re-executing systemd drops its D-Bus connections, so `systemctl
+    // reload` loses the job it waits for and fails (252 and 257 alike);
+    // the reload itself goes on, and MainPID tells.
+    let client_lost = text(&out).contains("Connection reset by peer");
     assert!(
-        out.status.success(),
+        out.status.success() || (cmd == "daemon-reexec" && client_lost),
         "systemctl reload failed across systemctl {cmd}: {}",
         text(&out)
     );
-    let new = c.main_pid(SERVICE);
-    assert_ne!(new, old, "MainPID did not move");
+    let new = wait::until("MainPID to move to the new generation", WAIT, || {
+        let p = c.main_pid(SERVICE);
+        (p != 0 && p != old).then_some(p)
+    });
     assert_eq!(healthz(&c)["pid"], new);
     assert_eq!(c.unit_state(SERVICE), ("active".into(), "running".into()));
     wait_gone(&c, old, "the old generation");
@@ -314,7 +321,7 @@ fn daemon_reexec_during_a_reload_changes_nothing(r: Release) {
 }
 
 /// A second reload while the first one's old generation still drains a
-/// 4 s request: both reloads succeed, three generations overlap, the slow
+/// 8 s request: both reloads succeed, three generations overlap, the slow
 /// request completes on the first, nothing fails.
 fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
     if !can_run("back_to_back_reloads_while_the_old_generation_drains", r) {
@@ -327,7 +334,7 @@ fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
     let load = start_load(&c, 3, 2);
     let paused = start_paused(&c);
     load.wait_answers_from(g0, 200, WAIT);
-    let slow = spawn_request(&c, "/slow?ms=4000");
+    let slow = spawn_request(&c, "/slow?ms=8000");
     wait_in_flight(&c, 1);
     let t1 = reload_ok(&c);
     let g1 = c.main_pid(SERVICE);
@@ -365,9 +372,11 @@ fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
     assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
 }
 
-/// The runtime directory (where `ExecStartPre=` copies the helper, and the
-/// control sockets live) on a tmpfs too small for the binary, as when
-/// `/run` is full.
+/// The runtime directory (where `ExecStartPre=` copies the helper) on a
+/// tmpfs too small for the binary, as when `/run` is full: the copy fails,
+/// the server starts all the same (the unit's `-`), the reload fails at
+/// once with the reason in the journal, the old process keeps serving
+/// every request; once `/run` has room, a restart brings reloads back.
 fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
     if !can_run(
         "full_runtime_directory_fails_the_reload_not_the_service",
@@ -384,24 +393,71 @@ fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
         "mkdir -p /run/pid-server && mount -t tmpfs -o size=256k tmpfs /run/pid-server",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let t0 = Instant::now();
-    let started = try_get(&c, "/");
-    let took = t0.elapsed();
-    let st = status(&c);
+    let old = activate(&c);
     let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    assert!(
+        j.contains("No space left on device")
+            && j.contains("cannot copy the reload helper to /run/pid-server/helper"),
+        "no reason for the failed copy in the journal:\n{j}"
+    );
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+    let load = start_load(&c, 2, 2);
+    load.wait_answers_from(old, 200, WAIT);
+
+    let (out, took) = reload(&c);
+    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    let reason: Vec<&str> = j
+        .lines()
+        .filter(|l| l.contains("/run/pid-server/helper") && !l.contains("cannot copy"))
+        .collect();
     say(
         r,
         &format!(
-            "{case}: first request after {} ms: {started:?}\n{st}\n{j}\nNRestarts={}",
+            "{case}: systemctl reload returned {} after {} ms: {:?}; the journal: {reason:?}",
+            out.status,
             took.as_millis(),
-            c.unit_property(SERVICE, "NRestarts")
+            text(&out).trim()
         ),
     );
-    let _ = status_line;
+    assert!(!out.status.success(), "the reload succeeded without a helper");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        reason.iter().any(|l| l.contains("No such file or directory")),
+        "systemd does not say the helper is missing:\n{j}"
+    );
+    assert!(j.contains("Reload failed for pid-server.service"), "{j}");
+    assert_eq!(c.main_pid(SERVICE), old, "MainPID moved on a failed reload");
+    assert_eq!(c.unit_state(SERVICE), ("active".into(), "running".into()));
+    assert_eq!(healthz(&c)["pid"], old);
+    let mid = load.snapshot();
+    load.wait_more(&mid, 200, WAIT);
+    let t = stop_load(load);
+    say(r, &format!("{case} load: {}", t.summary()));
+    assert_no_failures(&t, 400);
+    assert!(t.by_pid.keys().eq([&old]), "{}", t.summary());
+
+    // Room again: a restart copies the helper, and reloads work.
+    let out = c.exec(&["umount", "/run/pid-server"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t0 = Instant::now();
+    c.systemctl_ok(&["restart", SERVICE]);
+    let (restarted, back) = recovered(&c, t0, &[old]);
+    reload_ok(&c);
+    assert_ne!(c.main_pid(SERVICE), restarted);
+    say(
+        r,
+        &format!(
+            "{case}: with room in /run, a restart took {} ms and reloads work again",
+            back.as_millis()
+        ),
+    );
 }
 
-/// `LimitNOFILE=64`: the server warns once that the cap is clamped, serves,
-/// reloads, and is not restarted.
+/// `LimitNOFILE=64` (soft and hard; the sandbox forbids raising either):
+/// every generation logs one warning that the connection cap is clamped to
+/// what fits, and serves; a reload works; nothing restarts. (The budget
+/// keeps 64 descriptors for the process itself, so 64 leaves room for one
+/// client connection at a time: clients queue in the kernel.)
 fn a_low_hard_limit_on_open_files_warns_once_and_serves(r: Release) {
     if !can_run("a_low_hard_limit_on_open_files_warns_once_and_serves", r) {
         return;
@@ -409,30 +465,43 @@ fn a_low_hard_limit_on_open_files_warns_once_and_serves(r: Release) {
     let case = "F9 LimitNOFILE=64";
     let _timer = timer(r, case);
     let c = boot(r, &[("nofile.conf", "[Service]\nLimitNOFILE=64\n")]);
-    let t0 = Instant::now();
-    let started = try_get(&c, "/");
-    let took = t0.elapsed();
-    let st = status(&c);
-    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    let first = activate(&c);
+    let warning = "at most 1 connections fit under the open-files limit 64 (hard 64); serving at \
+                   most 1 (asked for 10000)";
+    let count = |j: &str| j.lines().filter(|l| l.contains("max_connections") || l.contains("at most 1 connections fit")).count();
+    let j = wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the clamp warning", |j| {
+        j.contains(warning)
+    });
+    assert_eq!(count(&j), 1, "not one warning:\n{j}");
+    // Requests one after another are answered (one connection at a time).
+    let load = load_to(&c)
+        .one_shot(2)
+        .max_requests(400)
+        .max_time(LOAD_MAX_TIME)
+        .timeout(REQUEST_TIMEOUT)
+        .start();
+    load.wait_answers_from(first, 50, WAIT);
+    let took = reload_ok(&c);
+    let new = c.main_pid(SERVICE);
+    assert_ne!(new, first);
+    wait_gone(&c, first, "the old generation");
+    load.wait_answers_from(new, 50, WAIT);
+    let t = stop_load(load);
+    assert_no_failures(&t, 100);
+    let j = wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the new generation's warning", |j| {
+        count(j) >= 2
+    });
+    assert_eq!(count(&j), 2, "not one warning per generation:\n{j}");
+    assert!(!j.contains("Too many open files"), "{j}");
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
+    assert_eq!(c.unit_state(SERVICE), ("active".into(), "running".into()));
     say(
         r,
         &format!(
-            "{case}: first request after {} ms: {started:?}\n{st}\n{j}\nNRestarts={}",
+            "{case}: one warning per generation ({warning:?}); reload {first} -> {new} in {} ms; \
+             load: {}",
             took.as_millis(),
-            c.unit_property(SERVICE, "NRestarts")
+            t.summary()
         ),
     );
-    if started.is_ok() {
-        let (out, took) = reload(&c);
-        say(
-            r,
-            &format!(
-                "{case}: reload {} in {} ms: {}\n{}",
-                out.status,
-                took.as_millis(),
-                text(&out),
-                c.journal(&["-u", SERVICE, "-o", "cat"])
-            ),
-        );
-    }
 }
