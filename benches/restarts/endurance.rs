@@ -113,7 +113,12 @@ fn processes() -> Vec<(String, char, u32, u32)> {
         return v;
     };
     for e in rd.flatten() {
-        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
         let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
@@ -371,8 +376,11 @@ async fn hold(
     let mut first = true;
     loop {
         let last = stop.load(Ordering::Relaxed) || Instant::now() >= deadline;
-        let r = tokio::time::timeout(Duration::from_secs(30), load::exchange(&mut conn, addr, req))
-            .await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            load::exchange(&mut conn, addr, req),
+        )
+        .await;
         match r {
             Ok(Ok(resp)) if resp.status == 200 && !resp.close => {
                 held.ok.fetch_add(1, Ordering::Relaxed);
@@ -384,7 +392,11 @@ async fn hold(
                 return held.failure(format!(
                     "status {}{}",
                     resp.status,
-                    if resp.close { ", connection closed" } else { "" }
+                    if resp.close {
+                        ", connection closed"
+                    } else {
+                        ""
+                    }
                 ));
             }
             Ok(Err(e)) => return held.failure(e.to_string()),
@@ -546,7 +558,9 @@ fn held_connections(args: &Args) -> bool {
                 let _ = t.await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(60), all).await.is_ok()
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .is_ok()
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     let failed = held.failed.load(Ordering::Relaxed);

@@ -240,7 +240,11 @@ impl Conn {
     }
 }
 
-pub(crate) async fn exchange(conn: &mut Option<Conn>, addr: SocketAddr, req: &[u8]) -> io::Result<Response> {
+pub(crate) async fn exchange(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    req: &[u8],
+) -> io::Result<Response> {
     // The error keeps its kind and says in which step it came.
     let during =
         |step: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{step}: {e}"));

@@ -80,7 +80,13 @@ fn main() {
     );
     if args.endurance {
         let clean = endurance::run(&args);
-        std::process::exit(if aborted() { 130 } else if args.check && !clean { 1 } else { 0 });
+        std::process::exit(if aborted() {
+            130
+        } else if args.check && !clean {
+            1
+        } else {
+            0
+        });
     }
     let mut skips = strategies::Skips::default();
     let runs = strategies::run_all(&args, &mut skips);

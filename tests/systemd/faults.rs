@@ -15,8 +15,7 @@ use pid_server_test_support::{Load, Release, Tally, each_release, wait};
 use super::{
     LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
     binary, boot, can_run, healthz, join_bounded, load_to, reload, reload_ok, say, spawn_request,
-    start_load, stop_load, timer, try_get, wait_gone, wait_in_flight,
-    wait_journal,
+    start_load, stop_load, timer, try_get, wait_gone, wait_in_flight, wait_journal,
 };
 
 each_release!(
@@ -84,10 +83,7 @@ fn failures(t: &Tally) -> String {
 /// restarts the unit (`Restart=on-failure`, `RestartSec=1`); the older
 /// generation is stopped with it; the restarted unit reloads again.
 fn successor_killed_right_after_taking_over_is_restarted(r: Release) {
-    if !can_run(
-        "successor_killed_right_after_taking_over_is_restarted",
-        r,
-    ) {
+    if !can_run("successor_killed_right_after_taking_over_is_restarted", r) {
         return;
     }
     let case = "F3 successor SIGKILLed after taking over";
@@ -378,10 +374,7 @@ fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
 /// once with the reason in the journal, the old process keeps serving
 /// every request; once `/run` has room, a restart brings reloads back.
 fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
-    if !can_run(
-        "full_runtime_directory_fails_the_reload_not_the_service",
-        r,
-    ) {
+    if !can_run("full_runtime_directory_fails_the_reload_not_the_service", r) {
         return;
     }
     let case = "F8 /run full: the helper copy fails";
@@ -419,10 +412,15 @@ fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
             text(&out).trim()
         ),
     );
-    assert!(!out.status.success(), "the reload succeeded without a helper");
+    assert!(
+        !out.status.success(),
+        "the reload succeeded without a helper"
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(
-        reason.iter().any(|l| l.contains("No such file or directory")),
+        reason
+            .iter()
+            .any(|l| l.contains("No such file or directory")),
         "systemd does not say the helper is missing:\n{j}"
     );
     assert!(j.contains("Reload failed for pid-server.service"), "{j}");
@@ -468,15 +466,22 @@ fn a_low_hard_limit_on_open_files_warns_once_and_serves(r: Release) {
     let first = activate(&c);
     let warning = "at most 1 connections fit under the open-files limit 64 (hard 64); serving at \
                    most 1 (asked for 10000)";
-    let count = |j: &str| j.lines().filter(|l| l.contains("max_connections") || l.contains("at most 1 connections fit")).count();
-    let j = wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the clamp warning", |j| {
-        j.contains(warning)
-    });
+    let count = |j: &str| {
+        j.lines()
+            .filter(|l| l.contains("connections fit under"))
+            .count()
+    };
+    let j = wait_journal(
+        &c,
+        &["-u", SERVICE, "-o", "cat"],
+        "the clamp warning",
+        |j| j.contains(warning),
+    );
     assert_eq!(count(&j), 1, "not one warning:\n{j}");
     // Requests one after another are answered (one connection at a time).
     let load = load_to(&c)
         .one_shot(2)
-        .max_requests(400)
+        .max_requests(LOAD_MAX_REQUESTS)
         .max_time(LOAD_MAX_TIME)
         .timeout(REQUEST_TIMEOUT)
         .start();
@@ -488,9 +493,12 @@ fn a_low_hard_limit_on_open_files_warns_once_and_serves(r: Release) {
     load.wait_answers_from(new, 50, WAIT);
     let t = stop_load(load);
     assert_no_failures(&t, 100);
-    let j = wait_journal(&c, &["-u", SERVICE, "-o", "cat"], "the new generation's warning", |j| {
-        count(j) >= 2
-    });
+    let j = wait_journal(
+        &c,
+        &["-u", SERVICE, "-o", "cat"],
+        "the new generation's warning",
+        |j| count(j) >= 2,
+    );
     assert_eq!(count(&j), 2, "not one warning per generation:\n{j}");
     assert!(!j.contains("Too many open files"), "{j}");
     assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
