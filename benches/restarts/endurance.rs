@@ -355,7 +355,7 @@ fn raise_nofile() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
     }
-    l.rlim_cur as u64
+    l.rlim_cur
 }
 
 /// One held connection: a first request, then one after each pause until
