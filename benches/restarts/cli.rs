@@ -115,6 +115,20 @@ struct Flags {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 
+    /// Instead of the strategies: N reloads under load with a census every
+    /// 100, then --endurance-connections held across 20 reloads (see
+    /// benches/restarts/endurance.rs)
+    #[arg(long)]
+    endurance: bool,
+
+    /// Reloads of --endurance's first part
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    endurance_reloads: u64,
+
+    /// Connections --endurance holds across 20 reloads
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    endurance_connections: u64,
+
     /// Passed by `cargo bench` to every `harness = false` target; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -177,6 +191,9 @@ pub(crate) struct Args {
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
+    pub(crate) endurance: bool,
+    pub(crate) endurance_reloads: usize,
+    pub(crate) endurance_connections: usize,
 }
 
 impl Args {
@@ -248,6 +265,9 @@ impl Flags {
             out: self
                 .out
                 .unwrap_or_else(|| target_dir().join("bench-results")),
+            endurance: self.endurance,
+            endurance_reloads: self.endurance_reloads as usize,
+            endurance_connections: self.endurance_connections as usize,
         };
         if args.modes.is_empty() {
             return Err("--modes: no client mode".into());

@@ -134,13 +134,13 @@ pub(crate) struct FailRec {
     pub(crate) error: String,
 }
 
-struct Response {
+pub(crate) struct Response {
     pub(crate) status: u16,
     pub(crate) pid: u32,
-    close: bool,
+    pub(crate) close: bool,
 }
 
-struct Conn {
+pub(crate) struct Conn {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
 }
@@ -240,7 +240,11 @@ impl Conn {
     }
 }
 
-async fn exchange(conn: &mut Option<Conn>, addr: SocketAddr, req: &[u8]) -> io::Result<Response> {
+pub(crate) async fn exchange(
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    req: &[u8],
+) -> io::Result<Response> {
     // The error keeps its kind and says in which step it came.
     let during =
         |step: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{step}: {e}"));

@@ -34,6 +34,8 @@
 //! # Layout
 //!
 //! - [`cli`]: the flags, resolved into [`cli::Args`];
+//! - [`endurance`]: `--endurance`, 1 000 reloads and 10 000 held
+//!   connections, instead of the strategies;
 //! - [`load`]: the load client (connections, requests, outcomes);
 //! - [`strategies`]: a restart strategy per kind of restart, and the run
 //!   that restarts a server under load;
@@ -47,6 +49,7 @@
 use pid_server_test_support::nspawn;
 
 mod cli;
+mod endurance;
 mod load;
 mod netns;
 mod procs;
@@ -75,6 +78,16 @@ fn main() {
     eprintln!(
         "bench: pid-server binary {PID_SERVER} (built by cargo bench, bench profile = release)"
     );
+    if args.endurance {
+        let clean = endurance::run(&args);
+        std::process::exit(if aborted() {
+            130
+        } else if args.check && !clean {
+            1
+        } else {
+            0
+        });
+    }
     let mut skips = strategies::Skips::default();
     let runs = strategies::run_all(&args, &mut skips);
     let steady = steady::run(&args, &mut skips);

@@ -21,6 +21,7 @@ mod activation;
 mod config;
 mod environment;
 mod failed_reload;
+mod faults;
 mod harness;
 mod journal;
 mod notify_reload;
