@@ -307,6 +307,8 @@ header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
 max_connections = 9
+tls_cert = "/etc/x/fullchain.pem"
+tls_key = "key.pem"
 "#,
         )
         .unwrap();
@@ -324,6 +326,8 @@ max_connections = 9
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
                 max_connections: Some(9),
+                tls_cert: Some("/etc/x/fullchain.pem".into()),
+                tls_key: Some("key.pem".into()),
             }
         );
         let one = parse(b"listen = \"[::1]:80\"").unwrap();
