@@ -211,13 +211,7 @@ fn sent_error(e: h2::Error) -> H2Error {
 
 /// The PID in a pid-server or hello body.
 pub fn pid_of(body: &str) -> Option<u32> {
-    crate::http::Response {
-        status: 200,
-        body: body.to_string(),
-        close: false,
-        reused: false,
-    }
-    .pid()
+    crate::http::pid_in(body)
 }
 
 /// What an [`H2Load`] saw.

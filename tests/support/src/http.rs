@@ -40,19 +40,24 @@ pub struct Response {
 }
 
 impl Response {
-    /// The PID in a body that is exactly `OK. Handled by PID: <digits>\n`
-    /// (pid-server) or `hello from PID <digits>\n` (the library's example).
+    /// The PID in the body, see [`pid_in`].
     pub fn pid(&self) -> Option<u32> {
-        let digits = self
-            .body
-            .strip_prefix("OK. Handled by PID: ")
-            .or_else(|| self.body.strip_prefix("hello from PID "))?
-            .strip_suffix('\n')?;
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        digits.parse().ok()
+        pid_in(&self.body)
     }
+}
+
+/// The PID in a body that is exactly `OK. Handled by PID: <digits>\n`
+/// (pid-server) or `hello from PID <digits>\n` (the library's example),
+/// whatever protocol carried it.
+pub fn pid_in(body: &str) -> Option<u32> {
+    let digits = body
+        .strip_prefix("OK. Handled by PID: ")
+        .or_else(|| body.strip_prefix("hello from PID "))?
+        .strip_suffix('\n')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn bad(msg: impl Into<String>) -> io::Error {
