@@ -4,7 +4,7 @@
 //! `case::debian13_systemd257`, made by `each_release!`), one module per
 //! thing the operator does: socket activation, reloads under load, failed
 //! reloads, the notify-reload variant, stops and their drains, restarts,
-//! the journal, the watchdog, the sandbox; and `harness`, the container
+//! the journal, the watchdog, the sandbox, TLS; and `harness`, the container
 //! harness itself.
 //!
 //! Every test boots a container of its own (about a second) from its
@@ -29,6 +29,7 @@ mod reload;
 mod restart;
 mod sandbox;
 mod stop;
+mod tls;
 mod watchdog;
 
 use std::io;

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConnection, RootCertStore, StreamOwned};
+
+/// The client configuration [`TestCa::client`] makes.
+pub use rustls::ClientConfig;
 
 use crate::http::{self, Response};
 
