@@ -6,7 +6,9 @@
 //! soon as the generation leaves (a handover or a stop) it gets hyper's
 //! graceful shutdown, which sends GOAWAY with the highest stream id (no
 //! stream the client is opening right now is refused), then, after a PING
-//! round trip, GOAWAY with the last stream it took. The client opens its
+//! round trip, GOAWAY with the last stream it took; the PING's ack is held
+//! back until the streams the client had queued behind it arrived (see
+//! `ack`), so none of them is refused either. The client opens its
 //! next connection to the new process; the streams it had open finish
 //! here, within the drain timeout; none is refused or reset. Counted like
 //! a drained connection.
@@ -23,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
+use super::ack::HoldShutdownAck;
 use super::detect::leaving;
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
 use crate::Config;
@@ -51,6 +54,7 @@ where
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
     };
+    let io = HoldShutdownAck::new(io);
     let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut mode = ctx.mode.clone();

@@ -27,6 +27,7 @@
 //! process. Whether the generation moves or drains, they drain here (see
 //! `h2` and `tls`), within the same drain timeout.
 
+mod ack;
 mod conn;
 mod detect;
 mod h2;
