@@ -18,6 +18,8 @@ pub struct Config {
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) header_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    /// Sockets (by name) whose connections have a budget of their own.
+    pub(crate) own_budgets: Vec<(String, usize)>,
     pub(crate) move_connections: bool,
 }
 
@@ -54,6 +56,7 @@ impl Config {
             keep_alive_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            own_budgets: Vec::new(),
             move_connections: true,
         }
     }
@@ -131,6 +134,18 @@ impl Config {
         self
     }
 
+    /// Gives the socket named `name` (its systemd `FileDescriptorName=`) a
+    /// budget of `n` connections of its own, outside
+    /// [`Config::max_connections`]: a socket for operators (health,
+    /// metrics) then still answers when every client connection slot is
+    /// taken. Its connections never take a client's slot either. Past `n`,
+    /// its connections wait in the kernel's queue like the clients'.
+    pub fn socket_connections(mut self, name: &str, n: usize) -> Config {
+        self.own_budgets.retain(|(s, _)| s != name);
+        self.own_budgets.push((name.to_string(), n.max(1)));
+        self
+    }
+
     /// Whether a handover moves idle keep-alive connections to the new
     /// generation (default) or closes them the way a drain does.
     pub fn move_connections(mut self, on: bool) -> Config {
@@ -148,6 +163,17 @@ impl Config {
             .min(self.header_read_timeout.as_secs().saturating_sub(1))
             .max(1);
         Duration::from_secs(secs)
+    }
+
+    /// The connections of the sockets with a budget of their own, among
+    /// `sockets` (the names of the sockets this process has).
+    pub(crate) fn own_budget_total<'a>(&self, sockets: impl Iterator<Item = &'a str>) -> usize {
+        let names: Vec<&str> = sockets.collect();
+        self.own_budgets
+            .iter()
+            .filter(|(s, _)| names.contains(&s.as_str()))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// How long a drain without a successor waits on an idle connection.

@@ -4,7 +4,7 @@
 //! nginx (one worker, whose memory is measured) in the same run, with the
 //! same client.
 //!
-//! Two ways to open them, because an allocator's behaviour depends on it:
+//! The connections idle for [`IDLE`] before the reading. Two ways to open them, because an allocator's behaviour depends on it:
 //! "burst" opens up to [`BURST`] at a time (the server's threads all accept
 //! and allocate at once), "gradual" opens one after the other.
 //!
@@ -36,6 +36,10 @@ const BURST: usize = 500;
 const OPEN_BOUND: Duration = Duration::from_secs(120);
 /// Before each reading of the memory: the server's last writes and frees.
 const SETTLE: Duration = Duration::from_millis(500);
+/// How long the connections idle before the measurement: what an idle
+/// connection costs once the server has had time to notice it is idle
+/// (pid-server parks a connection idle for 0.5 s).
+const IDLE: Duration = Duration::from_secs(2);
 /// Every this many connections, one sends a second request after the
 /// measurement.
 const SAMPLE_EVERY: usize = 50;
@@ -234,7 +238,7 @@ fn one(
     let started = Instant::now();
     let (conns, error) = rt.block_on(open_all(addr, n, opening));
     let open_secs = started.elapsed().as_secs_f64();
-    sleep_until(Instant::now() + SETTLE);
+    sleep_until(Instant::now() + IDLE);
     let idle = mem_of(pid)?;
     let opened = conns.len();
     let (conns, second_ok, second_asked, second_error) = rt.block_on(second_request(conns));
