@@ -139,7 +139,6 @@ fn two_sockets(args: &[&str]) -> (proc::Proc, SocketAddr, SocketAddr) {
 fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
     let (p, web, scrape_at) = two_sockets(&[]);
     let reaper = Reaper::default();
-    let reaper = Reaper::default();
     let mut kept = http::Conn::open(scrape_at, WAIT).unwrap();
     let check = |kept: &mut http::Conn| {
         assert_eq!(kept.get("/metrics").unwrap().status, 200);

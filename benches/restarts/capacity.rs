@@ -168,7 +168,13 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<CapacityResult> {
             );
             continue;
         }
-        for opening in [Opening::Burst, Opening::Gradual] {
+        // --quick: one smoke row, the burst.
+        let openings: &[Opening] = if args.quick {
+            &[Opening::Burst]
+        } else {
+            &[Opening::Burst, Opening::Gradual]
+        };
+        for &opening in openings {
             for &server in &servers {
                 if aborted() {
                     return results;
