@@ -203,6 +203,18 @@ mod tests {
     }
 
     #[test]
+    fn own_budgets_count_only_for_sockets_the_process_has() {
+        let c = Config::new("x")
+            .socket_connections("metrics", 8)
+            .socket_connections("admin", 4)
+            .socket_connections("metrics", 16);
+        assert_eq!(c.own_budgets.len(), 2, "the last budget of a name wins");
+        assert_eq!(c.own_budget_total(["http", "metrics"].into_iter()), 16);
+        assert_eq!(c.own_budget_total(["http"].into_iter()), 0);
+        assert_eq!(c.own_budget_total(["admin", "metrics"].into_iter()), 20);
+    }
+
+    #[test]
     fn drain_idle_follows_the_keep_alive_timeout_unless_overridden() {
         let c = Config::new("x").keep_alive_timeout(Duration::from_secs(3));
         assert_eq!(c.drain_idle(), Duration::from_secs(4));
