@@ -31,9 +31,10 @@ apt-get update
 # podman, runc: tests/image.rs (crun fails on hybrid cgroups; the test uses runc)
 # dpkg-dev: dpkg-shlibdeps, which cargo-deb uses to compute Depends:
 # curl: systemd/try.sh's examples
+# make, gcc: tikv-jemalloc-sys builds jemalloc (pid-server's allocator)
 apt-get install -y --no-install-recommends \
     systemd-container debootstrap debian-archive-keyring iproute2 util-linux procps \
-    podman runc dpkg-dev curl ca-certificates
+    podman runc dpkg-dev curl ca-certificates make gcc
 
 # packaging/build-deb.sh (the package test builds two versions with it).
 if ! command -v cargo-deb >/dev/null 2>&1; then

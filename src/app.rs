@@ -92,12 +92,28 @@ fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
 }
 
 /// The name of the socket that, when systemd passes one
-/// (`FileDescriptorName=metrics`), serves `/metrics` and nothing else; the
-/// other sockets then do not serve it.
+/// (`FileDescriptorName=metrics`), serves `/metrics` and the health routes
+/// (`/healthz`, `/readyz`) and nothing else; the other sockets then do not
+/// serve `/metrics`. It has connection slots of its own
+/// ([`METRICS_CONNECTIONS`]), so operators see health also when every
+/// client slot is taken.
 pub const METRICS_SOCKET: &str = "metrics";
 
+/// The metrics socket's own connections, outside `--max-connections`: a
+/// few scrapers and probes, each on a kept connection or a new one per
+/// probe.
+pub const METRICS_CONNECTIONS: usize = 16;
+
+/// What an operator's socket serves: metrics and health.
+fn operator_routes<G: Generation>() -> Router<App<G>> {
+    with_metrics(Router::new())
+        .route("/healthz", get(healthz::<G>))
+        .route("/readyz", get(readyz::<G>))
+}
+
 /// What a socket serves, by its name: everything, or with a socket of its
-/// own for `/metrics`, that alone there and the rest elsewhere.
+/// own for `/metrics`, that and the health routes there and the rest
+/// elsewhere.
 pub fn routes<G: Generation>(
     generation: G,
     config: Option<ConfigFileId>,
@@ -107,7 +123,7 @@ pub fn routes<G: Generation>(
     let state = App::new(generation, config);
     let all = with_metrics(app_routes()).with_state(state.clone());
     let app = app_routes().with_state(state.clone());
-    let metrics_only = with_metrics(Router::new()).with_state(state);
+    let metrics_only = operator_routes().with_state(state);
     move |socket: &str| match (split, socket == METRICS_SOCKET) {
         (false, _) => all.clone(),
         (true, true) => metrics_only.clone(),

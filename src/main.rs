@@ -15,6 +15,18 @@ use std::process::ExitCode;
 use axum_handover::helper;
 use cli::Command;
 
+/// jemalloc rather than glibc's malloc: it gives freed memory back to the
+/// system soon, so the buffers of connections that went idle (see
+/// "Capacity" in README.md) do not stay resident.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options: a background thread returns pages unused for a
+/// second.
+// SAFETY: jemalloc reads this NUL-terminated string once at its start.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     let cli = match cli::parse() {
         Ok(cli) => cli,

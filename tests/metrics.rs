@@ -2,6 +2,8 @@
 //! reset (they carry over to the next generation), with the real binary.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use pid_server_test_support::proc::{self, Reaper, WAIT};
 use pid_server_test_support::{http, wait};
@@ -91,11 +93,12 @@ fn counters_survive_reloads_and_failed_reloads_are_counted() {
     assert_eq!(http::get(addr, "/healthz").unwrap().status, 200);
 }
 
-#[test]
-fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
+/// A pid-server with two sockets the systemd way (`FileDescriptorName=http`,
+/// `=metrics`), started with `args`; ready when this returns. Returns it,
+/// the main socket's address and the metrics socket's.
+fn two_sockets(args: &[&str]) -> (proc::Proc, SocketAddr, SocketAddr) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    // Two sockets the systemd way (`FileDescriptorName=http`, `=metrics`).
     let http_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let metrics_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (web, scrape_at) = (
@@ -106,6 +109,7 @@ fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
     let notify = proc::Notify::new();
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(["serve", "--listen", "127.0.0.1:1"])
+        .args(args)
         .env("LISTEN_FDS", "2")
         .env("LISTEN_FDNAMES", "http:metrics")
         .env_remove("LISTEN_PID")
@@ -128,7 +132,12 @@ fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
     }
     let p = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
-    drop((http_l, metrics_l));
+    (p, web, scrape_at)
+}
+
+#[test]
+fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
+    let (p, web, scrape_at) = two_sockets(&[]);
     let reaper = Reaper::default();
     let mut kept = http::Conn::open(scrape_at, WAIT).unwrap();
     let check = |kept: &mut http::Conn| {
@@ -159,4 +168,46 @@ fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
     // The kept connection moved, and kept its socket's routes.
     check(&mut kept);
     assert_eq!(proc::health_pid(web), new);
+}
+
+#[test]
+fn health_and_metrics_answer_on_the_metrics_socket_when_every_client_slot_is_taken() {
+    const CAP: usize = 4;
+    let (_p, web, scrape_at) = two_sockets(&["--max-connections", &CAP.to_string()]);
+    // Every client slot taken by an idle keep-alive connection (each
+    // answered once, so the server holds it).
+    let idle: Vec<http::Conn> = (0..CAP)
+        .map(|_| {
+            let mut c = http::Conn::open(web, WAIT).unwrap();
+            assert_eq!(c.get("/").unwrap().status, 200);
+            c
+        })
+        .collect();
+    let mut kept_scraper = http::Conn::open(scrape_at, WAIT).unwrap();
+    let samples = scrape(&mut kept_scraper);
+    assert_eq!(
+        samples["pid_server_open_connections"],
+        (CAP + 1) as f64,
+        "the clients' connections and the scraper's own"
+    );
+    // A client past the cap waits in the kernel's queue: no answer.
+    let past_cap = http::get_timeout(web, "/", Duration::from_millis(300));
+    assert!(
+        past_cap.is_err(),
+        "a client past the cap was served: {past_cap:?}"
+    );
+    // Probes on new connections, as a health checker makes them; the
+    // bound is generous (they answer at once), what counts is the answer.
+    let bound = Duration::from_secs(5);
+    let h = http::get_timeout(scrape_at, "/healthz", bound).expect("/healthz at the cap");
+    assert_eq!(h.status, 200);
+    assert!(h.body.contains("\"state\":\"serving\""), "{}", h.body);
+    let r = http::get_timeout(scrape_at, "/readyz", bound).expect("/readyz at the cap");
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    let m = http::get_timeout(scrape_at, "/metrics", bound).expect("/metrics at the cap");
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("pid_server_open_connections"), "{}", m.body);
+    // Freeing a client slot lets the queued clients in again.
+    drop(idle);
+    assert_eq!(http::get_timeout(web, "/", bound).unwrap().status, 200);
 }

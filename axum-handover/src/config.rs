@@ -18,6 +18,8 @@ pub struct Config {
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) header_read_timeout: Duration,
     pub(crate) max_connections: usize,
+    /// Sockets (by name) whose connections have a budget of their own.
+    pub(crate) own_budgets: Vec<(String, usize)>,
     pub(crate) move_connections: bool,
     /// TLS per socket name (`None`: every socket without a name of its
     /// own here).
@@ -61,6 +63,7 @@ impl Config {
             keep_alive_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            own_budgets: Vec::new(),
             move_connections: true,
             tls: Vec::new(),
             tls_handshake_timeout: Duration::from_secs(10),
@@ -140,6 +143,18 @@ impl Config {
     /// accept queue (default 10 000).
     pub fn max_connections(mut self, n: usize) -> Config {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Gives the socket named `name` (its systemd `FileDescriptorName=`) a
+    /// budget of `n` connections of its own, outside
+    /// [`Config::max_connections`]: a socket for operators (health,
+    /// metrics) then still answers when every client connection slot is
+    /// taken. Its connections never take a client's slot either. Past `n`,
+    /// its connections wait in the kernel's queue like the clients'.
+    pub fn socket_connections(mut self, name: &str, n: usize) -> Config {
+        self.own_budgets.retain(|(s, _)| s != name);
+        self.own_budgets.push((name.to_string(), n.max(1)));
         self
     }
 
@@ -232,6 +247,17 @@ impl Config {
         Duration::from_secs(secs)
     }
 
+    /// The connections of the sockets with a budget of their own, among
+    /// `sockets` (the names of the sockets this process has).
+    pub(crate) fn own_budget_total<'a>(&self, sockets: impl Iterator<Item = &'a str>) -> usize {
+        let names: Vec<&str> = sockets.collect();
+        self.own_budgets
+            .iter()
+            .filter(|(s, _)| names.contains(&s.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// How long a drain without a successor waits on an idle connection.
     pub(crate) fn drain_idle(&self) -> Duration {
         self.idle_grace
@@ -256,6 +282,18 @@ mod tests {
         assert_eq!(c.process_name, "pid-server");
         let c = Config::new("a-very-long-service-name");
         assert_eq!(c.process_name.len(), 15);
+    }
+
+    #[test]
+    fn own_budgets_count_only_for_sockets_the_process_has() {
+        let c = Config::new("x")
+            .socket_connections("metrics", 8)
+            .socket_connections("admin", 4)
+            .socket_connections("metrics", 16);
+        assert_eq!(c.own_budgets.len(), 2, "the last budget of a name wins");
+        assert_eq!(c.own_budget_total(["http", "metrics"].into_iter()), 16);
+        assert_eq!(c.own_budget_total(["http"].into_iter()), 0);
+        assert_eq!(c.own_budget_total(["admin", "metrics"].into_iter()), 20);
     }
 
     #[test]

@@ -100,6 +100,16 @@ struct Flags {
     #[arg(long)]
     no_compare: bool,
 
+    /// Memory per idle keep-alive connection: comma-separated connection
+    /// counts, each held by pid-server and nginx (one worker) in turn;
+    /// empty for none [default: 1000,10000; --quick: 200, pid-server only]
+    #[arg(long, value_name = "LIST", value_parser = count_list)]
+    capacity: Option<List<usize>>,
+
+    /// Only the capacity run: no restarts, no steady state
+    #[arg(long)]
+    capacity_only: bool,
+
     /// A short smoke run: 3 restarts each, 1 s steady state
     #[arg(long)]
     quick: bool,
@@ -164,6 +174,16 @@ fn mode_list(v: &str) -> Result<List<Mode>, String> {
         .map(List)
 }
 
+fn count_list(v: &str) -> Result<List<usize>, String> {
+    items(v)
+        .map(|n| match n.parse::<usize>() {
+            Ok(c) if (1..=100_000).contains(&c) => Ok(c),
+            _ => Err(format!("{n:?} is not a connection count (1..=100000)")),
+        })
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
 fn items(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
@@ -188,6 +208,10 @@ pub(crate) struct Args {
     pub(crate) pause_max: Duration,
     pub(crate) seed: u64,
     pub(crate) compare: bool,
+    /// Connection counts of the capacity run (empty: none).
+    pub(crate) capacity: Vec<usize>,
+    /// Skip the restarts and the steady state.
+    pub(crate) capacity_only: bool,
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
@@ -260,6 +284,11 @@ impl Flags {
             pause_max: Duration::from_millis(self.pause_max_ms),
             seed: self.seed,
             compare: !self.no_compare,
+            capacity: self
+                .capacity
+                .map(|l| l.0)
+                .unwrap_or_else(|| if quick { vec![200] } else { vec![1000, 10_000] }),
+            capacity_only: self.capacity_only,
             quick,
             check: self.check,
             out: self

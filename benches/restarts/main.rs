@@ -23,9 +23,10 @@
 //!
 //! Then the steady state of `GET /`: pid-server against a minimal Go
 //! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
-//! same client. Tables go to stdout (Markdown), progress to stderr, raw
-//! results to `<target>/bench-results/restarts.json` and a picture to
-//! `<target>/bench-results/restarts.svg`.
+//! same client; then the memory per idle keep-alive connection of
+//! pid-server and nginx (`--capacity`). Tables go to stdout (Markdown),
+//! progress to stderr, raw results to `<target>/bench-results/restarts.json`
+//! and a picture to `<target>/bench-results/restarts.svg`.
 //!
 //! Everything the bench starts (servers, network namespaces, the container)
 //! is owned by a guard whose `Drop` stops and reaps it, also on a panic; a
@@ -40,6 +41,7 @@
 //! - [`strategies`]: a restart strategy per kind of restart, and the run
 //!   that restarts a server under load;
 //! - [`steady`]: the steady-state comparison;
+//! - [`capacity`]: memory per idle keep-alive connection;
 //! - [`results`]: one run's records turned into counts, percentiles and a
 //!   timeline;
 //! - [`report`]: tables, verdict, JSON and the picture;
@@ -48,6 +50,7 @@
 
 use pid_server_test_support::nspawn;
 
+mod capacity;
 mod cli;
 mod endurance;
 mod load;
@@ -89,9 +92,14 @@ fn main() {
         });
     }
     let mut skips = strategies::Skips::default();
-    let runs = strategies::run_all(&args, &mut skips);
-    let steady = steady::run(&args, &mut skips);
-    let reload_clean = report::publish(&args, &runs, &steady, &skips, started.elapsed());
+    let (runs, steady) = if args.capacity_only {
+        (Vec::new(), Vec::new())
+    } else {
+        let runs = strategies::run_all(&args, &mut skips);
+        (runs, steady::run(&args, &mut skips))
+    };
+    let capacity = capacity::run(&args, &mut skips);
+    let reload_clean = report::publish(&args, &runs, &steady, &capacity, &skips, started.elapsed());
     if aborted() {
         std::process::exit(130);
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use crate::capacity::CapacityResult;
 use crate::cli::Args;
 use crate::load::{KINDS, Kind, Mode};
 use crate::procs::aborted;
@@ -570,6 +571,68 @@ mod svg {
     }
 }
 
+fn capacity_table(c: &[CapacityResult]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| server | connections | opened | opening | open s | RSS before MB | RSS idle MB \
+         | KB per idle conn (RSS) | KB per idle conn (PSS) | RSS after close MB | second request ok |\n",
+    );
+    s.push_str("|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|\n");
+    let mb = |kb: u64| format!("{:.1}", kb as f64 / 1024.0);
+    for r in c {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {:.2} | {} | {}/{} |",
+            r.server,
+            r.connections,
+            r.opened,
+            r.opening.name(),
+            r.open_secs,
+            mb(r.before.rss_kb),
+            mb(r.idle.rss_kb),
+            r.rss_per_conn(),
+            r.pss_per_conn(),
+            mb(r.after_close.rss_kb),
+            r.second_ok,
+            r.second_asked,
+        );
+    }
+    for r in c.iter().filter(|r| r.error.is_some()) {
+        let _ = writeln!(
+            s,
+            "\n- {} {} {}: {}",
+            r.server,
+            r.connections,
+            r.opening.name(),
+            r.error.as_deref().unwrap_or_default()
+        );
+    }
+    s
+}
+
+fn capacity_json(c: &[CapacityResult]) -> Value {
+    let mem = |m: crate::capacity::Mem| json!({"rss_kb": m.rss_kb, "pss_kb": m.pss_kb});
+    c.iter()
+        .map(|r| {
+            json!({
+                "server": r.server,
+                "connections": r.connections,
+                "opened": r.opened,
+                "opening": r.opening.name(),
+                "open_s": r.open_secs,
+                "before": mem(r.before),
+                "idle": mem(r.idle),
+                "after_close": mem(r.after_close),
+                "kb_per_idle_connection_rss": r.rss_per_conn(),
+                "kb_per_idle_connection_pss": r.pss_per_conn(),
+                "second_request_ok": r.second_ok,
+                "second_request_asked": r.second_asked,
+                "error": r.error,
+            })
+        })
+        .collect()
+}
+
 /// Prints the tables and the verdict (stdout), writes the JSON and the
 /// picture; returns whether `pid-server reload` failed no request (false if
 /// it did not run).
@@ -577,29 +640,32 @@ pub(crate) fn publish(
     args: &Args,
     runs: &[RunResult],
     steady: &[SteadyResult],
+    capacity: &[CapacityResult],
     skips: &Skips,
     wall: Duration,
 ) -> bool {
     let (verdict, reload_clean) = verdicts(args, runs, steady);
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "\n## Restarts under load\n\n{} restarts per row, {} ms apart, after {} ms of load; \
-         {} connections from {} client threads; latency of 200s; ±1s = requests started \
-         within {} ms of a restart's start. Paused clients: {} connections, each idle {}–{} ms \
-         after every answer. Kept conns survived: connections open when a restart began that \
-         a process which came after it answered, of those whose fate was seen.\n",
-        args.restarts,
-        args.spacing.as_millis(),
-        args.warmup.as_millis(),
-        args.concurrency,
-        args.client_threads,
-        args.window.as_millis(),
-        args.paused_clients,
-        args.pause_min.as_millis(),
-        args.pause_max.as_millis(),
-    );
-    out.push_str(&restart_table(runs));
+    if !args.capacity_only {
+        let _ = writeln!(
+            out,
+            "\n## Restarts under load\n\n{} restarts per row, {} ms apart, after {} ms of load; \
+             {} connections from {} client threads; latency of 200s; ±1s = requests started \
+             within {} ms of a restart's start. Paused clients: {} connections, each idle {}–{} ms \
+             after every answer. Kept conns survived: connections open when a restart began that \
+             a process which came after it answered, of those whose fate was seen.\n",
+            args.restarts,
+            args.spacing.as_millis(),
+            args.warmup.as_millis(),
+            args.concurrency,
+            args.client_threads,
+            args.window.as_millis(),
+            args.paused_clients,
+            args.pause_min.as_millis(),
+            args.pause_max.as_millis(),
+        );
+        out.push_str(&restart_table(runs));
+    }
     if !steady.is_empty() {
         let _ = writeln!(
             out,
@@ -612,6 +678,17 @@ pub(crate) fn publish(
             2.0 * args.pause_max.as_secs_f64() + 1.0,
         );
         out.push_str(&steady_table(steady));
+    }
+    if !capacity.is_empty() {
+        out.push_str(
+            "\n## Memory per idle keep-alive connection\n\n\
+             A fresh server each row; each connection sends one request, reads the answer and \
+             stays open, idle. The server's memory (pid-server: the process; nginx: its one \
+             worker) before and after, over the connections opened. Burst: 500 opening at once; \
+             gradual: one after the other. Second request: every 50th connection asks again \
+             after the measurement.\n\n",
+        );
+        out.push_str(&capacity_table(capacity));
     }
     if !skips.0.is_empty() {
         out.push_str("\n## Skipped\n\n");
@@ -656,10 +733,12 @@ pub(crate) fn publish(
             "pause_max_ms": args.pause_max.as_millis() as u64,
             "seed": args.seed,
             "modes": args.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            "capacity": args.capacity,
         },
         "wall_time_s": wall.as_secs_f64(),
         "runs": runs.iter().map(|r| run_json(r, args)).collect::<Vec<_>>(),
         "steady_state": steady_json(steady),
+        "capacity": capacity_json(capacity),
         "skipped": skips.0.iter().map(|(w, y)| json!({"what": w, "why": y})).collect::<Vec<_>>(),
         "reload_zero_failures": reload_clean,
     });

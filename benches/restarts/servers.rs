@@ -172,20 +172,53 @@ impl NginxSite {
     }
 }
 
+/// How many nginx workers, and how many connections each takes.
+#[derive(Clone, Copy)]
+pub(crate) enum NginxWorkers {
+    /// One per core, 4096 connections each.
+    Auto,
+    /// One worker taking up to this many connections (its open-files limit
+    /// raised to fit): the capacity run measures that worker's memory.
+    One(usize),
+}
+
+impl NginxWorkers {
+    fn config(self) -> String {
+        match self {
+            NginxWorkers::Auto => {
+                "worker_processes auto;\nevents { worker_connections 4096; }\n".into()
+            }
+            // Twice the connections: with less than 1/16 of its connection
+            // slots free, nginx starts closing idle keep-alive connections
+            // to make room (`ngx_drain_connections`).
+            NginxWorkers::One(n) => format!(
+                "worker_processes 1;\nworker_rlimit_nofile {};\nevents {{ worker_connections {}; }}\n",
+                2 * n + 128,
+                2 * n + 64
+            ),
+        }
+    }
+}
+
 /// nginx as its own master with a config, prefix and temp paths in `dir`.
-pub(crate) fn nginx_cmd(port: u16, dir: &Path, site: NginxSite) -> Result<Command, String> {
+pub(crate) fn nginx_cmd(
+    port: u16,
+    dir: &Path,
+    site: NginxSite,
+    workers: NginxWorkers,
+) -> Result<Command, String> {
     let nginx = find_program("nginx")
         .ok_or("`nginx` not found (apt-get install nginx; see .ci/bench-deps)")?;
     let d = dir.display();
     let site = site.config().replace("PORT", &port.to_string());
+    let workers = workers.config();
     let conf = format!(
         "# Written by benches/restarts/servers.rs\n\
          daemon off;\n\
          master_process on;\n\
-         worker_processes auto;\n\
          pid {d}/nginx.pid;\n\
          error_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         {workers}\
          http {{\n\
          \x20   access_log off;\n\
          \x20   client_body_temp_path {d}/client_body;\n\

@@ -11,7 +11,9 @@ use crate::load::{Kind, Load, Mode, load_cfg};
 use crate::nspawn;
 use crate::procs::{Procs, TempDir, aborted, sleep_until};
 use crate::results::new_hist;
-use crate::servers::{NginxSite, build_go, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving};
+use crate::servers::{
+    NginxSite, NginxWorkers, build_go, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
+};
 use crate::strategies::{Skips, log_path};
 
 pub(crate) struct SteadyResult {
@@ -90,7 +92,7 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<SteadyResult> {
             Err(e) => skips.add("go net/http (steady state)", e),
         }
         let port = nspawn::free_port();
-        match nginx_cmd(port, &tmp.0, NginxSite::Return200).and_then(|cmd| {
+        match nginx_cmd(port, &tmp.0, NginxSite::Return200, NginxWorkers::Auto).and_then(|cmd| {
             procs.spawn(cmd, "nginx")?;
             wait_serving(port, Duration::from_secs(10))
         }) {

@@ -15,7 +15,7 @@ use crate::nspawn;
 use crate::procs::{Procs, TempDir, aborted, run_cmd, sleep_until};
 use crate::results::{RestartEvent, RunResult, analyze};
 use crate::servers::{
-    NginxSite, PID_SERVER, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
+    NginxSite, NginxWorkers, PID_SERVER, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
 };
 
 pub(crate) const STRATEGIES: [&str; 8] = [
@@ -185,7 +185,12 @@ impl NginxReload {
         let port = nspawn::free_port();
         let mut nginx = Procs::new(&log_path(args, &format!("{label}-nginx")))?;
         nginx.spawn(
-            nginx_cmd(port, &dir.0, NginxSite::ProxyTo(backend_port))?,
+            nginx_cmd(
+                port,
+                &dir.0,
+                NginxSite::ProxyTo(backend_port),
+                NginxWorkers::Auto,
+            )?,
             "nginx",
         )?;
         wait_for_pid(port, backend.p.pid, Duration::from_secs(10))?;

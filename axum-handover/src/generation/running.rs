@@ -111,7 +111,12 @@ impl Running {
         hooks.check_ready()?;
         let mut config = g.config.clone();
         if let Some(limit) = g.fd_limit {
-            let budget = limit.connection_budget(g.listeners.len());
+            // The sockets with a budget of their own take theirs first.
+            let own = config.own_budget_total(g.listeners.iter().map(|l| l.name.as_str()));
+            let budget = limit
+                .connection_budget(g.listeners.len())
+                .saturating_sub(own)
+                .max(1);
             tracing::info!(
                 event = "fd_limit",
                 soft = limit.soft,

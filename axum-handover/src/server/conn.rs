@@ -8,6 +8,16 @@
 //! it had read but not parsed (the start of the client's next request, or
 //! pipelined requests). Those bytes travel with the fd; bytes still in the
 //! kernel's buffer travel with the socket itself.
+//!
+//! The same machinery keeps idle connections cheap. hyper keeps an 8 KiB
+//! read buffer (and a write buffer) per connection for its whole life; an
+//! idle keep-alive connection needs none of it. So a connection that has
+//! been idle for [`PARK_AFTER`] is taken back from hyper and *parked*: only
+//! the socket and a small task remain, waiting until the socket is
+//! readable, and then it gets a new hyper connection. A freshly accepted
+//! connection starts parked too. The parked wait applies the same rules as
+//! hyper's idle time: the keep-alive timeout, and a drain's idle rule or a
+//! move to the successor.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -86,7 +96,7 @@ impl AsyncRead for ConnIo {
             let n = buf.remaining().min(this.read_ahead.len() - this.served);
             buf.put_slice(&this.read_ahead[this.served..this.served + n]);
             this.served += n;
-            this.activity.touch();
+            this.activity.read_some();
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -95,7 +105,7 @@ impl AsyncRead for ConnIo {
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         };
         if buf.filled().len() > before {
-            this.activity.touch();
+            this.activity.read_some();
         }
         r
     }
@@ -139,6 +149,12 @@ impl AsyncWrite for ConnIo {
     }
 }
 
+/// How long a connection idles in hyper before it is parked. Long enough
+/// that a busy keep-alive connection (a client that sends its next request
+/// within this) never pays for parking; short enough that idle ones give
+/// their buffers back soon.
+const PARK_AFTER: Duration = Duration::from_millis(500);
+
 /// Milliseconds since the first use, as a cheap shared clock for atomics.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 fn now_ms() -> u64 {
@@ -152,6 +168,9 @@ struct Activity {
     /// Requests begun on this connection, ever.
     requests: AtomicU64,
     last_ms: AtomicU64,
+    /// hyper has read bytes on this connection (so it may hold the start
+    /// of a request head in its buffer).
+    read_any: AtomicBool,
     /// Set once this connection is to close after its current response.
     closing: AtomicBool,
     /// Woken when a request ends.
@@ -164,6 +183,7 @@ impl Activity {
             busy: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             last_ms: AtomicU64::new(now_ms()),
+            read_any: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             quiet: Notify::new(),
         }
@@ -171,6 +191,20 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn read_some(&self) {
+        self.touch();
+        self.read_any.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether hyper can be stopped without cutting a request head short:
+    /// it has answered a request (after a response hyper stops at once
+    /// and gives back what it read of the next one), or has read nothing.
+    /// A first request whose head is still coming in stays with hyper
+    /// (its header timeout).
+    fn parkable(&self) -> bool {
+        self.requests.load(Ordering::SeqCst) > 0 || !self.read_any.load(Ordering::Relaxed)
     }
 
     fn begin(self: &Arc<Self>) -> BusyGuard {
@@ -228,51 +262,177 @@ pub(crate) enum Ended {
     FellBack,
 }
 
-/// Serves one connection to its end.
+/// Serves one connection to its end: parked while idle, with a hyper
+/// connection while a request comes in.
 pub(crate) async fn serve(
     stream: Stream,
     read_ahead: Vec<u8>,
     socket: Arc<str>,
     ctx: &ConnCtx,
 ) -> Ended {
-    let mut stream = stream;
-    let mut read_ahead = read_ahead;
-    let mut fell_back = false;
+    let mut conn = Parked {
+        stream,
+        read_ahead,
+        idle_since_ms: now_ms(),
+        fell_back: false,
+    };
     loop {
-        let activity = Arc::new(Activity::new());
-        if fell_back {
-            activity.closing.store(true, Ordering::SeqCst);
+        // Bytes read ahead are a request coming in: no wait.
+        if conn.read_ahead.is_empty() {
+            match conn.wait(ctx).await {
+                Wake::Readable => {}
+                Wake::Close => return conn.ended(),
+                Wake::Move => match conn.move_out(&socket, ctx).await {
+                    Ok(ended) => return ended,
+                    Err(c) => {
+                        conn = c;
+                        continue;
+                    }
+                },
+            }
         }
-        let io = ConnIo {
-            stream,
-            read_ahead,
-            served: 0,
-            activity: activity.clone(),
-        };
-        let conn = ctx
-            .http
-            .serve_connection(TokioIo::new(io), service(ctx, &socket, &activity));
-        match run(conn, &activity, ctx, fell_back).await {
+        let fell_back = conn.fell_back;
+        // Boxed: hyper's connection is large, and only a connection with a
+        // request coming in should carry it; the parked task stays small.
+        let step = Box::pin(http(conn.stream, conn.read_ahead, &socket, ctx, fell_back)).await;
+        conn = match step {
             Step::Done if fell_back => return Ended::FellBack,
             Step::Done => return Ended::Closed,
-            Step::Move(parts) => {
-                let ahead = parts.read_ahead;
-                match move_out(parts.stream, &socket, &ahead, ctx).await {
-                    Ok(()) => return Ended::Moved,
-                    Err((s, e)) => {
-                        tracing::warn!(event = "connection_move_failed", error = %e,
-                            "cannot move a connection to the new process; serving it here until it closes");
-                        // Serve it here, with `Connection: close` on the next
-                        // response, and count it.
-                        let Some(s) = s else { return Ended::FellBack };
-                        stream = s;
-                        read_ahead = ahead;
-                        fell_back = true;
-                    }
-                }
+            Step::Park(parts) => Parked::from_parts(parts, fell_back),
+            Step::Move(parts) => match Parked::from_parts(parts, false)
+                .move_out(&socket, ctx)
+                .await
+            {
+                Ok(ended) => return ended,
+                Err(c) => c,
+            },
+        };
+    }
+}
+
+/// A connection without a hyper connection: the socket, what was read of
+/// the next request, and since when it is idle.
+struct Parked {
+    stream: Stream,
+    read_ahead: Vec<u8>,
+    idle_since_ms: u64,
+    /// It was to move but could not: served here to the end, closing
+    /// after its next response.
+    fell_back: bool,
+}
+
+/// Why a parked connection stopped waiting.
+enum Wake {
+    /// Bytes (or the client's FIN) to read.
+    Readable,
+    /// Idle for as long as the mode allows.
+    Close,
+    /// Moving: it goes to the successor.
+    Move,
+}
+
+impl Parked {
+    fn from_parts(parts: Parts, fell_back: bool) -> Parked {
+        Parked {
+            stream: parts.stream,
+            read_ahead: parts.read_ahead,
+            idle_since_ms: parts.idle_since_ms,
+            fell_back,
+        }
+    }
+
+    fn ended(&self) -> Ended {
+        if self.fell_back {
+            Ended::FellBack
+        } else {
+            Ended::Closed
+        }
+    }
+
+    /// Waits until the socket is readable, or until it has been idle for
+    /// as long as the mode allows: the same limits as [`run`] applies in
+    /// hyper.
+    async fn wait(&self, ctx: &ConnCtx) -> Wake {
+        let mut mode = ctx.mode.clone();
+        loop {
+            let now = *mode.borrow_and_update();
+            let (limit, then) = match now {
+                Mode::Serving => (ctx.keep_alive + Duration::from_secs(1), Wake::Close),
+                Mode::Draining => (ctx.drain_idle, Wake::Close),
+                Mode::Moving if self.fell_back => (ctx.drain_idle, Wake::Close),
+                Mode::Moving => (Duration::ZERO, Wake::Move),
+            };
+            let idle = Duration::from_millis(now_ms().saturating_sub(self.idle_since_ms));
+            let Some(left) = limit.checked_sub(idle).filter(|d| !d.is_zero()) else {
+                return then;
+            };
+            tokio::select! {
+                // An error (a reset) is for hyper to see and end on.
+                _ = self.stream.readable() => return Wake::Readable,
+                _ = mode.changed() => continue,
+                _ = tokio::time::sleep(left) => return then,
             }
         }
     }
+
+    /// Sends the connection to the next generation. When it cannot move,
+    /// it comes back (`Err`) to be served here to the end; a stream that
+    /// cannot be served any more ends as fallen back.
+    async fn move_out(self, socket: &str, ctx: &ConnCtx) -> Result<Ended, Parked> {
+        // Boxed like hyper's connection: the channel's send is only for the
+        // moment of the move.
+        let result = Box::pin(move_out(self.stream, socket, &self.read_ahead, ctx)).await;
+        let (stream, e) = match result {
+            Ok(()) => return Ok(Ended::Moved),
+            Err(err) => err,
+        };
+        tracing::warn!(event = "connection_move_failed", error = %e,
+            "cannot move a connection to the new process; serving it here until it closes");
+        match stream {
+            // Served here, with `Connection: close` on the next response,
+            // and counted.
+            Some(stream) => Err(Parked {
+                stream,
+                read_ahead: self.read_ahead,
+                idle_since_ms: self.idle_since_ms,
+                fell_back: true,
+            }),
+            None => Ok(Ended::FellBack),
+        }
+    }
+}
+
+impl Stream {
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+}
+
+/// One hyper connection on the stream, until it ends or is taken back.
+async fn http(
+    stream: Stream,
+    read_ahead: Vec<u8>,
+    socket: &str,
+    ctx: &ConnCtx,
+    fell_back: bool,
+) -> Step {
+    let activity = Arc::new(Activity::new());
+    if fell_back {
+        activity.closing.store(true, Ordering::SeqCst);
+    }
+    let io = ConnIo {
+        stream,
+        read_ahead,
+        served: 0,
+        activity: activity.clone(),
+    };
+    let conn = ctx
+        .http
+        .serve_connection(TokioIo::new(io), service(ctx, socket, &activity));
+    run(conn, &activity, ctx, fell_back).await
 }
 
 /// The app's router behind one connection, counting its requests and
@@ -289,8 +449,7 @@ fn service(ctx: &ConnCtx, socket: &str, activity: &Arc<Activity>) -> Service {
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
         activity: activity.clone(),
-        keep_alive: HeaderValue::from_str(&format!("timeout={}", ctx.keep_alive.as_secs()))
-            .expect("a number is a valid header value"),
+        keep_alive: ctx.keep_alive_header.clone(),
     }
 }
 
@@ -332,22 +491,31 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 struct Parts {
     stream: Stream,
     read_ahead: Vec<u8>,
+    idle_since_ms: u64,
 }
 
 enum Step {
+    /// Closed (by the client, by the idle rules, or after an error).
     Done,
+    /// Idle: to wait, parked, for its next request.
+    Park(Parts),
+    /// To go to the successor.
     Move(Parts),
 }
 
 /// Drives hyper until the connection ends, or until it is idle for as long
-/// as the current mode allows; then shuts it down gracefully and, when the
-/// mode is "moving", takes it back.
+/// as the current mode allows; then shuts it down gracefully and takes it
+/// back: to park it (serving), or to move it (moving). A drain closes it.
 async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool) -> Step {
     let mut mode = ctx.mode.clone();
     loop {
         let now = *mode.borrow_and_update();
+        let keep_alive = ctx.keep_alive + Duration::from_secs(1);
         let limit = match now {
-            Mode::Serving => ctx.keep_alive + Duration::from_secs(1),
+            Mode::Serving if activity.parkable() => PARK_AFTER,
+            // A first request head still coming in: hyper's header timeout
+            // and, as before parking, the keep-alive timeout.
+            Mode::Serving => keep_alive,
             Mode::Draining => ctx.drain_idle,
             Mode::Moving if fell_back => ctx.drain_idle,
             Mode::Moving => Duration::ZERO,
@@ -362,14 +530,18 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
             _ = mode.changed() => continue,
             _ = activity.idle_at_least(limit) => {}
         }
-        // Idle long enough. hyper closes a connection with no request in
+        let park = now == Mode::Serving;
+        if park && !activity.parkable() && activity.idle_for() < Some(keep_alive) {
+            // A request's head began in the meantime: look again.
+            continue;
+        }
+        // Idle long enough. hyper stops a connection with no request in
         // progress at once; a request that began in the meantime finishes
         // (its response then says `Connection: close`).
         let begun = activity.requests.load(Ordering::SeqCst);
         Pin::new(&mut conn).graceful_shutdown();
         let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
-        let movable = matches!(now, Mode::Moving)
-            && !fell_back
+        let movable = (park || (now == Mode::Moving && !fell_back))
             && r.is_ok()
             && activity.requests.load(Ordering::SeqCst) == begun;
         if !movable {
@@ -378,13 +550,20 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
         let parts = conn.into_parts();
         let io = parts.io.into_inner();
         // What hyper read and did not parse comes first, then what it had
-        // not yet taken from the bytes handed to us.
+        // not yet taken from the bytes handed to us. Copied out, so hyper's
+        // read buffer (which `read_buf` would keep alive) is freed now.
         let mut read_ahead = parts.read_buf.to_vec();
         read_ahead.extend_from_slice(&io.read_ahead[io.served..]);
-        return Step::Move(Parts {
+        let parts = Parts {
             stream: io.stream,
             read_ahead,
-        });
+            idle_since_ms: activity.last_ms.load(Ordering::Relaxed),
+        };
+        return if park {
+            Step::Park(parts)
+        } else {
+            Step::Move(parts)
+        };
     }
 }
 

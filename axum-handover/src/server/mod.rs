@@ -133,6 +133,8 @@ struct ConnCtx {
     mode: watch::Receiver<Mode>,
     /// Advertised to clients; an idle connection closes a second later.
     keep_alive: Duration,
+    /// `Keep-Alive: timeout=N`, made once.
+    keep_alive_header: axum::http::HeaderValue,
     /// How long a drain lets a connection sit idle.
     drain_idle: Duration,
     /// Where connections go once moving.
@@ -143,6 +145,25 @@ struct ConnCtx {
     /// How long a plain connection may take to decide its protocol.
     header_read_timeout: Duration,
     tls_handshake_timeout: Duration,
+}
+
+/// Connection slots: the clients' (`max_connections`), and those of the
+/// sockets with a budget of their own.
+#[derive(Clone)]
+struct Slots {
+    clients: Arc<Semaphore>,
+    own: Vec<(Arc<str>, Arc<Semaphore>)>,
+}
+
+impl Slots {
+    /// The slots a connection on the socket `name` takes.
+    fn of(&self, name: &str) -> Arc<Semaphore> {
+        self.own
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map_or(&self.clients, |(_, s)| s)
+            .clone()
+    }
 }
 
 /// What a drain did.
@@ -170,7 +191,7 @@ impl DrainReport {
 pub(crate) struct Server {
     counters: Arc<Counters>,
     ctx: Arc<ConnCtx>,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     drain_timeout: Duration,
     stop_accepting: watch::Sender<bool>,
     mode: watch::Sender<Mode>,
@@ -193,7 +214,14 @@ impl Server {
         let (stop_accepting, _) = watch::channel(false);
         let (mode, mode_rx) = watch::channel(Mode::Serving);
         let (done, all_done) = mpsc::channel(1);
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let slots = Slots {
+            clients: Arc::new(Semaphore::new(config.max_connections)),
+            own: config
+                .own_budgets
+                .iter()
+                .map(|(name, n)| (Arc::from(name.as_str()), Arc::new(Semaphore::new(*n))))
+                .collect(),
+        };
         let routers = listeners
             .iter()
             .map(|l| (Arc::from(l.name.as_str()), routes(&l.name)))
@@ -211,6 +239,11 @@ impl Server {
             },
             mode: mode_rx,
             keep_alive: config.keep_alive(),
+            keep_alive_header: axum::http::HeaderValue::from_str(&format!(
+                "timeout={}",
+                config.keep_alive().as_secs()
+            ))
+            .expect("a number is a valid header value"),
             drain_idle: config.drain_idle(),
             successor: OnceLock::new(),
             http2: config.http2,
@@ -229,7 +262,8 @@ impl Server {
                 tokio_rustls::TlsAcceptor::from(c)
             });
             let stop = stop_accepting.subscribe();
-            let (ctx, slots, done) = (ctx.clone(), slots.clone(), done.clone());
+            let (ctx, done) = (ctx.clone(), done.clone());
+            let slots = slots.of(&l.name);
             let name: Arc<str> = Arc::from(l.name.as_str());
             let l = match l.socket {
                 Socketish::Tcp(s) => AnyListener::Tcp(TcpListener::from_std(s)?),
@@ -298,10 +332,10 @@ impl Server {
                         break;
                     }
                 };
-                let Ok(permit) = slots.clone().acquire_owned().await else {
+                let socket = ctx.socket(&received.socket);
+                let Ok(permit) = slots.of(&socket).acquire_owned().await else {
                     break;
                 };
-                let socket = ctx.socket(&received.socket);
                 match Stream::from_fd(received.kind, received.fd) {
                     Ok(s) => {
                         adopted += 1;
