@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::cli::Args;
 
@@ -87,7 +87,7 @@ impl Kind {
     }
 }
 
-fn classify(e: &io::Error) -> Kind {
+pub(crate) fn classify(e: &io::Error) -> Kind {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Kind::Refused,
         io::ErrorKind::ConnectionReset
@@ -134,18 +134,20 @@ pub(crate) struct FailRec {
     pub(crate) error: String,
 }
 
-struct Response {
+pub(crate) struct Response {
     pub(crate) status: u16,
     pub(crate) pid: u32,
-    close: bool,
+    pub(crate) close: bool,
 }
 
-struct Conn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
+/// An HTTP/1.1 client connection: over TCP here, over TLS in `tls.rs`
+/// (the same parser, so the rows compare).
+pub(crate) struct Conn<S = tokio::net::TcpStream> {
+    pub(crate) stream: S,
+    pub(crate) buf: Vec<u8>,
 }
 
-impl Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn read_more(&mut self, what: &str) -> io::Result<()> {
         self.buf.reserve(2048);
         let n = self.stream.read_buf(&mut self.buf).await?;
@@ -158,7 +160,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_response(&mut self) -> io::Result<Response> {
+    pub(crate) async fn read_response(&mut self) -> io::Result<Response> {
         self.buf.clear();
         let head_end = loop {
             if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {

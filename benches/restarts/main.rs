@@ -41,20 +41,27 @@
 //! - [`results`]: one run's records turned into counts, percentiles and a
 //!   timeline;
 //! - [`report`]: tables, verdict, JSON and the picture;
+//! - [`protocols`]: the HTTP/2 and TLS rows (issue #15) across reloads,
+//!   with their clients in [`h2`] and [`tls`], and their steady state beside
+//!   nginx in [`h2load`];
 //! - [`procs`], [`netns`], [`servers`]: processes, network namespaces and
 //!   the servers the bench starts, and how it probes them.
 
 use pid_server_test_support::nspawn;
 
 mod cli;
+mod h2;
+mod h2load;
 mod load;
 mod netns;
 mod procs;
+mod protocols;
 mod report;
 mod results;
 mod servers;
 mod steady;
 mod strategies;
+mod tls;
 
 use std::fs;
 use std::time::Instant;
@@ -78,12 +85,18 @@ fn main() {
     let mut skips = strategies::Skips::default();
     let runs = strategies::run_all(&args, &mut skips);
     let steady = steady::run(&args, &mut skips);
+    let protos = protocols::run(&args, &mut skips);
     let reload_clean = report::publish(&args, &runs, &steady, &skips, started.elapsed());
+    let protocols_clean = protocols::publish(&args, &protos);
     if aborted() {
         std::process::exit(130);
     }
     if args.check && !reload_clean {
         eprintln!("bench: --check: `pid-server reload` failed requests or did not run");
+        std::process::exit(1);
+    }
+    if args.check && !protocols_clean {
+        eprintln!("bench: --check: a protocol row failed requests or streams, or did not run");
         std::process::exit(1);
     }
 }

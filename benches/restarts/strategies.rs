@@ -129,7 +129,7 @@ struct Reload {
     p: Plain,
 }
 
-fn parse_reloaded(line: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_reloaded(line: &str) -> Option<(u32, u32)> {
     // reloaded: OLD -> NEW (generation G) in MS ms
     let rest = line.trim().strip_prefix("reloaded: ")?;
     let (old, rest) = rest.split_once(" -> ")?;
