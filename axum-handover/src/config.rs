@@ -19,6 +19,13 @@ pub struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) move_connections: bool,
+    /// TLS per socket name (`None`: every socket without a name of its
+    /// own here).
+    pub(crate) tls: Vec<(Option<String>, crate::Tls)>,
+    pub(crate) tls_handshake_timeout: Duration,
+    pub(crate) http2: bool,
+    pub(crate) http2_max_concurrent_streams: u32,
+    pub(crate) http2_keep_alive: Option<Duration>,
 }
 
 impl Config {
@@ -55,6 +62,11 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             move_connections: true,
+            tls: Vec::new(),
+            tls_handshake_timeout: Duration::from_secs(10),
+            http2: true,
+            http2_max_concurrent_streams: 100,
+            http2_keep_alive: Some(Duration::from_secs(30)),
         }
     }
 
@@ -136,6 +148,76 @@ impl Config {
     pub fn move_connections(mut self, on: bool) -> Config {
         self.move_connections = on;
         self
+    }
+
+    /// Serves TLS on every listening socket (except those given a
+    /// certificate of their own with [`Config::tls_socket`]). Clients
+    /// choose HTTP/2 or HTTP/1.1 by ALPN (`h2`, `http/1.1`; none means
+    /// HTTP/1.1). Build `tls` in `main` with [`crate::Tls::from_pem_files`]
+    /// so that every generation reads the files anew: a reload then serves
+    /// renewed certificates. TLS connections drain at a handover instead of
+    /// moving (their session state lives in the process).
+    pub fn tls(mut self, tls: crate::Tls) -> Config {
+        self.tls.retain(|(name, _)| name.is_some());
+        self.tls.push((None, tls));
+        self
+    }
+
+    /// Serves TLS with `tls` on the listening socket named `socket` (its
+    /// `FileDescriptorName=`, or `listen` for sockets bound here) only.
+    pub fn tls_socket(mut self, socket: &str, tls: crate::Tls) -> Config {
+        self.tls.retain(|(name, _)| name.as_deref() != Some(socket));
+        self.tls.push((Some(socket.to_string()), tls));
+        self
+    }
+
+    /// How long a client may take to finish the TLS handshake (default
+    /// 10 s); a slower one is disconnected and counted as a failed
+    /// handshake.
+    pub fn tls_handshake_timeout(mut self, d: Duration) -> Config {
+        self.tls_handshake_timeout = d;
+        self
+    }
+
+    /// Whether HTTP/2 is served (default): with prior knowledge on plain
+    /// sockets (a connection that starts with the HTTP/2 preface, `h2c`),
+    /// and by ALPN on TLS ones. Off, plain sockets speak HTTP/1.1 only and
+    /// TLS ones offer only `http/1.1`.
+    ///
+    /// An HTTP/2 connection cannot move to the next generation: at a
+    /// handover (and a stop) it gets a graceful GOAWAY at once (hyper sends
+    /// GOAWAY with the highest stream id, then, after a PING round trip,
+    /// the last stream it took), so the client opens its next connection to
+    /// the new process; the streams it had open finish here, within the
+    /// drain timeout. No stream is refused or reset.
+    pub fn http2(mut self, on: bool) -> Config {
+        self.http2 = on;
+        self
+    }
+
+    /// Most streams (requests) a client may have open at once on one
+    /// HTTP/2 connection (default 100); the header list of each is bounded
+    /// like an HTTP/1.1 request head (16 KiB).
+    pub fn http2_max_concurrent_streams(mut self, n: u32) -> Config {
+        self.http2_max_concurrent_streams = n.max(1);
+        self
+    }
+
+    /// How often an idle HTTP/2 connection is pinged (default 30 s; `None`:
+    /// never). A peer that does not answer within 20 s is disconnected, so
+    /// dead clients do not hold connections for ever.
+    pub fn http2_keep_alive(mut self, interval: Option<Duration>) -> Config {
+        self.http2_keep_alive = interval;
+        self
+    }
+
+    /// The TLS configuration of the socket named `socket`, if any.
+    pub(crate) fn tls_for(&self, socket: &str) -> Option<&crate::Tls> {
+        self.tls
+            .iter()
+            .find(|(n, _)| n.as_deref() == Some(socket))
+            .or_else(|| self.tls.iter().find(|(n, _)| n.is_none()))
+            .map(|(_, t)| t)
     }
 
     /// The keep-alive timeout in force: hyper closes a connection that sends

@@ -93,6 +93,7 @@ mod metrics;
 mod notify;
 mod server;
 mod signals;
+mod tls;
 
 pub use config::Config;
 pub use control::Report;
@@ -101,6 +102,7 @@ pub use generation::{
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
+pub use tls::{Tls, TlsError};
 
 /// The parsers of outside input, for fuzzing; not a stable API.
 #[doc(hidden)]

@@ -87,6 +87,11 @@ pub struct Metrics {
     pub connections_moved: u64,
     /// Connections that were to move but were served to the end instead.
     pub connections_fell_back: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: u64,
+    /// HTTP/2 connections closed for a protocol error of the peer (a
+    /// malformed frame, a violated limit).
+    pub protocol_errors: u64,
 }
 
 /// The counting side.
@@ -97,6 +102,8 @@ pub(crate) struct Totals {
     reloads: [AtomicU64; 3],
     moved: AtomicU64,
     fell_back: AtomicU64,
+    tls_failures: AtomicU64,
+    protocol_errors: AtomicU64,
     histograms: Mutex<(Histogram, Histogram)>,
     /// What the previous generations counted, as last received.
     base: Mutex<Option<Carried>>,
@@ -109,6 +116,8 @@ impl Default for Totals {
             reloads: Default::default(),
             moved: AtomicU64::new(0),
             fell_back: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
             histograms: Mutex::new((
                 Histogram::new(&HANDOVER_BUCKETS),
                 Histogram::new(&DRAIN_BUCKETS),
@@ -125,6 +134,8 @@ pub(crate) struct Carried {
     reloads: [u64; 3],
     moved: u64,
     fell_back: u64,
+    tls_failures: u64,
+    protocol_errors: u64,
     handover: Histogram,
     drain: Histogram,
 }
@@ -137,6 +148,14 @@ impl Totals {
         {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.tls_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn protocol_error(&self) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reload(&self, r: ReloadResult) {
@@ -180,6 +199,8 @@ impl Totals {
             reloads: std::array::from_fn(|i| self.reloads[i].load(Ordering::Relaxed)),
             moved: self.moved.load(Ordering::Relaxed),
             fell_back: self.fell_back.load(Ordering::Relaxed),
+            tls_failures: self.tls_failures.load(Ordering::Relaxed),
+            protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
             handover: h,
             drain: d,
         };
@@ -196,6 +217,8 @@ impl Totals {
             }
             c.moved += b.moved;
             c.fell_back += b.fell_back;
+            c.tls_failures += b.tls_failures;
+            c.protocol_errors += b.protocol_errors;
             c.handover.add(&b.handover);
             c.drain.add(&b.drain);
         }
@@ -221,6 +244,8 @@ impl Totals {
             drain_seconds: c.drain,
             connections_moved: c.moved,
             connections_fell_back: c.fell_back,
+            tls_handshake_failures: c.tls_failures,
+            protocol_errors: c.protocol_errors,
         }
     }
 }
@@ -239,6 +264,11 @@ impl Carried {
         s.push_str(&format!(
             "moved {}\nfell_back {}\n",
             self.moved, self.fell_back
+        ));
+        // Lines an older reader ignores.
+        s.push_str(&format!(
+            "tls_handshake_failures {}\nprotocol_errors {}\n",
+            self.tls_failures, self.protocol_errors
         ));
         for (name, h) in [("handover", &self.handover), ("drain", &self.drain)] {
             for (le, n) in &h.buckets {
@@ -261,6 +291,8 @@ impl Carried {
             reloads: [0; 3],
             moved: 0,
             fell_back: 0,
+            tls_failures: 0,
+            protocol_errors: 0,
             handover: Histogram::new(&HANDOVER_BUCKETS),
             drain: Histogram::new(&DRAIN_BUCKETS),
         };
@@ -279,6 +311,8 @@ impl Carried {
                 }
                 ["moved", n] => c.moved = n.parse().ok()?,
                 ["fell_back", n] => c.fell_back = n.parse().ok()?,
+                ["tls_handshake_failures", n] => c.tls_failures = n.parse().ok()?,
+                ["protocol_errors", n] => c.protocol_errors = n.parse().ok()?,
                 [name, le, n] if name.ends_with("_bucket") => {
                     let h = histogram(&mut c, name.trim_end_matches("_bucket"))?;
                     let le: f64 = le.parse().ok()?;

@@ -96,7 +96,8 @@ impl Running {
             .as_ref()
             .and_then(|r| unit_environment(r, &self.config));
         let totals = self.info.counters.totals.clone();
-        match spawn::spawn(&self.plan, &self.config, environment, totals) {
+        let tickets = self.info.counters.tickets.clone();
+        match spawn::spawn(&self.plan, &self.config, environment, totals, tickets) {
             Ok(pending) => {
                 tracing::info!(event = "reload_started", trigger = %trigger, new_pid = pending.pid,
                     new_generation = pending.generation, exe = %self.plan.exe.display(),

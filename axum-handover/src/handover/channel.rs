@@ -27,6 +27,10 @@
 //! - `counters`: the old process sends its metrics' totals (a datagram
 //!   `counters` and a line per value, no fd) when the new one is ready and
 //!   again when it has let go of everything.
+//! - `tls-tickets`: the old process sends its TLS session-ticket keys (a
+//!   datagram `tls-tickets` and a line `key <id> <key>` each, hex, no fd)
+//!   when the new one is ready, so clients resume their sessions with it.
+//!   Secret: it only ever crosses this private socketpair.
 //!
 //! A child that cannot start says `failed <reason>` instead of `ready`
 //! (protocol 2 only), and the reload fails with that reason.
@@ -50,15 +54,22 @@ pub(crate) enum Feature {
     MoveConnections,
     /// The old process's counters carry over to the new one.
     Counters,
+    /// The old process's session-ticket keys go to the new one.
+    TlsTickets,
 }
 
 impl Feature {
-    const ALL: [Feature; 2] = [Feature::MoveConnections, Feature::Counters];
+    const ALL: [Feature; 3] = [
+        Feature::MoveConnections,
+        Feature::Counters,
+        Feature::TlsTickets,
+    ];
 
     fn word(self) -> &'static str {
         match self {
             Feature::MoveConnections => "move-connections",
             Feature::Counters => "counters",
+            Feature::TlsTickets => "tls-tickets",
         }
     }
 }
@@ -268,7 +279,7 @@ impl Connections {
             .map(|_| ())
     }
 
-    /// Sends the counters (no fd).
+    /// Sends the counters or the ticket keys (no fd).
     pub(crate) async fn send_counters(&self, datagram: &[u8]) -> io::Result<()> {
         self.fd
             .async_io(Interest::WRITABLE, |fd| {
@@ -295,6 +306,7 @@ impl Connections {
 pub(crate) enum Message {
     Connection(Received),
     Counters(crate::metrics::Carried),
+    TlsTickets(crate::tls::TicketKeys),
 }
 
 /// A connection as it arrived.
@@ -345,6 +357,12 @@ pub(crate) fn message(
         && let Some(c) = crate::metrics::Carried::decode(datagram)
     {
         return Ok(Message::Counters(c));
+    }
+    if !truncated
+        && fds.is_empty()
+        && let Some(k) = crate::tls::TicketKeys::decode(datagram)
+    {
+        return Ok(Message::TlsTickets(k));
     }
     check(datagram, fds, truncated).map(Message::Connection)
 }
@@ -415,6 +433,10 @@ pub fn fuzz_one(data: &[u8]) {
             assert_eq!(n, 0);
             assert_eq!(crate::metrics::Carried::decode(&c.encode()), Some(c));
         }
+        Ok(Message::TlsTickets(k)) => {
+            assert_eq!(n, 0);
+            assert_eq!(crate::tls::TicketKeys::decode(&k.encode()), Some(k));
+        }
         Err(BadMessage::NoFd) => assert_eq!(n, 0),
         Err(_) => {}
     }
@@ -441,10 +463,10 @@ mod tests {
         );
         // Unknown words are ignored (a later protocol's features).
         assert_eq!(
-            Ready::parse("ready 3 tls-tickets move-connections"),
+            Ready::parse("ready 3 session-cache move-connections tls-tickets"),
             Some(Ready {
                 protocol: 3,
-                features: vec![Feature::MoveConnections]
+                features: vec![Feature::MoveConnections, Feature::TlsTickets]
             })
         );
         for bad in ["", "readyx", "ready x", "ready 1", "ready 0", "owner"] {

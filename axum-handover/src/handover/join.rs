@@ -124,10 +124,15 @@ impl Successor {
         // With a connection channel we always take the counters; the
         // connections only when the app lets them move.
         let has_channel = inherited.connections.is_some();
+        // Ticket keys too: a generation without TLS ignores them.
         let features: &[Feature] = match (has_channel, take_connections) {
             (false, _) => &[],
-            (true, false) => &[Feature::Counters],
-            (true, true) => &[Feature::MoveConnections, Feature::Counters],
+            (true, false) => &[Feature::Counters, Feature::TlsTickets],
+            (true, true) => &[
+                Feature::MoveConnections,
+                Feature::Counters,
+                Feature::TlsTickets,
+            ],
         };
         // Notes first: a protocol-2 parent collects them until `ready`; a
         // protocol-1 parent would take one for junk, so it gets none.

@@ -137,6 +137,7 @@ pub(crate) fn spawn(
     config: &Config,
     environment: Option<&[(Vec<u8>, Vec<u8>)]>,
     totals: std::sync::Arc<crate::metrics::Totals>,
+    tickets: std::sync::Arc<crate::tls::Ticketer>,
 ) -> Result<Pending, Failure> {
     let spawn_err = |source| Failure::Spawn {
         exe: plan.exe.display().to_string(),
@@ -210,9 +211,17 @@ pub(crate) fn spawn(
                 let first = ready
                     .has(channel::Feature::Counters)
                     .then(|| totals.carried().encode());
+                // The ticket keys only to a child that asked for them:
+                // one that predates the feature would take them for junk.
+                let keys = ready
+                    .has(channel::Feature::TlsTickets)
+                    .then(|| tickets.export().encode());
                 async {
                     if let (Some(c), Some(first)) = (&conns, first) {
                         let _ = c.send_counters(&first).await;
+                    }
+                    if let (Some(c), Some(keys)) = (&conns, keys) {
+                        let _ = c.send_counters(&keys).await;
                     }
                 }
             },
@@ -222,7 +231,8 @@ pub(crate) fn spawn(
             // A child that takes neither (protocol 1 ignores the socket)
             // gets nothing; it closes its end with itself.
             let wanted = ready.has(channel::Feature::MoveConnections)
-                || ready.has(channel::Feature::Counters);
+                || ready.has(channel::Feature::Counters)
+                || ready.has(channel::Feature::TlsTickets);
             let connections = if wanted { conns } else { None };
             Joined {
                 ready,

@@ -21,8 +21,16 @@
 //!    (`Keep-Alive: timeout=N`, plus a second): closing an idle keep-alive
 //!    connection races with the client sending its next request on it;
 //! 4. past the drain timeout what is left is cut and counted.
+//!
+//! HTTP/2 (`h2c` detected from a plain connection's first bytes, or `h2`
+//! by ALPN) and TLS connections cannot move: their state lives in the
+//! process. Whether the generation moves or drains, they drain here (see
+//! `h2` and `tls`), within the same drain timeout.
 
 mod conn;
+mod detect;
+mod h2;
+mod tls;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,6 +64,9 @@ pub(crate) struct Counters {
     fell_back: AtomicUsize,
     /// What survives a reload.
     pub(crate) totals: Arc<crate::metrics::Totals>,
+    /// The session-ticket keys, which survive a reload too (feature
+    /// `tls-tickets`).
+    pub(crate) tickets: Arc<crate::tls::Ticketer>,
 }
 
 impl Counters {
@@ -125,6 +136,12 @@ struct ConnCtx {
     drain_idle: Duration,
     /// Where connections go once moving.
     successor: OnceLock<Connections>,
+    /// HTTP/2 is served (prior knowledge on plain sockets, ALPN on TLS).
+    http2: bool,
+    h2: h2::Builder,
+    /// How long a plain connection may take to decide its protocol.
+    header_read_timeout: Duration,
+    tls_handshake_timeout: Duration,
 }
 
 /// What a drain did.
@@ -195,8 +212,21 @@ impl Server {
             keep_alive: config.keep_alive(),
             drain_idle: config.drain_idle(),
             successor: OnceLock::new(),
+            http2: config.http2,
+            h2: h2::builder(config),
+            header_read_timeout: config.header_read_timeout,
+            tls_handshake_timeout: config.tls_handshake_timeout,
         });
         for l in listeners {
+            let tls = config.tls_for(&l.name).map(|t| {
+                let mut c = t.server_config(counters.tickets.clone());
+                if !config.http2 {
+                    Arc::make_mut(&mut c)
+                        .alpn_protocols
+                        .retain(|p| p != crate::tls::ALPN_H2);
+                }
+                tokio_rustls::TlsAcceptor::from(c)
+            });
             let stop = stop_accepting.subscribe();
             let (ctx, slots, done) = (ctx.clone(), slots.clone(), done.clone());
             let name: Arc<str> = Arc::from(l.name.as_str());
@@ -204,7 +234,7 @@ impl Server {
                 Socketish::Tcp(s) => AnyListener::Tcp(TcpListener::from_std(s)?),
                 Socketish::Unix(s) => AnyListener::Unix(UnixListener::from_std(s)?),
             };
-            tokio::spawn(accept_loop(l, name, stop, slots, ctx, done));
+            tokio::spawn(accept_loop(l, name, tls, stop, slots, ctx, done));
         }
         Ok(Server {
             counters,
@@ -241,6 +271,16 @@ impl Server {
                         ctx.counters.totals.carry_over(c);
                         continue;
                     }
+                    Ok(Some(Ok(Message::TlsTickets(keys)))) => {
+                        // The keys themselves are never logged.
+                        tracing::debug!(
+                            event = "tls_tickets_taken",
+                            keys = keys.len(),
+                            "took the previous generation's session-ticket keys"
+                        );
+                        ctx.counters.tickets.import(keys);
+                        continue;
+                    }
                     Ok(None) => break,
                     Ok(Some(Err(bad))) => {
                         tracing::warn!(event = "connection_refused", reason = %bad,
@@ -261,7 +301,8 @@ impl Server {
                     Ok(s) => {
                         adopted += 1;
                         let conn = (s, received.read_ahead, socket);
-                        spawn_conn(conn, ctx.clone(), permit, done.clone());
+                        // Always plain: TLS connections never move.
+                        spawn_conn(conn, None, ctx.clone(), permit, done.clone());
                     }
                     Err(e) => {
                         tracing::warn!(event = "connection_refused", error = %e,
@@ -395,6 +436,7 @@ impl AnyListener {
 async fn accept_loop(
     listener: AnyListener,
     socket: Arc<str>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
     slots: Arc<Semaphore>,
     ctx: Arc<ConnCtx>,
@@ -414,7 +456,7 @@ async fn accept_loop(
         match accepted {
             Ok(s) => {
                 let conn = (s, Vec::new(), socket.clone());
-                spawn_conn(conn, ctx.clone(), permit, done.clone());
+                spawn_conn(conn, tls.clone(), ctx.clone(), permit, done.clone());
             }
             Err(e) => {
                 // Out of fds or memory, or a connection reset before we took
@@ -433,7 +475,8 @@ async fn accept_loop(
 type NewConn = (Stream, Vec<u8>, Arc<str>);
 
 fn spawn_conn(
-    (stream, read_ahead, socket): NewConn,
+    conn: NewConn,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     ctx: Arc<ConnCtx>,
     permit: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::Sender<()>,
@@ -442,13 +485,35 @@ fn spawn_conn(
         let _permit = permit;
         let _done = done;
         let _counted = ctx.counters.connection_opened();
-        let counter = match conn::serve(stream, read_ahead, socket, &ctx).await {
+        let counter = match serve_conn(conn, tls, &ctx).await {
             conn::Ended::Closed => return,
             conn::Ended::Moved => &ctx.counters.moved,
             conn::Ended::FellBack => &ctx.counters.fell_back,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     });
+}
+
+/// Serves a connection with the protocol it speaks: TLS on a TLS socket
+/// (HTTP/2 or HTTP/1.1 by ALPN), else HTTP/2 when it starts with the
+/// preface, else HTTP/1.1 (the path that moves connections).
+async fn serve_conn(
+    (mut stream, read_ahead, socket): NewConn,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: &ConnCtx,
+) -> conn::Ended {
+    if let Some(acceptor) = tls {
+        tls::serve(stream, &socket, acceptor, ctx).await;
+        return conn::Ended::Closed;
+    }
+    match detect::detect(&mut stream, read_ahead, ctx).await {
+        detect::Detected::Http1(read) => conn::serve(stream, read, socket, ctx).await,
+        detect::Detected::Http2(read) => {
+            h2::serve(detect::Prefixed::new(stream, read), &socket, ctx).await;
+            conn::Ended::Closed
+        }
+        detect::Detected::Closed => conn::Ended::Closed,
+    }
 }
 
 #[cfg(test)]

@@ -48,12 +48,14 @@
 
 pub mod cmd;
 pub mod deploy;
+pub mod h2;
 pub mod http;
 pub mod load;
 pub mod netns;
 pub mod nspawn;
 pub mod proc;
 pub mod report;
+pub mod tls;
 pub mod wait;
 
 pub use cmd::TestCommand;

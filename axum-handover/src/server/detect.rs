@@ -1,0 +1,169 @@
+//! Which protocol a connection speaks, from its first bytes: a plain
+//! connection that starts with the HTTP/2 preface is HTTP/2 with prior
+//! knowledge (`h2c`); anything else is HTTP/1.1. Bytes read ahead by a
+//! previous generation count as the connection's first bytes.
+//!
+//! Also the one I/O type of the HTTP/2 and TLS paths: the stream with the
+//! bytes read while detecting served first.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use super::{ConnCtx, Mode, Stream};
+
+/// What every HTTP/2 connection starts with (RFC 9113, 3.4).
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes say.
+pub(crate) enum Detected {
+    /// The preface: serve HTTP/2. The bytes read so far (the preface
+    /// included) are to be served first.
+    Http2(Vec<u8>),
+    /// Anything else, or nothing yet when the generation starts leaving:
+    /// the HTTP/1.1 path, with these bytes read ahead.
+    Http1(Vec<u8>),
+    /// The client closed before saying anything that decides it.
+    Closed,
+}
+
+/// Reads until the bytes decide the protocol. An `h1` request is decided
+/// by its first byte (no method starts with `PR`, so `POST` and `PUT` take
+/// one more); only a client that sends a prefix of the preface and stops
+/// is waited for, up to the header timeout. A connection that has sent
+/// nothing yet goes to the HTTP/1.1 path as soon as the generation leaves,
+/// which moves or closes it as an idle one.
+pub(crate) async fn detect(stream: &mut Stream, mut read: Vec<u8>, ctx: &ConnCtx) -> Detected {
+    if !ctx.http2 {
+        return Detected::Http1(read);
+    }
+    let mut mode = ctx.mode.clone();
+    let deadline = tokio::time::sleep(ctx.header_read_timeout);
+    tokio::pin!(deadline);
+    loop {
+        if read.len() >= PREFACE.len() || !PREFACE.starts_with(&read) {
+            return if read.starts_with(PREFACE) {
+                Detected::Http2(read)
+            } else {
+                Detected::Http1(read)
+            };
+        }
+        if read.is_empty() && *mode.borrow_and_update() != Mode::Serving {
+            return Detected::Http1(read);
+        }
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            // Cancel-safe: nothing is lost when another branch wins.
+            r = read_some(stream, &mut buf) => match r {
+                Ok(0) | Err(_) => return Detected::Closed,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            },
+            changed = mode.changed(), if read.is_empty() => {
+                if changed.is_err() {
+                    return Detected::Http1(read);
+                }
+            }
+            // A prefix of the preface and then silence: hyper's HTTP/1.1
+            // path times it out the same way.
+            _ = &mut deadline => return Detected::Http1(read),
+        }
+    }
+}
+
+async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+    match stream {
+        Stream::Tcp(s) => s.read(buf).await,
+        Stream::Unix(s) => s.read(buf).await,
+    }
+}
+
+/// A plain stream with bytes already read from it served first.
+pub(crate) struct Prefixed {
+    stream: Stream,
+    ahead: Vec<u8>,
+    served: usize,
+}
+
+impl Prefixed {
+    pub(crate) fn new(stream: Stream, ahead: Vec<u8>) -> Prefixed {
+        Prefixed {
+            stream,
+            ahead,
+            served: 0,
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.stream {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.served < this.ahead.len() {
+            let n = buf.remaining().min(this.ahead.len() - this.served);
+            buf.put_slice(&this.ahead[this.served..this.served + n]);
+            this.served += n;
+            if this.served == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.served = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        both!(this, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Resolves once the generation is no longer serving (also if the mode's
+/// sender is gone: the server is ending).
+pub(crate) async fn leaving(mode: &mut tokio::sync::watch::Receiver<Mode>) {
+    let _ = mode.wait_for(|m| *m != Mode::Serving).await;
+}
+
+/// The wait before an idle connection is closed while the generation
+/// serves: the keep-alive timeout advertised, plus a second.
+pub(crate) fn serving_idle(ctx: &ConnCtx) -> Duration {
+    ctx.keep_alive + Duration::from_secs(1)
+}
