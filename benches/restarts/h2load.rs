@@ -171,9 +171,11 @@ fn parse(out: &str) -> Result<Turn, String> {
             neg.push(p.to_string());
         }
     }
-    if !(seen.0 && seen.1) {
-        let tail: Vec<&str> = out.lines().rev().take(3).collect();
-        return Err(format!("h2load printed no result: {:?}", tail));
+    if !(seen.0 && seen.1) || t.ok == 0 {
+        // (h2load counts connections it could not make apart from
+        // requests: a server that does not speak the protocol ends here.)
+        let tail: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).rev().take(3).collect();
+        return Err(format!("h2load got no 2xx response: {tail:?}"));
     }
     t.negotiated = neg.join(" ");
     Ok(t)
