@@ -135,30 +135,36 @@ struct StreamLoop {
 }
 
 impl StreamLoop {
-    async fn run(self, t0: Instant, stop: Arc<AtomicBool>, sent: Arc<std::sync::atomic::AtomicU64>) -> (Out, End) {
+    async fn run(
+        self,
+        t0: Instant,
+        stop: Arc<AtomicBool>,
+        sent: Arc<std::sync::atomic::AtomicU64>,
+    ) -> (Out, End) {
         let (mut recs, mut fails) = (Vec::new(), Vec::new());
-        let mut push = |start: Instant, kind: Kind, pid: u32, reused: bool, error: Option<String>| {
-            let start_us = start.duration_since(t0).as_micros() as u64;
-            let lat_us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
-            recs.push(Rec {
-                start_us,
-                lat_us,
-                pid,
-                kind,
-                reused,
-                conn: self.conn,
-                closed: false,
-            });
-            if let Some(error) = error {
-                fails.push(FailRec {
+        let mut push =
+            |start: Instant, kind: Kind, pid: u32, reused: bool, error: Option<String>| {
+                let start_us = start.duration_since(t0).as_micros() as u64;
+                let lat_us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                recs.push(Rec {
                     start_us,
                     lat_us,
+                    pid,
                     kind,
                     reused,
-                    error,
+                    conn: self.conn,
+                    closed: false,
                 });
-            }
-        };
+                if let Some(error) = error {
+                    fails.push(FailRec {
+                        start_us,
+                        lat_us,
+                        kind,
+                        reused,
+                        error,
+                    });
+                }
+            };
         loop {
             if stop.load(Ordering::Relaxed)
                 || Instant::now() >= self.deadline
@@ -175,7 +181,13 @@ impl StreamLoop {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) if graceful_goaway(&e) => return ((recs, fails), End::Gone),
                 Ok(Err(e)) => {
-                    push(start, kind_of(&e), 0, reused, Some(format!("open a stream: {e}")));
+                    push(
+                        start,
+                        kind_of(&e),
+                        0,
+                        reused,
+                        Some(format!("open a stream: {e}")),
+                    );
                     return ((recs, fails), End::Gone);
                 }
                 Err(_) => {
@@ -197,7 +209,13 @@ impl StreamLoop {
                 Ok((resp, _)) => resp,
                 Err(e) if graceful_goaway(&e) => return ((recs, fails), End::Gone),
                 Err(e) => {
-                    push(start, kind_of(&e), 0, reused, Some(format!("open a stream: {e}")));
+                    push(
+                        start,
+                        kind_of(&e),
+                        0,
+                        reused,
+                        Some(format!("open a stream: {e}")),
+                    );
                     return ((recs, fails), End::Gone);
                 }
             };
@@ -226,7 +244,13 @@ impl StreamLoop {
                         self.answered.store(true, Ordering::Relaxed);
                         push(start, Kind::Ok, pid, reused, None);
                     } else {
-                        push(start, Kind::Status, pid, reused, Some(format!("status {status}")));
+                        push(
+                            start,
+                            Kind::Status,
+                            pid,
+                            reused,
+                            Some(format!("status {status}")),
+                        );
                     }
                 }
                 Ok(Err(e)) => push(start, kind_of(&e), 0, reused, Some(format!("stream: {e}"))),
@@ -249,7 +273,10 @@ impl H2Slot {
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let max = self.max_requests * self.streams as u64;
         let mut conns = 0u64;
-        while !stop.load(Ordering::Relaxed) && Instant::now() < self.deadline && sent.load(Ordering::Relaxed) < max {
+        while !stop.load(Ordering::Relaxed)
+            && Instant::now() < self.deadline
+            && sent.load(Ordering::Relaxed) < max
+        {
             conns += 1;
             let conn = slot << 32 | conns;
             let start = Instant::now();
@@ -261,7 +288,15 @@ impl H2Slot {
                 }
                 Err(_) => {
                     let msg = format!("no HTTP/2 connection within {:?}", self.timeout);
-                    record_failed_connect(&mut recs, &mut fails, t0, start, conn, Kind::Timeout, msg);
+                    record_failed_connect(
+                        &mut recs,
+                        &mut fails,
+                        t0,
+                        start,
+                        conn,
+                        Kind::Timeout,
+                        msg,
+                    );
                     continue;
                 }
             };
@@ -291,9 +326,7 @@ impl H2Slot {
             }
             // The connection ended with its last answer (for the kept
             // connections' analysis), if it went away.
-            if gone
-                && let Some(last) = recs[first..].iter_mut().max_by_key(|r| r.end_us())
-            {
+            if gone && let Some(last) = recs[first..].iter_mut().max_by_key(|r| r.end_us()) {
                 last.closed = true;
             }
         }

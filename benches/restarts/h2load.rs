@@ -57,7 +57,8 @@ impl SteadyRow {
 
 fn nginx_conf(dir: &Path, ports: [u16; 3], certs: Option<&Certs>) -> String {
     let d = dir.display();
-    let site = "location / { default_type text/plain; return 200 \"OK. Handled by PID: $pid\\n\"; }";
+    let site =
+        "location / { default_type text/plain; return 200 \"OK. Handled by PID: $pid\\n\"; }";
     let tls = match certs {
         Some(c) => format!(
             "    server {{\n\
@@ -174,7 +175,12 @@ fn parse(out: &str) -> Result<Turn, String> {
     if !(seen.0 && seen.1) || t.ok == 0 {
         // (h2load counts connections it could not make apart from
         // requests: a server that does not speak the protocol ends here.)
-        let tail: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).rev().take(3).collect();
+        let tail: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .rev()
+            .take(3)
+            .collect();
         return Err(format!("h2load got no 2xx response: {tail:?}"));
     }
     t.negotiated = neg.join(" ");
@@ -182,10 +188,21 @@ fn parse(out: &str) -> Result<Turn, String> {
 }
 
 /// `h2load` for `secs` against `uri`, one of `proto`'s clients.
-fn h2load(bin: &Path, args: &Args, proto: Proto, uri: &str, turn: Duration) -> Result<Turn, String> {
+fn h2load(
+    bin: &Path,
+    args: &Args,
+    proto: Proto,
+    uri: &str,
+    turn: Duration,
+) -> Result<Turn, String> {
     let mut a: Vec<String> = vec!["-t".into(), args.client_threads.to_string()];
     if proto.h2() {
-        a.extend(["-c".into(), args.h2_connections.to_string(), "-m".into(), args.h2_streams.to_string()]);
+        a.extend([
+            "-c".into(),
+            args.h2_connections.to_string(),
+            "-m".into(),
+            args.h2_streams.to_string(),
+        ]);
     } else {
         a.extend(["--h1".into(), "-c".into(), args.concurrency.to_string()]);
     }
@@ -212,7 +229,12 @@ fn client_of(args: &Args, proto: Proto) -> String {
 
 /// The steady-state rows, and a note on the settings. Every server or row
 /// that cannot run is a SKIPPED line.
-pub(crate) fn run(args: &Args, certs: Option<&Certs>, has_tls: bool, skips: &mut Skips) -> (Vec<SteadyRow>, String) {
+pub(crate) fn run(
+    args: &Args,
+    certs: Option<&Certs>,
+    has_tls: bool,
+    skips: &mut Skips,
+) -> (Vec<SteadyRow>, String) {
     let mut rows = Vec::new();
     let Some(bin) = find_program("h2load") else {
         skips.add(
@@ -221,9 +243,13 @@ pub(crate) fn run(args: &Args, certs: Option<&Certs>, has_tls: bool, skips: &mut
         );
         return (rows, String::new());
     };
-    let version = run_cmd(&bin.to_string_lossy(), &["--version"], Duration::from_secs(5))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default();
+    let version = run_cmd(
+        &bin.to_string_lossy(),
+        &["--version"],
+        Duration::from_secs(5),
+    )
+    .map(|v| v.trim().to_string())
+    .unwrap_or_default();
     let mut procs = match Procs::new(&log_path(args, "protocols-steady")) {
         Ok(p) => p,
         Err(e) => {
@@ -254,18 +280,29 @@ pub(crate) fn run(args: &Args, certs: Option<&Certs>, has_tls: bool, skips: &mut
         skips.add("protocols, steady state, pid-server TLS", e.clone());
     }
     // nginx, one worker, three listeners.
-    let nginx_ports = [nspawn::free_port(), nspawn::free_port(), nspawn::free_port()];
+    let nginx_ports = [
+        nspawn::free_port(),
+        nspawn::free_port(),
+        nspawn::free_port(),
+    ];
     let dir = TempDir::new("nginx-protocols");
     let nginx_ok = match (&dir, find_program("nginx")) {
         (Err(e), _) => Err(e.clone()),
-        (_, None) => Err("`nginx` not found (apt-get install nginx; see .ci/bench-deps)".to_string()),
+        (_, None) => {
+            Err("`nginx` not found (apt-get install nginx; see .ci/bench-deps)".to_string())
+        }
         (Ok(dir), Some(nginx)) => (|| {
             let conf = dir.0.join("nginx.conf");
             let tls_certs = if want_tls { certs } else { None };
             fs::write(&conf, nginx_conf(&dir.0, nginx_ports, tls_certs))
                 .map_err(|e| format!("write {}: {e}", conf.display()))?;
             let mut cmd = Command::new(nginx);
-            cmd.arg("-p").arg(&dir.0).arg("-c").arg(&conf).arg("-e").arg(dir.0.join("error.log"));
+            cmd.arg("-p")
+                .arg(&dir.0)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.0.join("error.log"));
             procs.spawn(cmd, "nginx")?;
             wait_serving(nginx_ports[0], Duration::from_secs(10))
         })(),
@@ -279,8 +316,16 @@ pub(crate) fn run(args: &Args, certs: Option<&Certs>, has_tls: bool, skips: &mut
             break;
         }
         let (pid_ok, pid_uri, ng_uri) = match proto {
-            Proto::H1 => (plain_ok.is_ok(), format!("http://127.0.0.1:{plain}/"), format!("http://127.0.0.1:{}/", nginx_ports[0])),
-            Proto::H2c => (plain_ok.is_ok(), format!("http://127.0.0.1:{plain}/"), format!("http://127.0.0.1:{}/", nginx_ports[1])),
+            Proto::H1 => (
+                plain_ok.is_ok(),
+                format!("http://127.0.0.1:{plain}/"),
+                format!("http://127.0.0.1:{}/", nginx_ports[0]),
+            ),
+            Proto::H2c => (
+                plain_ok.is_ok(),
+                format!("http://127.0.0.1:{plain}/"),
+                format!("http://127.0.0.1:{}/", nginx_ports[1]),
+            ),
             Proto::TlsH1 | Proto::TlsH2 => (
                 tls_ok.is_ok(),
                 format!("https://127.0.0.1:{tls_port}/"),
@@ -337,7 +382,10 @@ pub(crate) fn run(args: &Args, certs: Option<&Certs>, has_tls: bool, skips: &mut
         }
         for (i, r) in per.into_iter().enumerate() {
             match &broken[i] {
-                Some(e) => skips.add(&format!("protocols, steady state, {} / {}", r.server, proto.name()), e.clone()),
+                Some(e) => skips.add(
+                    &format!("protocols, steady state, {} / {}", r.server, proto.name()),
+                    e.clone(),
+                ),
                 None => rows.push(r),
             }
         }
@@ -379,14 +427,22 @@ pub(crate) fn table(_args: &Args, rows: &[SteadyRow], note: &str) -> String {
             crate::report::ms(r.mean_us as u64),
             crate::report::ms(r.max_us as u64),
             r.failed,
-            if r.negotiated.is_empty() { "–" } else { &r.negotiated },
+            if r.negotiated.is_empty() {
+                "–"
+            } else {
+                &r.negotiated
+            },
         );
     }
     s
 }
 
 fn ratio_of(rows: &[SteadyRow], proto: Proto) -> Option<f64> {
-    let find = |server: &str| rows.iter().find(|r| r.proto == proto && r.server == server).map(SteadyRow::rps);
+    let find = |server: &str| {
+        rows.iter()
+            .find(|r| r.proto == proto && r.server == server)
+            .map(SteadyRow::rps)
+    };
     match (find("pid-server"), find("nginx")) {
         (Some(p), Some(n)) if n > 0.0 => Some(p / n),
         _ => None,
@@ -402,8 +458,14 @@ pub(crate) fn ratios(rows: &[SteadyRow]) -> Vec<String> {
             continue;
         }
         seen.push(r.proto);
-        let find = |server: &str| rows.iter().find(|x| x.proto == r.proto && x.server == server).map(SteadyRow::rps);
-        if let (Some(p), Some(n), Some(x)) = (find("pid-server"), find("nginx"), ratio_of(rows, r.proto)) {
+        let find = |server: &str| {
+            rows.iter()
+                .find(|x| x.proto == r.proto && x.server == server)
+                .map(SteadyRow::rps)
+        };
+        if let (Some(p), Some(n), Some(x)) =
+            (find("pid-server"), find("nginx"), ratio_of(rows, r.proto))
+        {
             v.push(format!(
                 "throughput (h2load), {}: pid-server {p:.0} req/s, nginx {n:.0} req/s → pid-server = {x:.2}× nginx",
                 r.proto.name()

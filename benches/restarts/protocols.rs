@@ -131,13 +131,21 @@ fn pid_server_has_tls() -> bool {
 pub(crate) fn server_cmd(port: u16, certs: Option<&Certs>) -> Command {
     let mut cmd = pid_server_cmd(port);
     if let Some(c) = certs {
-        cmd.arg("--tls-cert").arg(&c.cert).arg("--tls-key").arg(&c.key);
+        cmd.arg("--tls-cert")
+            .arg(&c.cert)
+            .arg("--tls-key")
+            .arg(&c.key);
     }
     cmd
 }
 
 /// Polls `/healthz` (over TLS if `tls`) until it reports `pid`.
-fn wait_pid(port: u16, pid: u32, tls: Option<&Arc<ClientConfig>>, t: Duration) -> Result<Duration, String> {
+fn wait_pid(
+    port: u16,
+    pid: u32,
+    tls: Option<&Arc<ClientConfig>>,
+    t: Duration,
+) -> Result<Duration, String> {
     match tls {
         Some(cfg) => tls::wait_for_pid(port, pid, cfg, t),
         None => wait_for_pid(port, pid, t),
@@ -171,7 +179,12 @@ impl ProtoLoad {
         let tasks = (0..n)
             .map(|i| rt.spawn(make(i as u64, t0, stop.clone())))
             .collect();
-        Ok(ProtoLoad { rt, stop, tasks, t0 })
+        Ok(ProtoLoad {
+            rt,
+            stop,
+            tasks,
+            t0,
+        })
     }
 
     fn finish(self) -> LoadData {
@@ -202,7 +215,13 @@ impl ProtoLoad {
 }
 
 /// The client of a row, on `port`.
-fn start_load(args: &Args, row: Row, port: u16, certs: Option<&Certs>, planned: Duration) -> Result<ProtoLoad, String> {
+fn start_load(
+    args: &Args,
+    row: Row,
+    port: u16,
+    certs: Option<&Certs>,
+    planned: Duration,
+) -> Result<ProtoLoad, String> {
     let deadline = Instant::now() + planned * 3 + Duration::from_secs(120);
     let max_requests = 50_000_000 / args.concurrency.max(1) as u64;
     let threads = args.client_threads;
@@ -227,7 +246,9 @@ fn start_load(args: &Args, row: Row, port: u16, certs: Option<&Certs>, planned: 
             })
         }
         Proto::TlsH1 => {
-            let cfg = certs.ok_or("tls-h1 without certificates")?.client(&[b"http/1.1"])?;
+            let cfg = certs
+                .ok_or("tls-h1 without certificates")?
+                .client(&[b"http/1.1"])?;
             let keep_alive = row.mode != Mode::OneShot;
             ProtoLoad::start(threads, args.concurrency, move |i, t0, stop| {
                 H1Slot {
@@ -302,7 +323,11 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
             Err(e) => (0, Some(e)),
         };
         if let Some(e) = &error {
-            eprintln!("bench: protocols, {} reload {}: {e}", row.proto.name(), i + 1);
+            eprintln!(
+                "bench: protocols, {} reload {}: {e}",
+                row.proto.name(),
+                i + 1
+            );
         }
         if new_pid != 0 {
             pid = new_pid;
@@ -337,7 +362,14 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
             ""
         }
     );
-    let run = analyze(&format!("reload {}", row.proto.name()), row.mode, data, events, args, Some(note));
+    let run = analyze(
+        &format!("reload {}", row.proto.name()),
+        row.mode,
+        data,
+        events,
+        args,
+        Some(note),
+    );
     eprintln!(
         "bench: protocols, {} / {}: {} requests, {} failed",
         row.proto.name(),
@@ -511,7 +543,11 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
     s.push_str("\n### Verdict, protocols\n\n");
     for p in &res.runs {
         let r = &p.run;
-        let first_fail = r.failures.first().map(|f| format!("; first: {}", f.error)).unwrap_or_default();
+        let first_fail = r
+            .failures
+            .first()
+            .map(|f| format!("; first: {}", f.error))
+            .unwrap_or_default();
         let _ = writeln!(
             s,
             "- {} / {}: {} of {} reloads done, {} requests, {} failed{}{} → {}",
@@ -544,7 +580,12 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
 }
 
 /// `protocols.json` beside `restarts.json`.
-pub(crate) fn write_json(args: &Args, res: &Results, clean: bool, out: &Path) -> Result<(), String> {
+pub(crate) fn write_json(
+    args: &Args,
+    res: &Results,
+    clean: bool,
+    out: &Path,
+) -> Result<(), String> {
     let kinds = |k: &[u64; 7]| {
         let mut m = serde_json::Map::new();
         for kind in KINDS {

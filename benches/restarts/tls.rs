@@ -87,8 +87,10 @@ impl Certs {
         self.issued += 1;
         let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), "127.0.0.1".to_string()])
             .map_err(e("leaf"))?;
-        p.distinguished_name
-            .push(DnType::CommonName, format!("pid-server bench leaf {}", self.issued));
+        p.distinguished_name.push(
+            DnType::CommonName,
+            format!("pid-server bench leaf {}", self.issued),
+        );
         p.serial_number = Some(SerialNumber::from(self.issued));
         let key = KeyPair::generate().map_err(e("leaf key"))?;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
@@ -136,7 +138,10 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
 }
 
 /// TCP, then a TLS handshake for `localhost` with the config's ALPN list.
-pub(crate) async fn connect(port: u16, cfg: &Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
+pub(crate) async fn connect(
+    port: u16,
+    cfg: &Arc<ClientConfig>,
+) -> io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
@@ -226,7 +231,12 @@ async fn exchange(conn: &mut Option<Tls>, s: &H1Slot, req: &[u8]) -> io::Result<
 }
 
 impl H1Slot {
-    pub(crate) async fn run(self, task: u64, t0: Instant, stop: Arc<AtomicBool>) -> (Vec<Rec>, Vec<FailRec>) {
+    pub(crate) async fn run(
+        self,
+        task: u64,
+        t0: Instant,
+        stop: Arc<AtomicBool>,
+    ) -> (Vec<Rec>, Vec<FailRec>) {
         let req: &[u8] = if self.keep_alive {
             b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: pid-server-bench\r\n\r\n"
         } else {
@@ -235,7 +245,10 @@ impl H1Slot {
         let (mut recs, mut fails) = (Vec::with_capacity(8 * 1024), Vec::new());
         let mut conn: Option<Tls> = None;
         let (mut conns, mut sent) = (0u64, 0u64);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < self.deadline && sent < self.max_requests {
+        while !stop.load(Ordering::Relaxed)
+            && Instant::now() < self.deadline
+            && sent < self.max_requests
+        {
             sent += 1;
             let start = Instant::now();
             let reused = conn.is_some();
@@ -246,7 +259,9 @@ impl H1Slot {
             let lat = start.elapsed();
             let (kind, pid, close, error) = match r {
                 Ok(Ok((200, pid, close))) => (Kind::Ok, pid, close, None),
-                Ok(Ok((status, pid, close))) => (Kind::Status, pid, close, Some(format!("status {status}"))),
+                Ok(Ok((status, pid, close))) => {
+                    (Kind::Status, pid, close, Some(format!("status {status}")))
+                }
                 Ok(Err(e)) => (classify(&e), 0, true, Some(e.to_string())),
                 Err(_) => (
                     Kind::Timeout,
@@ -282,7 +297,8 @@ impl H1Slot {
                     && kind == Kind::Ok
                 {
                     let mut b = [0u8; 64];
-                    let _ = tokio::time::timeout(Duration::from_millis(200), c.stream.read(&mut b)).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(200), c.stream.read(&mut b))
+                        .await;
                 }
             } else if close {
                 conn = None;
