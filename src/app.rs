@@ -256,6 +256,8 @@ mod tests {
                 drain_seconds: axum_handover::Histogram::default(),
                 connections_moved: 20,
                 connections_fell_back: 0,
+                tls_handshake_failures: 3,
+                protocol_errors: 0,
             }
         }
     }

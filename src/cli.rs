@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use axum_handover::{Config, ListenAddr};
+use axum_handover::{Config, ListenAddr, Tls};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -223,6 +223,26 @@ pub struct ServeArgs {
     )]
     pub max_connections: u32,
 
+    /// A PEM certificate chain (certbot's `fullchain.pem`): serve TLS on
+    /// every socket, HTTP/2 or HTTP/1.1 by ALPN. Needs --tls-key. Read at
+    /// every start, so a reload serves a renewed certificate.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PID_SERVER_TLS_CERT",
+        value_parser = clap::value_parser!(PathBuf)
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert (certbot's `privkey.pem`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PID_SERVER_TLS_KEY",
+        value_parser = clap::value_parser!(PathBuf)
+    )]
+    pub tls_key: Option<PathBuf>,
+
     /// The settings a flag or the environment gave.
     #[arg(skip)]
     given: Given,
@@ -299,6 +319,8 @@ impl ServeArgs {
             keep_alive_timeout,
             idle_grace,
             max_connections,
+            tls_cert,
+            tls_key,
         } = file;
         let given = &self.given.0;
         // A setting's clap id is its field's name.
@@ -321,18 +343,43 @@ impl ServeArgs {
             max_connections
         );
         let idle_grace = idle_grace.map(Some);
-        fill!(idle_grace);
+        let tls_cert = tls_cert.map(Some);
+        let tls_key = tls_key.map(Some);
+        fill!(idle_grace, tls_cert, tls_key);
     }
 
-    /// The handover settings these flags ask for.
-    pub fn config(&self) -> Config {
-        let c = config()
+    /// The certificate and key, read now (each generation reads them anew
+    /// when it starts). `Err`: the one line to print, naming the file; a
+    /// configuration error (exit 78).
+    pub fn tls(&self) -> Result<Option<Tls>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Tls::from_pem_files(cert, key)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (Some(_), None) => Err(
+                "tls_cert (--tls-cert) is set without tls_key (--tls-key): set both or neither"
+                    .into(),
+            ),
+            (None, Some(_)) => Err(
+                "tls_key (--tls-key) is set without tls_cert (--tls-cert): set both or neither"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The handover settings these flags ask for, serving `tls` when given.
+    pub fn config(&self, tls: Option<Tls>) -> Config {
+        let mut c = config()
             .drain_timeout(self.drain_timeout)
             .ready_timeout(self.upgrade_timeout)
             .probation(self.upgrade_probation)
             .keep_alive_timeout(self.keep_alive_timeout)
             .header_read_timeout(self.header_timeout)
             .max_connections(self.max_connections as usize);
+        if let Some(tls) = tls {
+            c = c.tls(tls);
+        }
         match self.idle_grace {
             Some(g) => c.idle_grace(g),
             None => c,

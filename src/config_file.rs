@@ -31,7 +31,7 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 pub const EX_CONFIG: u8 = 78;
 
 /// The keys a file may set: the `serve` flags' long names, `_` for `-`.
-pub const KEYS: [&str; 8] = [
+pub const KEYS: [&str; 10] = [
     "listen",
     "drain_timeout",
     "upgrade_timeout",
@@ -40,6 +40,8 @@ pub const KEYS: [&str; 8] = [
     "keep_alive_timeout",
     "idle_grace_ms",
     "max_connections",
+    "tls_cert",
+    "tls_key",
 ];
 
 /// A larger file is refused: it is not a pid-server configuration, and
@@ -68,6 +70,8 @@ pub struct FileSettings {
     pub keep_alive_timeout: Option<Duration>,
     pub idle_grace: Option<Duration>,
     pub max_connections: Option<u32>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What is wrong in a file's text, and on which line (from 1).
@@ -168,6 +172,8 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "max_connections" => {
             s.max_connections = Some(integer(value, "", cli::parse_max_connections).map_err(named)?)
         }
+        "tls_cert" => s.tls_cert = Some(path(value).map_err(named)?),
+        "tls_key" => s.tls_key = Some(path(value).map_err(named)?),
         _ => {
             return Err(format!(
                 "unknown key `{key}` (the keys are {})",
@@ -196,6 +202,15 @@ fn integer<T>(
     match value {
         Value::Integer(n) => parse(&n.to_string()),
         other => Err(format!("expected a whole number{unit}, found {}", a(other))),
+    }
+}
+
+/// A file's path (as given: relative to the working directory).
+fn path(value: &Value) -> Result<PathBuf, String> {
+    match value {
+        Value::String(s) if !s.is_empty() => Ok(PathBuf::from(s)),
+        Value::String(_) => Err("an empty path".into()),
+        other => Err(format!("expected a path (a string), found {}", a(other))),
     }
 }
 
@@ -292,6 +307,8 @@ header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
 max_connections = 9
+tls_cert = "/etc/x/fullchain.pem"
+tls_key = "key.pem"
 "#,
         )
         .unwrap();
@@ -309,6 +326,8 @@ max_connections = 9
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
                 max_connections: Some(9),
+                tls_cert: Some("/etc/x/fullchain.pem".into()),
+                tls_key: Some("key.pem".into()),
             }
         );
         let one = parse(b"listen = \"[::1]:80\"").unwrap();
@@ -462,6 +481,8 @@ max_connections = 9
         // No default: an example value.
         assert_eq!(defaults.idle_grace, None);
         assert!(s.idle_grace.is_some());
+        assert_eq!((&defaults.tls_cert, &defaults.tls_key), (&None, &None));
+        assert!(s.tls_cert.is_some() && s.tls_key.is_some());
     }
 
     #[test]

@@ -68,6 +68,16 @@ impl Collector for Scrape {
                 "Connections that were to move and were served to the end by the old generation",
                 m.connections_fell_back,
             ),
+            (
+                "tls_handshake_failures",
+                "TLS handshakes that failed or timed out",
+                m.tls_handshake_failures,
+            ),
+            (
+                "protocol_errors",
+                "HTTP/2 connections closed for a protocol error of the client",
+                m.protocol_errors,
+            ),
         ] {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;

@@ -16,7 +16,13 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
         Ok(file) => file,
         Err(e) => return config_file::refuse(&e.to_string()),
     };
-    let mut generation = match Generation::take(&args.config(), &args.listen) {
+    // The certificate too: a renewed one is served from this generation on;
+    // a broken one fails the reload that started us, with its path.
+    let tls = match args.tls() {
+        Ok(tls) => tls,
+        Err(e) => return config_file::refuse(&e),
+    };
+    let mut generation = match Generation::take(&args.config(tls), &args.listen) {
         Ok(g) => g,
         Err(e) => return cli::fail(&e.to_string(), e.exit_code()),
     };

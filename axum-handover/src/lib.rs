@@ -69,13 +69,18 @@
 //!
 //! # Layout
 //!
-//! - [`Config`]: the service's name and timings.
+//! - [`Config`]: the service's name and timings, HTTP/2 limits, and
+//!   [`Tls`] for TLS sockets ([`Config::tls`]): HTTP/2 by prior knowledge
+//!   on plain sockets and by ALPN on TLS ones; such connections drain at a
+//!   handover instead of moving, and TLS sessions resume with the next
+//!   generation (its session-ticket keys are handed over).
 //! - [`Generation`]: one process's life: take the sockets, serve, hand over
 //!   or drain; [`Hooks`] for what the app adds; [`Info`] for its routes.
 //! - [`helper`]: the reload and stop helpers for the app's command line.
 //! - Inside: `listeners` (inherited or bound sockets), `server` (accepting,
 //!   connections, moving and draining), `handover` (`spawn`: the old side;
-//!   `join`: the new side; `channel`: the messages), `control` (the helper's
+//!   `join`: the new side; `channel`: the messages), `tls` (certificates and
+//!   the session-ticket keys), `control` (the helper's
 //!   socket), `notify` (sd_notify, and who may speak for the unit),
 //!   `signals`, `env` (the variables one generation sets for the next).
 #![deny(missing_docs)]

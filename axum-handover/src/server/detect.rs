@@ -167,3 +167,67 @@ pub(crate) async fn leaving(mode: &mut tokio::sync::watch::Receiver<Mode>) {
 pub(crate) fn serving_idle(ctx: &ConnCtx) -> Duration {
     ctx.keep_alive + Duration::from_secs(1)
 }
+
+/// Any stream with bytes already read from it served first.
+pub(crate) struct Rewind<I> {
+    io: I,
+    ahead: Vec<u8>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.ahead.is_empty() {
+            let n = buf.remaining().min(self.ahead.len());
+            buf.put_slice(&self.ahead[..n]);
+            self.ahead.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Reads the HTTP/2 preface from a connection that chose `h2` by ALPN,
+/// within the header timeout, and gives up on a silent one as soon as the
+/// generation leaves (hyper would wait for its preface to shut it down).
+/// `None`: close it.
+pub(crate) async fn h2_preface<I>(mut io: I, ctx: &ConnCtx) -> Option<Rewind<I>>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut mode = ctx.mode.clone();
+    let mut read = Vec::new();
+    let deadline = tokio::time::sleep(ctx.header_read_timeout);
+    tokio::pin!(deadline);
+    while read.len() < PREFACE.len() {
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            r = io.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            },
+            _ = leaving(&mut mode), if read.is_empty() => return None,
+            _ = &mut deadline => return None,
+        }
+    }
+    Some(Rewind { io, ahead: read })
+}

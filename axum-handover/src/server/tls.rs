@@ -55,7 +55,10 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
     if h2 {
-        super::h2::serve(tls, socket, ctx).await;
+        // hyper's preface wait has no bound of its own, nor a shutdown.
+        if let Some(io) = super::detect::h2_preface(tls, ctx).await {
+            super::h2::serve(io, socket, ctx).await;
+        }
     } else {
         http1(tls, socket, ctx).await;
     }

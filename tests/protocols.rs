@@ -1,0 +1,363 @@
+//! HTTP/2 and TLS on pid-server's sockets, through reloads: h2c and TLS
+//! (ALPN `h2` and `http/1.1`) with zero failures, a stream open during a
+//! reload finishing on the old process, a renewed certificate served after
+//! a reload, a broken one refused at start (exit 78, one line naming the
+//! file) and on reload (the old process keeps serving), and TLS sessions
+//! resumed with the new process (the ticket keys cross the handover).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pid_server_test_support::h2::{H2Conn, H2Load, pid_of};
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::tls::{TestCa, TlsConn};
+use pid_server_test_support::{TestCommand, http};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+
+/// pid-server with TLS from `cert` and `key` on a fresh port.
+fn start_tls(cert: &Path, key: &Path) -> (Proc, Notify, SocketAddr) {
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, notify, addr)
+}
+
+/// Reloads `pid` with the helper; the new PID.
+fn reload(pid: u32) -> u32 {
+    let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
+    assert_eq!(code, 0, "reload failed: {out} {err}");
+    let new: u32 = out
+        .split(" -> ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no new PID in {out:?}"));
+    assert_ne!(new, pid);
+    new
+}
+
+fn pid_over_tls(addr: SocketAddr, ca: &TestCa) -> u32 {
+    let mut c = TlsConn::open(addr, ca.client(&[b"http/1.1"])).unwrap();
+    c.get("/").unwrap().pid().unwrap()
+}
+
+/// A TLS HTTP/1.1 client thread: keep-alive, a new connection only after
+/// the server said `Connection: close`; every error is a failure.
+struct TlsLoad {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>, std::collections::BTreeSet<u32>)>,
+}
+
+impl TlsLoad {
+    fn start(addr: SocketAddr, ca: &TestCa) -> TlsLoad {
+        let config = ca.client(&[b"http/1.1"]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let (mut ok, mut failed, mut pids) = (0, Vec::new(), std::collections::BTreeSet::new());
+            let mut conn: Option<TlsConn> = None;
+            while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => match TlsConn::open(addr, config.clone()) {
+                        Ok(c) => conn.insert(c),
+                        Err(e) => {
+                            failed.push(format!("open: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                match c.get("/") {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        pids.extend(r.pid());
+                        if r.close {
+                            conn = None;
+                        }
+                    }
+                    Ok(r) => failed.push(format!("{}: {}", r.status, r.body)),
+                    Err(e) => {
+                        failed.push(e.to_string());
+                        conn = None;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failed, pids)
+        });
+        TlsLoad { stop, thread }
+    }
+
+    fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<u32>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn tls_with_both_alpn_protocols_and_h2c_through_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (first, _notify, addr) = start_tls(&cert, &key);
+    let reaper = Reaper::default();
+
+    // ALPN: h2 when offered, http/1.1 otherwise (and without ALPN).
+    let c = TlsConn::open(addr, ca.client(&[b"h2", b"http/1.1"])).unwrap();
+    assert_eq!(c.alpn().as_deref(), Some(&b"h2"[..]));
+    // (Never sends the HTTP/2 preface: closed as soon as the server leaves.)
+    let silent_h2 = c;
+    let mut c = TlsConn::open(addr, ca.client(&[])).unwrap();
+    assert_eq!(c.alpn(), None);
+    assert_eq!(c.get("/").unwrap().pid(), Some(first.pid));
+    drop(c);
+    // A plain client on a TLS socket gets no answer, and is counted.
+    assert!(http::get(addr, "/").is_err());
+
+    let h2_config = ca.client(&[b"h2"]);
+    let h2 = H2Load::start(
+        move || H2Conn::connect_tls(addr, h2_config.clone()),
+        "/",
+        4,
+        Duration::from_secs(60),
+    );
+    let h1 = TlsLoad::start(addr, &ca);
+    let mut pid = first.pid;
+    h2.wait_answers_from(pid, 20, WAIT);
+    for _ in 0..3 {
+        let next = reload(pid);
+        reaper.watch(next);
+        proc::wait_gone(pid, WAIT);
+        pid = next;
+        h2.wait_answers_from(pid, 20, WAIT);
+    }
+    assert_eq!(pid_over_tls(addr, &ca), pid);
+    drop(silent_h2);
+    let (h2, (ok, failed, pids)) = (h2.finish(), h1.finish());
+    eprintln!("h2 over TLS: {h2:?}");
+    eprintln!("http/1.1 over TLS: {ok} ok, failed {failed:?}, answered by {pids:?}");
+    assert!(h2.failed.is_empty(), "failed streams: {:?}", h2.failed);
+    // Known race (see the README's HTTP/2 section): a stream the client
+    // queued behind its PING ack while the first GOAWAY was on its way ends
+    // above the final GOAWAY's last stream id, unprocessed (RFC 9113, 6.8:
+    // safe to retry; browsers and hyper's client do). At most one round of
+    // streams per reload; none is reset or fails otherwise.
+    assert!(
+        h2.unprocessed <= 4 * 3,
+        "streams refused by the GOAWAY: {h2:?}"
+    );
+    assert_eq!(h2.by_pid.len(), 4, "every generation answered h2: {h2:?}");
+    assert!(failed.is_empty(), "TLS HTTP/1.1 failures: {failed:?}");
+    assert_eq!(
+        pids.len(),
+        4,
+        "every generation answered http/1.1: {pids:?}"
+    );
+
+    // The failed handshake of the plain client shows in /metrics.
+    let mut c = TlsConn::open(addr, ca.client(&[])).unwrap();
+    let m = c.get("/metrics").unwrap().body;
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("pid_server_tls_handshake_failures_total ") && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_stream_open_during_a_reload_finishes_on_the_old_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    // Plain and TLS: the same socket kind each, two processes.
+    let (plain, _n1, plain_addr) = proc::start(BIN);
+    let (tls, _n2, tls_addr) = start_tls(&cert, &key);
+    let reaper = Reaper::default();
+    let mut h2c = H2Conn::connect(plain_addr).unwrap();
+    let mut h2s = H2Conn::connect_tls(tls_addr, ca.client(&[b"h2"])).unwrap();
+    let slow = "/slow?ms=1500";
+    let (a, b) = (h2c.start(slow).unwrap(), h2s.start(slow).unwrap());
+    for (old, c) in [(plain.pid, &mut h2c), (tls.pid, &mut h2s)] {
+        let new = reload(old);
+        reaper.watch(new);
+        // The graceful GOAWAY came: no new stream on this connection.
+        let deadline = Instant::now() + WAIT;
+        while c.start("/").is_ok() {
+            assert!(Instant::now() < deadline, "no GOAWAY from PID {old}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for (old, c, s) in [(plain.pid, h2c, a), (tls.pid, h2s, b)] {
+        let (status, body) = c.finish(s).unwrap();
+        assert_eq!((status, pid_of(&body)), (200, Some(old)), "{body}");
+        // Closed by the server once its streams were done (the client may
+        // see the end of a TLS connection as a broken pipe).
+        assert!(c.wait_closed(WAIT).is_ok(), "PID {old} kept the connection");
+        proc::wait_gone(old, WAIT);
+    }
+}
+
+#[test]
+fn a_renewed_certificate_is_served_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (p, _notify, addr) = start_tls(&cert, &key);
+    let reaper = Reaper::default();
+    let mut old = TlsConn::open(addr, ca.client(&[b"http/1.1"])).unwrap();
+    assert_eq!(old.server_cn().as_deref(), Some("first"));
+    assert_eq!(old.get("/").unwrap().pid(), Some(p.pid));
+
+    // certbot renew: new files at the same paths.
+    ca.write_leaf(dir.path(), "server", "renewed");
+    let new = reload(p.pid);
+    reaper.watch(new);
+    let mut c = TlsConn::open(addr, ca.client(&[b"http/1.1"])).unwrap();
+    assert_eq!(c.server_cn().as_deref(), Some("renewed"));
+    assert_eq!(c.get("/").unwrap().pid(), Some(new));
+    // The connection opened before is unaffected: answered by the old
+    // process, told to close, and only then closed.
+    let r = old.get("/").unwrap();
+    assert_eq!((r.pid(), r.close), (Some(p.pid), true));
+    assert!(old.wait_closed(WAIT));
+    proc::wait_gone(p.pid, WAIT);
+}
+
+fn start_fails(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let out = TestCommand::new(BIN)
+        .args(["serve", "--listen", &proc::free_addr().to_string()])
+        .args(args)
+        .env_remove("LISTEN_FDS")
+        .output();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_certificate_at_start_is_one_line_naming_the_file_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "good", "good");
+    let (_, other_key) = ca.write_leaf(dir.path(), "other", "other");
+    let missing = dir.path().join("missing.pem");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let os = |p: &PathBuf| p.as_os_str().to_owned();
+    let flag = |f: &str| std::ffi::OsString::from(f);
+    let cases: Vec<(Vec<std::ffi::OsString>, &Path, &str)> = vec![
+        (
+            vec![
+                flag("--tls-cert"),
+                os(&missing),
+                flag("--tls-key"),
+                os(&key),
+            ],
+            &missing,
+            "cannot read the certificate",
+        ),
+        (
+            vec![flag("--tls-cert"), os(&junk), flag("--tls-key"), os(&key)],
+            &junk,
+            "no certificate in it",
+        ),
+        (
+            vec![flag("--tls-cert"), os(&cert), flag("--tls-key"), os(&junk)],
+            &junk,
+            "no private key in it",
+        ),
+        (
+            vec![
+                flag("--tls-cert"),
+                os(&cert),
+                flag("--tls-key"),
+                os(&other_key),
+            ],
+            &other_key,
+            "does not match the certificate",
+        ),
+        (
+            vec![flag("--tls-cert"), os(&cert)],
+            Path::new("tls_cert"),
+            "set both or neither",
+        ),
+    ];
+    for (args, path, what) in cases {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = start_fails(&args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!("pid-server: error: {}", path.display()))
+                && err.contains(what),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_certificate_fails_the_reload_and_the_old_process_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (p, _notify, addr) = start_tls(&cert, &key);
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    let (code, out, err) = proc::reload(BIN, &["--pid", &p.pid.to_string()]);
+    assert_ne!(code, 0, "{out} {err}");
+    assert!(err.contains(&cert.display().to_string()), "{err}");
+    assert_eq!(pid_over_tls(addr, &ca), p.pid);
+    assert!(proc::alive(p.pid));
+}
+
+#[test]
+fn tls_sessions_resume_with_the_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (p, _notify, addr) = start_tls(&cert, &key);
+    let reaper = Reaper::default();
+    // One client configuration: its session cache holds the tickets.
+    let config = ca.client(&[b"http/1.1"]);
+    let mut c = TlsConn::open(addr, config.clone()).unwrap();
+    assert!(!c.is_resumed());
+    assert_eq!(c.get("/").unwrap().pid(), Some(p.pid));
+    drop(c);
+    let mut c = TlsConn::open(addr, config.clone()).unwrap();
+    assert!(c.is_resumed(), "resumed with the same process");
+    c.get("/").unwrap();
+    drop(c);
+
+    let new = reload(p.pid);
+    reaper.watch(new);
+    proc::wait_gone(p.pid, WAIT);
+    let mut c = TlsConn::open(addr, config.clone()).unwrap();
+    assert_eq!(c.get("/").unwrap().pid(), Some(new));
+    assert!(
+        c.is_resumed(),
+        "the new process took the old one's ticket keys"
+    );
+    // And over HTTP/2.
+    let h2 = ca.client(&[b"h2"]);
+    drop(
+        H2Conn::connect_tls(addr, h2.clone())
+            .unwrap()
+            .get("/")
+            .unwrap(),
+    );
+    let new2 = reload(new);
+    reaper.watch(new2);
+    proc::wait_gone(new, WAIT);
+    let mut c = H2Conn::connect_tls(addr, h2).unwrap();
+    assert_eq!(c.tls_resumed(), Some(true));
+    assert_eq!(pid_of(&c.get("/").unwrap().1), Some(new2));
+}
