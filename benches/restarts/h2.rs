@@ -64,6 +64,10 @@ enum End {
     Gone,
 }
 
+/// How the error of a stream cut by a graceful GOAWAY begins (the
+/// protocol table counts them apart: unprocessed, so a client may retry).
+pub(crate) const GOAWAY_CUT: &str = "cut by GOAWAY";
+
 fn graceful_goaway(e: &h2::Error) -> bool {
     e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
 }
@@ -253,7 +257,17 @@ impl StreamLoop {
                         );
                     }
                 }
-                Ok(Err(e)) => push(start, kind_of(&e), 0, reused, Some(format!("stream: {e}"))),
+                Ok(Err(e)) => {
+                    let what = if graceful_goaway(&e) {
+                        // Above the last stream id of a graceful GOAWAY: the
+                        // server did not process it (RFC 9113 6.8 lets a
+                        // client retry it; this one does not, it counts).
+                        GOAWAY_CUT
+                    } else {
+                        "stream"
+                    };
+                    push(start, kind_of(&e), 0, reused, Some(format!("{what}: {e}")))
+                }
                 Err(_) => push(
                     start,
                     Kind::Timeout,
