@@ -83,8 +83,10 @@ struct Flags {
 
     /// Protocol rows (issue #15), comma-separated: h1, h2c, tls-h1, tls-h2,
     /// or none. Each but h1 runs across reloads (tls-h1 in the keep-alive
-    /// and one-shot modes of --modes); each runs in the steady state beside
-    /// nginx with h2load [default: all four; --quick: h2c,tls-h1]
+    /// and one-shot modes of --modes; --quick without --modes: keep-alive
+    /// only, and 2 reloads unless --restarts); each runs in the steady
+    /// state beside nginx with h2load [default: all four; --quick:
+    /// h2c,tls-h1]
     #[arg(long, value_name = "LIST", value_parser = protocol_list)]
     protocols: Option<List<Proto>>,
 
@@ -196,6 +198,10 @@ pub(crate) struct Args {
     pub(crate) strategies: Vec<String>,
     pub(crate) modes: Vec<Mode>,
     pub(crate) protocols: Vec<Proto>,
+    /// Reloads per protocol row.
+    pub(crate) protocol_reloads: usize,
+    /// The client modes of the tls-h1 rows.
+    pub(crate) protocol_modes: Vec<Mode>,
     pub(crate) h2_connections: usize,
     pub(crate) h2_streams: usize,
     pub(crate) paused_clients: usize,
@@ -245,6 +251,16 @@ impl Flags {
         let ms = |v: Option<u64>, normal: u64, quick_v: u64| {
             Duration::from_millis(pick(v, normal, quick_v))
         };
+        // The tls-h1 rows: keep-alive and one-shot (paused clients are the
+        // restart table's), keep-alive alone in a quick run.
+        let protocol_modes = match (&self.modes, quick) {
+            (Some(l), _) => l.0.clone(),
+            (None, true) => vec![Mode::KeepAlive],
+            (None, false) => vec![Mode::KeepAlive, Mode::OneShot],
+        }
+        .into_iter()
+        .filter(|m| *m != Mode::Paused)
+        .collect();
         let args = Args {
             restarts: pick(self.restarts, 20, 3) as usize,
             spacing: ms(self.spacing_ms, 500, 400),
@@ -274,6 +290,8 @@ impl Flags {
                     PROTOCOLS.to_vec()
                 }
             }),
+            protocol_reloads: pick(self.restarts, 20, 2) as usize,
+            protocol_modes,
             h2_connections: self.h2_connections as usize,
             h2_streams: self.h2_streams as usize,
             paused_clients: self.paused_clients as usize,

@@ -279,18 +279,18 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
     };
     let mut pid = procs.spawn(server_cmd(port, certs.as_deref()), "pid-server")?;
     wait_pid(port, pid, probe.as_ref(), Duration::from_secs(10))?;
-    let planned = args.warmup + args.spacing * args.restarts as u32 + args.settle;
+    let planned = args.warmup + args.spacing * args.protocol_reloads as u32 + args.settle;
     eprintln!(
         "bench: protocols, {} / {}: {} reloads, about {:.1} s",
         row.proto.name(),
         row.client(args),
-        args.restarts,
+        args.protocol_reloads,
         planned.as_secs_f64()
     );
     let load = start_load(args, row, port, certs.as_deref(), planned)?;
     let mut certs = certs;
     let mut events = Vec::new();
-    for i in 0..args.restarts {
+    for i in 0..args.protocol_reloads {
         sleep_until(load.t0 + args.warmup + args.spacing * i as u32);
         if aborted() {
             break;
@@ -401,10 +401,8 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Results {
                 mode: Mode::KeepAlive,
             }),
             Proto::TlsH1 => {
-                for &mode in &args.modes {
-                    if mode != Mode::Paused {
-                        rows.push(Row { proto: p, mode });
-                    }
+                for &mode in &args.protocol_modes {
+                    rows.push(Row { proto: p, mode });
                 }
             }
         }
@@ -506,7 +504,7 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
          id, which the server did not process (RFC 9113 6.8 lets a client retry those; \
          counted here, part of reset). PIDs answered: processes that answered a 200, of \
          the generations started.\n",
-        args.restarts,
+        args.protocol_reloads,
         args.spacing.as_millis(),
         args.warmup.as_millis(),
         args.h2_connections,
@@ -610,7 +608,7 @@ pub(crate) fn write_json(
         "bench": "restarts, protocol rows",
         "settings": {
             "protocols": args.protocols.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            "reloads": args.restarts,
+            "reloads": args.protocol_reloads,
             "spacing_ms": args.spacing.as_millis() as u64,
             "h2_connections": args.h2_connections,
             "h2_streams": args.h2_streams,
