@@ -82,11 +82,10 @@ struct Flags {
     modes: Option<List<Mode>>,
 
     /// Protocol rows (issue #15), comma-separated: h1, h2c, tls-h1, tls-h2,
-    /// or none. Each but h1 runs across reloads (tls-h1 in the keep-alive
-    /// and one-shot modes of --modes; --quick without --modes: keep-alive
-    /// only, and 2 reloads unless --restarts); each runs in the steady
-    /// state beside nginx with h2load [default: all four; --quick:
-    /// h2c,tls-h1]
+    /// or none. Each but h1 runs across reloads (tls-h1 in every client
+    /// mode of --modes; --quick without --modes: keep-alive only, and 2
+    /// reloads unless --restarts); each runs in the steady state beside
+    /// nginx with h2load [default: all four; --quick: h2c,tls-h1]
     #[arg(long, value_name = "LIST", value_parser = protocol_list)]
     protocols: Option<List<Proto>>,
 
@@ -251,16 +250,12 @@ impl Flags {
         let ms = |v: Option<u64>, normal: u64, quick_v: u64| {
             Duration::from_millis(pick(v, normal, quick_v))
         };
-        // The tls-h1 rows: keep-alive and one-shot (paused clients are the
-        // restart table's), keep-alive alone in a quick run.
+        // The tls-h1 rows: those of --modes, keep-alive alone in a quick run.
         let protocol_modes = match (&self.modes, quick) {
             (Some(l), _) => l.0.clone(),
             (None, true) => vec![Mode::KeepAlive],
-            (None, false) => vec![Mode::KeepAlive, Mode::OneShot],
-        }
-        .into_iter()
-        .filter(|m| *m != Mode::Paused)
-        .collect();
+            (None, false) => vec![Mode::KeepAlive, Mode::OneShot, Mode::Paused],
+        };
         let args = Args {
             restarts: pick(self.restarts, 20, 3) as usize,
             spacing: ms(self.spacing_ms, 500, 400),

@@ -286,7 +286,7 @@ struct WorkerOut {
 
 /// splitmix64: a few lines of seeded randomness for the pauses, so that a
 /// run's pauses are the same for the same `--seed`.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -298,7 +298,7 @@ impl Rng {
     }
 
     /// Uniform in `lo..=hi` (µs resolution).
-    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+    pub(crate) fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
         let (lo, hi) = (lo.as_micros() as u64, hi.as_micros() as u64);
         Duration::from_micros(lo + self.next() % (hi.saturating_sub(lo) + 1))
     }
@@ -306,7 +306,7 @@ impl Rng {
 
 /// Sleeps `d`, cut short by the stop flag or the deadline (checked every
 /// 50 ms: a paused client must not hold up the end of a load).
-async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
+pub(crate) async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
     let until = (Instant::now() + d).min(deadline);
     loop {
         let now = Instant::now();

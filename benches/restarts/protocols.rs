@@ -87,7 +87,7 @@ impl Row {
         if self.proto.h2() {
             format!("{}×{} streams", args.h2_connections, args.h2_streams)
         } else {
-            format!("{} {}", args.concurrency, self.mode.name())
+            format!("{} {}", args.connections(self.mode), self.mode.name())
         }
     }
     fn label(&self) -> String {
@@ -250,11 +250,14 @@ fn start_load(
                 .ok_or("tls-h1 without certificates")?
                 .client(&[b"http/1.1"])?;
             let keep_alive = row.mode != Mode::OneShot;
-            ProtoLoad::start(threads, args.concurrency, move |i, t0, stop| {
+            let pause =
+                (row.mode == Mode::Paused).then_some((args.pause_min, args.pause_max, args.seed));
+            ProtoLoad::start(threads, args.connections(row.mode), move |i, t0, stop| {
                 H1Slot {
                     port,
                     cfg: cfg.clone(),
                     keep_alive,
+                    pause,
                     timeout,
                     deadline,
                     max_requests,
@@ -279,7 +282,13 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
     };
     let mut pid = procs.spawn(server_cmd(port, certs.as_deref()), "pid-server")?;
     wait_pid(port, pid, probe.as_ref(), Duration::from_secs(10))?;
-    let planned = args.warmup + args.spacing * args.protocol_reloads as u32 + args.settle;
+    // Paused clients: after the last reload at least their longest pause,
+    // so that every connection open then sends once more.
+    let settle = match row.mode {
+        Mode::Paused => args.settle.max(args.pause_max + Duration::from_millis(250)),
+        _ => args.settle,
+    };
+    let planned = args.warmup + args.spacing * args.protocol_reloads as u32 + settle;
     eprintln!(
         "bench: protocols, {} / {}: {} reloads, about {:.1} s",
         row.proto.name(),
@@ -345,7 +354,7 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
         });
         procs.reap();
     }
-    sleep_until(Instant::now() + args.settle);
+    sleep_until(Instant::now() + settle);
     let data = load.finish();
     procs.reap();
     let connections = {
@@ -499,7 +508,8 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
          `pid-server reload` {} times, {} ms apart, after {} ms of load; with TLS the \
          certificate files are renewed before every reload. HTTP/2: {} connections × {} \
          concurrent streams (a GOAWAY'd connection is replaced for new streams; a stream \
-         refused, reset or cut is a failure); TLS HTTP/1.1: {} connections. Nothing is \
+         refused, reset or cut is a failure); TLS HTTP/1.1: {} connections (paused: {}, \
+         each idle {}–{} ms after every answer). Nothing is \
          retried. \"Cut by GOAWAY\": failed streams above a graceful GOAWAY's last stream \
          id, which the server did not process (RFC 9113 6.8 lets a client retry those; \
          counted here, part of reset). PIDs answered: processes that answered a 200, of \
@@ -510,6 +520,9 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
         args.h2_connections,
         args.h2_streams,
         args.concurrency,
+        args.paused_clients,
+        args.pause_min.as_millis(),
+        args.pause_max.as_millis(),
     );
     s.push_str(
         "| protocol | client | reloads ok | sent | failed | refused | reset | eof | timeout | non-200 | other \

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::load::{Conn, FailRec, Kind, Rec, classify};
+use crate::load::{Conn, FailRec, Kind, Rec, Rng, classify, pause};
 use crate::procs::{TempDir, aborted};
 
 /// The name the leaf is for, and the client asks for.
@@ -199,13 +199,17 @@ pub(crate) fn wait_for_pid(
 
 /// One TLS HTTP/1.1 client connection slot, a closed loop: keep-alive
 /// (the connection is reused until the server says `Connection: close` or
-/// a request on it fails; never retried) or one-shot (a new connection,
-/// and handshake, per request). The same response parser as the plain
-/// client's ([`Conn`]).
+/// a request on it fails; never retried), paused (the same, idle a random
+/// time between requests, as the plain paused clients) or one-shot (a new
+/// connection, and handshake, per request). The same response parser as
+/// the plain client's ([`Conn`]).
 pub(crate) struct H1Slot {
     pub(crate) port: u16,
     pub(crate) cfg: Arc<ClientConfig>,
     pub(crate) keep_alive: bool,
+    /// Paused clients: the idle time after each answer is drawn uniformly
+    /// from this range, seeded per slot.
+    pub(crate) pause: Option<(Duration, Duration, u64)>,
     pub(crate) timeout: Duration,
     pub(crate) deadline: Instant,
     pub(crate) max_requests: u64,
@@ -245,6 +249,9 @@ impl H1Slot {
         let (mut recs, mut fails) = (Vec::with_capacity(8 * 1024), Vec::new());
         let mut conn: Option<Tls> = None;
         let (mut conns, mut sent) = (0u64, 0u64);
+        let mut rng = self
+            .pause
+            .map(|(_, _, seed)| Rng(seed ^ task.wrapping_mul(0xa076_1d64_78bd_642f)));
         while !stop.load(Ordering::Relaxed)
             && Instant::now() < self.deadline
             && sent < self.max_requests
@@ -302,6 +309,9 @@ impl H1Slot {
                 }
             } else if close {
                 conn = None;
+            }
+            if let (Some((lo, hi, _)), Some(rng)) = (self.pause, rng.as_mut()) {
+                pause(rng.between(lo, hi), &stop, self.deadline).await;
             }
         }
         (recs, fails)
