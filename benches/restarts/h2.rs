@@ -48,7 +48,8 @@ pub(crate) struct H2Slot {
     pub(crate) streams: usize,
     pub(crate) timeout: Duration,
     pub(crate) deadline: Instant,
-    /// Streams per stream loop, at most.
+    /// Streams (and failed connections) per stream of the slot, at most:
+    /// the slot stops after this × `streams`.
     pub(crate) max_requests: u64,
 }
 
@@ -296,11 +297,16 @@ impl H2Slot {
             let start = Instant::now();
             let send = match tokio::time::timeout(self.timeout, handshake(&self)).await {
                 Ok(Ok(s)) => s,
+                // (A failed connection counts against the bound as a
+                // stream would: a server that is down cannot make this
+                // loop spin unbounded.)
                 Ok(Err((kind, msg))) => {
+                    sent.fetch_add(1, Ordering::Relaxed);
                     record_failed_connect(&mut recs, &mut fails, t0, start, conn, kind, msg);
                     continue;
                 }
                 Err(_) => {
+                    sent.fetch_add(1, Ordering::Relaxed);
                     let msg = format!("no HTTP/2 connection within {:?}", self.timeout);
                     record_failed_connect(
                         &mut recs,
