@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::load::Mode;
+use crate::protocols::{PROTOCOLS, Proto};
 use crate::servers::{MANIFEST_DIR, PID_SERVER};
 use crate::strategies::STRATEGIES;
 
@@ -79,6 +80,22 @@ struct Flags {
     /// all three]
     #[arg(long, value_name = "LIST", value_parser = mode_list)]
     modes: Option<List<Mode>>,
+
+    /// Protocol rows (issue #15), comma-separated: h1, h2c, tls-h1, tls-h2,
+    /// or none. Each but h1 runs across reloads (tls-h1 in every client
+    /// mode of --modes; --quick without --modes: keep-alive only, and 2
+    /// reloads unless --restarts); each runs in the steady state beside
+    /// nginx with h2load [default: all four; --quick: h2c,tls-h1]
+    #[arg(long, value_name = "LIST", value_parser = protocol_list)]
+    protocols: Option<List<Proto>>,
+
+    /// HTTP/2 connections of the protocol rows (h2c, tls-h2)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    h2_connections: u64,
+
+    /// Concurrent streams per HTTP/2 connection
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    h2_streams: u64,
 
     /// Connections of the paused client mode (each mostly idle)
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
@@ -184,6 +201,16 @@ fn count_list(v: &str) -> Result<List<usize>, String> {
         .map(List)
 }
 
+fn protocol_list(v: &str) -> Result<List<Proto>, String> {
+    if v.trim() == "none" {
+        return Ok(List(Vec::new()));
+    }
+    items(v)
+        .map(|p| Proto::parse(p).ok_or_else(|| format!("unknown protocol {p:?}")))
+        .collect::<Result<_, _>>()
+        .map(List)
+}
+
 fn items(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
@@ -203,6 +230,13 @@ pub(crate) struct Args {
     pub(crate) bucket: Duration,
     pub(crate) strategies: Vec<String>,
     pub(crate) modes: Vec<Mode>,
+    pub(crate) protocols: Vec<Proto>,
+    /// Reloads per protocol row.
+    pub(crate) protocol_reloads: usize,
+    /// The client modes of the tls-h1 rows.
+    pub(crate) protocol_modes: Vec<Mode>,
+    pub(crate) h2_connections: usize,
+    pub(crate) h2_streams: usize,
     pub(crate) paused_clients: usize,
     pub(crate) pause_min: Duration,
     pub(crate) pause_max: Duration,
@@ -257,6 +291,12 @@ impl Flags {
         let ms = |v: Option<u64>, normal: u64, quick_v: u64| {
             Duration::from_millis(pick(v, normal, quick_v))
         };
+        // The tls-h1 rows: those of --modes, keep-alive alone in a quick run.
+        let protocol_modes = match (&self.modes, quick) {
+            (Some(l), _) => l.0.clone(),
+            (None, true) => vec![Mode::KeepAlive],
+            (None, false) => vec![Mode::KeepAlive, Mode::OneShot, Mode::Paused],
+        };
         let args = Args {
             restarts: pick(self.restarts, 20, 3) as usize,
             spacing: ms(self.spacing_ms, 500, 400),
@@ -279,6 +319,17 @@ impl Flags {
                 .modes
                 .map(|l| l.0)
                 .unwrap_or_else(|| vec![Mode::KeepAlive, Mode::OneShot, Mode::Paused]),
+            protocols: self.protocols.map(|l| l.0).unwrap_or_else(|| {
+                if quick {
+                    vec![Proto::H2c, Proto::TlsH1]
+                } else {
+                    PROTOCOLS.to_vec()
+                }
+            }),
+            protocol_reloads: pick(self.restarts, 20, 2) as usize,
+            protocol_modes,
+            h2_connections: self.h2_connections as usize,
+            h2_streams: self.h2_streams as usize,
             paused_clients: self.paused_clients as usize,
             pause_min: Duration::from_millis(self.pause_min_ms),
             pause_max: Duration::from_millis(self.pause_max_ms),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::cli::Args;
 
@@ -87,7 +87,7 @@ impl Kind {
     }
 }
 
-fn classify(e: &io::Error) -> Kind {
+pub(crate) fn classify(e: &io::Error) -> Kind {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Kind::Refused,
         io::ErrorKind::ConnectionReset
@@ -140,12 +140,14 @@ pub(crate) struct Response {
     pub(crate) close: bool,
 }
 
-pub(crate) struct Conn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
+/// An HTTP/1.1 client connection: over TCP here, over TLS in `tls.rs`
+/// (the same parser, so the rows compare).
+pub(crate) struct Conn<S = tokio::net::TcpStream> {
+    pub(crate) stream: S,
+    pub(crate) buf: Vec<u8>,
 }
 
-impl Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn read_more(&mut self, what: &str) -> io::Result<()> {
         self.buf.reserve(2048);
         let n = self.stream.read_buf(&mut self.buf).await?;
@@ -158,7 +160,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn read_response(&mut self) -> io::Result<Response> {
+    pub(crate) async fn read_response(&mut self) -> io::Result<Response> {
         self.buf.clear();
         let head_end = loop {
             if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -288,7 +290,7 @@ struct WorkerOut {
 
 /// splitmix64: a few lines of seeded randomness for the pauses, so that a
 /// run's pauses are the same for the same `--seed`.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -300,7 +302,7 @@ impl Rng {
     }
 
     /// Uniform in `lo..=hi` (µs resolution).
-    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+    pub(crate) fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
         let (lo, hi) = (lo.as_micros() as u64, hi.as_micros() as u64);
         Duration::from_micros(lo + self.next() % (hi.saturating_sub(lo) + 1))
     }
@@ -308,7 +310,7 @@ impl Rng {
 
 /// Sleeps `d`, cut short by the stop flag or the deadline (checked every
 /// 50 ms: a paused client must not hold up the end of a load).
-async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
+pub(crate) async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
     let until = (Instant::now() + d).min(deadline);
     loop {
         let now = Instant::now();

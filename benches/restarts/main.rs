@@ -45,6 +45,9 @@
 //! - [`results`]: one run's records turned into counts, percentiles and a
 //!   timeline;
 //! - [`report`]: tables, verdict, JSON and the picture;
+//! - [`protocols`]: the HTTP/2 and TLS rows (issue #15) across reloads,
+//!   with their clients in [`h2`] and [`tls`], and their steady state beside
+//!   nginx in [`h2load`];
 //! - [`procs`], [`netns`], [`servers`]: processes, network namespaces and
 //!   the servers the bench starts, and how it probes them.
 
@@ -53,14 +56,18 @@ use pid_server_test_support::nspawn;
 mod capacity;
 mod cli;
 mod endurance;
+mod h2;
+mod h2load;
 mod load;
 mod netns;
 mod procs;
+mod protocols;
 mod report;
 mod results;
 mod servers;
 mod steady;
 mod strategies;
+mod tls;
 
 use std::fs;
 use std::time::Instant;
@@ -92,19 +99,25 @@ fn main() {
         });
     }
     let mut skips = strategies::Skips::default();
-    let (runs, steady) = if args.capacity_only {
-        (Vec::new(), Vec::new())
+    let (runs, steady, protos) = if args.capacity_only {
+        (Vec::new(), Vec::new(), protocols::Results::default())
     } else {
         let runs = strategies::run_all(&args, &mut skips);
-        (runs, steady::run(&args, &mut skips))
+        let steady = steady::run(&args, &mut skips);
+        (runs, steady, protocols::run(&args, &mut skips))
     };
     let capacity = capacity::run(&args, &mut skips);
     let reload_clean = report::publish(&args, &runs, &steady, &capacity, &skips, started.elapsed());
+    let protocols_clean = protocols::publish(&args, &protos);
     if aborted() {
         std::process::exit(130);
     }
     if args.check && !reload_clean {
         eprintln!("bench: --check: `pid-server reload` failed requests or did not run");
+        std::process::exit(1);
+    }
+    if args.check && !protocols_clean {
+        eprintln!("bench: --check: a protocol row failed requests or streams, or did not run");
         std::process::exit(1);
     }
 }

@@ -105,7 +105,7 @@ pub(crate) fn build_go(args: &Args) -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/lib/go/bin"].map(PathBuf::from))
