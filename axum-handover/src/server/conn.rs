@@ -100,10 +100,7 @@ impl AsyncRead for ConnIo {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        let r = match &mut this.stream {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        };
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.read_some();
         }
@@ -111,43 +108,53 @@ impl AsyncRead for ConnIo {
     }
 }
 
-macro_rules! both {
-    ($self:ident, $s:ident => $e:expr) => {
-        match &mut $self.stream {
+/// Runs `$e` with `$s` bound to the stream inside, whichever kind it is.
+macro_rules! either {
+    ($stream:expr, $s:ident => $e:expr) => {
+        match $stream {
             Stream::Tcp($s) => $e,
             Stream::Unix($s) => $e,
         }
     };
 }
 
-impl AsyncWrite for ConnIo {
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        both!(self, s => Pin::new(s).poll_write(cx, buf))
+        either!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => Pin::new(s).poll_flush(cx))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => Pin::new(s).poll_shutdown(cx))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        both!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+        either!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
-        }
+        either!(self, s => s.is_write_vectored())
     }
 }
+
+write_through!(ConnIo, stream);
 
 /// How long a connection idles in hyper before it is parked. Long enough
 /// that a busy keep-alive connection (a client that sends its next request

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::{ConnCtx, Mode, Stream};
 
@@ -57,7 +57,7 @@ pub(crate) async fn detect(stream: &mut Stream, mut read: Vec<u8>, ctx: &ConnCtx
         let mut buf = [0u8; 64];
         tokio::select! {
             // Cancel-safe: nothing is lost when another branch wins.
-            r = read_some(stream, &mut buf) => match r {
+            r = stream.read(&mut buf) => match r {
                 Ok(0) | Err(_) => return Detected::Closed,
                 Ok(n) => read.extend_from_slice(&buf[..n]),
             },
@@ -69,89 +69,6 @@ pub(crate) async fn detect(stream: &mut Stream, mut read: Vec<u8>, ctx: &ConnCtx
             // A prefix of the preface and then silence: hyper's HTTP/1.1
             // path times it out the same way.
             _ = &mut deadline => return Detected::Http1(read),
-        }
-    }
-}
-
-async fn read_some(stream: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
-    match stream {
-        Stream::Tcp(s) => s.read(buf).await,
-        Stream::Unix(s) => s.read(buf).await,
-    }
-}
-
-/// A plain stream with bytes already read from it served first.
-pub(crate) struct Prefixed {
-    stream: Stream,
-    ahead: Vec<u8>,
-    served: usize,
-}
-
-impl Prefixed {
-    pub(crate) fn new(stream: Stream, ahead: Vec<u8>) -> Prefixed {
-        Prefixed {
-            stream,
-            ahead,
-            served: 0,
-        }
-    }
-}
-
-macro_rules! both {
-    ($self:ident, $s:ident => $e:expr) => {
-        match &mut $self.stream {
-            Stream::Tcp($s) => $e,
-            Stream::Unix($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.served < this.ahead.len() {
-            let n = buf.remaining().min(this.ahead.len() - this.served);
-            buf.put_slice(&this.ahead[this.served..this.served + n]);
-            this.served += n;
-            if this.served == this.ahead.len() {
-                this.ahead = Vec::new();
-                this.served = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        both!(this, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        both!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => Pin::new(s).poll_shutdown(cx))
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        both!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
         }
     }
 }
@@ -174,6 +91,12 @@ pub(crate) struct Rewind<I> {
     ahead: Vec<u8>,
 }
 
+impl<I> Rewind<I> {
+    pub(crate) fn new(io: I, ahead: Vec<u8>) -> Rewind<I> {
+        Rewind { io, ahead }
+    }
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -184,27 +107,17 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
             let n = buf.remaining().min(self.ahead.len());
             buf.put_slice(&self.ahead[..n]);
             self.ahead.drain(..n);
+            if self.ahead.is_empty() {
+                // Not kept for the connection's life.
+                self.ahead = Vec::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+write_through!(Rewind<I>, io, I);
 
 /// Reads the HTTP/2 preface from a connection that chose `h2` by ALPN,
 /// within the header timeout, and gives up on a silent one as soon as the

@@ -27,6 +27,44 @@
 //! process. Whether the generation moves or drains, they drain here (see
 //! `h2` and `tls`), within the same drain timeout.
 
+/// `AsyncWrite` for a wrapper that changes only what is read: every write
+/// goes to its field `$field` as it is.
+macro_rules! write_through {
+    ($ty:ty, $field:ident $(, $g:ident)?) => {
+        impl$(<$g: tokio::io::AsyncWrite + Unpin>)? tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+        }
+    };
+}
+
 mod ack;
 mod conn;
 mod detect;
@@ -548,7 +586,7 @@ async fn serve_conn(
     match detect::detect(&mut stream, read_ahead, ctx).await {
         detect::Detected::Http1(read) => conn::serve(stream, read, socket, ctx).await,
         detect::Detected::Http2(read) => {
-            h2::serve(detect::Prefixed::new(stream, read), &socket, ctx).await;
+            h2::serve(detect::Rewind::new(stream, read), &socket, ctx).await;
             conn::Ended::Closed
         }
         detect::Detected::Closed => conn::Ended::Closed,

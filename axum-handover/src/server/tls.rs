@@ -27,12 +27,12 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use super::detect::{Prefixed, serving_idle};
+use super::detect::{Rewind, serving_idle};
 use super::{ConnCtx, Counters, Mode, Stream};
 
 /// Serves one TLS connection to its end.
 pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, ctx: &ConnCtx) {
-    let handshake = acceptor.accept(Prefixed::new(stream, Vec::new()));
+    let handshake = acceptor.accept(Rewind::new(stream, Vec::new()));
     let tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -191,31 +191,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Touching<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Touching<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
+write_through!(Touching<I>, io, I);
 
 /// The app's router behind one TLS HTTP/1.1 connection: counts requests,
 /// and says `Connection: close` once the generation leaves (the connection
