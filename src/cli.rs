@@ -376,8 +376,7 @@ impl ServeArgs {
             .probation(self.upgrade_probation)
             .keep_alive_timeout(self.keep_alive_timeout)
             .header_read_timeout(self.header_timeout)
-            .max_connections(self.max_connections as usize)
-            .socket_connections(crate::app::METRICS_SOCKET, crate::app::METRICS_CONNECTIONS);
+            .max_connections(self.max_connections as usize);
         if let Some(tls) = tls {
             c = c.tls(tls);
         }

@@ -22,7 +22,12 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
         Ok(tls) => tls,
         Err(e) => return config_file::refuse(&e),
     };
-    let mut generation = match Generation::take(&args.config(tls), &args.listen) {
+    // The metrics socket's own slots, outside --max-connections: health
+    // answers also when every client slot is taken.
+    let config = args
+        .config(tls)
+        .socket_connections(app::METRICS_SOCKET, app::METRICS_CONNECTIONS);
+    let mut generation = match Generation::take(&config, &args.listen) {
         Ok(g) => g,
         Err(e) => return cli::fail(&e.to_string(), e.exit_code()),
     };
