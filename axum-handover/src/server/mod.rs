@@ -324,24 +324,32 @@ impl Server {
 
     /// Serves the connections the previous generation moves to us, as if we
     /// had accepted them (each takes a connection slot), until it closes the
-    /// channel (it does when it exits).
+    /// channel (it does when it exits) or we drain.
     ///
-    /// Also once we leave ourselves (a reload that came before the previous
-    /// generation was done): a connection that arrives then is served in the
-    /// mode we are in, so it moves on to our successor or drains here. Closing
-    /// the channel instead would close the connections queued in it and
-    /// make the previous generation's next sends fail. A generation therefore
-    /// exits only after the one before it (within its drain timeout), since
-    /// this task holds a `done` sender.
+    /// Also once we hand over ourselves (a reload that came before the
+    /// previous generation was done): a connection that arrives then moves
+    /// on to our successor. Closing the channel instead would close the
+    /// connections queued in it and make the previous generation's next
+    /// sends fail. A generation that hands over therefore exits only after
+    /// the one before it (within its drain timeout), since this task holds a
+    /// `done` sender. A drain (a stop) ends the adoption.
     pub(crate) fn adopt(&self, channel: Connections) {
         let Some(done) = self.done.clone() else {
             return;
         };
         let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
+        let mut mode = self.mode.subscribe();
         tokio::spawn(async move {
             let mut adopted = 0usize;
             loop {
-                let got = channel.recv().await;
+                let got = tokio::select! {
+                    r = channel.recv() => r,
+                    // A drain (a stop) ends the adoption: the previous
+                    // generation may be waiting for us to exit (a stop
+                    // before it committed the handover), and it serves
+                    // what it could not send. Moving does not end it.
+                    _ = mode.wait_for(|m| *m == Mode::Draining) => break,
+                };
                 let received = match got {
                     Ok(Some(Ok(Message::Connection(r)))) => r,
                     Ok(Some(Ok(Message::Counters(c)))) => {
