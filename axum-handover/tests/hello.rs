@@ -4,22 +4,12 @@
 //! one-shot and paused clients; kept connections move to each new process.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use pid_server_test_support::proc::{self, Proc, Reaper, WAIT};
 use pid_server_test_support::{Load, http, report};
-
-/// `cargo test` builds the package's examples beside its test binaries.
-fn hello() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = debug.join("examples/hello");
-    assert!(bin.exists(), "{} not built (run cargo test)", bin.display());
-    bin
-}
 
 /// The PID answering `/` on a new connection.
 fn answering(addr: SocketAddr) -> u32 {
@@ -99,7 +89,7 @@ fn swaps_under_load(first: &Proc, addr: SocketAddr) {
 #[test]
 fn hello_swaps_itself_with_an_address() {
     let addr = proc::free_addr();
-    let mut cmd = Command::new(hello());
+    let mut cmd = Command::new(proc::example("hello"));
     cmd.arg(addr.to_string());
     let p = Proc::spawn(cmd);
     http::wait_ok(addr, "/", WAIT);
@@ -121,7 +111,7 @@ fn hello_swaps_itself_with_a_socket_from_systemd() {
     let mut cmd = Command::new(activate);
     cmd.arg("-l")
         .arg(addr.to_string())
-        .arg(hello())
+        .arg(proc::example("hello"))
         .arg("127.0.0.1:1");
     let p = Proc::spawn(cmd);
     http::wait_ok(addr, "/", WAIT);

@@ -3,7 +3,6 @@
 //! failed HTTP/1.1 requests; HTTP/2 connections get a graceful GOAWAY and
 //! their clients go on with the new process, HTTP/1.1 ones move.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,18 +11,10 @@ use pid_server_test_support::h2::{H2Conn, H2Load};
 use pid_server_test_support::proc::{self, Proc, Reaper, WAIT};
 use pid_server_test_support::{Load, http};
 
-fn hello() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = debug.join("examples/hello");
-    assert!(bin.exists(), "{} not built (run cargo test)", bin.display());
-    bin
-}
-
 #[test]
 fn h2c_and_http1_share_a_socket_through_reloads() {
     let addr = proc::free_addr();
-    let mut cmd = Command::new(hello());
+    let mut cmd = Command::new(proc::example("hello"));
     cmd.arg(addr.to_string());
     let first = Proc::spawn(cmd);
     http::wait_ok(addr, "/", WAIT);

@@ -419,17 +419,22 @@ pub(crate) struct LoadData {
     pub(crate) duration: Duration,
 }
 
+/// The load clients' own runtime, `threads` worker threads.
+pub(crate) fn client_runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("load")
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| format!("load client runtime: {e}"))
+}
+
 impl Load {
     /// Starts the client's threads (in the calling thread's network
     /// namespace) and its connections.
     pub(crate) fn start(cfg: LoadCfg) -> Result<Load, String> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.threads)
-            .thread_name("load")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("load client runtime: {e}"))?;
+        let rt = client_runtime(cfg.threads)?;
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
         let cfg = Arc::new(cfg);

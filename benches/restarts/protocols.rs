@@ -167,13 +167,7 @@ impl ProtoLoad {
         F: Fn(u64, Instant, Arc<AtomicBool>) -> Fut,
         Fut: Future<Output = (Vec<Rec>, Vec<FailRec>)> + Send + 'static,
     {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("load")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("load client runtime: {e}"))?;
+        let rt = crate::load::client_runtime(threads)?;
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
         let tasks = (0..n)

@@ -235,6 +235,16 @@ pub fn serve_cmd(bin: impl AsRef<Path>, addr: SocketAddr, notify: &Notify) -> Co
     cmd
 }
 
+/// An example of the calling test's package (`examples/NAME.rs`), which
+/// `cargo test` builds beside the test binaries; panics if it is missing.
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("examples").join(name);
+    assert!(bin.exists(), "{} not built (run cargo test)", bin.display());
+    bin
+}
+
 /// A free loopback address (port 0 bound and released; SO_REUSEPORT makes a
 /// later bind by pid-server safe even if the test's socket lingers).
 pub fn free_addr() -> SocketAddr {
