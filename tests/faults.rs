@@ -31,13 +31,7 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn start_with(args: &[&str]) -> (Proc, Notify, SocketAddr) {
-    let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
-    cmd.args(args);
-    let p = Proc::spawn(cmd);
-    notify.wait_for("READY=1", |m| m.contains("READY=1"));
-    (p, notify, addr)
+    proc::start_with(BIN, args)
 }
 
 /// Reads until EOF or the timeout, returning what came.

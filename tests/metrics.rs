@@ -97,6 +97,11 @@ fn counters_survive_reloads_and_failed_reloads_are_counted() {
 /// `=metrics`), started with `args`; ready when this returns. Returns it,
 /// the main socket's address and the metrics socket's.
 fn two_sockets(args: &[&str]) -> (proc::Proc, SocketAddr, SocketAddr) {
+    two_sockets_named("http:metrics", args)
+}
+
+/// Two sockets from "systemd" named by `names` (`LISTEN_FDNAMES`).
+fn two_sockets_named(names: &str, args: &[&str]) -> (proc::Proc, SocketAddr, SocketAddr) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let http_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -111,7 +116,7 @@ fn two_sockets(args: &[&str]) -> (proc::Proc, SocketAddr, SocketAddr) {
     cmd.args(["serve", "--listen", "127.0.0.1:1"])
         .args(args)
         .env("LISTEN_FDS", "2")
-        .env("LISTEN_FDNAMES", "http:metrics")
+        .env("LISTEN_FDNAMES", names)
         .env_remove("LISTEN_PID")
         .env("NOTIFY_SOCKET", &notify.path);
     // SAFETY: fcntl and dup2 are async-signal-safe; the fds are ours.
@@ -168,6 +173,21 @@ fn a_socket_named_metrics_serves_metrics_alone_also_after_a_reload() {
     // The kept connection moved, and kept its socket's routes.
     check(&mut kept);
     assert_eq!(proc::health_pid(web), new);
+}
+
+/// Client sockets share `--max-connections`; a socket's accept loop that
+/// waits for a client must not keep a slot from the others. With one slot,
+/// the loop that took it first used to hold it, and the other socket's
+/// clients waited for good.
+#[test]
+fn with_one_connection_slot_two_client_sockets_take_turns() {
+    let (_p, a, b) = two_sockets_named("http:http", &["--max-connections", "1"]);
+    // Twice on each: a loop that kept the slot would starve the other.
+    for (i, addr) in [a, a, b, b].into_iter().enumerate() {
+        let r = http::get_timeout(addr, "/", WAIT)
+            .unwrap_or_else(|e| panic!("request {i} to {addr}: {e}"));
+        assert_eq!(r.status, 200, "request {i} to {addr}");
+    }
 }
 
 #[test]

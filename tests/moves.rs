@@ -58,6 +58,31 @@ fn idle_keepalive_connections_are_answered_by_the_new_process_on_the_same_socket
     }
 }
 
+/// One connection slot (what `LimitNOFILE=64` leaves): the new process's
+/// idle accept loop must not sit on the slot the moved connection needs.
+/// It did, and the moved client waited for an answer that never came, since
+/// no new client arrived to free the slot (seen under systemd 252 in CI).
+#[test]
+fn with_one_connection_slot_a_moved_connection_is_answered_by_the_new_process() {
+    let (old, _notify, addr) = proc::start_with(BIN, &["--max-connections", "1"]);
+    let reaper = Reaper::default();
+    let mut c = http::Conn::open(addr, WAIT).unwrap();
+    assert_eq!(c.get("/").unwrap().pid(), Some(old.pid));
+    let (new, line) = reload(old.pid);
+    reaper.watch(new);
+    assert!(
+        line.contains("; 1 connections moved, 0 fell back"),
+        "{line}"
+    );
+    let r = c.get("/").expect("the moved connection is answered");
+    assert_eq!((r.status, r.pid()), (200, Some(new)));
+    assert_eq!(c.served(), 2, "on the same connection");
+    // Closing it frees the slot for the next client.
+    drop(c);
+    let r = http::get_timeout(addr, "/", WAIT).expect("the next client");
+    assert_eq!(r.pid(), Some(new));
+}
+
 #[test]
 fn with_only_idle_connections_the_old_process_is_gone_within_a_second() {
     let (old, _notify, addr) = proc::start(BIN);

@@ -139,8 +139,9 @@ impl Config {
         self
     }
 
-    /// Most connections served at once; further ones wait in the kernel's
-    /// accept queue (default 10 000).
+    /// Most connections served at once; further ones wait, unserved: one
+    /// per socket accepted, the rest in the kernel's accept queue (default
+    /// 10 000).
     pub fn max_connections(mut self, n: usize) -> Config {
         self.max_connections = n.max(1);
         self

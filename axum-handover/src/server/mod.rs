@@ -387,7 +387,7 @@ impl Server {
                         adopted += 1;
                         let conn = (s, received.read_ahead, socket);
                         // Always plain: TLS connections never move.
-                        spawn_conn(conn, None, ctx.clone(), permit, done.clone());
+                        spawn_conn(conn, None, ctx.clone(), Some(permit), done.clone());
                     }
                     Err(e) => {
                         tracing::warn!(event = "connection_refused", error = %e,
@@ -528,18 +528,30 @@ async fn accept_loop(
     done: mpsc::Sender<()>,
 ) {
     loop {
-        // Wait for a free slot before accepting: over the cap, connections
-        // wait in the kernel's queue rather than being accepted and dropped.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.wait_for(|s| *s) => break,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => break,
         };
         match accepted {
             Ok(s) => {
+                // Take a slot after accepting, not before: a loop waiting
+                // for a client must not sit on a slot that a moved
+                // connection (`adopt`) or another socket's loop needs. With
+                // one slot left, a loop holding it while idle starved the
+                // moved connections whose clients were waiting for an
+                // answer, and no new client came to free it. Over the cap,
+                // this connection waits here, unserved, and further ones
+                // wait in the kernel's queue, since this loop accepts no
+                // more until a slot frees. A stop (a move or a drain)
+                // serves it without a slot: it is moved or answered with
+                // `Connection: close`, not left to be reset at exit.
+                let permit = tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    },
+                    _ = stop.wait_for(|s| *s) => None,
+                };
                 let conn = (s, Vec::new(), socket.clone());
                 spawn_conn(conn, tls.clone(), ctx.clone(), permit, done.clone());
             }
@@ -563,7 +575,7 @@ fn spawn_conn(
     conn: NewConn,
     tls: Option<tokio_rustls::TlsAcceptor>,
     ctx: Arc<ConnCtx>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     done: mpsc::Sender<()>,
 ) {
     tokio::spawn(async move {

@@ -254,9 +254,16 @@ pub fn free_addr() -> SocketAddr {
 
 /// Starts pid-server on a fresh loopback port and waits for `READY=1`.
 pub fn start(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
+    start_with(bin, &[])
+}
+
+/// [`start`] with more arguments to `serve`.
+pub fn start_with(bin: impl AsRef<Path>, args: &[&str]) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
     let addr = free_addr();
-    let p = Proc::spawn(serve_cmd(bin, addr, &notify));
+    let mut cmd = serve_cmd(bin, addr, &notify);
+    cmd.args(args);
+    let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     (p, notify, addr)
 }
