@@ -38,7 +38,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-use super::{ConnCtx, Mode};
+use super::detect::{self, Detected};
+use super::{ConnCtx, Held, Mode, h2};
 use crate::handover::channel::Kind;
 
 /// A client connection of either kind.
@@ -269,28 +270,28 @@ pub(crate) enum Ended {
     FellBack,
 }
 
-/// Serves one connection to its end: parked while idle, with a hyper
-/// connection while a request comes in.
-pub(crate) async fn serve(
-    stream: Stream,
-    read_ahead: Vec<u8>,
-    socket: Arc<str>,
-    ctx: &ConnCtx,
-) -> Ended {
-    let mut conn = Parked {
-        stream,
-        read_ahead,
-        idle_since_ms: now_ms(),
-        fell_back: false,
-    };
-    loop {
+/// Serves one plain connection to its end: parked while idle, with a hyper
+/// connection while a request comes in; HTTP/2 instead when its first
+/// bytes are the preface. Counts how it ended in `held`.
+///
+/// This future is the connection's task, allocated once for its whole life
+/// and as large as its largest state, so every connection, a parked one
+/// included, pays for that state: what only a connection with bytes coming
+/// in needs (hyper's connection, the protocol detection, HTTP/2) is boxed
+/// in the step that serves them, and the parked wait polls the socket's
+/// readiness rather than holding a future for it. (Inline, the HTTP/2 path
+/// made every connection's task ~7 KB; see "Capacity" in README.md.)
+pub(crate) async fn serve(mut conn: Parked, socket: Arc<str>, ctx: Arc<ConnCtx>, held: Held) {
+    // Only the connection's first bytes can be the HTTP/2 preface.
+    let mut first = true;
+    let ended = loop {
         // Bytes read ahead are a request coming in: no wait.
         if conn.read_ahead.is_empty() {
-            match conn.wait(ctx).await {
+            match conn.wait(&ctx).await {
                 Wake::Readable => {}
-                Wake::Close => return conn.ended(),
-                Wake::Move => match conn.move_out(&socket, ctx).await {
-                    Ok(ended) => return ended,
+                Wake::Close => break conn.ended(),
+                Wake::Move => match conn.move_out(&socket, &ctx).await {
+                    Ok(ended) => break ended,
                     Err(c) => {
                         conn = c;
                         continue;
@@ -299,27 +300,53 @@ pub(crate) async fn serve(
             }
         }
         let fell_back = conn.fell_back;
-        // Boxed: hyper's connection is large, and only a connection with a
-        // request coming in should carry it; the parked task stays small.
-        let step = Box::pin(http(conn.stream, conn.read_ahead, &socket, ctx, fell_back)).await;
+        let step = Box::pin(active(conn, &socket, &ctx, first)).await;
+        first = false;
         conn = match step {
-            Step::Done if fell_back => return Ended::FellBack,
-            Step::Done => return Ended::Closed,
+            Step::Done if fell_back => break Ended::FellBack,
+            Step::Done => break Ended::Closed,
             Step::Park(parts) => Parked::from_parts(parts, fell_back),
             Step::Move(parts) => match Parked::from_parts(parts, false)
-                .move_out(&socket, ctx)
+                .move_out(&socket, &ctx)
                 .await
             {
-                Ok(ended) => return ended,
+                Ok(ended) => break ended,
                 Err(c) => c,
             },
         };
-    }
+    };
+    held.end(ended, &ctx.counters);
+}
+
+/// A connection with bytes coming in: on its first bytes, which protocol;
+/// then one hyper connection, until it ends or is taken back.
+async fn active(conn: Parked, socket: &str, ctx: &ConnCtx, first: bool) -> Step {
+    let Parked {
+        mut stream,
+        read_ahead,
+        fell_back,
+        ..
+    } = conn;
+    let read_ahead = if first {
+        match detect::detect(&mut stream, read_ahead, ctx).await {
+            Detected::Http1(read) => read,
+            Detected::Http2(read) => {
+                // Boxed: hyper's HTTP/1.1 connection, which most steps
+                // carry, need not make room for HTTP/2's.
+                Box::pin(h2::serve(detect::Rewind::new(stream, read), socket, ctx)).await;
+                return Step::Done;
+            }
+            Detected::Closed => return Step::Done,
+        }
+    } else {
+        read_ahead
+    };
+    http(stream, read_ahead, socket, ctx, fell_back).await
 }
 
 /// A connection without a hyper connection: the socket, what was read of
 /// the next request, and since when it is idle.
-struct Parked {
+pub(crate) struct Parked {
     stream: Stream,
     read_ahead: Vec<u8>,
     idle_since_ms: u64,
@@ -339,6 +366,16 @@ enum Wake {
 }
 
 impl Parked {
+    /// A connection that has just arrived, with the bytes read of it.
+    pub(crate) fn new(stream: Stream, read_ahead: Vec<u8>) -> Parked {
+        Parked {
+            stream,
+            read_ahead,
+            idle_since_ms: now_ms(),
+            fell_back: false,
+        }
+    }
+
     fn from_parts(parts: Parts, fell_back: bool) -> Parked {
         Parked {
             stream: parts.stream,
@@ -360,9 +397,12 @@ impl Parked {
     /// as long as the mode allows: the same limits as [`run`] applies in
     /// hyper.
     async fn wait(&self, ctx: &ConnCtx) -> Wake {
-        let mut mode = ctx.mode.clone();
         loop {
-            let now = *mode.borrow_and_update();
+            // Listening before the mode is read: a change after the read
+            // wakes us.
+            let mut changed = std::pin::pin!(ctx.mode_changed.notified());
+            changed.as_mut().enable();
+            let now = *ctx.mode.borrow();
             let (limit, then) = match now {
                 Mode::Serving => (ctx.keep_alive + Duration::from_secs(1), Wake::Close),
                 Mode::Draining => (ctx.drain_idle, Wake::Close),
@@ -375,8 +415,10 @@ impl Parked {
             };
             tokio::select! {
                 // An error (a reset) is for hyper to see and end on.
-                _ = self.stream.readable() => return Wake::Readable,
-                _ = mode.changed() => continue,
+                _ = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
+                    return Wake::Readable
+                }
+                _ = changed => continue,
                 _ = tokio::time::sleep(left) => return then,
             }
         }
@@ -410,11 +452,11 @@ impl Parked {
 }
 
 impl Stream {
-    async fn readable(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.readable().await,
-            Stream::Unix(s) => s.readable().await,
-        }
+    /// Ready once there are bytes (or the client's FIN, or an error) to
+    /// read. A poll function rather than `readable()`: the waker waits in
+    /// the socket's registration, so a parked task carries no future for it.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        either!(self, s => s.poll_read_ready(cx))
     }
 }
 
