@@ -41,6 +41,29 @@ fn start_paused(c: &Container) -> Load {
         .start()
 }
 
+/// Boots a unit and starts it under load: keep-alive and one-shot clients
+/// ([`start_load`]) and paused ones ([`start_paused`]). Returns once the
+/// first generation, whose PID comes second, has answered the load.
+fn under_load(r: Release) -> (Container, u32, Load, Load) {
+    let c = boot(r, &[]);
+    let first = activate(&c);
+    let load = start_load(&c, 3, 2);
+    let paused = start_paused(&c);
+    load.wait_answers_from(first, 200, WAIT);
+    (c, first, load, paused)
+}
+
+/// Stops the clients of [`under_load`]: no request failed, the load had
+/// 400 answers at least, every paused client one. Returns the load's tally.
+fn finish_clean(r: Release, case: &str, load: Load, paused: Load) -> Tally {
+    let t = stop_load(load);
+    let p = stop_load(paused);
+    say(r, &format!("{case} load: {}", t.summary()));
+    assert_no_failures(&t, 400);
+    assert_no_failures(&p, 1);
+    t
+}
+
 /// Waits until the unit is active (running) again with a MainPID that is
 /// none of `gone` and answers `/healthz` on a new connection; returns that
 /// PID and the time since `since`.
@@ -88,11 +111,7 @@ fn successor_killed_right_after_taking_over_is_restarted(r: Release) {
     }
     let case = "F3 successor SIGKILLed after taking over";
     let _timer = timer(r, case);
-    let c = boot(r, &[]);
-    let old = activate(&c);
-    let load = start_load(&c, 3, 2);
-    let paused = start_paused(&c);
-    load.wait_answers_from(old, 200, WAIT);
+    let (c, old, load, paused) = under_load(r);
     paused.wait_for("an answer to every paused client", WAIT, |t| {
         t.ok_paused >= PAUSED as u64
     });
@@ -184,11 +203,7 @@ fn old_generation_killed_mid_drain_loses_only_its_request(r: Release) {
     }
     let case = "F4 old generation SIGKILLed mid-drain";
     let _timer = timer(r, case);
-    let c = boot(r, &[]);
-    let old = activate(&c);
-    let load = start_load(&c, 3, 2);
-    let paused = start_paused(&c);
-    load.wait_answers_from(old, 200, WAIT);
+    let (c, old, load, paused) = under_load(r);
     let slow = spawn_request(&c, "/slow?ms=5000");
     wait_in_flight(&c, 1);
     reload_ok(&c);
@@ -223,22 +238,14 @@ fn old_generation_killed_mid_drain_loses_only_its_request(r: Release) {
     assert_ne!(third, new);
     load.wait_answers_from(third, 100, WAIT);
 
-    let t = stop_load(load);
-    let p = stop_load(paused);
-    say(r, &format!("{case} load: {}", t.summary()));
-    assert_no_failures(&t, 400);
-    assert_no_failures(&p, 1);
+    finish_clean(r, case, load, paused);
 }
 
 /// A reload whose new process is slow to start (a wrapper sleeps 1 s before
 /// it execs the server), and `systemctl CMD` while it is under way.
 fn systemd_busy_during_a_reload(r: Release, case: &'static str, cmd: &str) {
     let _timer = timer(r, case);
-    let c = boot(r, &[]);
-    let old = activate(&c);
-    let load = start_load(&c, 3, 2);
-    let paused = start_paused(&c);
-    load.wait_answers_from(old, 200, WAIT);
+    let (c, old, load, paused) = under_load(r);
     const GOOD: &str = "/usr/local/libexec/pid-server/pid-server";
     c.copy_in(&binary(), GOOD, 0o755);
     c.write_file(
@@ -295,11 +302,7 @@ fn systemd_busy_during_a_reload(r: Release, case: &'static str, cmd: &str) {
     let third = c.main_pid(SERVICE);
     assert_ne!(third, new);
     load.wait_answers_from(third, 100, WAIT);
-    let t = stop_load(load);
-    let p = stop_load(paused);
-    say(r, &format!("{case} load: {}", t.summary()));
-    assert_no_failures(&t, 400);
-    assert_no_failures(&p, 1);
+    finish_clean(r, case, load, paused);
 }
 
 fn daemon_reload_during_a_reload_changes_nothing(r: Release) {
@@ -325,11 +328,7 @@ fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
     }
     let case = "F7 back-to-back reloads";
     let _timer = timer(r, case);
-    let c = boot(r, &[]);
-    let g0 = activate(&c);
-    let load = start_load(&c, 3, 2);
-    let paused = start_paused(&c);
-    load.wait_answers_from(g0, 200, WAIT);
+    let (c, g0, load, paused) = under_load(r);
     let slow = spawn_request(&c, "/slow?ms=8000");
     wait_in_flight(&c, 1);
     let t1 = reload_ok(&c);
@@ -357,11 +356,7 @@ fn back_to_back_reloads_while_the_old_generation_drains(r: Release) {
             t2.as_millis()
         ),
     );
-    let t = stop_load(load);
-    let p = stop_load(paused);
-    say(r, &format!("{case} load: {}", t.summary()));
-    assert_no_failures(&t, 400);
-    assert_no_failures(&p, 1);
+    let t = finish_clean(r, case, load, paused);
     for pid in t.by_pid.keys() {
         assert!([g0, g1, g2].contains(pid), "answered by {pid}");
     }
