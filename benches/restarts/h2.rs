@@ -35,7 +35,7 @@ use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::load::{FailRec, Kind, Rec, classify};
+use crate::load::{FailRec, Kind, Rec, classify, record};
 use crate::tls;
 
 /// One HTTP/2 connection slot: it keeps one connection with `streams`
@@ -149,9 +149,8 @@ impl StreamLoop {
         let (mut recs, mut fails) = (Vec::new(), Vec::new());
         let mut push =
             |start: Instant, kind: Kind, pid: u32, reused: bool, error: Option<String>| {
-                let start_us = start.duration_since(t0).as_micros() as u64;
-                let lat_us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                recs.push(Rec {
+                let (start_us, lat_us) = Rec::times(t0, start, start.elapsed());
+                let rec = Rec {
                     start_us,
                     lat_us,
                     pid,
@@ -159,16 +158,8 @@ impl StreamLoop {
                     reused,
                     conn: self.conn,
                     closed: false,
-                });
-                if let Some(error) = error {
-                    fails.push(FailRec {
-                        start_us,
-                        lat_us,
-                        kind,
-                        reused,
-                        error,
-                    });
-                }
+                };
+                record(&mut recs, &mut fails, rec, error);
             };
         loop {
             if stop.load(Ordering::Relaxed)
@@ -363,9 +354,8 @@ fn record_failed_connect(
     kind: Kind,
     error: String,
 ) {
-    let start_us = start.duration_since(t0).as_micros() as u64;
-    let lat_us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
-    recs.push(Rec {
+    let (start_us, lat_us) = Rec::times(t0, start, start.elapsed());
+    let rec = Rec {
         start_us,
         lat_us,
         pid: 0,
@@ -373,12 +363,6 @@ fn record_failed_connect(
         reused: false,
         conn,
         closed: true,
-    });
-    fails.push(FailRec {
-        start_us,
-        lat_us,
-        kind,
-        reused: false,
-        error,
-    });
+    };
+    record(recs, fails, rec, Some(error));
 }

@@ -123,6 +123,33 @@ impl Rec {
     pub(crate) fn end_us(&self) -> u64 {
         self.start_us + self.lat_us as u64
     }
+
+    /// A `Rec`'s times for a request that started at `start` and took
+    /// `lat`, in a load that started at `t0`: `(start_us, lat_us)`.
+    pub(crate) fn times(t0: Instant, start: Instant, lat: Duration) -> (u64, u32) {
+        let start_us = start.duration_since(t0).as_micros() as u64;
+        (start_us, lat.as_micros().min(u32::MAX as u128) as u32)
+    }
+}
+
+/// Records one request: its `Rec`, and when it failed (`error`), a
+/// `FailRec` with the same times.
+pub(crate) fn record(
+    recs: &mut Vec<Rec>,
+    fails: &mut Vec<FailRec>,
+    rec: Rec,
+    error: Option<String>,
+) {
+    if let Some(error) = error {
+        fails.push(FailRec {
+            start_us: rec.start_us,
+            lat_us: rec.lat_us,
+            kind: rec.kind,
+            reused: rec.reused,
+            error,
+        });
+    }
+    recs.push(rec);
 }
 
 #[derive(Clone, Debug)]
@@ -366,9 +393,8 @@ async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>
                 Some(format!("no response within {:?}", cfg.timeout)),
             ),
         };
-        let start_us = start.duration_since(t0).as_micros() as u64;
-        let lat_us = lat.as_micros().min(u32::MAX as u128) as u32;
-        out.recs.push(Rec {
+        let (start_us, lat_us) = Rec::times(t0, start, lat);
+        let rec = Rec {
             start_us,
             lat_us,
             pid,
@@ -376,16 +402,8 @@ async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>
             reused,
             conn: task << 32 | conns,
             closed: close || cfg.mode == Mode::OneShot,
-        });
-        if let Some(error) = error {
-            out.fails.push(FailRec {
-                start_us,
-                lat_us,
-                kind,
-                reused,
-                error,
-            });
-        }
+        };
+        record(&mut out.recs, &mut out.fails, rec, error);
         if cfg.mode == Mode::OneShot {
             // Let the server close first (its TIME_WAIT, not our ports'):
             // wait briefly for its FIN, outside the measured latency.

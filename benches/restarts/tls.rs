@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::load::{Conn, FailRec, Kind, Rec, Rng, classify, pause};
+use crate::load::{Conn, FailRec, Kind, Rec, Rng, classify, pause, record};
 use crate::procs::{TempDir, aborted};
 
 /// The name the leaf is for, and the client asks for.
@@ -277,9 +277,8 @@ impl H1Slot {
                     Some(format!("no response within {:?}", self.timeout)),
                 ),
             };
-            let start_us = start.duration_since(t0).as_micros() as u64;
-            let lat_us = lat.as_micros().min(u32::MAX as u128) as u32;
-            recs.push(Rec {
+            let (start_us, lat_us) = Rec::times(t0, start, lat);
+            let rec = Rec {
                 start_us,
                 lat_us,
                 pid,
@@ -287,16 +286,8 @@ impl H1Slot {
                 reused,
                 conn: task << 32 | conns,
                 closed: close || !self.keep_alive,
-            });
-            if let Some(error) = error {
-                fails.push(FailRec {
-                    start_us,
-                    lat_us,
-                    kind,
-                    reused,
-                    error,
-                });
-            }
+            };
+            record(&mut recs, &mut fails, rec, error);
             if !self.keep_alive {
                 // Let the server close first (close_notify and FIN: its
                 // TIME_WAIT), outside the measured latency.
