@@ -12,9 +12,7 @@
 //! over TLS on another.
 
 use std::fmt::Write as _;
-use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -23,7 +21,9 @@ use crate::cli::Args;
 use crate::nspawn;
 use crate::procs::{Procs, TempDir, aborted, run_cmd};
 use crate::protocols::{Proto, server_cmd};
-use crate::servers::{find_program, pid_server_cmd, wait_for_pid, wait_serving};
+use crate::servers::{
+    NginxSite, NginxWorkers, find_program, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
+};
 use crate::strategies::{Skips, log_path};
 use crate::tls::{self, Certs};
 
@@ -55,8 +55,9 @@ impl SteadyRow {
     }
 }
 
-fn nginx_conf(dir: &Path, ports: [u16; 3], certs: Option<&Certs>) -> String {
-    let d = dir.display();
+/// The protocol rows' nginx: `return 200` on plain HTTP/1.1, h2c and (with
+/// certificates) TLS with HTTP/2, one port each.
+fn nginx_servers(ports: [u16; 3], certs: Option<&Certs>) -> String {
     let site =
         "location / { default_type text/plain; return 200 \"OK. Handled by PID: $pid\\n\"; }";
     let tls = match certs {
@@ -75,27 +76,9 @@ fn nginx_conf(dir: &Path, ports: [u16; 3], certs: Option<&Certs>) -> String {
         None => String::new(),
     };
     format!(
-        "# Written by benches/restarts/h2load.rs\n\
-         daemon off;\n\
-         master_process on;\n\
-         worker_processes 1;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-         \x20   access_log off;\n\
-         \x20   client_body_temp_path {d}/client_body;\n\
-         \x20   proxy_temp_path {d}/proxy;\n\
-         \x20   fastcgi_temp_path {d}/fastcgi;\n\
-         \x20   uwsgi_temp_path {d}/uwsgi;\n\
-         \x20   scgi_temp_path {d}/scgi;\n\
-         \x20   # like pid-server: no cap on requests per connection (HTTP/2 too)\n\
-         \x20   keepalive_requests 100000000;\n\
-         \x20   keepalive_timeout 75s;\n\
-         \x20   server {{ listen 127.0.0.1:{}; {site} }}\n\
+        "\x20   server {{ listen 127.0.0.1:{}; {site} }}\n\
          \x20   server {{ listen 127.0.0.1:{} http2; {site} }}\n\
-         {tls}\
-         }}\n",
+         {tls}",
         ports[0], ports[1]
     )
 }
@@ -286,27 +269,13 @@ pub(crate) fn run(
         nspawn::free_port(),
     ];
     let dir = TempDir::new("nginx-protocols");
-    let nginx_ok = match (&dir, find_program("nginx")) {
-        (Err(e), _) => Err(e.clone()),
-        (_, None) => {
-            Err("`nginx` not found (apt-get install nginx; see .ci/bench-deps)".to_string())
-        }
-        (Ok(dir), Some(nginx)) => (|| {
-            let conf = dir.0.join("nginx.conf");
-            let tls_certs = if want_tls { certs } else { None };
-            fs::write(&conf, nginx_conf(&dir.0, nginx_ports, tls_certs))
-                .map_err(|e| format!("write {}: {e}", conf.display()))?;
-            let mut cmd = Command::new(nginx);
-            cmd.arg("-p")
-                .arg(&dir.0)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(dir.0.join("error.log"));
-            procs.spawn(cmd, "nginx")?;
-            wait_serving(nginx_ports[0], Duration::from_secs(10))
-        })(),
-    };
+    let nginx_ok = dir.as_ref().map_err(Clone::clone).and_then(|dir| {
+        let tls_certs = if want_tls { certs } else { None };
+        let site = NginxSite::Servers(nginx_servers(nginx_ports, tls_certs));
+        let cmd = nginx_cmd(nginx_ports[0], &dir.0, site, NginxWorkers::Single)?;
+        procs.spawn(cmd, "nginx")?;
+        wait_serving(nginx_ports[0], Duration::from_secs(10))
+    });
     if let Err(e) = &nginx_ok {
         skips.add("protocols, steady state, nginx", e.clone());
     }

@@ -136,6 +136,9 @@ pub(crate) enum NginxSite {
     /// that fails on a kept upstream connection with an error is tried
     /// again on a new one: `proxy_next_upstream error timeout`).
     ProxyTo(u16),
+    /// `server` blocks as the caller wrote them, ports included (the
+    /// protocol rows' nginx listens on three).
+    Servers(String),
 }
 
 impl NginxSite {
@@ -168,6 +171,7 @@ impl NginxSite {
                  \x20       }}\n\
                  \x20   }}\n"
             ),
+            NginxSite::Servers(blocks) => blocks.clone(),
         }
     }
 }
@@ -177,6 +181,8 @@ impl NginxSite {
 pub(crate) enum NginxWorkers {
     /// One per core, 4096 connections each.
     Auto,
+    /// One, 4096 connections.
+    Single,
     /// One worker taking up to this many connections (its open-files limit
     /// raised to fit): the capacity run measures that worker's memory.
     One(usize),
@@ -187,6 +193,9 @@ impl NginxWorkers {
         match self {
             NginxWorkers::Auto => {
                 "worker_processes auto;\nevents { worker_connections 4096; }\n".into()
+            }
+            NginxWorkers::Single => {
+                "worker_processes 1;\nevents { worker_connections 4096; }\n".into()
             }
             // Twice the connections: with less than 1/16 of its connection
             // slots free, nginx starts closing idle keep-alive connections
@@ -226,7 +235,7 @@ pub(crate) fn nginx_cmd(
          \x20   fastcgi_temp_path {d}/fastcgi;\n\
          \x20   uwsgi_temp_path {d}/uwsgi;\n\
          \x20   scgi_temp_path {d}/scgi;\n\
-         \x20   # like pid-server and Go: no cap on requests per connection\n\
+         \x20   # like pid-server and Go: no cap on requests per connection (HTTP/2 too)\n\
          \x20   keepalive_requests 100000000;\n\
          \x20   keepalive_timeout 75s;\n\
          {site}\
