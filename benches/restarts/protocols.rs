@@ -527,7 +527,7 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
     for p in &res.runs {
         let r = &p.run;
         let k = |kind: Kind| r.by_kind[kind.index()].to_string();
-        clean &= r.failed() == 0 && r.restarts_ok() == r.restarts.len();
+        clean &= r.clean();
         let _ = writeln!(
             s,
             "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -581,7 +581,7 @@ pub(crate) fn section(args: &Args, res: &Results) -> (String, bool) {
                 String::new()
             },
             first_fail,
-            if r.failed() == 0 && r.restarts_ok() == r.restarts.len() {
+            if r.clean() {
                 "zero failures"
             } else {
                 "FAILURES"

@@ -139,7 +139,7 @@ fn verdicts(args: &Args, runs: &[RunResult], steady: &[SteadyResult]) -> (String
     let reloads: Vec<&RunResult> = runs.iter().filter(|r| r.strategy == "reload").collect();
     let mut clean = reloads.iter().any(|r| r.mode != Mode::Paused);
     for r in &reloads {
-        let ok = r.failed() == 0 && r.restarts_ok() == r.restarts.len();
+        let ok = r.clean();
         let checked = r.mode != Mode::Paused;
         if checked {
             clean &= ok;

@@ -169,6 +169,10 @@ impl RunResult {
     pub(crate) fn restarts_ok(&self) -> usize {
         self.restarts.iter().filter(|r| r.error.is_none()).count()
     }
+    /// No failed request, and every restart went through.
+    pub(crate) fn clean(&self) -> bool {
+        self.failed() == 0 && self.restarts_ok() == self.restarts.len()
+    }
     /// The kept connections over every restart of the run.
     pub(crate) fn kept(&self) -> Option<Kept> {
         let mut total: Option<Kept> = None;
