@@ -170,8 +170,9 @@ fn now_ms() -> u64 {
 }
 
 /// When a connection last did something, and whether a request is running.
+/// Also a TLS connection's (`tls.rs`), which never parks or moves.
 #[derive(Debug)]
-struct Activity {
+pub(crate) struct Activity {
     busy: AtomicUsize,
     /// Requests begun on this connection, ever.
     requests: AtomicU64,
@@ -186,7 +187,7 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Activity {
+    pub(crate) fn new() -> Activity {
         Activity {
             busy: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -201,7 +202,7 @@ impl Activity {
         self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn read_some(&self) {
+    pub(crate) fn read_some(&self) {
         self.touch();
         self.read_any.store(true, Ordering::Relaxed);
     }
@@ -234,7 +235,7 @@ impl Activity {
 
     /// Resolves once no request has run on the connection for `limit`
     /// (at once for zero, as soon as no request runs).
-    async fn idle_at_least(&self, limit: Duration) {
+    pub(crate) async fn idle_at_least(&self, limit: Duration) {
         loop {
             let quiet = self.quiet.notified();
             match self.idle_for() {
@@ -478,27 +479,47 @@ async fn http(
         served: 0,
         activity: activity.clone(),
     };
-    let conn = ctx
-        .http
-        .serve_connection(TokioIo::new(io), service(ctx, socket, &activity));
+    let conn = ctx.http.serve_connection(
+        TokioIo::new(io),
+        service(ctx, socket, &activity, Leaving::Moves),
+    );
     run(conn, &activity, ctx, fell_back).await
 }
 
-/// The app's router behind one connection, counting its requests and
-/// saying on each response whether the connection stays.
-struct Service {
+/// The app's router behind one HTTP/1.1 connection, counting its requests
+/// and saying on each response whether the connection stays.
+pub(crate) struct Service {
     router: axum::Router,
     counters: Arc<super::Counters>,
     activity: Arc<Activity>,
     keep_alive: HeaderValue,
+    leaving: Leaving,
 }
 
-fn service(ctx: &ConnCtx, socket: &str, activity: &Arc<Activity>) -> Service {
+/// What the connection does when the generation leaves, which decides when
+/// its responses say `Connection: close`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leaving {
+    /// It moves to the successor (a plain connection): only a drain, or a
+    /// connection that could not move, closes it.
+    Moves,
+    /// It cannot move (TLS): it closes whether the generation drains or
+    /// hands over; the client opens its next one to the new process.
+    Closes,
+}
+
+pub(crate) fn service(
+    ctx: &ConnCtx,
+    socket: &str,
+    activity: &Arc<Activity>,
+    leaving: Leaving,
+) -> Service {
     Service {
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
         activity: activity.clone(),
         keep_alive: ctx.keep_alive_header.clone(),
+        leaving,
     }
 }
 
@@ -509,11 +530,12 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> ResponseFuture {
-        let (router, counters, activity, keep_alive) = (
+        let (router, counters, activity, keep_alive, leaving) = (
             self.router.clone(),
             self.counters.clone(),
             self.activity.clone(),
             self.keep_alive.clone(),
+            self.leaving,
         );
         Box::pin(async move {
             let _busy = activity.begin();
@@ -523,7 +545,11 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                 Err(never) => match never {},
             };
             counters.totals.request(resp.status().as_u16());
-            if counters.is_draining() || activity.closing.load(Ordering::SeqCst) {
+            let close = match leaving {
+                Leaving::Moves => counters.is_draining(),
+                Leaving::Closes => counters.is_leaving(),
+            };
+            if close || activity.closing.load(Ordering::SeqCst) {
                 // The client opens its next connection elsewhere (to the
                 // successor, or waits in the socket's queue).
                 resp.headers_mut()
