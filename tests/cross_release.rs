@@ -80,95 +80,125 @@ fn reload_across(
     helper_bin: &Path,
     extra: &[&str],
 ) -> (String, proc::Proc, Reaper) {
+    let (lines, log, old, reaper) = reload_chain(&[from, to], helper_bin, extra);
+    (lines[0].clone() + "\n" + &log, old, reaper)
+}
+
+/// Starts `chain[0]`, then reloads to each next binary in turn under one
+/// load that spans them all (`helper_bin`'s helper each time), checks every
+/// request succeeded and every kept connection reached each new process,
+/// and returns the helper's lines, the processes' shared log, the first
+/// process and the reaper of the later ones.
+fn reload_chain(
+    chain: &[&Path],
+    helper_bin: &Path,
+    extra: &[&str],
+) -> (Vec<String>, String, proc::Proc, Reaper) {
     let dir = tempfile::tempdir().unwrap();
-    let bin = install(from, dir.path());
+    let bin = install(chain[0], dir.path());
     let notify = proc::Notify::new();
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(&bin, addr, &notify);
     cmd.args(extra);
-    let old = proc::Proc::spawn(cmd);
+    let first = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let reaper = Reaper::default();
-    // Closed-loop keep-alive and one-shot clients, paced so the load spans
-    // the handover whatever the binaries' speed, and paused keep-alive
-    // clients (idle 0.3-3 s between requests, no retry).
+    let reloads = chain.len() as u64 - 1;
+    // Closed-loop keep-alive and one-shot clients, paced, and paused
+    // keep-alive clients (idle 0.3-3 s between requests, no retry), all
+    // until the last reload is done.
     let pace = Duration::from_millis(2);
-    let max = Duration::from_secs(30);
+    let max = Duration::from_secs(30 * reloads);
     let ka = Load::to(addr)
         .keep_alive(2)
         .pace(pace)
-        .max_requests(1500)
+        .max_requests(20_000 * reloads)
         .max_time(max)
         .start();
     let nc = Load::to(addr)
         .one_shot(1)
         .pace(pace)
-        .max_requests(500)
+        .max_requests(5_000 * reloads)
         .max_time(max)
         .start();
     let paused = Load::to(addr).paused(8).max_time(max).start();
-    paused.wait_answers_from(old.pid, 8, WAIT);
+    paused.wait_answers_from(first.pid, 8, WAIT);
     let mut idle: Vec<http::Conn> = (0..10)
         .map(|_| http::Conn::open(addr, WAIT).unwrap())
         .collect();
-    for c in &mut idle {
-        assert_eq!(c.get("/").unwrap().pid(), Some(old.pid));
-    }
     // Let the load reach the old process first.
     let deadline = Instant::now() + WAIT;
     while http::get(addr, "/healthz").is_err() {
         assert!(Instant::now() < deadline);
     }
-    install(to, dir.path());
-    let (code, line, err) = helper(helper_bin, old.pid);
-    assert_eq!(code, 0, "{err}\n{}", old.log());
-    let new = new_pid(&line, old.pid);
-    reaper.watch(new);
-    // The kept connections: moved (same socket, new PID) or drained (the
-    // old process answers with `Connection: close`, then a new
-    // connection goes to the new process); never a failure. The previous
-    // release answers the helper a moment before it starts its drain, so
-    // a request in that moment gets a plain answer from the old process.
-    let deadline = Instant::now() + WAIT;
-    for c in &mut idle {
-        loop {
-            let r = c.get("/").unwrap();
-            assert_eq!(r.status, 200);
-            if r.pid() == Some(new) {
-                break;
-            }
-            assert_eq!(r.pid(), Some(old.pid));
-            if r.close {
-                *c = http::Conn::open(addr, WAIT).unwrap();
-                assert_eq!(c.get("/").unwrap().pid(), Some(new));
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the old process never started its drain"
-            );
+    let mut lines = Vec::new();
+    let mut old = first.pid;
+    for (step, to) in chain[1..].iter().enumerate() {
+        // Used just before the reload, as a busy client's would be: one idle
+        // for longer than the drain's idle grace may be closed as the
+        // request goes out, a race no server can win (the paused clients
+        // cover pauses shorter than that grace).
+        for c in &mut idle {
+            assert_eq!(c.get("/").unwrap().pid(), Some(old));
         }
+        install(to, dir.path());
+        let (code, line, err) = helper(helper_bin, old);
+        assert_eq!(code, 0, "reload {}: {err}\n{}", step + 1, first.log());
+        let new = new_pid(&line, old);
+        reaper.watch(new);
+        // The kept connections: moved (same socket, new PID) or drained
+        // (the old process answers with `Connection: close`, then a new
+        // connection goes to the new process); never a failure. The
+        // previous release answers the helper a moment before it starts its
+        // drain, so a request in that moment gets a plain answer from the
+        // old process.
+        let deadline = Instant::now() + WAIT;
+        for c in &mut idle {
+            loop {
+                let r = c
+                    .get("/")
+                    .unwrap_or_else(|e| panic!("reload {}: kept connection: {e}", step + 1));
+                assert_eq!(r.status, 200);
+                if r.pid() == Some(new) {
+                    break;
+                }
+                assert_eq!(r.pid(), Some(old));
+                if r.close {
+                    *c = http::Conn::open(addr, WAIT).unwrap();
+                    assert_eq!(c.get("/").unwrap().pid(), Some(new));
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the old process never started its drain"
+                );
+            }
+        }
+        // Every paused client comes back at least once after the handover.
+        let before = paused.snapshot().by_pid.get(&new).copied().unwrap_or(0);
+        paused.wait_answers_from(new, before + 8, WAIT);
+        proc::wait_gone(old, WAIT);
+        lines.push(line);
+        old = new;
     }
-    // Every paused client comes back at least once after the handover.
-    let before = paused.snapshot().by_pid.get(&new).copied().unwrap_or(0);
-    paused.wait_answers_from(new, before + 8, WAIT);
-    let (ka, nc, paused) = (ka.join(), nc.join(), paused.finish());
+    // Stopped now rather than run to their count: the count bounds them,
+    // and a load that ran out before the last reload would prove nothing.
+    let (ka, nc, paused) = (ka.finish(), nc.finish(), paused.finish());
     for (name, t) in [
         ("keep-alive", &ka),
         ("new-connection", &nc),
         ("paused", &paused),
     ] {
         eprintln!("{name}: {}", t.summary());
-        assert_eq!(t.failed(), 0, "{name}: {}\n{}", t.summary(), old.log());
+        assert_eq!(t.failed(), 0, "{name}: {}\n{}", t.summary(), first.log());
         assert!(
-            t.by_pid.contains_key(&new),
-            "{name}: the new process answered none"
+            t.by_pid.contains_key(&old),
+            "{name}: the last process answered none"
         );
     }
-    proc::wait_gone(old.pid, WAIT);
-    let log = old.log();
+    let log = first.log();
     drop(dir);
-    (line + "\n" + &log, old, reaper)
+    (lines, log, first, reaper)
 }
 
 #[test]
@@ -212,5 +242,32 @@ fn the_previous_release_s_helper_reloads_this_release() {
     assert!(
         !line.contains("moved"),
         "the old helper prints its own line: {line}"
+    );
+}
+
+/// Upgrade, roll back, upgrade again, roll back again: each release starts
+/// the other with its whole environment, and the previous one passes on
+/// the variables it does not know (this release's handover protocol and
+/// connection channel) to its own child, naming fds that are not there.
+/// This release trusts them only when their fds prove they come from its
+/// parent, so the third reload works like the first.
+#[test]
+fn upgrade_roll_back_and_upgrade_again_under_load() {
+    let Some(prev) = previous() else { return };
+    let this = Path::new(BIN);
+    let (lines, log, _first, _r) = reload_chain(
+        &[prev, this, prev, this, prev],
+        this,
+        &["--idle-grace-ms", "5000"],
+    );
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    assert_eq!(lines.len(), 4);
+    // This release, started by the previous one the second time, was
+    // handed the first one's variables and said it ignored them.
+    assert!(
+        log.contains("ignored PID_SERVER_HANDOVER_PROTOCOL and PID_SERVER_HANDOVER_CONNECTIONS_FD"),
+        "{log}"
     );
 }

@@ -306,6 +306,36 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     );
 }
 
+/// Variables one process set for another: each is one clear line, never a
+/// silent start that cannot become ready.
+#[test]
+fn a_stale_listen_pid_or_handover_fd_is_one_clear_line() {
+    let addr = proc::free_addr().to_string();
+    // Not a PID at all: sd_listen_fds(3) fails with -EINVAL on it.
+    expect_one_line_error(
+        TestCommand::new(BIN)
+            .args(["--listen", &addr])
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", "garbage")
+            .timeout(Duration::from_secs(10)),
+        64,
+        "LISTEN_PID=\"garbage\"",
+    );
+    // Open, but not a channel from the parent: before, the process served,
+    // never became ready and ignored SIGTERM (the bound fails it here).
+    expect_one_line_error(
+        TestCommand::new("/bin/sh")
+            .args([
+                "-c",
+                &format!("exec 7</dev/null; exec {BIN} --listen {addr}"),
+            ])
+            .env("PID_SERVER_HANDOVER_FD", "7")
+            .timeout(Duration::from_secs(10)),
+        64,
+        "PID_SERVER_HANDOVER_FD=7 is not a handover channel from the parent process",
+    );
+}
+
 #[test]
 fn a_port_taken_without_reuseport_fails_clearly_and_harms_nobody() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

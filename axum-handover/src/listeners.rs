@@ -135,6 +135,8 @@ impl Listener {
 pub enum ListenError {
     #[error("LISTEN_FDS={0:?} is not a number of file descriptors")]
     BadCount(String),
+    #[error("LISTEN_PID={0:?} is not a process ID")]
+    BadPid(String),
     #[error("LISTEN_FDS={0} is more than the {MAX_INHERITED} sockets accepted")]
     TooMany(u32),
     #[error("LISTEN_FDS=0: no sockets were passed")]
@@ -184,11 +186,15 @@ pub fn inherited_from(
     };
     // systemd's rule: sockets for another PID are not for us. A parent
     // pid-server passes no LISTEN_PID (it cannot know the child's PID before
-    // exec), which listenfd and sd_listen_fds(3) both accept.
-    if let Some(pid) = listen_pid.filter(|p| !p.is_empty())
-        && pid.trim().parse::<u32>().ok() != Some(my_pid)
-    {
-        return Ok(Inherited::ForOtherPid(pid.to_string()));
+    // exec), which listenfd and sd_listen_fds(3) both accept. One that is
+    // not a PID at all is an error there (-EINVAL), and here: binding
+    // `--listen` instead would hide a broken environment.
+    if let Some(pid) = listen_pid.filter(|p| !p.is_empty()) {
+        match pid.trim().parse::<u32>() {
+            Ok(p) if p == my_pid => {}
+            Ok(p) if p > 0 => return Ok(Inherited::ForOtherPid(pid.to_string())),
+            _ => return Err(ListenError::BadPid(pid.to_string())),
+        }
     }
     let count: u32 = raw
         .trim()
@@ -455,6 +461,16 @@ mod tests {
             inherited_from(Some("x"), None, None, 7),
             Err(ListenError::BadCount(_))
         ));
+        // A LISTEN_PID that is no PID is an error, as in sd_listen_fds(3).
+        for garbage in ["x", "-1", "0", "7x"] {
+            assert!(
+                matches!(
+                    inherited_from(Some("1"), Some(garbage), None, 7),
+                    Err(ListenError::BadPid(_))
+                ),
+                "{garbage}"
+            );
+        }
         assert!(matches!(
             inherited_from(Some("-1"), None, None, 7),
             Err(ListenError::BadCount(_))

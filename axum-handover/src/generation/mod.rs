@@ -71,7 +71,11 @@ impl StartError {
         match self {
             StartError::Usage(_)
             | StartError::Listen(
-                L::BadCount(_) | L::TooMany(_) | L::NoneInherited | L::NameCount { .. },
+                L::BadCount(_)
+                | L::BadPid(_)
+                | L::TooMany(_)
+                | L::NoneInherited
+                | L::NameCount { .. },
             ) => 64,
             StartError::Listen(_) | StartError::Other(_) => 1,
         }

@@ -61,7 +61,7 @@ impl Running {
         // channel, before it is closed.
         let inherited = g.inherited.take();
         let config = g.config.clone();
-        match Self::start_inner(g, routes, hooks) {
+        match Self::start_inner(g, inherited.as_ref(), routes, hooks) {
             Ok(mut r) => {
                 r.inherited = inherited;
                 Ok(r)
@@ -77,14 +77,19 @@ impl Running {
 
     fn start_inner(
         g: Generation,
+        inherited: Option<&Inherited>,
         routes: &dyn Fn(&str) -> axum::Router,
         hooks: Box<dyn Hooks>,
     ) -> Result<Running, String> {
         let pid = g.info.pid;
-        // A new generation speaks for the unit only once it has taken over.
-        let notifier = Notifier::from_env(g.inherited.is_none());
+        // A new generation speaks for the unit only once it has taken over
+        // (`g.inherited` is already taken here: ask the one passed in).
+        let notifier = Notifier::from_env(inherited.is_none());
         if let Some(w) = &g.warning {
             tracing::warn!(event = "listen_fds_ignored", "{w}");
+        }
+        if let Some(w) = inherited.and_then(|i| i.ignored.as_ref()) {
+            tracing::warn!(event = "handover_variables_ignored", "{w}");
         }
         for l in &g.listeners {
             tracing::info!(event = "listening", socket = %l.name, address = %l.local_addr(),

@@ -3,9 +3,10 @@
 //! then take the connections the parent moves.
 
 use std::ffi::OsString;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
+use nix::sys::socket::{self, SockType, sockopt};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use super::channel::{Connections, Feature, Ready};
@@ -22,83 +23,168 @@ pub(crate) struct Inherited {
     pub(crate) parent_protocol: Option<u32>,
     /// The connection channel (seqpacket), from a protocol-2 parent.
     pub(crate) connections: Option<OwnedFd>,
+    /// Variables in our environment that the parent did not set for us (see
+    /// [`ParentFds`]), for a warning once logging is up.
+    pub(crate) ignored: Option<String>,
+}
+
+/// Where the parent's channels are, validated but not yet owned.
+///
+/// Each release passes its whole environment on to its child, and a
+/// release passes on variables it does not know as they are: upgrade to N,
+/// roll back to N-1, upgrade to N again, and the last N finds the protocol
+/// and connection-channel variables that the first N set for N-1, naming
+/// fds that mean something else (or nothing) in this process. So a
+/// variable is trusted only when its fd proves it: a Unix socket of the
+/// channel's type whose peer is our parent (a socketpair's peer
+/// credentials are its creator's, `SO_PEERCRED`). That holds whatever
+/// release the parent is, including those that predate this check.
+struct ParentFds {
+    channel: RawFd,
+    parent_protocol: Option<u32>,
+    connections: Option<RawFd>,
+    ignored: Option<String>,
+}
+
+impl ParentFds {
+    /// `None` when no parent generation started us. An error for a handover
+    /// fd that is not the parent's channel (or not a number): a start that
+    /// cannot tell whether it is a successor must not guess.
+    fn find(config: &Config) -> Result<Option<ParentFds>, String> {
+        let handover_var = config.var(Var::HandoverFd);
+        let Some(channel) = fd_var(&handover_var)? else {
+            return Ok(None);
+        };
+        from_parent(channel, SockType::Stream).map_err(|why| {
+            format!(
+                "{handover_var}={channel} is not a handover channel from the parent process: {why}"
+            )
+        })?;
+        let protocol_var = config.var(Var::Protocol);
+        let parent_protocol = match std::env::var(&protocol_var) {
+            Err(_) => None,
+            Ok(v) => Some(
+                v.parse::<u32>()
+                    .map_err(|_| format!("{protocol_var}={v:?} is not a number"))?,
+            ),
+        };
+        if parent_protocol.unwrap_or(1) < 2 {
+            return Ok(Some(ParentFds {
+                channel,
+                parent_protocol,
+                connections: None,
+                ignored: None,
+            }));
+        }
+        // Only a parent that speaks protocol 2 passes (and will use) the
+        // second channel, and it always does: without a valid one, both
+        // variables were set for another process by a grandparent, and the
+        // parent speaks protocol 1.
+        let conns_var = config.var(Var::ConnectionsFd);
+        let stale = |why: String| ParentFds {
+            channel,
+            parent_protocol: None,
+            connections: None,
+            ignored: Some(format!(
+                "ignored {protocol_var} and {conns_var} ({why}): set by an earlier generation for \
+                 another process; the parent speaks handover protocol 1"
+            )),
+        };
+        Ok(Some(match fd_var(&conns_var)? {
+            None => stale(format!("{conns_var} is not set")),
+            Some(fd) => match from_parent(fd, SockType::SeqPacket) {
+                Ok(()) => ParentFds {
+                    channel,
+                    parent_protocol,
+                    connections: Some(fd),
+                    ignored: None,
+                },
+                Err(why) => stale(format!("fd {fd}: {why}")),
+            },
+        }))
+    }
 }
 
 /// Takes the parent's fds, if a parent started us. Call before anything
 /// else opens files.
 pub(crate) fn take(config: &Config) -> Result<Option<Inherited>, String> {
-    let Some(channel) = take_fd(&config.var(Var::HandoverFd))? else {
+    let Some(found) = ParentFds::find(config)? else {
         return Ok(None);
     };
-    let protocol_var = config.var(Var::Protocol);
-    let parent_protocol = match std::env::var(&protocol_var) {
-        Err(_) => None,
-        Ok(v) => Some(
-            v.parse::<u32>()
-                .map_err(|_| format!("{protocol_var}={v:?} is not a number"))?,
-        ),
-    };
-    // Only a parent that speaks protocol 2 passes (and will use) the second
-    // channel.
-    let connections = match parent_protocol {
-        Some(p) if p >= 2 => take_fd(&config.var(Var::ConnectionsFd))?,
-        _ => None,
-    };
     Ok(Some(Inherited {
-        channel,
-        parent_protocol,
-        connections,
+        channel: own(found.channel),
+        parent_protocol: found.parent_protocol,
+        connections: found.connections.map(own),
+        ignored: found.ignored,
     }))
 }
 
-fn take_fd(var: &str) -> Result<Option<OwnedFd>, String> {
+/// The fd a variable names; `None` when it is not set.
+fn fd_var(var: &str) -> Result<Option<RawFd>, String> {
     let Ok(v) = std::env::var(var) else {
         return Ok(None);
     };
-    let fd: RawFd = v
-        .parse()
+    v.parse()
         .ok()
         .filter(|fd| *fd > 2)
-        .ok_or_else(|| format!("{var}={v:?} is not a file descriptor"))?;
+        .map(Some)
+        .ok_or_else(|| format!("{var}={v:?} is not a file descriptor"))
+}
+
+/// Whether `fd` is our end of a Unix socketpair of type `ty` that our
+/// parent made. Looks only; takes nothing.
+fn from_parent(fd: RawFd, ty: SockType) -> Result<(), String> {
     // SAFETY: F_GETFD only asks whether the fd is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("{var}={fd} is not open"));
+        return Err("not open".into());
     }
+    // SAFETY: the fd is open (checked above); it is borrowed only for the
+    // queries below and stays owned by whoever owns it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let unix = socket::getsockname::<socket::UnixAddr>(fd).is_ok();
+    match socket::getsockopt(&borrowed, sockopt::SockType) {
+        Ok(t) if unix && t == ty => {}
+        Ok(_) | Err(_) => return Err(format!("not a Unix {ty:?} socket")),
+    }
+    let parent = nix::unistd::getppid().as_raw();
+    match socket::getsockopt(&borrowed, sockopt::PeerCredentials) {
+        Ok(c) if c.pid() == parent => Ok(()),
+        Ok(c) => Err(format!(
+            "its peer is PID {}, not the parent process (PID {parent})",
+            c.pid()
+        )),
+        Err(e) => Err(format!("no peer credentials: {e}")),
+    }
+}
+
+/// Owns an fd [`ParentFds::find`] validated, and keeps it from our own
+/// children.
+fn own(fd: RawFd) -> OwnedFd {
     // SAFETY: the fd is open and nothing else in this process owns it: the
-    // parent placed it here for us alone.
+    // parent placed it here for us alone (validated by `ParentFds::find`).
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Not for our own children.
     // SAFETY: F_SETFD on the fd we now own.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(Some(owned))
+    owned
 }
 
 /// Tells the parent generation, when one started this process and speaks
 /// protocol 2, why this one cannot start; the parent then fails the reload
 /// with that reason instead of an exit status. Best effort, never blocks.
 pub(crate) fn refuse(config: &Config, reason: &str) {
-    let protocol = std::env::var(config.var(Var::Protocol))
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok());
-    if protocol.unwrap_or(1) < 2 {
+    // Only on a channel proven to be the parent's, and only to a parent
+    // that reads the line.
+    let Ok(Some(found)) = ParentFds::find(config) else {
+        return;
+    };
+    if found.parent_protocol.unwrap_or(1) < 2 {
         // A protocol-1 parent reads `ready` or nothing.
         return;
     }
-    let Some(fd) = std::env::var(config.var(Var::HandoverFd))
-        .ok()
-        .and_then(|v| v.parse::<RawFd>().ok())
-        .filter(|fd| *fd > 2)
-    else {
-        return;
-    };
-    // SAFETY: F_GETFD only asks whether the fd is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return;
-    }
-    // SAFETY: the fd is open (checked above) and is the handover channel
-    // the parent placed for us; it is only borrowed for this one write and
-    // stays owned by whoever owns it (or by no one, before it is taken).
-    let channel = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    // SAFETY: the fd is open and is the parent's handover channel
+    // (validated above); it is only borrowed for this one write and stays
+    // owned by whoever owns it (or by no one, before it is taken).
+    let channel = unsafe { BorrowedFd::borrow_raw(found.channel) };
     let line = super::channel::failed_line(reason);
     let _ = nix::unistd::write(channel, line.as_bytes());
 }
