@@ -558,7 +558,7 @@ fn switch_under_load(c: &Container, nsp: &Path, inside: &str, what: &str) -> u32
 fn package_upgrades_from_the_previous_release_and_back_by_reload() {
     // Every upgrade is a reload from the release that runs to the one just
     // unpacked; a rollback (installing the previous package again) is one
-    // back. Both across the handover channel's versions.
+    // back. Both across the handover channel's versions, twice each.
     const TEST: &str = "package_upgrades_from_the_previous_release_and_back_by_reload";
     // On Debian 12, where the previous release was built and tested.
     let release = Release::Bookworm;
@@ -604,6 +604,22 @@ fn package_upgrades_from_the_previous_release_and_back_by_reload() {
         metrics().unwrap(),
         404,
         "PID {back} is not the previous release"
+    );
+    // Upgrade again, and roll back again: the previous release passed on
+    // the variables this one set for it, and this one must not take them
+    // for its parent's (#23: the third reload failed).
+    let again = switch_under_load(&c, &nsp, "/tmp/this.deb", "upgrade after a rollback");
+    assert_eq!(metrics().unwrap(), 200, "PID {again} is not this release");
+    let back_again = switch_under_load(
+        &c,
+        &nsp,
+        "/tmp/previous.deb",
+        "second rollback to the previous release",
+    );
+    assert_eq!(
+        metrics().unwrap(),
+        404,
+        "PID {back_again} is not the previous release"
     );
     let journal = c.journal(&["-u", SERVICE, "-o", "cat"]);
     assert!(
