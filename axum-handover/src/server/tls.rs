@@ -24,10 +24,27 @@ use super::{ConnCtx, Mode, Stream};
 
 /// Serves one TLS connection to its end.
 pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, ctx: &ConnCtx) {
-    let handshake = acceptor.accept(Rewind::new(stream, Vec::new()));
-    let tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
+    let io = Handshaking::new(Rewind::new(stream, Vec::new()));
+    let handshake = acceptor.accept(io).into_fallible();
+    let mut tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
+        Ok(Ok(tls)) if tls.get_ref().0.gone => {
+            // Complete, and the client has already gone (a TLS health
+            // check): nothing to serve, nothing failed.
+            tracing::debug!(
+                event = "tls_client_gone",
+                socket,
+                "TLS handshake done; the client closed the connection at once"
+            );
+            return;
+        }
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, io))) if io.gone || e.kind() == io::ErrorKind::UnexpectedEof => {
+            ctx.counters.totals.tls_handshake_abandoned();
+            tracing::debug!(event = "tls_handshake_abandoned", socket, error = %e,
+                "the client closed the connection before the TLS handshake was done: {e}");
+            return;
+        }
+        Ok(Err((e, _))) => {
             ctx.counters.totals.tls_handshake_failed();
             tracing::debug!(event = "tls_handshake_failed", socket, error = %e,
                 "TLS handshake failed: {e}");
@@ -45,6 +62,7 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
             return;
         }
     };
+    tls.get_mut().0.handshaking = false;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
     if h2 {
         // hyper's preface wait has no bound of its own, nor a shutdown.
@@ -124,3 +142,106 @@ impl<I: AsyncRead + Unpin> AsyncRead for Touching<I> {
 }
 
 write_through!(Touching<I>, io, I);
+
+/// The stream under the TLS handshake. In TLS 1.3 the server's last words
+/// (its session tickets) follow the client's Finished, and tokio-rustls
+/// reads on after that Finished: a client that completes the handshake and
+/// leaves at once (a health check, often closing with a reset) would fail
+/// the accept with a broken pipe or a reset although the handshake was
+/// done. While `handshaking`, the peer's leaving is therefore not an error:
+/// a write to it counts as written and a read sees the end of the stream.
+/// rustls then decides: the handshake is done exactly when the client's
+/// Finished came before it left (the accept succeeds, with `gone` set), and
+/// fails with an unexpected end otherwise. Afterwards every call passes
+/// through. The tickets stay on: resumption needs them.
+struct Handshaking<I> {
+    io: I,
+    handshaking: bool,
+    /// The peer reset the connection or closed it for writes.
+    gone: bool,
+}
+
+impl<I> Handshaking<I> {
+    fn new(io: I) -> Handshaking<I> {
+        Handshaking {
+            io,
+            handshaking: true,
+            gone: false,
+        }
+    }
+
+    /// Whether `e` says the peer has gone, which a handshake in progress
+    /// notes rather than fails on.
+    fn peer_gone(&mut self, e: &io::Error) -> bool {
+        let gone = self.handshaking
+            && matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+        self.gone |= gone;
+        gone
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Handshaking<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.gone {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Handshaking<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.gone {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(buf.len())),
+            r => r,
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.gone {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.gone {
+            return Poll::Ready(Ok(len));
+        }
+        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(len)),
+            r => r,
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}

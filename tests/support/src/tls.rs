@@ -181,6 +181,17 @@ impl TlsConn {
         self.served
     }
 
+    /// Closes the connection with a reset (`SO_LINGER` 0) rather than a
+    /// FIN, as load balancers' health checks and scanners do.
+    pub fn reset(self) {
+        let sock = &self.stream.get_ref().sock;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+    }
+
     /// Waits until the server closes the connection (EOF, a TLS
     /// close_notify, or a reset), within `within`; `true` if it did.
     pub fn wait_closed(&mut self, within: Duration) -> bool {
