@@ -300,6 +300,90 @@ fn a_bad_certificate_at_start_is_one_line_naming_the_file_and_exit_78() {
     }
 }
 
+/// `serve` with `args`, its address space capped at 1 GiB and its time at
+/// [`WAIT`]: (exit code, stderr). Reading `/dev/zero` whole then aborts
+/// fast instead of eating the machine's memory, and a hang is killed.
+fn start_fails_bounded(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--listen", &proc::free_addr().to_string()])
+        .args(args)
+        .env_remove("LISTEN_FDS");
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the
+    // parent; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let gib = 1 << 30;
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, gib, gib)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let started = Instant::now();
+    let out = TestCommand::from(cmd).timeout(WAIT).output();
+    eprintln!("{args:?}: exited in {:?}", started.elapsed());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_certificate_or_key_that_is_not_a_regular_file_is_refused_at_once_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "good", "good");
+    let fifo = dir.path().join("fifo.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let zero = Path::new("/dev/zero");
+    let cases: [(&Path, &Path, &Path, &str); 4] = [
+        (zero, &key, zero, "a character device, not a regular file"),
+        (&cert, zero, zero, "a character device, not a regular file"),
+        (&fifo, &key, &fifo, "a FIFO, not a regular file"),
+        (
+            &cert,
+            dir.path(),
+            dir.path(),
+            "a directory, not a regular file",
+        ),
+    ];
+    for (c, k, bad, what) in cases {
+        let args = [
+            "--tls-cert".as_ref(),
+            c.as_os_str(),
+            "--tls-key".as_ref(),
+            k.as_os_str(),
+        ];
+        let (code, err) = start_fails_bounded(&args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!("pid-server: error: {}: ", bad.display()))
+                && err.contains(what),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_certificate_replaced_by_a_fifo_fails_the_reload_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (p, _notify, addr) = start_tls(&cert, &key);
+    std::fs::remove_file(&cert).unwrap();
+    nix::unistd::mkfifo(&cert, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let started = Instant::now();
+    let (code, out, err) = proc::reload(BIN, &["--pid", &p.pid.to_string()]);
+    eprintln!("the reload failed in {:?}: {err}", started.elapsed());
+    assert_ne!(code, 0, "{out} {err}");
+    assert!(
+        err.contains(&format!("{}: ", cert.display())) && err.contains("a FIFO"),
+        "{err}"
+    );
+    assert_eq!(pid_over_tls(addr, &ca), p.pid);
+    assert!(proc::alive(p.pid));
+}
+
 #[test]
 fn a_bad_certificate_fails_the_reload_and_the_old_process_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
