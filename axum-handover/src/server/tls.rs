@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::conn::{self, Activity, Leaving};
 use super::detect::{Rewind, serving_idle};
@@ -74,21 +75,21 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
     }
 }
 
+/// The TLS stream of a connection.
+type Tls = TlsStream<Handshaking<Rewind<Stream>>>;
+
 /// HTTP/1.1 over TLS until the client closes it, it is closed idle, or the
 /// drain closes it. The same service and idle bookkeeping as a plain
-/// connection (`conn.rs`), without the parking and the move.
-async fn http1<I>(io: I, socket: &str, ctx: &ConnCtx)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// connection (`conn.rs`), without the parking and the move; and the same
+/// lingering close when hyper ends it with input possibly still coming.
+async fn http1(io: Tls, socket: &str, ctx: &ConnCtx) {
     let activity = Arc::new(Activity::new());
     let io = Touching {
         io,
         activity: activity.clone(),
     };
     let service = conn::service(ctx, socket, &activity, Leaving::Closes);
-    let conn = ctx.http.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let mut conn = ctx.http.serve_connection(TokioIo::new(io), service);
     let mut mode = ctx.mode.clone();
     loop {
         let limit = match *mode.borrow_and_update() {
@@ -96,10 +97,11 @@ where
             Mode::Draining | Mode::Moving => ctx.drain_idle,
         };
         tokio::select! {
-            r = conn.as_mut() => {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = r {
                     tracing::debug!(event = "connection_error", error = %e);
                 }
+                close(conn.into_parts().io.into_inner().io, true).await;
                 return;
             }
             changed = mode.changed() => {
@@ -113,9 +115,25 @@ where
         }
         // Idle long enough: hyper closes it at once (a request that began
         // meanwhile finishes, and its response says `Connection: close`).
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+        let begun = activity.requests();
+        Pin::new(&mut conn).graceful_shutdown();
+        let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let answered = activity.requests() != begun;
+        close(conn.into_parts().io.into_inner().io, answered || r.is_err()).await;
         return;
+    }
+}
+
+/// Ends the TLS session (`close_notify`), then closes lingering, or at once
+/// when nothing can be on its way (closed idle). Both within the lingering
+/// close's time: a client that reads nothing cannot hold it longer.
+async fn close(mut tls: Tls, lingering: bool) {
+    use tokio::io::AsyncWriteExt;
+    let deadline = tokio::time::Instant::now() + conn::LINGER_TIME;
+    let _ = tokio::time::timeout_at(deadline, tls.shutdown()).await;
+    if lingering {
+        let stream = tls.into_inner().0.io.into_inner();
+        conn::linger(stream, deadline).await;
     }
 }
 

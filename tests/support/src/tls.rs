@@ -112,6 +112,12 @@ impl TlsConn {
         let tcp = TcpStream::connect_timeout(&addr, http::TIMEOUT)?;
         tcp.set_read_timeout(Some(http::TIMEOUT))?;
         tcp.set_write_timeout(Some(http::TIMEOUT))?;
+        Self::over(tcp, config)
+    }
+
+    /// Completes the handshake over a connection the caller made (say,
+    /// [`http::connect_small_window`]).
+    pub fn over(tcp: TcpStream, config: Arc<ClientConfig>) -> io::Result<TlsConn> {
         let name = ServerName::try_from("localhost").unwrap();
         let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
         let mut s = StreamOwned::new(conn, tcp);
@@ -179,6 +185,22 @@ impl TlsConn {
     /// Responses read on this connection.
     pub fn served(&self) -> u64 {
         self.served
+    }
+
+    /// Sends `bytes` as they are (a request of the caller's making, and
+    /// whatever follows it).
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let s = self.stream.get_mut();
+        s.write_all(bytes)?;
+        s.flush()
+    }
+
+    /// Reads one response (to a request made with [`TlsConn::send`]).
+    pub fn read_response(&mut self) -> io::Result<Response> {
+        let r = http::read_response(&mut self.stream)?;
+        self.served += 1;
+        self.closed = r.close;
+        Ok(r)
     }
 
     /// Closes the connection with a reset (`SO_LINGER` 0) rather than a
