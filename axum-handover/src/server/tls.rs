@@ -8,6 +8,11 @@
 //! (the advertised `Keep-Alive: timeout=N` plus a second), the rule a drain
 //! applies to plain connections, so a client that pauses less than that
 //! gets its answer and one that honours the hint has closed it first.
+//!
+//! Counting: a handshake that fails (not TLS, a protocol error, a timeout)
+//! is a failure; one the client leaves before it is done (closed or reset:
+//! a scanner, a TCP check) is abandoned; one that completes is neither,
+//! even when the client leaves at once (a TLS health check).
 
 use std::io;
 use std::pin::Pin;
