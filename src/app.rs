@@ -273,6 +273,7 @@ mod tests {
                 connections_moved: 20,
                 connections_fell_back: 0,
                 tls_handshake_failures: 3,
+                tls_handshakes_abandoned: 0,
                 protocol_errors: 0,
             }
         }

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,8 +43,10 @@ pub const KEYS: [&str; 10] = [
     "tls_key",
 ];
 
-/// A larger file is refused: it is not a pid-server configuration, and
-/// reading it (a FIFO, `/dev/zero`) should not hang or fill the memory.
+/// A larger file is refused: it is not a pid-server configuration (a full
+/// one is under 1 KB). The read (the library's, the one that reads the
+/// certificate and key) also refuses what is not a regular file: a FIFO
+/// would hang the start, and with it a reload, and `/dev/zero` never ends.
 const MAX_BYTES: u64 = 1 << 20;
 
 /// A configuration file as this process read it.
@@ -122,13 +123,10 @@ pub fn read(path: &Path) -> Result<ConfigFile, Error> {
         line,
         what,
     };
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| fail(None, format!("cannot read it: {e}")))?;
-    if bytes.len() as u64 > MAX_BYTES {
-        return Err(fail(None, format!("larger than {MAX_BYTES} bytes")));
-    }
+    let bytes = axum_handover::file::read_regular(path, MAX_BYTES).map_err(|e| match e.kind() {
+        std::io::ErrorKind::FileTooLarge => fail(None, e.to_string()),
+        _ => fail(None, format!("cannot read it: {e}")),
+    })?;
     let settings = parse(&bytes).map_err(|p| fail(Some(p.line), p.what))?;
     Ok(ConfigFile {
         path: path.to_path_buf(),

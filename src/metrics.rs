@@ -74,6 +74,11 @@ impl Collector for Scrape {
                 m.tls_handshake_failures,
             ),
             (
+                "tls_handshakes_abandoned",
+                "TLS handshakes the client closed or reset the connection before they were done",
+                m.tls_handshakes_abandoned,
+            ),
+            (
                 "protocol_errors",
                 "HTTP/2 connections closed for a protocol error of the client",
                 m.protocol_errors,

@@ -286,6 +286,42 @@ fn serve_with_a_bad_file_exits_78_before_it_serves() {
 }
 
 #[test]
+fn a_config_that_is_not_a_regular_file_is_refused_at_once_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let cases = [
+        (fifo.as_path(), "cannot read it: a FIFO, not a regular file"),
+        (
+            Path::new("/dev/zero"),
+            "cannot read it: a character device, not a regular file",
+        ),
+        (
+            dir.path(),
+            "cannot read it: a directory, not a regular file",
+        ),
+    ];
+    for (path, what) in cases {
+        // `run` and `wait_exit` are bounded: a hang fails the test.
+        let out = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(out.code, 78, "{path:?}: {}", out.stderr);
+        assert_one_line(&out.stderr, "", path, None, what);
+
+        let notify = Notify::new();
+        let addr = proc::free_addr();
+        let mut cmd = clean(proc::serve_cmd(BIN, addr, &notify));
+        cmd.args(["--config", path.to_str().unwrap()]);
+        let mut p = Proc::spawn(cmd);
+        let started = Instant::now();
+        let st = p.wait_exit(WAIT);
+        eprintln!("{path:?}: serve exited in {:?}", started.elapsed());
+        assert_eq!(st.code(), Some(78), "{path:?}: {}", p.log());
+        assert_one_line(&p.log(), "pid-server: error: ", path, None, what);
+        assert_eq!(notify.messages(), Vec::<String>::new(), "{path:?}");
+    }
+}
+
+#[test]
 fn check_config_says_ok_for_a_good_file_given_by_flag_or_environment() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("pid-server.toml");

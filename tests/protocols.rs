@@ -300,6 +300,90 @@ fn a_bad_certificate_at_start_is_one_line_naming_the_file_and_exit_78() {
     }
 }
 
+/// `serve` with `args`, its address space capped at 1 GiB and its time at
+/// [`WAIT`]: (exit code, stderr). Reading `/dev/zero` whole then aborts
+/// fast instead of eating the machine's memory, and a hang is killed.
+fn start_fails_bounded(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["serve", "--listen", &proc::free_addr().to_string()])
+        .args(args)
+        .env_remove("LISTEN_FDS");
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the
+    // parent; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let gib = 1 << 30;
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, gib, gib)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let started = Instant::now();
+    let out = TestCommand::from(cmd).timeout(WAIT).output();
+    eprintln!("{args:?}: exited in {:?}", started.elapsed());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_certificate_or_key_that_is_not_a_regular_file_is_refused_at_once_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "good", "good");
+    let fifo = dir.path().join("fifo.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let zero = Path::new("/dev/zero");
+    let cases: [(&Path, &Path, &Path, &str); 4] = [
+        (zero, &key, zero, "a character device, not a regular file"),
+        (&cert, zero, zero, "a character device, not a regular file"),
+        (&fifo, &key, &fifo, "a FIFO, not a regular file"),
+        (
+            &cert,
+            dir.path(),
+            dir.path(),
+            "a directory, not a regular file",
+        ),
+    ];
+    for (c, k, bad, what) in cases {
+        let args = [
+            "--tls-cert".as_ref(),
+            c.as_os_str(),
+            "--tls-key".as_ref(),
+            k.as_os_str(),
+        ];
+        let (code, err) = start_fails_bounded(&args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!("pid-server: error: {}: ", bad.display()))
+                && err.contains(what),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_certificate_replaced_by_a_fifo_fails_the_reload_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (p, _notify, addr) = start_tls(&cert, &key);
+    std::fs::remove_file(&cert).unwrap();
+    nix::unistd::mkfifo(&cert, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let started = Instant::now();
+    let (code, out, err) = proc::reload(BIN, &["--pid", &p.pid.to_string()]);
+    eprintln!("the reload failed in {:?}: {err}", started.elapsed());
+    assert_ne!(code, 0, "{out} {err}");
+    assert!(
+        err.contains(&format!("{}: ", cert.display())) && err.contains("a FIFO"),
+        "{err}"
+    );
+    assert_eq!(pid_over_tls(addr, &ca), p.pid);
+    assert!(proc::alive(p.pid));
+}
+
 #[test]
 fn a_bad_certificate_fails_the_reload_and_the_old_process_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,4 +439,93 @@ fn tls_sessions_resume_with_the_new_process() {
     let mut c = H2Conn::connect_tls(addr, h2).unwrap();
     assert_eq!(c.tls_resumed(), Some(true));
     assert_eq!(pid_of(&c.get("/").unwrap().1), Some(new2));
+}
+
+/// A metric's value in a scrape over `c` (a kept TLS connection).
+fn metric(c: &mut TlsConn, name: &str) -> u64 {
+    let m = c.get("/metrics").unwrap().body;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+/// Waits (bounded) until the scraping connection is the only one open:
+/// every connection before it has been counted.
+fn wait_alone(c: &mut TlsConn) {
+    let deadline = Instant::now() + WAIT;
+    while metric(c, "pid_server_open_connections") > 1 {
+        assert!(Instant::now() < deadline, "connections still open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_client_that_closes_after_the_handshake_is_no_failure_and_garbage_is() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "first");
+    let (_p, _notify, addr) = start_tls(&cert, &key);
+    let mut scrape = TlsConn::open(addr, ca.client(&[b"http/1.1"])).unwrap();
+    let failures = "pid_server_tls_handshake_failures_total";
+    let abandoned = "pid_server_tls_handshakes_abandoned_total";
+    let counts = |c: &mut TlsConn| (metric(c, failures), metric(c, abandoned));
+    let before = counts(&mut scrape);
+
+    // TLS health checks: the handshake completes (TLS 1.3: the client's
+    // Finished is its last word, the server's session tickets follow it),
+    // then the client leaves at once, half of them with a reset (as load
+    // balancers do), half with a FIN; with and without a resumed session.
+    const CHECKS: u64 = 50;
+    let configs = [ca.client(&[b"http/1.1"]), ca.client(&[b"h2"])];
+    for i in 0..CHECKS {
+        let c = TlsConn::open(addr, configs[(i / 2 % 2) as usize].clone()).unwrap();
+        if i % 2 == 0 { c.reset() } else { drop(c) }
+    }
+    wait_alone(&mut scrape);
+    let after_checks = counts(&mut scrape);
+
+    // Not TLS: plain HTTP, and a malformed handshake record. Each is read
+    // to its end: the server counts before it closes.
+    const GARBAGE: u64 = 10;
+    for i in 0..GARBAGE {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let junk: &[u8] = if i % 2 == 0 {
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        } else {
+            &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 0xff, 0xff]
+        };
+        s.write_all(junk).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    // Clients that leave before the handshake is done: connect and close,
+    // and send half a ClientHello then reset.
+    const LEFT: u64 = 10;
+    for i in 0..LEFT {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        if i % 2 == 1 {
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+        }
+    }
+    wait_alone(&mut scrape);
+    let after = counts(&mut scrape);
+    let diff = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0, a.1 - b.1);
+    eprintln!(
+        "(failures, abandoned): {CHECKS} health checks added {:?}, {GARBAGE} garbage clients \
+         and {LEFT} that left mid-handshake added {:?}",
+        diff(after_checks, before),
+        diff(after, after_checks),
+    );
+    assert_eq!(
+        diff(after_checks, before),
+        (0, 0),
+        "completed handshakes counted"
+    );
+    assert_eq!(diff(after, after_checks), (GARBAGE, LEFT));
 }

@@ -383,3 +383,74 @@ fn sigterm_works_even_when_the_parent_blocked_it() {
     p.signal(Signal::SIGTERM);
     assert_eq!(p.wait_exit(WAIT).code(), Some(0), "{}", p.log());
 }
+
+/// What a client pipelines behind a request the server answers and then
+/// closes the connection on: more requests after one that asked to close,
+/// and a request body the route does not read.
+const CLOSING_THEN_MORE: [(&str, &str); 2] = [
+    (
+        "Connection: close, then more requests",
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ),
+    (
+        "a body the route does not read",
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n",
+    ),
+];
+
+/// Sends `head` and 20 KB after it, then reads only after a pause: a slow
+/// client whose window (the kernel's smallest) holds a part of the
+/// response, so the rest waits in the server's send buffer. A server that
+/// closes with the 20 KB unread resets the connection, and the reset
+/// throws that rest away.
+fn closing_then_more(send: &mut dyn FnMut(&[u8]) -> std::io::Result<()>, head: &str) {
+    let mut bytes = head.as_bytes().to_vec();
+    for _ in 0..400 {
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad: 0123456789\r\n\r\n");
+    }
+    bytes.resize(head.len() + 20_000, b'x');
+    send(&bytes).unwrap();
+    // The slow reader. No signal tells the client that the server is done
+    // without reading: 300 ms is ample for the server to answer and close
+    // (it takes a millisecond), well inside the lingering close's 2 s.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn a_response_is_not_lost_when_the_client_sends_more_after_a_closing_request() {
+    use std::io::{BufReader, Write};
+    let (_p, _n, addr) = proc::start(BIN);
+    for (what, head) in CLOSING_THEN_MORE {
+        let s = http::connect_small_window(addr).unwrap();
+        let mut w = s.try_clone().unwrap();
+        closing_then_more(&mut |b| w.write_all(b), head);
+        let r = http::read_response(&mut BufReader::new(s));
+        let r = r.unwrap_or_else(|e| panic!("{what}: the response was lost: {e}"));
+        assert_eq!(r.status, 200, "{what}");
+        assert!(r.body.contains("pid_server_requests_total"), "{what}");
+    }
+}
+
+#[test]
+fn a_tls_response_is_not_lost_when_the_client_sends_more_after_a_closing_request() {
+    use pid_server_test_support::tls::{TestCa, TlsConn};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "server");
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
+    let _p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let config = ca.client(&[b"http/1.1"]);
+    for (what, head) in CLOSING_THEN_MORE {
+        let tcp = http::connect_small_window(addr).unwrap();
+        let mut c = TlsConn::over(tcp, config.clone()).unwrap();
+        closing_then_more(&mut |b| c.send(b), head);
+        let r = c.read_response();
+        let r = r.unwrap_or_else(|e| panic!("{what}: the response was lost: {e}"));
+        assert_eq!(r.status, 200, "{what}");
+        assert!(r.body.contains("pid_server_requests_total"), "{what}");
+    }
+}

@@ -77,6 +77,9 @@
 //! - [`Generation`]: one process's life: take the sockets, serve, hand over
 //!   or drain; [`Hooks`] for what the app adds; [`Info`] for its routes.
 //! - [`helper`]: the reload and stop helpers for the app's command line.
+//! - [`file`](mod@file): reading a file an operator names (what [`Tls`] reads, and
+//!   the app's configuration) capped, and refusing FIFOs and devices, so a
+//!   bad path fails a start or a reload instead of hanging it.
 //! - Inside: `listeners` (inherited or bound sockets), `server` (accepting,
 //!   connections, moving and draining), `handover` (`spawn`: the old side;
 //!   `join`: the new side; `channel`: the messages), `tls` (certificates and
@@ -89,6 +92,7 @@
 mod config;
 mod control;
 mod env;
+pub mod file;
 mod generation;
 mod handover;
 pub mod helper;

@@ -87,8 +87,13 @@ pub struct Metrics {
     pub connections_moved: u64,
     /// Connections that were to move but were served to the end instead.
     pub connections_fell_back: u64,
-    /// TLS handshakes that failed or timed out.
+    /// TLS handshakes that failed (not TLS, a protocol error, no common
+    /// version or cipher) or timed out.
     pub tls_handshake_failures: u64,
+    /// TLS handshakes the client left before they were done: it closed or
+    /// reset the connection (a scanner, a TCP health check). Not failures:
+    /// nothing was wrong with what either side said.
+    pub tls_handshakes_abandoned: u64,
     /// HTTP/2 connections closed for a protocol error of the peer (a
     /// malformed frame, a violated limit).
     pub protocol_errors: u64,
@@ -103,6 +108,7 @@ pub(crate) struct Totals {
     moved: AtomicU64,
     fell_back: AtomicU64,
     tls_failures: AtomicU64,
+    tls_abandoned: AtomicU64,
     protocol_errors: AtomicU64,
     histograms: Mutex<(Histogram, Histogram)>,
     /// What the previous generations counted, as last received.
@@ -117,6 +123,7 @@ impl Default for Totals {
             moved: AtomicU64::new(0),
             fell_back: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            tls_abandoned: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             histograms: Mutex::new((
                 Histogram::new(&HANDOVER_BUCKETS),
@@ -135,6 +142,7 @@ pub(crate) struct Carried {
     moved: u64,
     fell_back: u64,
     tls_failures: u64,
+    tls_abandoned: u64,
     protocol_errors: u64,
     handover: Histogram,
     drain: Histogram,
@@ -152,6 +160,10 @@ impl Totals {
 
     pub(crate) fn tls_handshake_failed(&self) {
         self.tls_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_handshake_abandoned(&self) {
+        self.tls_abandoned.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn protocol_error(&self) {
@@ -200,6 +212,7 @@ impl Totals {
             moved: self.moved.load(Ordering::Relaxed),
             fell_back: self.fell_back.load(Ordering::Relaxed),
             tls_failures: self.tls_failures.load(Ordering::Relaxed),
+            tls_abandoned: self.tls_abandoned.load(Ordering::Relaxed),
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
             handover: h,
             drain: d,
@@ -218,6 +231,7 @@ impl Totals {
             c.moved += b.moved;
             c.fell_back += b.fell_back;
             c.tls_failures += b.tls_failures;
+            c.tls_abandoned += b.tls_abandoned;
             c.protocol_errors += b.protocol_errors;
             c.handover.add(&b.handover);
             c.drain.add(&b.drain);
@@ -245,6 +259,7 @@ impl Totals {
             connections_moved: c.moved,
             connections_fell_back: c.fell_back,
             tls_handshake_failures: c.tls_failures,
+            tls_handshakes_abandoned: c.tls_abandoned,
             protocol_errors: c.protocol_errors,
         }
     }
@@ -270,6 +285,10 @@ impl Carried {
             "tls_handshake_failures {}\nprotocol_errors {}\n",
             self.tls_failures, self.protocol_errors
         ));
+        s.push_str(&format!(
+            "tls_handshakes_abandoned {}\n",
+            self.tls_abandoned
+        ));
         for (name, h) in [("handover", &self.handover), ("drain", &self.drain)] {
             for (le, n) in &h.buckets {
                 s.push_str(&format!("{name}_bucket {le} {n}\n"));
@@ -292,6 +311,7 @@ impl Carried {
             moved: 0,
             fell_back: 0,
             tls_failures: 0,
+            tls_abandoned: 0,
             protocol_errors: 0,
             handover: Histogram::new(&HANDOVER_BUCKETS),
             drain: Histogram::new(&DRAIN_BUCKETS),
@@ -312,6 +332,7 @@ impl Carried {
                 ["moved", n] => c.moved = n.parse().ok()?,
                 ["fell_back", n] => c.fell_back = n.parse().ok()?,
                 ["tls_handshake_failures", n] => c.tls_failures = n.parse().ok()?,
+                ["tls_handshakes_abandoned", n] => c.tls_abandoned = n.parse().ok()?,
                 ["protocol_errors", n] => c.protocol_errors = n.parse().ok()?,
                 [name, le, n] if name.ends_with("_bucket") => {
                     let h = histogram(&mut c, name.trim_end_matches("_bucket"))?;
@@ -356,6 +377,9 @@ mod tests {
         old.reload(ReloadResult::Ok);
         old.handover(0.3);
         old.drained(0.002, 5, 1);
+        old.tls_handshake_failed();
+        old.tls_handshake_abandoned();
+        old.tls_handshake_abandoned();
         let sent = old.carried();
         assert_eq!(Carried::decode(&sent.encode()), Some(sent.clone()));
         let new = Totals::default();
@@ -366,6 +390,10 @@ mod tests {
         assert_eq!(
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),
             (1, 5, 1)
+        );
+        assert_eq!(
+            (m.tls_handshake_failures, m.tls_handshakes_abandoned),
+            (1, 2)
         );
         assert_eq!(m.handover_seconds.count, 1);
         assert_eq!(m.handover_seconds.buckets[2], (0.25, 0));

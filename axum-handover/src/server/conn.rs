@@ -18,6 +18,17 @@
 //! connection starts parked too. The parked wait applies the same rules as
 //! hyper's idle time: the keep-alive timeout, and a drain's idle rule or a
 //! move to the successor.
+//!
+//! When hyper ends a connection itself (`Connection: close`, an error, a
+//! request body it did not read), the client may still be sending. Closing
+//! a socket with unread input makes the kernel send a reset, which throws
+//! away the end of the response still on its way (and the client's stack
+//! may drop what it received but has not read). So such a connection has a
+//! *lingering close*, as nginx's `lingering_close`: the write side is shut
+//! down (the response ends with a FIN), then input is read and discarded
+//! until the client closes, for at most [`LINGER_TIME`] and
+//! [`LINGER_BYTES`]. A connection closed idle has nothing on its way and
+//! closes at once, so a drain is not held up by idle connections.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -163,6 +174,36 @@ write_through!(ConnIo, stream);
 /// their buffers back soon.
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a lingering close reads at most. A client that has its
+/// response reads it and closes within a round trip or two; 2 s covers a
+/// slow network's retransmits while a leaving generation is held briefly
+/// (nginx waits 30 s, but it is not a process that wants to exit).
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// How many bytes a lingering close reads at most: the rest of a modest
+/// request body or a few pipelined requests. A client that sends more is
+/// uploading, not finishing, and gets its reset.
+pub(crate) const LINGER_BYTES: usize = 64 * 1024;
+
+/// The lingering close (see the module's doc): shuts down the write side,
+/// then reads and discards until the client closes, `deadline` passes or
+/// [`LINGER_BYTES`] are read; dropping the stream then closes it.
+pub(crate) async fn linger(mut stream: Stream, deadline: tokio::time::Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            // The client closed (or reset), or time is up.
+            _ => return,
+        }
+    }
+}
+
 /// Milliseconds since the first use, as a cheap shared clock for atomics.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 fn now_ms() -> u64 {
@@ -196,6 +237,11 @@ impl Activity {
             closing: AtomicBool::new(false),
             quiet: Notify::new(),
         }
+    }
+
+    /// Requests begun on this connection, ever.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     fn touch(&self) {
@@ -303,9 +349,19 @@ pub(crate) async fn serve(mut conn: Parked, socket: Arc<str>, ctx: Arc<ConnCtx>,
         let fell_back = conn.fell_back;
         let step = Box::pin(active(conn, &socket, &ctx, first)).await;
         first = false;
+        let ended = if fell_back {
+            Ended::FellBack
+        } else {
+            Ended::Closed
+        };
         conn = match step {
-            Step::Done if fell_back => break Ended::FellBack,
-            Step::Done => break Ended::Closed,
+            Step::Done => break ended,
+            Step::Close(stream) => {
+                // Boxed: only a closing connection needs its buffer.
+                let deadline = tokio::time::Instant::now() + LINGER_TIME;
+                Box::pin(linger(stream, deadline)).await;
+                break ended;
+            }
             Step::Park(parts) => Parked::from_parts(parts, fell_back),
             Step::Move(parts) => match Parked::from_parts(parts, false)
                 .move_out(&socket, &ctx)
@@ -570,8 +626,10 @@ struct Parts {
 }
 
 enum Step {
-    /// Closed (by the client, by the idle rules, or after an error).
+    /// Closed (by the client, by the idle rules, or HTTP/2's end).
     Done,
+    /// Ended by hyper with input possibly still coming: to close lingering.
+    Close(Stream),
     /// Idle: to wait, parked, for its next request.
     Park(Parts),
     /// To go to the successor.
@@ -600,7 +658,7 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
                 if let Err(e) = r {
                     tracing::debug!(event = "connection_error", error = %e);
                 }
-                return Step::Done;
+                return Step::Close(conn.into_parts().io.into_inner().stream);
             }
             _ = mode.changed() => continue,
             _ = activity.idle_at_least(limit) => {}
@@ -616,11 +674,17 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
         let begun = activity.requests.load(Ordering::SeqCst);
         Pin::new(&mut conn).graceful_shutdown();
         let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
-        let movable = (park || (now == Mode::Moving && !fell_back))
-            && r.is_ok()
-            && activity.requests.load(Ordering::SeqCst) == begun;
+        let answered = activity.requests.load(Ordering::SeqCst) != begun;
+        let movable = (park || (now == Mode::Moving && !fell_back)) && r.is_ok() && !answered;
         if !movable {
-            return Step::Done;
+            // Idle, nothing is on its way: closed at once. A request that
+            // began meanwhile was answered with `Connection: close`, and
+            // the client may have sent more behind it.
+            return if answered || r.is_err() {
+                Step::Close(conn.into_parts().io.into_inner().stream)
+            } else {
+                Step::Done
+            };
         }
         let parts = conn.into_parts();
         let io = parts.io.into_inner();

@@ -95,6 +95,11 @@ impl<I> Rewind<I> {
     pub(crate) fn new(io: I, ahead: Vec<u8>) -> Rewind<I> {
         Rewind { io, ahead }
     }
+
+    /// The stream (what is left of the bytes ahead is dropped).
+    pub(crate) fn into_inner(self) -> I {
+        self.io
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

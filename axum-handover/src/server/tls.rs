@@ -8,6 +8,11 @@
 //! (the advertised `Keep-Alive: timeout=N` plus a second), the rule a drain
 //! applies to plain connections, so a client that pauses less than that
 //! gets its answer and one that honours the hint has closed it first.
+//!
+//! Counting: a handshake that fails (not TLS, a protocol error, a timeout)
+//! is a failure; one the client leaves before it is done (closed or reset:
+//! a scanner, a TCP check) is abandoned; one that completes is neither,
+//! even when the client leaves at once (a TLS health check).
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +22,7 @@ use std::task::{Context, Poll};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::conn::{self, Activity, Leaving};
 use super::detect::{Rewind, serving_idle};
@@ -24,10 +30,27 @@ use super::{ConnCtx, Mode, Stream};
 
 /// Serves one TLS connection to its end.
 pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, ctx: &ConnCtx) {
-    let handshake = acceptor.accept(Rewind::new(stream, Vec::new()));
-    let tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
+    let io = Handshaking::new(Rewind::new(stream, Vec::new()));
+    let handshake = acceptor.accept(io).into_fallible();
+    let mut tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
+        Ok(Ok(tls)) if tls.get_ref().0.gone => {
+            // Complete, and the client has already gone (a TLS health
+            // check): nothing to serve, nothing failed.
+            tracing::debug!(
+                event = "tls_client_gone",
+                socket,
+                "TLS handshake done; the client closed the connection at once"
+            );
+            return;
+        }
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, io))) if io.gone || e.kind() == io::ErrorKind::UnexpectedEof => {
+            ctx.counters.totals.tls_handshake_abandoned();
+            tracing::debug!(event = "tls_handshake_abandoned", socket, error = %e,
+                "the client closed the connection before the TLS handshake was done: {e}");
+            return;
+        }
+        Ok(Err((e, _))) => {
             ctx.counters.totals.tls_handshake_failed();
             tracing::debug!(event = "tls_handshake_failed", socket, error = %e,
                 "TLS handshake failed: {e}");
@@ -45,6 +68,7 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
             return;
         }
     };
+    tls.get_mut().0.handshaking = false;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
     if h2 {
         // hyper's preface wait has no bound of its own, nor a shutdown.
@@ -56,21 +80,21 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
     }
 }
 
+/// The TLS stream of a connection.
+type Tls = TlsStream<Handshaking<Rewind<Stream>>>;
+
 /// HTTP/1.1 over TLS until the client closes it, it is closed idle, or the
 /// drain closes it. The same service and idle bookkeeping as a plain
-/// connection (`conn.rs`), without the parking and the move.
-async fn http1<I>(io: I, socket: &str, ctx: &ConnCtx)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// connection (`conn.rs`), without the parking and the move; and the same
+/// lingering close when hyper ends it with input possibly still coming.
+async fn http1(io: Tls, socket: &str, ctx: &ConnCtx) {
     let activity = Arc::new(Activity::new());
     let io = Touching {
         io,
         activity: activity.clone(),
     };
     let service = conn::service(ctx, socket, &activity, Leaving::Closes);
-    let conn = ctx.http.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let mut conn = ctx.http.serve_connection(TokioIo::new(io), service);
     let mut mode = ctx.mode.clone();
     loop {
         let limit = match *mode.borrow_and_update() {
@@ -78,10 +102,11 @@ where
             Mode::Draining | Mode::Moving => ctx.drain_idle,
         };
         tokio::select! {
-            r = conn.as_mut() => {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = r {
                     tracing::debug!(event = "connection_error", error = %e);
                 }
+                close(conn.into_parts().io.into_inner().io, true).await;
                 return;
             }
             changed = mode.changed() => {
@@ -95,9 +120,25 @@ where
         }
         // Idle long enough: hyper closes it at once (a request that began
         // meanwhile finishes, and its response says `Connection: close`).
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+        let begun = activity.requests();
+        Pin::new(&mut conn).graceful_shutdown();
+        let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let answered = activity.requests() != begun;
+        close(conn.into_parts().io.into_inner().io, answered || r.is_err()).await;
         return;
+    }
+}
+
+/// Ends the TLS session (`close_notify`), then closes lingering, or at once
+/// when nothing can be on its way (closed idle). Both within the lingering
+/// close's time: a client that reads nothing cannot hold it longer.
+async fn close(mut tls: Tls, lingering: bool) {
+    use tokio::io::AsyncWriteExt;
+    let deadline = tokio::time::Instant::now() + conn::LINGER_TIME;
+    let _ = tokio::time::timeout_at(deadline, tls.shutdown()).await;
+    if lingering {
+        let stream = tls.into_inner().0.io.into_inner();
+        conn::linger(stream, deadline).await;
     }
 }
 
@@ -124,3 +165,106 @@ impl<I: AsyncRead + Unpin> AsyncRead for Touching<I> {
 }
 
 write_through!(Touching<I>, io, I);
+
+/// The stream under the TLS handshake. In TLS 1.3 the server's last words
+/// (its session tickets) follow the client's Finished, and tokio-rustls
+/// reads on after that Finished: a client that completes the handshake and
+/// leaves at once (a health check, often closing with a reset) would fail
+/// the accept with a broken pipe or a reset although the handshake was
+/// done. While `handshaking`, the peer's leaving is therefore not an error:
+/// a write to it counts as written and a read sees the end of the stream.
+/// rustls then decides: the handshake is done exactly when the client's
+/// Finished came before it left (the accept succeeds, with `gone` set), and
+/// fails with an unexpected end otherwise. Afterwards every call passes
+/// through. The tickets stay on: resumption needs them.
+struct Handshaking<I> {
+    io: I,
+    handshaking: bool,
+    /// The peer reset the connection or closed it for writes.
+    gone: bool,
+}
+
+impl<I> Handshaking<I> {
+    fn new(io: I) -> Handshaking<I> {
+        Handshaking {
+            io,
+            handshaking: true,
+            gone: false,
+        }
+    }
+
+    /// Whether `e` says the peer has gone, which a handshake in progress
+    /// notes rather than fails on.
+    fn peer_gone(&mut self, e: &io::Error) -> bool {
+        let gone = self.handshaking
+            && matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+        self.gone |= gone;
+        gone
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Handshaking<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.gone {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Handshaking<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.gone {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(buf.len())),
+            r => r,
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.gone {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(())),
+            r => r,
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.gone {
+            return Poll::Ready(Ok(len));
+        }
+        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(e)) if self.peer_gone(&e) => Poll::Ready(Ok(len)),
+            r => r,
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}

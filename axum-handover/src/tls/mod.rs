@@ -28,6 +28,13 @@ pub(crate) use tickets::{TicketKeys, Ticketer};
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
+/// The largest certificate or key file read. A PEM certificate is 1–2 KB
+/// (an RSA-4096 one ~2 KB, certbot's `fullchain.pem` with its intermediate
+/// ~4 KB, a chain with a long intermediate list rarely over 10 KB), a key
+/// under 4 KB: 1 MiB is far past any real one and still reads in a moment,
+/// while `/dev/zero`-like input stops there.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
 /// A certificate chain and its private key, checked to belong together:
 /// what a TLS socket serves. Cheap to clone.
 ///
@@ -55,7 +62,8 @@ impl fmt::Debug for Tls {
 /// starts with the file's path.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The file is missing or unreadable.
+    /// The file is missing or unreadable, not a regular file (a FIFO, a
+    /// device), or larger than 1 MiB: see [`crate::file::read_regular`].
     #[error("{}: cannot read the {what}: {source}", path.display())]
     Read {
         /// The file.
@@ -143,11 +151,14 @@ impl Tls {
     /// Reads a PEM certificate chain (the server's certificate first, then
     /// intermediates: certbot's `fullchain.pem`) and a PEM private key
     /// (PKCS#8, PKCS#1 or SEC1: certbot's `privkey.pem`), and checks that
-    /// the key is the certificate's.
+    /// the key is the certificate's. Each file must be a regular file of at
+    /// most 1 MiB ([`crate::file::read_regular`]): a FIFO or a device fails
+    /// at once rather than hanging the start (or the reload) or filling the
+    /// memory.
     pub fn from_pem_files(cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Tls, TlsError> {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let read = |path: &Path, what| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
+            crate::file::read_regular(path, MAX_PEM_BYTES).map_err(|source| TlsError::Read {
                 path: path.to_path_buf(),
                 what,
                 source,

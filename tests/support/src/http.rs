@@ -86,6 +86,29 @@ fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// A connection whose receive buffer is the kernel's smallest (about 2 KB):
+/// a response larger than that stays partly in the server's send buffer
+/// until the client reads, as with a slow client on a real network.
+pub fn connect_small_window(addr: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    use std::os::fd::AsRawFd;
+    assert!(addr.ip().is_loopback(), "loopback only, not {addr}");
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // Before connect: the window is offered in the handshake.
+    socket::setsockopt(&fd, sockopt::RcvBuf, &1)?;
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|e| context(e.into(), "connect"))?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
 fn write_request(s: &mut TcpStream, addr: SocketAddr, path: &str, close: bool) -> io::Result<()> {
     let close = if close { "Connection: close\r\n" } else { "" };
     let request = format!(

@@ -112,6 +112,12 @@ impl TlsConn {
         let tcp = TcpStream::connect_timeout(&addr, http::TIMEOUT)?;
         tcp.set_read_timeout(Some(http::TIMEOUT))?;
         tcp.set_write_timeout(Some(http::TIMEOUT))?;
+        Self::over(tcp, config)
+    }
+
+    /// Completes the handshake over a connection the caller made (say,
+    /// [`http::connect_small_window`]).
+    pub fn over(tcp: TcpStream, config: Arc<ClientConfig>) -> io::Result<TlsConn> {
         let name = ServerName::try_from("localhost").unwrap();
         let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
         let mut s = StreamOwned::new(conn, tcp);
@@ -179,6 +185,33 @@ impl TlsConn {
     /// Responses read on this connection.
     pub fn served(&self) -> u64 {
         self.served
+    }
+
+    /// Sends `bytes` as they are (a request of the caller's making, and
+    /// whatever follows it).
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let s = self.stream.get_mut();
+        s.write_all(bytes)?;
+        s.flush()
+    }
+
+    /// Reads one response (to a request made with [`TlsConn::send`]).
+    pub fn read_response(&mut self) -> io::Result<Response> {
+        let r = http::read_response(&mut self.stream)?;
+        self.served += 1;
+        self.closed = r.close;
+        Ok(r)
+    }
+
+    /// Closes the connection with a reset (`SO_LINGER` 0) rather than a
+    /// FIN, as load balancers' health checks and scanners do.
+    pub fn reset(self) {
+        let sock = &self.stream.get_ref().sock;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Linger, &linger).unwrap();
     }
 
     /// Waits until the server closes the connection (EOF, a TLS
