@@ -256,9 +256,7 @@ fn the_helper_sends_nothing_to_a_process_squatting_the_name() {
         l
     });
     let read = std::thread::spawn(move || {
-        let (mut s, _) = wait::until("the helper to connect", WAIT, || {
-            squatter.accept().ok()
-        });
+        let (mut s, _) = wait::until("the helper to connect", WAIT, || squatter.accept().ok());
         s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = vec![0u8; 1 << 16];
@@ -290,5 +288,36 @@ fn the_helper_sends_nothing_to_a_process_squatting_the_name() {
             "@pid-server/{pid}/control is held by PID {me} (uid 65534), not by PID {pid}"
         )),
         "{err}"
+    );
+}
+
+#[test]
+fn root_s_helper_reloads_a_server_of_another_user() {
+    if !root("root_s_helper_reloads_a_server_of_another_user") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // The server runs as 65534, and may write to the mock notify socket.
+    let notify = proc::Notify::new();
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(notify.path.parent().unwrap(), 0o755);
+    open(&notify.path, 0o777);
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.uid(NOBODY).gid(NOBODY).env_remove("RUNTIME_DIRECTORY");
+    let server = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = proc::Reaper::default();
+    // Root, by hand: the listener is that PID and runs as that PID's user.
+    let (code, out, err) = proc::reload(BIN, &["--pid", &server.pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let new = proc::health_pid(addr);
+    reaper.watch(new);
+    assert!(
+        out.starts_with(&format!("reloaded: {} -> {new}", server.pid)),
+        "{out}"
     );
 }

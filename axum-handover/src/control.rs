@@ -235,7 +235,7 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The environment block a helper sends after `upgrade`.
-pub(crate) fn environment_block(vars: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> String {
+pub fn environment_block(vars: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> String {
     let lines: Vec<String> = vars
         .map(|(k, v)| {
             let mut kv = k;
@@ -271,10 +271,10 @@ pub const MAX_REQUEST_LINE: usize = 64;
 /// a command line with its environment at a few MB.
 pub const MAX_ENVIRONMENT: usize = 1 << 20;
 
-/// The most control connections served at once. A reload takes one, a
-/// second one is refused as "under way"; 8 leaves room for a few
-/// operators' helpers and a monitoring probe without letting anyone hold
-/// descriptors the HTTP connections need.
+/// The most control connections served at once. A reload takes one, and a
+/// second is refused as "under way" within moments; 8 leaves room for a
+/// few operators' helpers at once without letting the server's own user
+/// (nobody else gets this far) hold descriptors the HTTP connections need.
 pub(crate) const MAX_CONNECTIONS: usize = 8;
 
 /// Requests read but not yet taken by the generation (the channel's
@@ -282,9 +282,10 @@ pub(crate) const MAX_CONNECTIONS: usize = 8;
 pub(crate) const QUEUED: usize = 4;
 
 /// The most descriptors the control sockets hold: the two listening
-/// sockets, the connections being read, the requests queued, and the one a
-/// refusal is being written to.
-pub(crate) const DESCRIPTORS: usize = 2 + MAX_CONNECTIONS + QUEUED + 1;
+/// sockets, the connections being read (or waiting for room in the queue),
+/// the requests queued, the one the reload under way answers on, and the
+/// one a refusal is being written to.
+pub(crate) const DESCRIPTORS: usize = 2 + MAX_CONNECTIONS + QUEUED + 1 + 1;
 
 /// How long a helper has to send its request.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -299,7 +300,7 @@ pub enum Refusal {
         #[allow(missing_docs)]
         uid: Option<u32>,
     },
-    /// [`MAX_CONNECTIONS`] helpers are being served.
+    /// As many helpers as the server serves at once are being served.
     #[error("busy: {MAX_CONNECTIONS} control connections are open")]
     Busy,
     /// The request line went past [`MAX_REQUEST_LINE`].
@@ -328,7 +329,11 @@ async fn read_capped_line<R: AsyncBufRead + Unpin>(
 ) -> Result<Option<Vec<u8>>, Refusal> {
     let mut line = Vec::new();
     // One byte past the cap tells a line over it from one that ends there.
-    match (&mut *read).take(cap as u64 + 1).read_until(b'\n', &mut line).await {
+    match (&mut *read)
+        .take(cap as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+    {
         Ok(0) | Err(_) => return Ok(None),
         Ok(_) => {}
     }
@@ -398,8 +403,9 @@ async fn read_environment<R: AsyncBufRead + Unpin>(
     Ok(Some(vars))
 }
 
-/// [`read_request`] over bytes already in hand, as the server reads a
-/// helper that sent `input` in one write: for fuzzing and tests.
+/// Reads a request from bytes already in hand, as the server reads a
+/// helper that sent `input` in one write (the same code): for fuzzing and
+/// tests.
 pub fn parse_request(mut input: &[u8]) -> Result<Option<Environment>, Refusal> {
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
@@ -543,13 +549,13 @@ pub(crate) async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>)
         // at once and costs no task, no buffer and no slot.
         let uid = stream.peer_cred().ok().map(|c| c.uid());
         if !matches!(uid, Some(u) if u == 0 || u == me) {
-            refuse_now(&stream, Refusal::PermissionDenied { uid });
+            refuse_now(stream, Refusal::PermissionDenied { uid });
             continue;
         }
         // A full house is answered rather than closed silently, so a
         // helper can say why.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse_now(&stream, Refusal::Busy);
+            refuse_now(stream, Refusal::Busy);
             continue;
         };
         let requests = requests.clone();
@@ -562,8 +568,12 @@ pub(crate) async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>)
 
 /// Answers `refusal` without waiting (a new connection's send buffer has
 /// room for one line) and closes the connection unread.
-fn refuse_now(stream: &UnixStream, refusal: Refusal) {
-    let _ = stream.try_write(Answer::Refused(refusal.to_string()).to_line().as_bytes());
+fn refuse_now(stream: UnixStream, refusal: Refusal) {
+    // Straight to the socket: tokio's `try_write` declines until the
+    // reactor has seen the new socket writable, which it may not have yet.
+    if let Ok(stream) = stream.into_std() {
+        let _ = (&stream).write(Answer::Refused(refusal.to_string()).to_line().as_bytes());
+    }
 }
 
 async fn handle(stream: UnixStream, requests: mpsc::Sender<Request>) -> io::Result<()> {
@@ -616,7 +626,9 @@ pub(crate) enum AskError {
         line: String,
     },
     /// Another process holds the control socket's name; nothing was sent.
-    #[error("the control socket {socket} is held by PID {holder_pid} (uid {holder_uid}){why}; sent nothing")]
+    #[error(
+        "the control socket {socket} is held by PID {holder_pid} (uid {holder_uid}){why}; sent nothing"
+    )]
     NotTheServer {
         socket: String,
         pid: u32,
@@ -858,7 +870,8 @@ mod tests {
         // Without a path socket, a taken name is an error naming it.
         let err = listen(name, pid, None).err().unwrap();
         assert!(
-            err.to_string().starts_with(&format!("@{name}/{pid}/control: ")),
+            err.to_string()
+                .starts_with(&format!("@{name}/{pid}/control: ")),
             "{err}"
         );
         drop(squatter);
@@ -899,9 +912,11 @@ mod tests {
             Err(Refusal::TooManyVariables)
         );
         // The fixed phrases helpers of every release match on.
-        assert!(Refusal::PermissionDenied { uid: Some(65534) }
-            .to_string()
-            .starts_with("permission denied"));
+        assert!(
+            Refusal::PermissionDenied { uid: Some(65534) }
+                .to_string()
+                .starts_with("permission denied")
+        );
         assert!(Refusal::Busy.to_string().starts_with("busy"));
     }
 }

@@ -178,9 +178,9 @@ pub fn reload(
         Ok((Answer::Refused(why), ..)) => Err(HelperError::Refused(format!(
             "PID {pid} refused the reload: {why}"
         ))),
-        Err(e @ AskError::NotTheServer { .. }) => Err(HelperError::NotTheServer(format!(
-            "PID {pid}: {e}"
-        ))),
+        Err(e @ AskError::NotTheServer { .. }) => {
+            Err(HelperError::NotTheServer(format!("PID {pid}: {e}")))
+        }
         Err(AskError::NoServer { .. }) if !process_exists(pid) => {
             Err(HelperError::NoServer(format!("no process with PID {pid}")))
         }
@@ -369,7 +369,11 @@ mod tests {
             (HelperError::NoServer(String::new()), 3, "no_server"),
             (HelperError::Refused(String::new()), 4, "refused"),
             (HelperError::Usage(String::new()), 64, "usage"),
-            (HelperError::NotTheServer(String::new()), 76, "not_the_server"),
+            (
+                HelperError::NotTheServer(String::new()),
+                76,
+                "not_the_server",
+            ),
             (
                 HelperError::PermissionDenied(String::new()),
                 77,
