@@ -1,7 +1,7 @@
 //! The `pid-server` binary: the reference app of the `axum-handover`
 //! library. It parses the command line, reads the configuration file, takes
 //! the sockets before the runtime starts, serves its routes, and maps how
-//! that ended to the exit codes README.md documents (0, 1, 2, 3, 4, 64, 78).
+//! that ended to the exit codes README.md documents (0, 1, 2, 3, 4, 64, 76, 77, 78).
 
 mod app;
 mod cli;

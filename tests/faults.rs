@@ -286,28 +286,8 @@ fn one_hundred_reloads_under_light_load() {
     assert_eq!(children.trim(), "", "zombies or children left: {children}");
 }
 
-/// Starts the server with the open-files limit set to `soft`:`hard`.
 fn start_with_nofile(soft: u64, hard: u64) -> (Proc, SocketAddr) {
-    use std::os::unix::process::CommandExt;
-    let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
-    // SAFETY: setrlimit is async-signal-safe and touches only the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            let l = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let p = Proc::spawn(cmd);
-    notify.wait_for("READY=1", |m| m.contains("READY=1"));
-    (p, addr)
+    proc::start_with_nofile(BIN, soft, hard)
 }
 
 #[test]

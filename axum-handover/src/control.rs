@@ -10,12 +10,43 @@
 //!   variable). A path reaches the server whatever network namespace each
 //!   of the unit's processes ended up in: in a container without the
 //!   privilege to join the unit's `PrivateNetwork=` namespace, they differ.
-//! - the abstract socket `@<name>/<pid>/control` always, for a person
-//!   running the helper by hand; nothing is left on disk.
+//!   Only the unit's user can create files there, so no one else can take
+//!   this name.
+//! - the abstract socket `@<name>/<pid>/control`, for a person running the
+//!   helper by hand (no runtime directory in their environment); nothing
+//!   is left on disk. Abstract names have no permissions: any local user
+//!   may bind one first. A server whose abstract name is taken still binds
+//!   the path socket (one warning, `control_name_taken`), and the helper
+//!   checks who answers before it sends anything (below), so a squatter
+//!   learns nothing and cannot fake an outcome; the name is kept because
+//!   it is the only way in outside the unit.
 //!
-//! Only the server's own user or root may use either (`SO_PEERCRED`).
+//! # Who may talk to whom
 //!
-//! The protocol is one line each way:
+//! - The server checks the helper's credentials (`SO_PEERCRED`) before it
+//!   reads a byte: only its own user or root; anyone else gets
+//!   `refused permission denied: ...` and the connection is closed
+//!   unread. It serves at most [`MAX_CONNECTIONS`] helpers at once (one
+//!   more is answered `refused busy: ...` and closed), reads at most
+//!   [`MAX_REQUEST_LINE`] bytes of request line and [`MAX_ENVIRONMENT`]
+//!   bytes ([`MAX_VARIABLES`] variables) of environment (over a cap:
+//!   `refused request too long: ...`, nothing more read), and waits at most
+//!   [`REQUEST_TIMEOUT`] for them. So the descriptors it holds for control
+//!   connections are bounded ([`DESCRIPTORS`]), and the fd budget keeps
+//!   them apart from the HTTP connections'.
+//! - The helper checks the server's credentials (`SO_PEERCRED` on the
+//!   connected socket) before it writes a byte: the PID that listens must
+//!   be the PID it was asked about (a squatter cannot have that PID), and,
+//!   where `/proc` shows that PID's user, run as that user or root (a
+//!   squatter whose PID was later reused). Credentials are as seen from the
+//!   helper's namespaces; `ExecReload=` runs in the unit's, where
+//!   `$MAINPID` and the server's PID agree, and so does a helper run by
+//!   hand in the host's namespaces. A server in a PID namespace the helper
+//!   cannot see shows PID 0 and is not trusted.
+//!
+//! # Protocol
+//!
+//! One line each way:
 //! - helper: `upgrade`
 //! - server: `ok <old-pid> <new-pid> <generation> <millis>`, or
 //!   `failed <reason>`, or `refused <reason>`.
@@ -26,13 +57,19 @@
 //!   only and ignores the rest; a later one starts the next generation with
 //!   that environment when the helper belongs to its own unit invocation
 //!   (the same `INVOCATION_ID`), so `systemctl edit` then `systemctl
-//!   reload` applies a changed `Environment=`.
+//!   reload` applies a changed `Environment=`. A block that is not of this
+//!   form is ignored, as before; one over a cap is refused.
 //! - after `ok`, a second line once the old process has let go of its
 //!   connections (or after a bound): `moved <moved> <fell-back> <busy>
 //!   <millis>`, then a line `note <text>` for each thing the new process
 //!   said the operator should hear (a setting it cannot apply). A helper of the first release reads the first line only,
 //!   so the second changes nothing for it; a later helper shows it when it
 //!   comes.
+//!
+//! A refusal's reason starts with a fixed phrase the helper maps to its
+//! exit code: `permission denied` (every release), `a reload is already
+//! under way`, `busy`, `request too long`, `unknown request`, `the server
+//! is shutting down`.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -40,11 +77,12 @@ use std::os::unix::net::{
     SocketAddr, UnixListener as StdUnixListener, UnixStream as StdUnixStream,
 };
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 fn address(name: &str, pid: u32) -> io::Result<SocketAddr> {
     SocketAddr::from_abstract_name(abstract_name(name, pid).as_bytes())
@@ -197,7 +235,7 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The environment block a helper sends after `upgrade`.
-pub(crate) fn environment_block(vars: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> String {
+pub fn environment_block(vars: impl Iterator<Item = (Vec<u8>, Vec<u8>)>) -> String {
     let lines: Vec<String> = vars
         .map(|(k, v)| {
             let mut kv = k;
@@ -222,7 +260,162 @@ pub(crate) fn parse_variable(line: &str) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 /// The most variables a helper may send.
-const MAX_VARIABLES: usize = 4096;
+pub const MAX_VARIABLES: usize = 4096;
+
+/// The longest request line the server reads, newline included: the
+/// request is `upgrade`; the rest is room for a later one.
+pub const MAX_REQUEST_LINE: usize = 64;
+
+/// The most bytes of environment block (`environment <n>` and its lines)
+/// the server reads. A unit's environment is a few kB; systemd itself caps
+/// a command line with its environment at a few MB.
+pub const MAX_ENVIRONMENT: usize = 1 << 20;
+
+/// The most control connections served at once. A reload takes one, and a
+/// second is refused as "under way" within moments; 8 leaves room for a
+/// few operators' helpers at once without letting the server's own user
+/// (nobody else gets this far) hold descriptors the HTTP connections need.
+pub(crate) const MAX_CONNECTIONS: usize = 8;
+
+/// Requests read but not yet taken by the generation (the channel's
+/// capacity).
+pub(crate) const QUEUED: usize = 4;
+
+/// The most descriptors the control sockets hold: the two listening
+/// sockets, the connections being read (or waiting for room in the queue),
+/// the requests queued, the one the reload under way answers on, and the
+/// one a refusal is being written to.
+pub(crate) const DESCRIPTORS: usize = 2 + MAX_CONNECTIONS + QUEUED + 1 + 1;
+
+/// How long a helper has to send its request.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the server would not take a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The helper is neither the server's user nor root (`None`: its
+    /// credentials could not be read).
+    #[error("permission denied: uid {} is neither the server's user nor root", .uid.map_or("?".to_string(), |u| u.to_string()))]
+    PermissionDenied {
+        #[allow(missing_docs)]
+        uid: Option<u32>,
+    },
+    /// As many helpers as the server serves at once are being served.
+    #[error("busy: {MAX_CONNECTIONS} control connections are open")]
+    Busy,
+    /// The request line went past [`MAX_REQUEST_LINE`].
+    #[error("request too long: over {MAX_REQUEST_LINE} bytes")]
+    LineTooLong,
+    /// The environment block went past [`MAX_ENVIRONMENT`].
+    #[error("request too long: environment over {MAX_ENVIRONMENT} bytes")]
+    EnvironmentTooLong,
+    /// The environment block announced more than [`MAX_VARIABLES`].
+    #[error("request too long: environment over {MAX_VARIABLES} variables")]
+    TooManyVariables,
+    /// Not `upgrade`.
+    #[error("unknown request {0:?}")]
+    Unknown(String),
+}
+
+/// A helper's environment: `(KEY, VALUE)` pairs.
+pub type Environment = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Reads one line of at most `cap` bytes (newline included; the last line
+/// may lack it). `Ok(None)`: nothing came.
+async fn read_capped_line<R: AsyncBufRead + Unpin>(
+    read: &mut R,
+    cap: usize,
+    over: Refusal,
+) -> Result<Option<Vec<u8>>, Refusal> {
+    let mut line = Vec::new();
+    // One byte past the cap tells a line over it from one that ends there.
+    match (&mut *read)
+        .take(cap as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+    {
+        Ok(0) | Err(_) => return Ok(None),
+        Ok(_) => {}
+    }
+    if line.len() > cap {
+        return Err(over);
+    }
+    Ok(Some(line))
+}
+
+/// Reads a request from a helper whose credentials passed: the line, then,
+/// when `more` says bytes came with it, the environment block. A helper of
+/// this release sends both in one write; an older one sends the line only,
+/// so the server waits only for what is already here. Reads nothing past a
+/// cap. `Ok(None)`: no environment, or one not in the expected form (which
+/// an older server ignored too).
+pub(crate) async fn read_request<R: AsyncBufRead + Unpin>(
+    read: &mut R,
+    more: impl FnOnce(&R) -> bool,
+) -> Result<Option<Environment>, Refusal> {
+    let line = read_capped_line(read, MAX_REQUEST_LINE, Refusal::LineTooLong)
+        .await?
+        .unwrap_or_default();
+    let line = String::from_utf8_lossy(&line);
+    if line.trim() != "upgrade" {
+        return Err(Refusal::Unknown(line.trim().into()));
+    }
+    if !more(read) {
+        return Ok(None);
+    }
+    read_environment(read).await
+}
+
+/// Reads `environment <n>` and its `n` lines, within [`MAX_ENVIRONMENT`]
+/// bytes and [`MAX_VARIABLES`] variables.
+async fn read_environment<R: AsyncBufRead + Unpin>(
+    read: &mut R,
+) -> Result<Option<Environment>, Refusal> {
+    let mut left = MAX_ENVIRONMENT;
+    let Some(head) = read_capped_line(read, left, Refusal::EnvironmentTooLong).await? else {
+        return Ok(None);
+    };
+    left -= head.len();
+    let Some(n) = std::str::from_utf8(&head)
+        .ok()
+        .and_then(|h| h.trim_end().strip_prefix("environment "))
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return Ok(None);
+    };
+    if n > MAX_VARIABLES {
+        return Err(Refusal::TooManyVariables);
+    }
+    let mut vars = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Some(line) = read_capped_line(read, left, Refusal::EnvironmentTooLong).await? else {
+            return Ok(None);
+        };
+        left -= line.len();
+        let Some(var) = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|l| parse_variable(l.trim_end_matches('\n')))
+        else {
+            return Ok(None);
+        };
+        vars.push(var);
+    }
+    Ok(Some(vars))
+}
+
+/// Reads a request from bytes already in hand, as the server reads a
+/// helper that sent `input` in one write (the same code): for fuzzing and
+/// tests.
+pub fn parse_request(mut input: &[u8]) -> Result<Option<Environment>, Refusal> {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut read = std::pin::pin!(read_request(&mut input, |rest| !rest.is_empty()));
+    match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        // A slice is never waited for.
+        Poll::Pending => unreachable!("reading a slice does not wait"),
+    }
+}
 
 impl Request {
     /// Writes the answer (bounded), so it is out before the process goes on
@@ -280,9 +473,12 @@ pub(crate) fn runtime_path(
     Some(Path::new(first).join(format!("control.{pid}")))
 }
 
-/// This process's control sockets. Must be made inside the runtime.
+/// This process's control sockets (at least one). Must be made inside the
+/// runtime.
 pub(crate) struct Listeners {
-    sockets: Vec<UnixListener>,
+    /// `None` when another process holds the name.
+    abstract_socket: Option<UnixListener>,
+    path_socket: Option<UnixListener>,
     /// Removed when the listeners are dropped.
     path: Option<PathBuf>,
 }
@@ -296,103 +492,118 @@ impl Drop for Listeners {
 }
 
 /// Binds the abstract socket, and the path one when given a runtime
-/// directory's path for it.
+/// directory's path for it. An abstract name another process holds is one
+/// warning when the path socket can be bound instead, an error otherwise.
 pub(crate) fn listen(name: &str, pid: u32, path: Option<PathBuf>) -> io::Result<Listeners> {
     let bind = |l: StdUnixListener| -> io::Result<UnixListener> {
         l.set_nonblocking(true)?;
         UnixListener::from_std(l)
     };
-    let mut sockets = vec![bind(StdUnixListener::bind_addr(&address(name, pid)?)?)?];
-    if let Some(p) = &path {
-        // A file left by a killed process with a reused PID is stale.
-        let _ = std::fs::remove_file(p);
-        sockets.push(bind(StdUnixListener::bind(p)?)?);
-    }
-    Ok(Listeners { sockets, path })
+    let shown = format!("@{}", abstract_name(name, pid));
+    let abstract_socket = match StdUnixListener::bind_addr(&address(name, pid)?) {
+        Ok(l) => Some(bind(l)?),
+        Err(e) => match &path {
+            Some(p) => {
+                tracing::warn!(event = "control_name_taken", name = %shown, error = %e,
+                    "the control socket name {shown} is taken (by another process?): \
+                     the reload helper reaches this process through {} only", p.display());
+                None
+            }
+            None => return Err(io::Error::new(e.kind(), format!("{shown}: {e}"))),
+        },
+    };
+    let path_socket = match &path {
+        Some(p) => {
+            // A file left by a killed process with a reused PID is stale.
+            let _ = std::fs::remove_file(p);
+            Some(bind(StdUnixListener::bind(p)?)?)
+        }
+        None => None,
+    };
+    Ok(Listeners {
+        abstract_socket,
+        path_socket,
+        path,
+    })
 }
 
 /// Accepts helpers and forwards their requests until dropped (the task is
 /// aborted when the drain starts, which also removes the socket file).
 pub(crate) async fn serve(listeners: Listeners, requests: mpsc::Sender<Request>) {
     let me = nix::unistd::geteuid().as_raw();
-    let (abstract_socket, path_socket) = (&listeners.sockets[0], listeners.sockets.get(1));
+    let (abstract_socket, path_socket) = (&listeners.abstract_socket, &listeners.path_socket);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
-            r = abstract_socket.accept() => r,
-            r = async { path_socket.expect("guarded").accept().await }, if path_socket.is_some() => r,
+            r = async { abstract_socket.as_ref().expect("guarded").accept().await }, if abstract_socket.is_some() => r,
+            r = async { path_socket.as_ref().expect("guarded").accept().await }, if path_socket.is_some() => r,
         };
-        let Ok((stream, _)) = accepted else {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                crate::server::accept_failed("control", &e).await;
+                continue;
+            }
+        };
+        // Who is asking, before a byte is read: anyone else is answered
+        // at once and costs no task, no buffer and no slot.
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        if !matches!(uid, Some(u) if u == 0 || u == me) {
+            refuse_now(stream, Refusal::PermissionDenied { uid });
+            continue;
+        }
+        // A full house is answered rather than closed silently, so a
+        // helper can say why.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse_now(stream, Refusal::Busy);
             continue;
         };
-        let allowed = stream
-            .peer_cred()
-            .map(|c| c.uid() == 0 || c.uid() == me)
-            .unwrap_or(false);
         let requests = requests.clone();
         tokio::spawn(async move {
-            let _ = handle(stream, allowed, requests).await;
+            let _ = handle(stream, requests).await;
+            drop(slot);
         });
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    allowed: bool,
-    requests: mpsc::Sender<Request>,
-) -> io::Result<()> {
+/// Answers `refusal` without waiting (a new connection's send buffer has
+/// room for one line) and closes the connection unread.
+fn refuse_now(stream: UnixStream, refusal: Refusal) {
+    // Straight to the socket: tokio's `try_write` declines until the
+    // reactor has seen the new socket writable, which it may not have yet.
+    if let Ok(stream) = stream.into_std() {
+        let _ = (&stream).write(Answer::Refused(refusal.to_string()).to_line().as_bytes());
+    }
+}
+
+async fn handle(stream: UnixStream, requests: mpsc::Sender<Request>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
     let mut read = tokio::io::BufReader::new(read);
-    tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line))
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    // A helper of this release sends its environment in the same write; an
-    // older one sends nothing more, so wait only for what is already here.
-    let environment = if read.buffer().is_empty() {
-        None
-    } else {
-        tokio::time::timeout(Duration::from_secs(1), read_environment(&mut read))
-            .await
-            .ok()
-            .flatten()
-    };
-    let refusal = if !allowed {
-        Answer::Refused("permission denied: not the server's user or root".into())
-    } else if line.trim() != "upgrade" {
-        Answer::Refused(format!("unknown request {:?}", line.trim()))
-    } else {
-        let req = Request {
-            answer_to: write,
-            environment,
-        };
-        match requests.send(req).await {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::SendError(req)) => {
-                write = req.answer_to;
-                Answer::Refused("the server is shutting down".into())
+    let read = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        read_request(&mut read, |r| !r.buffer().is_empty()),
+    )
+    .await
+    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
+    let refusal = match read {
+        Err(refusal) => refusal.to_string(),
+        Ok(environment) => {
+            let req = Request {
+                answer_to: write,
+                environment,
+            };
+            match requests.send(req).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(req)) => {
+                    write = req.answer_to;
+                    "the server is shutting down".into()
+                }
             }
         }
     };
-    write.write_all(refusal.to_line().as_bytes()).await
-}
-
-/// Reads `environment <n>` and its `n` lines; `None` for anything else.
-async fn read_environment(
-    read: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
-) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut line = String::new();
-    read.read_line(&mut line).await.ok()?;
-    let n: usize = line.trim_end().strip_prefix("environment ")?.parse().ok()?;
-    if n > MAX_VARIABLES {
-        return None;
-    }
-    let mut vars = Vec::with_capacity(n);
-    for _ in 0..n {
-        line.clear();
-        read.read_line(&mut line).await.ok()?;
-        vars.push(parse_variable(line.trim_end_matches('\n'))?);
-    }
-    Some(vars)
+    write
+        .write_all(Answer::Refused(refusal).to_line().as_bytes())
+        .await
 }
 
 /// Why the helper could not get an answer.
@@ -414,6 +625,50 @@ pub(crate) enum AskError {
         pid: u32,
         line: String,
     },
+    /// Another process holds the control socket's name; nothing was sent.
+    #[error(
+        "the control socket {socket} is held by PID {holder_pid} (uid {holder_uid}){why}; sent nothing"
+    )]
+    NotTheServer {
+        socket: String,
+        pid: u32,
+        holder_pid: u32,
+        holder_uid: u32,
+        /// How that differs from `pid`.
+        why: String,
+    },
+}
+
+/// The user `pid` runs as (effective uid), where `/proc` shows it.
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Checks that the process listening on `stream` is `pid` (and, where
+/// `/proc` shows `pid`'s user, that it runs as that user or root).
+fn check_listener(stream: &StdUnixStream, socket: String, pid: u32) -> Result<(), AskError> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| AskError::Io {
+        pid,
+        source: e.into(),
+    })?;
+    let (holder_pid, holder_uid) = (cred.pid().max(0) as u32, cred.uid());
+    let why = match uid_of(pid) {
+        _ if holder_pid != pid => format!(", not by PID {pid}"),
+        Some(uid) if holder_uid != 0 && holder_uid != uid => {
+            format!(", but PID {pid} runs as uid {uid}")
+        }
+        _ => return Ok(()),
+    };
+    Err(AskError::NotTheServer {
+        socket,
+        pid,
+        holder_pid,
+        holder_uid,
+        why,
+    })
 }
 
 /// The helper's side: ask `pid` to upgrade and wait for the answer, and
@@ -428,28 +683,39 @@ pub(crate) fn ask_upgrade(
     environment: Option<String>,
 ) -> Result<(Answer, Option<Report>, Vec<String>), AskError> {
     let io_err = |source| AskError::Io { pid, source };
-    let stream = match path.filter(|p| p.exists()) {
-        Some(p) => StdUnixStream::connect(p),
-        None => address(name, pid).and_then(|a| StdUnixStream::connect_addr(&a)),
-    }
-    .map_err(|source| AskError::NoServer {
+    let (stream, socket) = match path.filter(|p| p.exists()) {
+        Some(p) => (StdUnixStream::connect(p), p.display().to_string()),
+        None => (
+            address(name, pid).and_then(|a| StdUnixStream::connect_addr(&a)),
+            format!("@{}", abstract_name(name, pid)),
+        ),
+    };
+    let stream = stream.map_err(|source| AskError::NoServer {
         name: name.into(),
         pid,
         source,
     })?;
+    // Before a byte goes out: the environment may hold secrets.
+    check_listener(&stream, socket, pid)?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     // One write, so the server finds the environment with the request.
     let mut request = String::from("upgrade\n");
     request.push_str(environment.as_deref().unwrap_or(""));
-    (&stream).write_all(request.as_bytes()).map_err(io_err)?;
+    // A server that refuses without reading (another user, too many
+    // helpers) may have answered and closed before this write: its answer
+    // is still there to read.
+    let wrote = (&stream).write_all(request.as_bytes());
     let mut read = BufReader::new(&stream);
     let mut line = String::new();
     match read.read_line(&mut line) {
         Ok(_) => {}
         Err(e) if timed_out(&e) => return Err(AskError::Timeout { pid, timeout }),
-        Err(e) => return Err(io_err(e)),
+        Err(e) => return Err(io_err(wrote.err().unwrap_or(e))),
     }
     if line.is_empty() {
+        if let Err(e) = wrote {
+            return Err(io_err(e));
+        }
         return Err(AskError::Garbled {
             name: name.into(),
             pid,
@@ -541,8 +807,9 @@ mod tests {
 
     #[tokio::test]
     async fn helper_and_server_talk() {
-        // A PID no real process has, so this test cannot collide with one.
-        let pid = u32::MAX - std::process::id();
+        // This process's PID: the helper checks that the listener is the
+        // PID it asks.
+        let pid = std::process::id();
         let dir = tempfile::tempdir().unwrap();
         let path = runtime_path(Some(dir.path().as_os_str()), pid).unwrap();
         let l = listen("pid-server", pid, Some(path.clone())).unwrap();
@@ -569,5 +836,87 @@ mod tests {
             ask_upgrade("pid-server", pid - 1, None, Duration::from_secs(1), None),
             Err(AskError::NoServer { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_taken_abstract_name_leaves_the_path_socket() {
+        // This process's PID (the helper checks that the listener is the
+        // PID it asks), under a name of this test's own.
+        let (name, pid) = ("taken-test", std::process::id());
+        // Another socket holds the abstract name.
+        let squatter = StdUnixListener::bind_addr(&address(name, pid).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = runtime_path(Some(dir.path().as_os_str()), pid).unwrap();
+        let l = listen(name, pid, Some(path.clone())).unwrap();
+        assert!(l.abstract_socket.is_none());
+        assert!(l.path_socket.is_some() && path.exists());
+        let (tx, mut rx) = mpsc::channel(1);
+        let server = tokio::spawn(serve(l, tx));
+        let answer = tokio::spawn(async move {
+            let req: Request = rx.recv().await.unwrap();
+            req.answer(Answer::Refused("busy".into())).await;
+        });
+        let p = path.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            ask_upgrade(name, pid, Some(&p), Duration::from_secs(5), None)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, (Answer::Refused("busy".into()), None, vec![]));
+        answer.await.unwrap();
+        server.abort();
+        let _ = server.await;
+        // Without a path socket, a taken name is an error naming it.
+        let err = listen(name, pid, None).err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("@{name}/{pid}/control: ")),
+            "{err}"
+        );
+        drop(squatter);
+    }
+
+    #[test]
+    fn requests_are_read_within_their_caps() {
+        assert_eq!(parse_request(b"upgrade\n"), Ok(None));
+        assert_eq!(parse_request(b"upgrade"), Ok(None));
+        let block = environment_block([(b"A".to_vec(), b"1".to_vec())].into_iter());
+        assert_eq!(
+            parse_request(format!("upgrade\n{block}").as_bytes()),
+            Ok(Some(vec![(b"A".to_vec(), b"1".to_vec())]))
+        );
+        // Not an environment block: ignored, as by every release.
+        assert_eq!(parse_request(b"upgrade\nsomething else\n"), Ok(None));
+        assert_eq!(parse_request(b"upgrade\nenvironment 2\nA=1\n"), Ok(None));
+        assert_eq!(
+            parse_request(b"stop\n"),
+            Err(Refusal::Unknown("stop".into()))
+        );
+        let long = format!("upgrade{}\n", " ".repeat(MAX_REQUEST_LINE));
+        assert_eq!(parse_request(long.as_bytes()), Err(Refusal::LineTooLong));
+        // A line of exactly the cap is read.
+        let exact = format!("upgrade{}\n", " ".repeat(MAX_REQUEST_LINE - 8));
+        assert_eq!(parse_request(exact.as_bytes()), Ok(None));
+        let big = format!(
+            "upgrade\nenvironment 1\nA={}\n",
+            "x".repeat(MAX_ENVIRONMENT)
+        );
+        assert_eq!(
+            parse_request(big.as_bytes()),
+            Err(Refusal::EnvironmentTooLong)
+        );
+        let many = format!("upgrade\nenvironment {}\n", MAX_VARIABLES + 1);
+        assert_eq!(
+            parse_request(many.as_bytes()),
+            Err(Refusal::TooManyVariables)
+        );
+        // The fixed phrases helpers of every release match on.
+        assert!(
+            Refusal::PermissionDenied { uid: Some(65534) }
+                .to_string()
+                .starts_with("permission denied")
+        );
+        assert!(Refusal::Busy.to_string().starts_with("busy"));
     }
 }

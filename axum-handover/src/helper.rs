@@ -30,22 +30,49 @@ pub enum HelperError {
     /// The PID is not a running generation of this service: exit 3.
     #[error("{0}")]
     NoServer(String),
-    /// Another reload of that process is under way: exit 4.
+    /// The server refused the reload: another reload of that process is
+    /// under way, it is busy with other helpers or shutting down, or the
+    /// request was over a cap: exit 4.
     #[error("{0}")]
     Refused(String),
     /// Nothing to act on (no PID and no unit): exit 64.
     #[error("{0}")]
     Usage(String),
+    /// Another process holds the control socket's name (not the PID asked
+    /// about, or not its user); nothing was sent to it: exit 76
+    /// (`EX_PROTOCOL`).
+    #[error("{0}")]
+    NotTheServer(String),
+    /// The server refused this user (neither its own nor root): exit 77
+    /// (`EX_NOPERM`).
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl HelperError {
-    /// The exit code: 1, 3, 4 or 64.
+    /// The exit code: 1, 3, 4, 64, 76 or 77.
     pub fn exit_code(&self) -> u8 {
         match self {
             HelperError::Failed(_) => 1,
             HelperError::NoServer(_) => 3,
             HelperError::Refused(_) => 4,
             HelperError::Usage(_) => 64,
+            HelperError::NotTheServer(_) => 76,
+            HelperError::PermissionDenied(_) => 77,
+        }
+    }
+
+    /// A stable label for the failure, for logs and scripts: `failed`,
+    /// `no_server`, `refused`, `usage`, `not_the_server`,
+    /// `permission_denied`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HelperError::Failed(_) => "failed",
+            HelperError::NoServer(_) => "no_server",
+            HelperError::Refused(_) => "refused",
+            HelperError::Usage(_) => "usage",
+            HelperError::NotTheServer(_) => "not_the_server",
+            HelperError::PermissionDenied(_) => "permission_denied",
         }
     }
 }
@@ -144,9 +171,16 @@ pub fn reload(
         Ok((Answer::Failed(why), ..)) => Err(HelperError::Failed(format!(
             "reload of PID {pid} failed: {why}; PID {pid} keeps serving"
         ))),
+        // Every release words this refusal so.
+        Ok((Answer::Refused(why), ..)) if why.starts_with("permission denied") => Err(
+            HelperError::PermissionDenied(format!("PID {pid} refused the reload: {why}")),
+        ),
         Ok((Answer::Refused(why), ..)) => Err(HelperError::Refused(format!(
             "PID {pid} refused the reload: {why}"
         ))),
+        Err(e @ AskError::NotTheServer { .. }) => {
+            Err(HelperError::NotTheServer(format!("PID {pid}: {e}")))
+        }
         Err(AskError::NoServer { .. }) if !process_exists(pid) => {
             Err(HelperError::NoServer(format!("no process with PID {pid}")))
         }
@@ -322,4 +356,32 @@ pub fn dispatch(config: &Config, mut args: impl Iterator<Item = String>) -> Opti
             e.exit_code()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_has_its_exit_code_and_label() {
+        let all = [
+            (HelperError::Failed(String::new()), 1, "failed"),
+            (HelperError::NoServer(String::new()), 3, "no_server"),
+            (HelperError::Refused(String::new()), 4, "refused"),
+            (HelperError::Usage(String::new()), 64, "usage"),
+            (
+                HelperError::NotTheServer(String::new()),
+                76,
+                "not_the_server",
+            ),
+            (
+                HelperError::PermissionDenied(String::new()),
+                77,
+                "permission_denied",
+            ),
+        ];
+        for (e, code, label) in all {
+            assert_eq!((e.exit_code(), e.reason()), (code, label), "{e:?}");
+        }
+    }
 }

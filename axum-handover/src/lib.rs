@@ -116,7 +116,10 @@ pub use tls::{Tls, TlsError};
 /// The parsers of outside input, for fuzzing; not a stable API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::control::{Answer, Report};
+    pub use crate::control::{
+        Answer, MAX_ENVIRONMENT, MAX_REQUEST_LINE, MAX_VARIABLES, Refusal, Report,
+        environment_block, parse_request,
+    };
     pub use crate::handover::channel::fuzz_one as handover_message;
     pub use crate::listeners::{Inherited, MAX_INHERITED, inherited_from};
 }

@@ -8,12 +8,23 @@ use std::fmt;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-/// Descriptors kept for everything but client connections: the listening
-/// sockets and their copies for the next generation, the two handover
-/// channels and the fds in flight on them, the control sockets, the
+use crate::control;
+
+/// Descriptors kept for everything but client connections and the control
+/// sockets: the two handover channels and the fds in flight on them, the
 /// journal, the runtime's own (epoll, eventfd, signal pipe), files a
-/// handler opens.
-const RESERVED: u64 = 64;
+/// handler opens. (The listening sockets and their copies for the next
+/// generation are counted per socket.)
+const OWN: u64 = 48;
+
+/// The control sockets' own slots: they hold at most
+/// [`control::DESCRIPTORS`], so helpers (or anyone else) connecting to
+/// them cannot take the HTTP connections' descriptors.
+const CONTROL: u64 = 16;
+const _: () = assert!(control::DESCRIPTORS as u64 <= CONTROL);
+
+/// Descriptors kept for everything but client connections.
+const RESERVED: u64 = OWN + CONTROL;
 
 /// What the limit was, and what it is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -162,7 +162,7 @@ impl Running {
         };
         let signals =
             Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        let (tx, requests) = mpsc::channel::<control::Request>(4);
+        let (tx, requests) = mpsc::channel::<control::Request>(control::QUEUED);
         let path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
         let control = match control::listen(g.config.name(), pid, path) {
             Ok(l) => Some(tokio::spawn(control::serve(l, tx))),

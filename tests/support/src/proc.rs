@@ -268,6 +268,32 @@ pub fn start_with(bin: impl AsRef<Path>, args: &[&str]) -> (Proc, Notify, Socket
     (p, notify, addr)
 }
 
+/// Starts the binary at `bin` with the open-files limit set to
+/// `soft`:`hard` and waits for `READY=1`.
+pub fn start_with_nofile(bin: impl AsRef<Path>, soft: u64, hard: u64) -> (Proc, SocketAddr) {
+    use std::os::unix::process::CommandExt;
+    let notify = Notify::new();
+    let addr = free_addr();
+    let mut cmd = serve_cmd(bin, addr, &notify);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child;
+    // nothing here allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, addr)
+}
+
 /// A private copy of the binary at `bin` in `dir`, so a test can replace
 /// it like a package upgrade does.
 pub fn private_binary(bin: impl AsRef<Path>, dir: &Path) -> PathBuf {
