@@ -293,7 +293,12 @@ fn systemd_busy_during_a_reload(r: Release, case: &'static str, cmd: &str) {
         (p != 0 && p != old).then_some(p)
     });
     assert_eq!(healthz(&c)["pid"], new);
-    assert_eq!(c.unit_state(SERVICE), ("active".into(), "running".into()));
+    // After daemon-reexec, `systemctl reload` may have returned before the
+    // reload job ended: MainPID moves at the take-over, and the job ends when
+    // ExecReload= (the helper, waiting for the old process's report) does.
+    wait::until("the unit to be active (running) again", WAIT, || {
+        (c.unit_state(SERVICE) == ("active".into(), "running".into())).then_some(())
+    });
     wait_gone(&c, old, "the old generation");
     load.wait_answers_from(new, 200, WAIT);
     assert_eq!(c.unit_property(SERVICE, "NRestarts"), "0");
