@@ -103,11 +103,14 @@ mod tls;
 pub use config::Config;
 pub use control::Report;
 pub use generation::{
-    Ended, Generation, Hooks, Info, LastReload, StartError, Status, refuse_start,
+    Ended, Generation, Hooks, Info, LastReload, Leaving, ReadyCheck, ServeError, StartError,
+    Status, refuse_start,
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
 pub use tls::{Tls, TlsError};
+/// The signals of [`Config::reload_signals`] (tokio's).
+pub use tokio::signal::unix::SignalKind;
 
 /// The parsers of outside input, for fuzzing; not a stable API.
 #[doc(hidden)]
