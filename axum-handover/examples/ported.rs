@@ -91,8 +91,9 @@ async fn main() -> ExitCode {
         .route(
             "/slow",
             get(move || async move {
+                eprintln!("ported: PID {pid} slow request started");
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                format!("slow hello from PID {pid}\n")
+                format!("hello from PID {pid}\n")
             }),
         );
     let ended = generation.serve(app, Db(db)).await;
