@@ -629,3 +629,90 @@ impl Generation {
         Ended::Failed(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels are API: logs, metrics and apps' tests match on them.
+    /// Changing one is a breaking change; adding one extends this list.
+    #[test]
+    fn failure_labels_are_stable() {
+        let io = || std::io::Error::other("x");
+        let start = [
+            StartError::Usage("x".into()),
+            StartError::Executable("x".into()),
+            StartError::Signals("x".into()),
+            ListenError::BadCount("x".into()).into(),
+            ListenError::BadPid("x".into()).into(),
+            ListenError::TooMany(65).into(),
+            ListenError::NoneInherited.into(),
+            ListenError::NameCount { names: 1, fds: 2 }.into(),
+            ListenError::BadInherited {
+                fd: 3,
+                name: String::new(),
+                reason: "x".into(),
+            }
+            .into(),
+            ListenError::Bind {
+                addr: ListenAddr::Tcp("127.0.0.1:1".parse().unwrap()),
+                source: io(),
+                hint: "",
+            }
+            .into(),
+        ];
+        let labels: Vec<&str> = start.iter().map(StartError::reason).collect();
+        assert_eq!(
+            labels,
+            [
+                "bad_environment",
+                "unknown_executable",
+                "signals",
+                "bad_listen_fds",
+                "bad_listen_pid",
+                "too_many_sockets",
+                "no_sockets",
+                "bad_listen_fdnames",
+                "bad_inherited_socket",
+                "bind_failed",
+            ]
+        );
+        let serve = [
+            ServeError::NotReady("x".into()),
+            ServeError::ReadyTimeout(Duration::from_secs(1)),
+            ServeError::Signals("x".into()),
+            ServeError::Sockets("x".into()),
+        ];
+        let labels: Vec<&str> = serve.iter().map(ServeError::reason).collect();
+        assert_eq!(labels, ["not_ready", "ready_timeout", "signals", "sockets"]);
+        for l in ["bad_environment", "not_ready", "bad_inherited_socket"] {
+            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+        // The app's own reason is the message, as the helper prints it.
+        assert_eq!(
+            ServeError::NotReady("db down".into()).to_string(),
+            "db down"
+        );
+    }
+
+    #[tokio::test]
+    async fn leaving_resolves_once_with_the_first_reason() {
+        let info = Info::for_tests(42, 3);
+        assert_eq!((info.pid(), info.generation()), (42, 3));
+        assert!(!info.is_draining());
+        assert_eq!(info.left(), None);
+        let task = tokio::spawn(info.leaving());
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "resolved before the generation left");
+        info.clone().leave_for_tests(Leaving::HandedOver);
+        info.set_leaving(Leaving::Stopping);
+        let why = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("leaving() resolves")
+            .unwrap();
+        assert_eq!(why, Leaving::HandedOver);
+        assert!(info.is_draining());
+        // A late waiter hears it at once.
+        assert_eq!(info.leaving().await, Leaving::HandedOver);
+    }
+}
