@@ -32,6 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -72,6 +73,10 @@ pub enum StartError {
     /// The stop and reload signals cannot be unblocked (exit 1).
     #[error("cannot unblock signals: {0}")]
     Signals(String),
+    /// [`Generation::take`] was called before in this process: what was
+    /// passed in is taken once (exit 1).
+    #[error("Generation::take was already called in this process")]
+    TakenTwice,
 }
 
 impl StartError {
@@ -87,19 +92,23 @@ impl StartError {
                 | L::NoneInherited
                 | L::NameCount { .. },
             ) => 64,
-            StartError::Listen(_) | StartError::Executable(_) | StartError::Signals(_) => 1,
+            StartError::Listen(_)
+            | StartError::Executable(_)
+            | StartError::Signals(_)
+            | StartError::TakenTwice => 1,
         }
     }
 
     /// A stable label (snake_case) for logs, metrics and tests, where the
     /// message may change: `bad_environment`, `unknown_executable`,
-    /// `signals`, or the socket's [`ListenError::reason`].
+    /// `signals`, `taken_twice`, or the socket's [`ListenError::reason`].
     pub fn reason(&self) -> &'static str {
         match self {
             StartError::Usage(_) => "bad_environment",
             StartError::Listen(e) => e.reason(),
             StartError::Executable(_) => "unknown_executable",
             StartError::Signals(_) => "signals",
+            StartError::TakenTwice => "taken_twice",
         }
     }
 }
@@ -463,11 +472,19 @@ impl Generation {
     /// without the fds (closed on exec): give it
     /// `Command::env_remove("LISTEN_FDS")` if it is socket-activated
     /// itself (systemd's `LISTEN_PID` already names this process, not it).
+    ///
+    /// Once per process: a second call is [`StartError::TakenTwice`].
     pub fn take(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
         Self::take_inner(config, listen).inspect_err(|e| join::refuse(config, &e.to_string()))
     }
 
     fn take_inner(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
+        // The environment still names the inherited fds after they are
+        // taken (it is never changed): a second take would own them twice.
+        static TAKEN: AtomicBool = AtomicBool::new(false);
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(StartError::TakenTwice);
+        }
         let number = join::generation_from_env(config).map_err(StartError::Usage)?;
         let (listeners, warning) = listeners::take_or_bind(listen, &config.var(Var::SocketOrigin))?;
         // After the sockets: the channels sit right above them.
@@ -643,6 +660,7 @@ mod tests {
             StartError::Usage("x".into()),
             StartError::Executable("x".into()),
             StartError::Signals("x".into()),
+            StartError::TakenTwice,
             ListenError::BadCount("x".into()).into(),
             ListenError::BadPid("x".into()).into(),
             ListenError::TooMany(65).into(),
@@ -668,6 +686,7 @@ mod tests {
                 "bad_environment",
                 "unknown_executable",
                 "signals",
+                "taken_twice",
                 "bad_listen_fds",
                 "bad_listen_pid",
                 "too_many_sockets",
@@ -693,6 +712,19 @@ mod tests {
             ServeError::NotReady("db down".into()).to_string(),
             "db down"
         );
+    }
+
+    /// The environment keeps naming the inherited fds: a second take must
+    /// not own them again. (The only test here that calls `take`: the
+    /// guard is process-wide.)
+    #[test]
+    fn take_is_once_per_process() {
+        let config = Config::new("axum-handover-unit-test");
+        let addr = ListenAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let first = Generation::take(&config, std::slice::from_ref(&addr)).unwrap();
+        assert_eq!(first.socket_names(), ["listen"]);
+        let second = Generation::take(&config, &[addr]).unwrap_err();
+        assert_eq!(second.reason(), "taken_twice");
     }
 
     #[tokio::test]
