@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use axum::{Router, routing::get};
 use axum_handover::{Config, Generation, helper};
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let config = Config::new("hello");
     // `hello reload` and `hello stop`, for ExecReload= and ExecStop=.
     if let Some(code) = helper::dispatch(&config, std::env::args()) {
@@ -21,8 +22,8 @@ fn main() -> ExitCode {
         eprintln!("hello: error: {addr:?} is not HOST:PORT");
         return ExitCode::from(64);
     };
-    // Before the runtime starts threads: the sockets systemd (LISTEN_FDS) or
-    // the previous generation passed, else `addr` bound here.
+    // The sockets systemd (LISTEN_FDS) or the previous generation passed,
+    // else `addr` bound here.
     let generation = match Generation::take(&config, &[addr]) {
         Ok(g) => g,
         Err(e) => {
@@ -35,9 +36,5 @@ fn main() -> ExitCode {
         "/",
         get(move || async move { format!("hello from PID {pid}\n") }),
     );
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    runtime
-        .block_on(generation.serve(app, ()))
-        .exit_code()
-        .into()
+    generation.serve(app, ()).await.exit_code().into()
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::signal::unix::SignalKind;
+
 /// A service's handover settings. [`Config::new`] takes the service's name;
 /// the rest has defaults that suit an HTTP service behind systemd.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct Config {
     pub(crate) http2: bool,
     pub(crate) http2_max_concurrent_streams: u32,
     pub(crate) http2_keep_alive: Option<Duration>,
+    /// The signals that hand over, stop signals left out.
+    pub(crate) reload_signals: Vec<SignalKind>,
 }
 
 impl Config {
@@ -70,6 +74,7 @@ impl Config {
             http2: true,
             http2_max_concurrent_streams: 100,
             http2_keep_alive: Some(Duration::from_secs(30)),
+            reload_signals: vec![SignalKind::hangup(), SignalKind::user_defined2()],
         }
     }
 
@@ -96,6 +101,18 @@ impl Config {
     /// stopped and the reload fails (default 30 s).
     pub fn ready_timeout(mut self, d: Duration) -> Config {
         self.ready_timeout = d;
+        self
+    }
+
+    /// The signals that start a reload (default SIGHUP and SIGUSR2; SIGHUP
+    /// also tells systemd `RELOADING=1`, as `Type=notify-reload` expects).
+    /// A signal left out is not touched: no handler is installed and it is
+    /// not unblocked, so the app may handle it itself (say SIGHUP to reread
+    /// its configuration in place). SIGTERM and SIGINT always stop the
+    /// generation and are ignored here; an empty list leaves the reload
+    /// helper (the control socket) as the only way to reload.
+    pub fn reload_signals(mut self, signals: &[SignalKind]) -> Config {
+        self.reload_signals = crate::signals::reload_kinds(signals);
         self
     }
 

@@ -13,15 +13,17 @@
 //! use axum::{Router, routing::get};
 //! use axum_handover::{Config, Generation};
 //!
-//! fn main() -> std::process::ExitCode {
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
 //!     let config = Config::new("hello");
 //!     // `hello reload` and `hello stop`, for ExecReload= and ExecStop=.
 //!     if let Some(code) = axum_handover::helper::dispatch(&config, std::env::args()) {
 //!         return code.into();
 //!     }
-//!     // Before the runtime starts threads: sockets from systemd
-//!     // (LISTEN_FDS) or from the previous generation, else bound here.
-//!     let generation = match Generation::take(&config, &["127.0.0.1:8080".parse().unwrap()]) {
+//!     // Sockets from systemd (LISTEN_FDS) or from the previous
+//!     // generation, else bound here.
+//!     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+//!     let generation = match Generation::take(&config, &[addr.into()]) {
 //!         Ok(g) => g,
 //!         Err(e) => {
 //!             eprintln!("hello: error: {e}");
@@ -30,28 +32,79 @@
 //!     };
 //!     let pid = std::process::id();
 //!     let app = Router::new().route("/", get(move || async move { format!("hello from PID {pid}\n") }));
-//!     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-//!     runtime.block_on(generation.serve(app, ())).exit_code().into()
+//!     generation.serve(app, ()).await.exit_code().into()
 //! }
 //! ```
 //!
-//! `examples/hello.rs` is this program. Under systemd, the unit needs
-//! `Type=notify`, `NotifyAccess=all` (the new process is not systemd's
-//! child) and `ExecReload=/path/to/hello reload`; pid-server's units in its
-//! `systemd/` folder are a complete, hardened example.
+//! `examples/hello.rs` is this program; `examples/ported.rs` adds a
+//! background task, a database readiness check and a SIGHUP of its own.
+//! [`Generation::take`] may run on any thread (it reads the environment and
+//! never changes it), so `#[tokio::main]` works as it is; pid-server takes
+//! its sockets before it builds its runtime, which works too. Under
+//! systemd, the unit needs `Type=notify`, `NotifyAccess=all` (the new
+//! process is not systemd's child) and `ExecReload=/path/to/hello reload`;
+//! pid-server's units in its `systemd/` folder are a complete, hardened
+//! example.
+//!
+//! # Porting from `axum::serve`
+//!
+//! ```diff
+//! +use axum_handover::{Config, Generation};
+//!
+//!  #[tokio::main]
+//! -async fn main() {
+//! +async fn main() -> std::process::ExitCode {
+//! +    let config = Config::new("myapp");
+//! +    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], 8080));
+//! +    let generation = Generation::take(&config, &[addr.into()]).unwrap();
+//!      let app = Router::new().route("/", get(handler));
+//! -    tokio::spawn(refresh_cache(shutdown_signal()));
+//! -    let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await.unwrap();
+//! -    axum::serve(listener, app)
+//! -        .with_graceful_shutdown(shutdown_signal())
+//! -        .await
+//! -        .unwrap();
+//! +    tokio::spawn(refresh_cache(generation.info().leaving()));
+//! +    generation.serve(app, ()).await.exit_code().into()
+//!  }
+//! ```
+//!
+//! Seven lines added, seven removed; `shutdown_signal()` (the usual
+//! `ctrl_c` or SIGTERM) goes, since the library takes SIGTERM and SIGINT
+//! (and SIGHUP and SIGUSR2 for reloads: [`Config::reload_signals`] leaves
+//! one to the app). [`Info::leaving`] is the shutdown future for the app's
+//! own tasks: it resolves when a successor takes over
+//! ([`Leaving::HandedOver`]) or the generation stops
+//! ([`Leaving::Stopping`]), to a [`Leaving`] rather than `()` (a task that
+//! takes `impl Future<Output = ()>` gets `async move { leaving.await; }`).
+//! For `systemctl reload`, add the four lines of [`helper::dispatch`] (see
+//! the quick start) and `ExecReload=`. A check that must pass before the
+//! new process takes traffic (a database ping) is
+//! [`Hooks::check_ready_async`], given to `serve` in place of `()`.
+//!
+//! What a reload keeps and what it does not: the listening sockets (the
+//! very same accept queues), idle HTTP/1.1 keep-alive connections (moved
+//! with their unread bytes), the library's counters ([`Info::metrics`]:
+//! requests, reloads, moves) and TLS session-ticket keys are handed to the
+//! new process. The app's in-memory state is not: caches, in-memory
+//! sessions, its own counters and rate limits start empty in the new
+//! process (keep what must survive outside the process). HTTP/2 and TLS
+//! connections stay with the old process until their requests finish,
+//! within [`Config::drain_timeout`].
 //!
 //! # The handover
 //!
 //! 1. A reload is asked for: SIGHUP (what `Type=notify-reload` sends; the
-//!    generation answers `RELOADING=1`), SIGUSR2, or the reload helper on
+//!    generation answers `RELOADING=1`), SIGUSR2 (both by default:
+//!    [`Config::reload_signals`]), or the reload helper on
 //!    the control socket (`$RUNTIME_DIRECTORY/control.<pid>`, or the
 //!    abstract `@<name>/<pid>/control`), which waits for the outcome.
 //! 2. The old process starts its binary again (the path it was started
 //!    from, so a freshly installed binary) with the same arguments, every
 //!    listening socket at fds 3.. (`LISTEN_FDS`) and two socketpairs.
 //! 3. The new process accepts on the very same sockets (one shared accept
-//!    queue: nothing queued is lost), passes [`Hooks::check_ready`], and
-//!    says `ready`.
+//!    queue: nothing queued is lost), passes [`Hooks::check_ready_async`]
+//!    (by default [`Hooks::check_ready`]), and says `ready`.
 //! 4. Probation ([`Config::probation`]): both serve; the new process must
 //!    stay alive through it. Then the old one says `commit`; the new one
 //!    tells systemd `MAINPID=<self>` and `READY=1`, waits until systemd has
@@ -75,7 +128,10 @@
 //!   handover instead of moving, and TLS sessions resume with the next
 //!   generation (its session-ticket keys are handed over).
 //! - [`Generation`]: one process's life: take the sockets, serve, hand over
-//!   or drain; [`Hooks`] for what the app adds; [`Info`] for its routes.
+//!   or drain; [`Hooks`] for what the app adds (readiness checks, the
+//!   status line); [`Info`] for its routes and tasks ([`Info::leaving`],
+//!   [`Info::for_tests`]); [`Ended`], [`StartError`] and [`ServeError`]
+//!   say how it ended, with stable `reason()` labels.
 //! - [`helper`]: the reload and stop helpers for the app's command line.
 //! - [`file`](mod@file): reading a file an operator names (what [`Tls`] reads, and
 //!   the app's configuration) capped, and refusing FIFOs and devices, so a
@@ -107,11 +163,14 @@ mod tls;
 pub use config::Config;
 pub use control::Report;
 pub use generation::{
-    Ended, Generation, Hooks, Info, LastReload, StartError, Status, refuse_start,
+    Ended, Generation, Hooks, Info, LastReload, Leaving, ReadyCheck, ServeError, StartError,
+    Status, refuse_start,
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
 pub use tls::{Tls, TlsError};
+/// The signals of [`Config::reload_signals`] (tokio's).
+pub use tokio::signal::unix::SignalKind;
 
 /// The parsers of outside input, for fuzzing; not a stable API.
 #[doc(hidden)]

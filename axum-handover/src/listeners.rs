@@ -1,16 +1,17 @@
 //! Listening sockets: inherited from systemd (or from the previous
 //! generation, in systemd's format), or bound here with `SO_REUSEPORT`.
 //!
-//! Sockets must be taken before the async runtime starts threads: reading
-//! `LISTEN_*` mutates the environment (listenfd clears it), and fds 3.. must be
-//! claimed before anything else opens files.
+//! Taking them reads `LISTEN_*` without changing the environment, so it is
+//! safe from any thread, also once `#[tokio::main]` started the runtime:
+//! fds 3.. are open since exec, so nothing else can have been given their
+//! numbers.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use socket2::{Domain, SockRef, Socket, Type};
@@ -34,8 +35,10 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A `--listen` address.
+/// A `--listen` address: parsed from `HOST:PORT`, `[IPV6]:PORT` or
+/// `unix:/path`, or converted from a [`SocketAddr`] or a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ListenAddr {
     /// `HOST:PORT` or `[IPV6]:PORT`.
     Tcp(SocketAddr),
@@ -57,6 +60,26 @@ impl FromStr for ListenAddr {
         s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
             format!("`{s}` is not HOST:PORT, [IPV6]:PORT or unix:/path (hosts are IP addresses)")
         })
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(a: SocketAddr) -> ListenAddr {
+        ListenAddr::Tcp(a)
+    }
+}
+
+/// A Unix socket path.
+impl From<PathBuf> for ListenAddr {
+    fn from(p: PathBuf) -> ListenAddr {
+        ListenAddr::Unix(p)
+    }
+}
+
+/// A Unix socket path.
+impl From<&Path> for ListenAddr {
+    fn from(p: &Path) -> ListenAddr {
+        ListenAddr::Unix(p.to_path_buf())
     }
 }
 
@@ -132,6 +155,7 @@ impl Listener {
 /// Why the sockets could not be taken or bound: each names what is wrong.
 #[allow(missing_docs)] // the messages say what each field is
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ListenError {
     #[error("LISTEN_FDS={0:?} is not a number of file descriptors")]
     BadCount(String),
@@ -155,6 +179,22 @@ pub enum ListenError {
         source: io::Error,
         hint: &'static str,
     },
+}
+
+impl ListenError {
+    /// A stable label for logs, metrics and tests (see
+    /// [`crate::StartError::reason`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ListenError::BadCount(_) => "bad_listen_fds",
+            ListenError::BadPid(_) => "bad_listen_pid",
+            ListenError::TooMany(_) => "too_many_sockets",
+            ListenError::NoneInherited => "no_sockets",
+            ListenError::NameCount { .. } => "bad_listen_fdnames",
+            ListenError::BadInherited { .. } => "bad_inherited_socket",
+            ListenError::Bind { .. } => "bind_failed",
+        }
+    }
 }
 
 /// More than this many inherited sockets is taken as garbage in LISTEN_FDS.
@@ -219,10 +259,10 @@ pub fn inherited_from(
     Ok(Inherited::Sockets { count, names })
 }
 
-/// Takes the sockets passed in `LISTEN_FDS` with listenfd, or binds
-/// `addrs` when there are none. `origin_var` names the variable in which a
-/// previous generation says it bound the sockets itself. Call before
-/// starting threads.
+/// Takes the sockets passed in `LISTEN_FDS`, or binds `addrs` when there
+/// are none. `origin_var` names the variable in which a previous generation
+/// says it bound the sockets itself. Reads the environment, never changes
+/// it.
 pub(crate) fn take_or_bind(
     addrs: &[ListenAddr],
     origin_var: &str,
@@ -263,10 +303,6 @@ fn take_inherited(
     names: Vec<String>,
     origin: Origin,
 ) -> Result<Vec<Listener>, ListenError> {
-    // listenfd reads LISTEN_FDS/LISTEN_PID, clears them, and marks each fd it
-    // hands out close-on-exec, so nothing we spawn inherits them by accident.
-    let mut fds = listenfd::ListenFd::from_env();
-    debug_assert_eq!(fds.len(), count as usize);
     let mut out = Vec::with_capacity(count as usize);
     for (idx, name) in names.into_iter().enumerate() {
         let fd = 3 + idx as RawFd;
@@ -279,41 +315,7 @@ fn take_inherited(
             },
             reason,
         };
-        let socket = match fds.take_tcp_listener(idx) {
-            Ok(Some(l)) => Socketish::Tcp(l),
-            Ok(None) => return Err(bad("missing".into())),
-            Err(tcp_err) => match fds.take_unix_listener(idx) {
-                Ok(Some(l)) => Socketish::Unix(l),
-                Ok(None) => return Err(bad("missing".into())),
-                Err(_) => {
-                    // listenfd says "fd 3 is not a socket"; we name the fd already.
-                    let why = tcp_err.to_string();
-                    let why = why
-                        .strip_prefix(&format!("fd {fd} "))
-                        .unwrap_or(&why)
-                        .to_string();
-                    return Err(bad(format!(
-                        "{why}; need a listening TCP or Unix stream socket"
-                    )));
-                }
-            },
-        };
-        // listenfd checks family and type, not that the socket listens: an
-        // accept() on a connected or unbound socket would fail at run time.
-        let listening = match &socket {
-            Socketish::Tcp(l) => SockRef::from(l).is_listener(),
-            Socketish::Unix(l) => SockRef::from(l).is_listener(),
-        };
-        match listening {
-            Ok(true) => {}
-            Ok(false) => {
-                // Do not close what we were handed but cannot use; the caller
-                // exits anyway.
-                std::mem::forget(socket);
-                return Err(bad("is a stream socket but not listening".into()));
-            }
-            Err(e) => return Err(bad(e.to_string())),
-        }
+        let socket = take_listening(fd).map_err(bad)?;
         set_nonblocking(&socket).map_err(|e| bad(e.to_string()))?;
         out.push(Listener {
             socket,
@@ -322,6 +324,58 @@ fn take_inherited(
         });
     }
     Ok(out)
+}
+
+/// Owns inherited fd `fd` once it proved to be a listening TCP or Unix
+/// stream socket, and keeps it from the processes we start (close-on-exec:
+/// the next generation gets second descriptors placed on purpose).
+///
+/// This is what `listenfd::ListenFd::from_env` and its `take_*` do, minus
+/// clearing `LISTEN_FDS` and `LISTEN_PID`: changing the environment races
+/// with every other thread that reads it (`getenv` in libc, DNS, time
+/// zones), so with `#[tokio::main]` it is undefined behaviour. The
+/// variables stay as systemd set them; `LISTEN_PID` tells any other
+/// program they are not for it, and the fds are closed on exec.
+/// `tests/inherit.rs` cross-checks this against listenfd. An fd that fails
+/// a check is left open and not owned: the caller exits anyway, and closing
+/// what we cannot use would only hide it from a post-mortem.
+fn take_listening(fd: RawFd) -> Result<Socketish, String> {
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err("missing (not an open file descriptor)".into());
+    }
+    // SAFETY: the fd is open (checked above); borrowed only for the
+    // queries below, it stays unowned until every check passed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let sock = SockRef::from(&borrowed);
+    let need = "need a listening TCP or Unix stream socket";
+    let domain = sock
+        .domain()
+        .map_err(|_| format!("is not a socket; {need}"))?;
+    let tcp = domain == Domain::IPV4 || domain == Domain::IPV6;
+    if !(tcp || domain == Domain::UNIX) || sock.r#type().ok() != Some(Type::STREAM) {
+        return Err(format!("is not a TCP or Unix stream socket; {need}"));
+    }
+    // An accept() on a connected or unbound socket would fail at run time.
+    match sock.is_listener() {
+        Ok(true) => {}
+        Ok(false) => return Err("is a stream socket but not listening".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    // SAFETY: the fd is open, a listening stream socket (checked above),
+    // and nothing else in this process owns it: systemd or the previous
+    // generation placed it at this number for us, and `take` claims each
+    // inherited fd once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on the fd we now own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    Ok(if tcp {
+        Socketish::Tcp(owned.into())
+    } else {
+        Socketish::Unix(owned.into())
+    })
 }
 
 fn set_nonblocking(s: &Socketish) -> io::Result<()> {
@@ -429,6 +483,18 @@ mod tests {
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn converts_from_socket_addresses_and_paths() {
+        let sa: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(ListenAddr::from(sa), ListenAddr::Tcp(sa));
+        let p = Path::new("/run/x.sock");
+        assert_eq!(ListenAddr::from(p), ListenAddr::Unix(p.into()));
+        assert_eq!(
+            ListenAddr::from(p.to_path_buf()).to_string(),
+            "unix:/run/x.sock"
+        );
     }
 
     #[test]

@@ -122,3 +122,42 @@ fn hello_swaps_itself_with_a_socket_from_systemd() {
     );
     swaps_under_load(&p, addr);
 }
+
+/// hello under `#[tokio::main]`: the runtime's threads start before
+/// `Generation::take` and keep the mask its parent gave it. The signals
+/// must arrive all the same: SIGUSR2 swaps it, SIGTERM stops it.
+#[test]
+fn hello_takes_signals_its_parent_blocked() {
+    use std::os::unix::process::CommandExt as _;
+    let blocked = |addr: SocketAddr| {
+        let mut cmd = Command::new(proc::example("hello"));
+        cmd.arg(addr.to_string());
+        // SAFETY: sigprocmask in the child before exec is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set = nix::sys::signal::SigSet::empty();
+                for s in [Signal::SIGTERM, Signal::SIGUSR2, Signal::SIGHUP] {
+                    set.add(s);
+                }
+                set.thread_block().map_err(std::io::Error::from)
+            });
+        }
+        let p = Proc::spawn(cmd);
+        http::wait_ok(addr, "/", WAIT);
+        p
+    };
+    let reaper = Reaper::default();
+    let addr = proc::free_addr();
+    let p = blocked(addr);
+    p.signal(Signal::SIGUSR2);
+    proc::wait_gone(p.pid, WAIT);
+    let next = answering(addr);
+    reaper.watch(next);
+    assert_ne!(next, p.pid);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(next as i32), Signal::SIGTERM);
+    proc::wait_gone(next, WAIT);
+
+    let mut p = blocked(proc::free_addr());
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(WAIT).code(), Some(0), "{}", p.log());
+}

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::Ended;
 use super::running::{Leave, Running, drain_status};
+use super::{Ended, Leaving};
 use crate::control::{self, Answer, Report};
 use crate::handover::channel::{Feature, PROTOCOL};
 use crate::handover::spawn::Joined;
@@ -31,6 +31,7 @@ impl Running {
                     self.info.in_flight()
                 );
                 self.server.begin_drain();
+                self.info.set_leaving(Leaving::Stopping);
                 self.notifier.stopping(&self.drain_status());
                 None
             }
@@ -45,6 +46,8 @@ impl Running {
                 totals.handover(took.as_secs_f64());
                 let notes = joined.notes.clone();
                 let moving = self.begin_letting_go(joined);
+                // The app's tasks first: the successor runs its own now.
+                self.info.set_leaving(Leaving::HandedOver);
                 tracing::info!(
                     event = "handover",
                     old_pid = pid,

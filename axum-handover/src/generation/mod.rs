@@ -29,7 +29,13 @@ mod reload;
 mod running;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use crate::handover::join::{self, Inherited};
 use crate::limits::FdLimit;
@@ -51,6 +57,7 @@ pub fn refuse_start(config: &Config, reason: &str) {
 
 /// Why a generation could not start, before it serves: one line to print.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// A bad environment value (malformed `LISTEN_FDS`, a handover
     /// variable that is not a number): exit 64.
@@ -59,9 +66,17 @@ pub enum StartError {
     /// The sockets: a port in use, a bad inherited fd.
     #[error(transparent)]
     Listen(#[from] ListenError),
-    /// Anything else (exit 1).
-    #[error("{0}")]
-    Other(String),
+    /// Which binary this is cannot be told, so no reload could start it
+    /// (exit 1).
+    #[error("cannot tell which binary this is: {0}")]
+    Executable(String),
+    /// The stop and reload signals cannot be unblocked (exit 1).
+    #[error("cannot unblock signals: {0}")]
+    Signals(String),
+    /// [`Generation::take`] was called before in this process: what was
+    /// passed in is taken once (exit 1).
+    #[error("Generation::take was already called in this process")]
+    TakenTwice,
 }
 
 impl StartError {
@@ -77,13 +92,66 @@ impl StartError {
                 | L::NoneInherited
                 | L::NameCount { .. },
             ) => 64,
-            StartError::Listen(_) | StartError::Other(_) => 1,
+            StartError::Listen(_)
+            | StartError::Executable(_)
+            | StartError::Signals(_)
+            | StartError::TakenTwice => 1,
+        }
+    }
+
+    /// A stable label (snake_case) for logs, metrics and tests, where the
+    /// message may change: `bad_environment`, `unknown_executable`,
+    /// `signals`, `taken_twice`, or the socket's [`ListenError::reason`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StartError::Usage(_) => "bad_environment",
+            StartError::Listen(e) => e.reason(),
+            StartError::Executable(_) => "unknown_executable",
+            StartError::Signals(_) => "signals",
+            StartError::TakenTwice => "taken_twice",
+        }
+    }
+}
+
+/// Why a generation that took its sockets could not serve
+/// ([`Ended::Failed`]); a successor tells the old process this line, and
+/// the reload fails with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The app's readiness check ([`Hooks::check_ready`] or
+    /// [`Hooks::check_ready_async`]) said no, with this reason.
+    #[error("{0}")]
+    NotReady(String),
+    /// The app's readiness check did not finish within its bound (the
+    /// ready timeout, less a margin so that the old process hears why).
+    #[error("the readiness check did not finish within {} ms", .0.as_millis())]
+    ReadyTimeout(std::time::Duration),
+    /// The signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(String),
+    /// The sockets could not be served (or duplicated for the next
+    /// generation).
+    #[error("cannot serve the sockets: {0}")]
+    Sockets(String),
+}
+
+impl ServeError {
+    /// A stable label (snake_case) for logs, metrics and tests:
+    /// `not_ready`, `ready_timeout`, `signals`, `sockets`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServeError::NotReady(_) => "not_ready",
+            ServeError::ReadyTimeout(_) => "ready_timeout",
+            ServeError::Signals(_) => "signals",
+            ServeError::Sockets(_) => "sockets",
         }
     }
 }
 
 /// How a generation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Ended {
     /// Stopped by SIGTERM or SIGINT, and drained.
     Stopped,
@@ -95,8 +163,9 @@ pub enum Ended {
     Aborted,
     /// A second SIGTERM or SIGINT during the drain: exited at once.
     Forced,
-    /// Could not serve: the reason was logged.
-    Failed(String),
+    /// Could not serve: the reason was logged (`EVENT=start_failed`, with
+    /// its [`ServeError::reason`]).
+    Failed(ServeError),
 }
 
 impl Ended {
@@ -111,6 +180,20 @@ impl Ended {
     }
 }
 
+/// Why this generation leaves: what [`Info::leaving`] resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Leaving {
+    /// A successor owns the unit: it serves from now on, and this process
+    /// only finishes what it has (moves or drains its connections).
+    /// Background work belongs to the successor now.
+    HandedOver,
+    /// This generation stops and none follows it: SIGTERM or SIGINT, a
+    /// successor whose handover was called off, or a start that failed.
+    /// Flush what must be flushed.
+    Stopping,
+}
+
 /// The status line a serving generation reports to systemd (`STATUS=`),
 /// refreshed each second when it changes. Its `Display` is the default
 /// wording: `serving 1 socket (systemd: http) · generation 0 · 0 in flight`,
@@ -118,6 +201,7 @@ impl Ended {
 /// started, or ` · last reload failed at 12:03:04 UTC: <why>` in one that
 /// stayed after a failed reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// The sockets, as in `1 socket (systemd: http)`.
     pub sockets: String,
@@ -131,11 +215,32 @@ pub struct Status {
 
 /// When the last reload happened and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LastReload {
     /// When it ended.
     pub at: std::time::SystemTime,
     /// `Err` with the reason when the new process failed.
     pub outcome: Result<(), String>,
+}
+
+impl Status {
+    /// A status without a reload, as the first generation has: for an
+    /// app's tests of its [`Hooks::status`].
+    pub fn new(sockets: impl Into<String>, generation: u32, in_flight: usize) -> Status {
+        Status {
+            sockets: sockets.into(),
+            generation,
+            in_flight,
+            last_reload: None,
+        }
+    }
+}
+
+impl LastReload {
+    /// A reload that ended `at`, well (`Ok`) or with a reason.
+    pub fn new(at: std::time::SystemTime, outcome: Result<(), String>) -> LastReload {
+        LastReload { at, outcome }
+    }
 }
 
 impl fmt::Display for Status {
@@ -166,14 +271,40 @@ fn clock(t: std::time::SystemTime) -> String {
     format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
+/// What [`Hooks::check_ready_async`] returns: a boxed future, so that
+/// [`Hooks`] stays object-safe.
+pub type ReadyCheck<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// What an app may add to a generation's life. Every method has a default.
 pub trait Hooks: Send + Sync + 'static {
     /// Asked once the sockets are taken, before the generation says it is
     /// ready. An `Err` (a configuration it cannot load, a dependency that is
     /// down) ends the generation with [`Ended::Failed`]: a successor that
-    /// refuses is rolled back, and the old process keeps serving.
+    /// refuses is rolled back, and the old process keeps serving. Only
+    /// called by the default [`Hooks::check_ready_async`].
     fn check_ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The same check, for one that awaits (a database ping): override this
+    /// one instead of [`Hooks::check_ready`], which it calls by default.
+    /// Bounded by [`crate::Config::ready_timeout`] less a margin (a tenth,
+    /// at most a second) and the time the process took to start, so that
+    /// a successor tells the old process why it is not ready before that
+    /// one gives up on it: past it, [`ServeError::ReadyTimeout`].
+    ///
+    /// ```
+    /// # use axum_handover::{Hooks, ReadyCheck};
+    /// # async fn ping() -> Result<(), std::io::Error> { Ok(()) }
+    /// struct App;
+    /// impl Hooks for App {
+    ///     fn check_ready_async(&self) -> ReadyCheck<'_> {
+    ///         Box::pin(async { ping().await.map_err(|e| format!("database: {e}")) })
+    ///     }
+    /// }
+    /// ```
+    fn check_ready_async(&self) -> ReadyCheck<'_> {
+        Box::pin(std::future::ready(self.check_ready()))
     }
 
     /// The status line for systemd (default: [`Status`]'s wording).
@@ -185,15 +316,94 @@ pub trait Hooks: Send + Sync + 'static {
 /// No hooks.
 impl Hooks for () {}
 
-/// What the app's routes may read about the generation serving them.
+/// What the app's routes and tasks may read about the generation serving
+/// them. [`Info::for_tests`] makes one for an app's own tests.
 #[derive(Debug, Clone)]
 pub struct Info {
     pid: u32,
     generation: u32,
     counters: Arc<Counters>,
+    /// Set once, when the generation starts to leave; [`Info::leaving`]
+    /// waits on it. Every clone shares the sender, so it lives as long as
+    /// any `Info` and a waiter never sees it closed.
+    leaving: Arc<watch::Sender<Option<Leaving>>>,
 }
 
 impl Info {
+    fn new(pid: u32, generation: u32) -> Info {
+        Info {
+            pid,
+            generation,
+            counters: Arc::default(),
+            leaving: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// An `Info` for an app's tests: the given PID and generation, nothing
+    /// in flight, counters at zero, not leaving until
+    /// [`Info::leave_for_tests`].
+    pub fn for_tests(pid: u32, generation: u32) -> Info {
+        Info::new(pid, generation)
+    }
+
+    /// Makes this `Info` (and its clones) leave, `why`: [`Info::leaving`]
+    /// resolves and [`Info::is_draining`] turns true, as when a generation
+    /// leaves. For an app's tests of its shutdown code.
+    pub fn leave_for_tests(&self, why: Leaving) {
+        self.set_leaving(why);
+    }
+
+    /// Announces that the generation leaves; the first reason given wins.
+    pub(crate) fn set_leaving(&self, why: Leaving) {
+        self.leaving.send_if_modified(|now| {
+            if now.is_some() {
+                return false;
+            }
+            *now = Some(why);
+            true
+        });
+    }
+
+    /// Resolves when this generation starts to leave, and says why: the
+    /// shutdown future for the app's own tasks, in place of
+    /// `with_graceful_shutdown`'s. A successor owns the unit
+    /// ([`Leaving::HandedOver`], right after the handover, while this
+    /// process still finishes its requests), or the generation stops
+    /// ([`Leaving::Stopping`], at SIGTERM or SIGINT, when the drain
+    /// begins). Already resolved once it left. Owns what it needs
+    /// (`'static`), so it can move into a spawned task:
+    ///
+    /// ```
+    /// # async fn example(info: axum_handover::Info) {
+    /// let leaving = info.leaving();
+    /// tokio::spawn(async move {
+    ///     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    ///     tokio::select! {
+    ///         why = leaving => println!("background task: {why:?}"),
+    ///         _ = async { loop { tick.tick().await; /* work */ } } => {}
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn leaving(&self) -> impl Future<Output = Leaving> + Send + 'static {
+        let sender = self.leaving.clone();
+        async move {
+            let mut rx = sender.subscribe();
+            let why = match rx.wait_for(Option::is_some).await {
+                Ok(why) => *why,
+                // Cannot happen (`sender` lives as long as this future);
+                // stopping is the safe reading.
+                Err(_) => None,
+            };
+            why.unwrap_or(Leaving::Stopping)
+        }
+    }
+
+    /// Why the generation leaves, once it does; `None` while it serves.
+    pub fn left(&self) -> Option<Leaving> {
+        *self.leaving.borrow()
+    }
+
     /// This process's PID.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -205,7 +415,7 @@ impl Info {
     /// Whether this generation is leaving (a drain, or a handover done):
     /// the moment to answer readiness probes 503.
     pub fn is_draining(&self) -> bool {
-        self.counters.is_leaving()
+        self.counters.is_leaving() || self.left().is_some()
     }
     /// Requests in progress.
     pub fn in_flight(&self) -> usize {
@@ -242,34 +452,48 @@ pub struct Generation {
     fd_limit: Option<FdLimit>,
     /// What the operator should hear about this start.
     notes: Vec<String>,
+    /// When the sockets were taken: the readiness check's bound counts
+    /// from here.
+    taken: Instant,
 }
 
 impl Generation {
     /// Takes the inherited sockets (`LISTEN_FDS`, from systemd or from the
     /// previous generation) or binds `listen`, takes the handover channel
     /// when a previous generation started us, and unblocks the signals a
-    /// generation acts on. Call from `main` while the process still has one
-    /// thread: it reads fds 3.. and the environment.
+    /// generation acts on.
+    ///
+    /// Safe from any thread, in `#[tokio::main]` too: it reads the
+    /// environment and never changes it, and the fds it takes have been
+    /// open since exec. Call it first thing all the same, before the app
+    /// starts other programs: until it has taken them, the inherited fds
+    /// are not yet close-on-exec. `LISTEN_FDS` and the handover variables
+    /// stay in the environment, so a program the app starts sees them
+    /// without the fds (closed on exec): give it
+    /// `Command::env_remove("LISTEN_FDS")` if it is socket-activated
+    /// itself (systemd's `LISTEN_PID` already names this process, not it).
+    ///
+    /// Once per process: a second call is [`StartError::TakenTwice`].
     pub fn take(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
         Self::take_inner(config, listen).inspect_err(|e| join::refuse(config, &e.to_string()))
     }
 
     fn take_inner(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
+        // The environment still names the inherited fds after they are
+        // taken (it is never changed): a second take would own them twice.
+        static TAKEN: AtomicBool = AtomicBool::new(false);
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(StartError::TakenTwice);
+        }
         let number = join::generation_from_env(config).map_err(StartError::Usage)?;
         let (listeners, warning) = listeners::take_or_bind(listen, &config.var(Var::SocketOrigin))?;
         // After the sockets: the channels sit right above them.
         let inherited = join::take(config).map_err(StartError::Usage)?;
-        let exe = join::resolve_exe()
-            .map_err(|e| StartError::Other(format!("cannot tell which binary this is: {e}")))?;
-        signals::unblock()
-            .map_err(|e| StartError::Other(format!("cannot unblock signals: {e}")))?;
-        // Before the runtime's threads, like every process-wide setting.
+        let exe = join::resolve_exe().map_err(|e| StartError::Executable(e.to_string()))?;
+        signals::unblock(&config.reload_signals).map_err(|e| StartError::Signals(e.to_string()))?;
+        // setrlimit is process-wide: any thread may raise it, and threads
+        // started later see it too.
         let fd_limit = FdLimit::raise();
-        let info = Info {
-            pid: std::process::id(),
-            generation: number,
-            counters: Arc::default(),
-        };
         Ok(Generation {
             config: config.clone(),
             listeners,
@@ -278,9 +502,10 @@ impl Generation {
             inherited,
             exe,
             args: join::args(),
-            info,
+            info: Info::new(std::process::id(), number),
             fd_limit,
             notes: Vec::new(),
+            taken: Instant::now(),
         })
     }
 
@@ -344,17 +569,38 @@ impl Generation {
         routes: impl Fn(&str) -> axum::Router + Send,
         hooks: impl Hooks,
     ) -> Ended {
-        let mut run = match Running::start(self, &routes, Box::new(hooks)) {
+        let info = self.info.clone();
+        let ended = self.run(routes, Box::new(hooks)).await;
+        // Whatever ended it, the app's tasks hear it (handed over or
+        // stopping, they heard it already).
+        info.set_leaving(Leaving::Stopping);
+        ended
+    }
+
+    async fn run(
+        self,
+        routes: impl Fn(&str) -> axum::Router + Send,
+        hooks: Box<dyn Hooks>,
+    ) -> Ended {
+        if let Err(e) = self.check_ready(&*hooks).await {
+            return self.failed(e);
+        }
+        let mut run = match Running::start(self, &routes, hooks) {
             Ok(r) => r,
-            Err(why) => {
-                tracing::error!(event = "start_failed", reason = %why, "cannot start: {why}");
-                return Ended::Failed(why);
+            Err(e) => {
+                tracing::error!(
+                    event = "start_failed",
+                    reason = e.reason(),
+                    "cannot start: {e}"
+                );
+                return Ended::Failed(e);
             }
         };
         if let Err(why) = run.join().await {
             // The old process kept the unit (it is stopping us, or gone):
             // drain what we accepted, and tell systemd nothing.
             tracing::warn!(event = "handover_aborted", reason = %why, "handover aborted: {why}; draining");
+            run.info.set_leaving(Leaving::Stopping);
             run.control.take();
             let report = run.server.finish_drain().await;
             tracing::info!(
@@ -366,5 +612,139 @@ impl Generation {
         }
         let leave = run.serve().await;
         run.leave(leave).await
+    }
+
+    /// The app's readiness check, bounded: by the ready timeout, less the
+    /// time since the sockets were taken and a margin (a tenth, at most a
+    /// second), so that a successor's refusal reaches the old process
+    /// before the old process's own ready timeout (counted from the spawn)
+    /// runs out.
+    async fn check_ready(&self, hooks: &dyn Hooks) -> Result<(), ServeError> {
+        let timeout = self.config.ready_timeout;
+        let margin = (timeout / 10).min(Duration::from_secs(1));
+        let bound = timeout
+            .saturating_sub(margin)
+            .saturating_sub(self.taken.elapsed());
+        match tokio::time::timeout(bound, hooks.check_ready_async()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(ServeError::NotReady(why)),
+            Err(_) => Err(ServeError::ReadyTimeout(bound)),
+        }
+    }
+
+    /// Could not start serving: logged, and a successor tells the old
+    /// process why.
+    fn failed(self, e: ServeError) -> Ended {
+        tracing::error!(
+            event = "start_failed",
+            reason = e.reason(),
+            "cannot start: {e}"
+        );
+        if self.inherited.is_some() {
+            join::refuse(&self.config, &e.to_string());
+        }
+        Ended::Failed(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels are API: logs, metrics and apps' tests match on them.
+    /// Changing one is a breaking change; adding one extends this list.
+    #[test]
+    fn failure_labels_are_stable() {
+        let io = || std::io::Error::other("x");
+        let start = [
+            StartError::Usage("x".into()),
+            StartError::Executable("x".into()),
+            StartError::Signals("x".into()),
+            StartError::TakenTwice,
+            ListenError::BadCount("x".into()).into(),
+            ListenError::BadPid("x".into()).into(),
+            ListenError::TooMany(65).into(),
+            ListenError::NoneInherited.into(),
+            ListenError::NameCount { names: 1, fds: 2 }.into(),
+            ListenError::BadInherited {
+                fd: 3,
+                name: String::new(),
+                reason: "x".into(),
+            }
+            .into(),
+            ListenError::Bind {
+                addr: ListenAddr::Tcp("127.0.0.1:1".parse().unwrap()),
+                source: io(),
+                hint: "",
+            }
+            .into(),
+        ];
+        let labels: Vec<&str> = start.iter().map(StartError::reason).collect();
+        assert_eq!(
+            labels,
+            [
+                "bad_environment",
+                "unknown_executable",
+                "signals",
+                "taken_twice",
+                "bad_listen_fds",
+                "bad_listen_pid",
+                "too_many_sockets",
+                "no_sockets",
+                "bad_listen_fdnames",
+                "bad_inherited_socket",
+                "bind_failed",
+            ]
+        );
+        let serve = [
+            ServeError::NotReady("x".into()),
+            ServeError::ReadyTimeout(Duration::from_secs(1)),
+            ServeError::Signals("x".into()),
+            ServeError::Sockets("x".into()),
+        ];
+        let labels: Vec<&str> = serve.iter().map(ServeError::reason).collect();
+        assert_eq!(labels, ["not_ready", "ready_timeout", "signals", "sockets"]);
+        for l in ["bad_environment", "not_ready", "bad_inherited_socket"] {
+            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+        // The app's own reason is the message, as the helper prints it.
+        assert_eq!(
+            ServeError::NotReady("db down".into()).to_string(),
+            "db down"
+        );
+    }
+
+    /// The environment keeps naming the inherited fds: a second take must
+    /// not own them again. (The only test here that calls `take`: the
+    /// guard is process-wide.)
+    #[test]
+    fn take_is_once_per_process() {
+        let config = Config::new("axum-handover-unit-test");
+        let addr = ListenAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let first = Generation::take(&config, std::slice::from_ref(&addr)).unwrap();
+        assert_eq!(first.socket_names(), ["listen"]);
+        let second = Generation::take(&config, &[addr]).unwrap_err();
+        assert_eq!(second.reason(), "taken_twice");
+    }
+
+    #[tokio::test]
+    async fn leaving_resolves_once_with_the_first_reason() {
+        let info = Info::for_tests(42, 3);
+        assert_eq!((info.pid(), info.generation()), (42, 3));
+        assert!(!info.is_draining());
+        assert_eq!(info.left(), None);
+        let task = tokio::spawn(info.leaving());
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "resolved before the generation left");
+        info.clone().leave_for_tests(Leaving::HandedOver);
+        info.set_leaving(Leaving::Stopping);
+        let why = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("leaving() resolves")
+            .unwrap();
+        assert_eq!(why, Leaving::HandedOver);
+        assert!(info.is_draining());
+        // A late waiter hears it at once.
+        assert_eq!(info.leaving().await, Leaving::HandedOver);
     }
 }

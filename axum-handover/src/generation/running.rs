@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{Generation, Hooks, Info, Status};
+use super::{Generation, Hooks, Info, ServeError, Status};
 use crate::Config;
 use crate::control;
 use crate::handover::join::{self, Inherited, Successor};
@@ -56,7 +56,7 @@ impl Running {
         mut g: Generation,
         routes: &dyn Fn(&str) -> axum::Router,
         hooks: Box<dyn Hooks>,
-    ) -> Result<Running, String> {
+    ) -> Result<Running, ServeError> {
         // A successor that cannot start tells the old process why, over the
         // channel, before it is closed.
         let inherited = g.inherited.take();
@@ -68,7 +68,7 @@ impl Running {
             }
             Err(why) => {
                 if inherited.is_some() {
-                    join::refuse(&config, &why);
+                    join::refuse(&config, &why.to_string());
                 }
                 Err(why)
             }
@@ -80,7 +80,7 @@ impl Running {
         inherited: Option<&Inherited>,
         routes: &dyn Fn(&str) -> axum::Router,
         hooks: Box<dyn Hooks>,
-    ) -> Result<Running, String> {
+    ) -> Result<Running, ServeError> {
         let pid = g.info.pid;
         // A new generation speaks for the unit only once it has taken over
         // (`g.inherited` is already taken here: ask the one passed in).
@@ -113,7 +113,6 @@ impl Running {
         for n in &g.notes {
             tracing::warn!(event = "not_applied", note = %n, "{n}");
         }
-        hooks.check_ready()?;
         let mut config = g.config.clone();
         if let Some(limit) = g.fd_limit {
             // The sockets with a budget of their own take theirs first.
@@ -148,7 +147,7 @@ impl Running {
             .iter()
             .map(|l| l.try_clone_fd().map(|fd| (fd, l.name.clone())))
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("cannot duplicate a listening socket: {e}"))?;
+            .map_err(|e| ServeError::Sockets(format!("cannot duplicate one: {e}")))?;
         let plan = Plan {
             origin: g
                 .listeners
@@ -160,8 +159,8 @@ impl Running {
             generation: g.number + 1,
             sockets: handover,
         };
-        let signals =
-            Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let signals = Signals::install(&g.config.reload_signals)
+            .map_err(|e| ServeError::Signals(e.to_string()))?;
         let (tx, requests) = mpsc::channel::<control::Request>(control::QUEUED);
         let path = control::runtime_path(std::env::var_os("RUNTIME_DIRECTORY").as_deref(), pid);
         let control = match control::listen(g.config.name(), pid, path) {
@@ -173,7 +172,7 @@ impl Running {
             }
         };
         let server = Server::start(g.listeners, routes, g.info.counters.clone(), &config)
-            .map_err(|e| format!("cannot serve the sockets: {e}"))?;
+            .map_err(|e| ServeError::Sockets(e.to_string()))?;
         Ok(Running {
             config: g.config,
             info: g.info,
