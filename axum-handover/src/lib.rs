@@ -111,6 +111,7 @@ pub use generation::{
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
+pub use server::Closing;
 pub use tls::{Tls, TlsError};
 
 /// The parsers of outside input, for fuzzing; not a stable API.
