@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use axum::Router;
 use std::future::IntoFuture;
+use std::net::SocketAddr;
+
+use tokio::net::unix::UCred;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
@@ -91,6 +94,7 @@ fn app_routes<G: Generation>() -> Router<App<G>> {
         .route("/slow", get(slow::<G>))
         .route("/ws", get(ws::<G>))
         .route("/events", get(events::<G>))
+        .route("/peer", get(peer))
 }
 
 fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
@@ -217,8 +221,26 @@ async fn slow<G: Generation>(
     handled_by(s.generation.pid()).into_response()
 }
 
+/// The client's address as the server sees it (`ConnectInfo`): the same on
+/// a connection kept across a reload. On a Unix socket, the client
+/// process's credentials instead.
+async fn peer(req: axum::extract::Request) -> Response {
+    let ext = req.extensions();
+    if let Some(ConnectInfo(addr)) = ext.get::<ConnectInfo<SocketAddr>>() {
+        return format!("{addr}\n").into_response();
+    }
+    if let Some(ConnectInfo(cred)) = ext.get::<ConnectInfo<UCred>>() {
+        let pid = cred.pid().map_or("?".to_string(), |p| p.to_string());
+        return format!("pid {pid} uid {} gid {}\n", cred.uid(), cred.gid()).into_response();
+    }
+    (StatusCode::NOT_FOUND, "peer unknown\n").into_response()
+}
+
 /// How often `/ws` and `/events` say their PID.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How long `/ws` waits for the client's answer to its close.
+const CLOSE_ANSWER: Duration = Duration::from_secs(2);
 
 /// WebSocket close code 1012: the service restarts; the client may
 /// reconnect (to the new process).
@@ -267,13 +289,16 @@ async fn ws_session(mut socket: WebSocket, pid: u32, closing: Closing) {
     if socket.send(Message::Close(Some(frame))).await.is_err() {
         return;
     }
-    // The client's close answer ends the session; a client that sends none
-    // is cut by the server's drain bound.
-    while let Some(Ok(m)) = socket.recv().await {
-        if matches!(m, Message::Close(_)) {
-            return;
+    // The client's close answer ends the session, or two seconds without
+    // one (a client that stopped reading must not hold the old process).
+    let answer = async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(CLOSE_ANSWER, answer).await;
 }
 
 /// Server-Sent Events: `pid N` every second, each with its `id:` (counting

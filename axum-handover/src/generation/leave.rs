@@ -31,6 +31,13 @@ impl Running {
                     self.info.in_flight()
                 );
                 self.server.begin_drain();
+                // The accept loops stop and drop their sockets; these are
+                // the copies kept for a next generation, which a stop will
+                // not start. With none left open here, a new client is
+                // refused at once (or, under socket activation, waits in
+                // systemd's socket for the next start) rather than queued
+                // where nobody accepts, then reset at our exit.
+                self.plan.sockets.clear();
                 self.notifier.stopping(&self.drain_status());
                 None
             }
