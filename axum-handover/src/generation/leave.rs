@@ -145,7 +145,9 @@ impl Running {
     }
 
     /// Waits for the drain, answering the reload helper's second line when
-    /// it ends or after two seconds, whichever is first. `None`: a second
+    /// it ends or after two seconds, whichever is first (the helper, and
+    /// `systemctl reload` behind it, should not wait for a long drain); a
+    /// report at the bound says the old process is not done yet. `None`: a second
     /// stop signal cut it short.
     async fn finish(&mut self, mut reporter: Option<control::Reporter>) -> Option<DrainReport> {
         let started = tokio::time::Instant::now();
@@ -159,7 +161,11 @@ impl Running {
                     let busy = self.info.connections();
                     let millis = started.elapsed().as_millis() as u64;
                     if let Some(r) = reporter.take() {
-                        r.report(Report { moved, fell_back, busy, millis }).await;
+                        // Not done, whatever `busy` says: with no connection
+                        // left, an older process still running holds this
+                        // one (see `Server::adopt`).
+                        let done = false;
+                        r.report(Report { moved, fell_back, busy, millis, done }).await;
                     }
                 }
                 sig = self.signals.next_stop() => {
@@ -175,6 +181,7 @@ impl Running {
                 fell_back: report.fell_back,
                 busy: report.cut_connections,
                 millis: report.elapsed.as_millis() as u64,
+                done: true,
             })
             .await;
         }
