@@ -175,11 +175,11 @@ fn sse_once(addr: SocketAddr, last: Option<u64>, bound: Duration) -> Vec<(u64, u
                 pid = Some(pid_of(v));
             } else if l.starts_with("retry: ") {
                 retry = true;
-            } else if l.is_empty() {
-                if let (Some(i), Some(p)) = (id.take(), pid.take()) {
-                    assert!(retry, "each event says retry");
-                    events.push((i, p));
-                }
+            } else if l.is_empty()
+                && let (Some(i), Some(p)) = (id.take(), pid.take())
+            {
+                assert!(retry, "each event says retry");
+                events.push((i, p));
             }
         }
     }
