@@ -9,11 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+
+use tokio::net::unix::UCred;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use axum_handover::Info;
+use axum_handover::{Closing, Info};
 use serde::Serialize;
 
 use crate::config_file::ConfigFile;
@@ -85,6 +92,9 @@ fn app_routes<G: Generation>() -> Router<App<G>> {
         .route("/healthz", get(healthz::<G>))
         .route("/readyz", get(readyz::<G>))
         .route("/slow", get(slow::<G>))
+        .route("/ws", get(ws::<G>))
+        .route("/events", get(events::<G>))
+        .route("/peer", get(peer))
 }
 
 fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
@@ -211,6 +221,111 @@ async fn slow<G: Generation>(
     handled_by(s.generation.pid()).into_response()
 }
 
+/// The client's address as the server sees it (`ConnectInfo`): the same on
+/// a connection kept across a reload. On a Unix socket, the client
+/// process's credentials instead.
+async fn peer(req: axum::extract::Request) -> Response {
+    let ext = req.extensions();
+    if let Some(ConnectInfo(addr)) = ext.get::<ConnectInfo<SocketAddr>>() {
+        return format!("{addr}\n").into_response();
+    }
+    if let Some(ConnectInfo(cred)) = ext.get::<ConnectInfo<UCred>>() {
+        let pid = cred.pid().map_or("?".to_string(), |p| p.to_string());
+        return format!("pid {pid} uid {} gid {}\n", cred.uid(), cred.gid()).into_response();
+    }
+    (StatusCode::NOT_FOUND, "peer unknown\n").into_response()
+}
+
+/// How often `/ws` and `/events` say their PID.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long `/ws` waits for the client's answer to its close.
+const CLOSE_ANSWER: Duration = Duration::from_secs(2);
+
+/// WebSocket close code 1012: the service restarts; the client may
+/// reconnect (to the new process).
+const SERVICE_RESTART: u16 = 1012;
+
+/// A WebSocket that says `pid N` every second and echoes what it gets.
+/// When the server asks it to end (a reload or a stop), it closes with
+/// 1012 (Service Restart), and the client reconnects to the new process.
+async fn ws<G: Generation>(
+    State(s): State<App<G>>,
+    closing: Closing,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let pid = s.generation.pid();
+    upgrade.on_upgrade(move |socket| ws_session(socket, pid, closing))
+}
+
+async fn ws_session(mut socket: WebSocket, pid: u32, closing: Closing) {
+    let mut tick = tokio::time::interval(TICK);
+    let closing = closing.into_future();
+    tokio::pin!(closing);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if socket.send(Message::Text(format!("pid {pid}").into())).await.is_err() {
+                    return;
+                }
+            }
+            got = socket.recv() => match got {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if socket.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // Closed by the client (the library answers its close), or gone.
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            },
+            _ = &mut closing => break,
+        }
+    }
+    let frame = CloseFrame {
+        code: SERVICE_RESTART,
+        reason: "service restart".into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    // The client's close answer ends the session, or two seconds without
+    // one (a client that stopped reading must not hold the old process).
+    let answer = async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_ANSWER, answer).await;
+}
+
+/// Server-Sent Events: `pid N` every second, each with its `id:` (counting
+/// on from the client's `Last-Event-ID`) and a `retry:` of a second. At a
+/// reload the server ends the stream, and the `EventSource` resumes from
+/// the new process with no event lost or repeated.
+async fn events<G: Generation>(State(s): State<App<G>>, headers: HeaderMap) -> Response {
+    let next = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
+    let pid = s.generation.pid();
+    let stream = futures_util::stream::unfold(
+        (next, tokio::time::interval(TICK)),
+        move |(id, mut tick)| async move {
+            tick.tick().await;
+            let event = Event::default()
+                .id(id.to_string())
+                .retry(TICK)
+                .data(format!("pid {pid}"));
+            Some((Ok::<_, std::convert::Infallible>(event), (id + 1, tick)))
+        },
+    );
+    Sse::new(stream).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -261,6 +376,7 @@ mod tests {
                 requests: vec![(200, 7), (404, 1)],
                 in_flight: 0,
                 connections: 1,
+                upgraded: 0,
                 reloads_ok: 2,
                 reloads_failed: 1,
                 reloads_refused: 0,

@@ -99,6 +99,11 @@ impl Collector for Scrape {
                 m.connections as i64,
             ),
             (
+                "upgraded_connections",
+                "Connections upgraded to another protocol (WebSockets) open in this process",
+                m.upgraded as i64,
+            ),
+            (
                 "generation",
                 "This process's generation (0 fresh, +1 per reload)",
                 i64::from(m.generation),

@@ -16,6 +16,7 @@ pub struct Config {
     pub(crate) ready_timeout: Duration,
     pub(crate) probation: Duration,
     pub(crate) drain_timeout: Duration,
+    pub(crate) close_spread: Duration,
     pub(crate) idle_grace: Option<Duration>,
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) header_read_timeout: Duration,
@@ -63,6 +64,7 @@ impl Config {
             ready_timeout: Duration::from_secs(30),
             probation: Duration::from_millis(250),
             drain_timeout: Duration::from_secs(30),
+            close_spread: Duration::from_secs(5),
             idle_grace: None,
             keep_alive_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
@@ -127,6 +129,19 @@ impl Config {
     /// (default 30 s).
     pub fn drain_timeout(mut self, d: Duration) -> Config {
         self.drain_timeout = d;
+        self
+    }
+
+    /// The window over which a leaving generation asks its long-lived
+    /// exchanges (upgraded connections such as WebSockets, responses still
+    /// streaming) to end (default 5 s). Each gets its own moment in the
+    /// window, at random (HAProxy's `close-spread-time`), so that
+    /// thousands of clients do not all reconnect to the new process at
+    /// the same instant; see [`crate::Closing`]. Zero: all at once. At most
+    /// the drain timeout less two seconds, so that every exchange is asked
+    /// before it would be cut.
+    pub fn close_spread(mut self, d: Duration) -> Config {
+        self.close_spread = d;
         self
     }
 

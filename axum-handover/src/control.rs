@@ -161,23 +161,33 @@ pub struct Report {
     /// Connections that were to move but were served by the old process to
     /// the end.
     pub fell_back: usize,
-    /// Connections still busy with a request in the old process when this
-    /// was sent (0: the old process is done).
+    /// Connections still open in the old process when this was sent
+    /// (cut, when the drain timed out).
     pub busy: usize,
     /// Milliseconds from the handover to this report.
     pub millis: u64,
+    /// The old process was done (everything moved, closed or cut) when
+    /// this was sent. `false` when the report comes at its bound: the old
+    /// process still runs, on `busy` connections, or waiting for an older
+    /// process still running before it.
+    pub done: bool,
 }
 
 impl Report {
     /// The line as sent.
     pub fn to_line(&self) -> String {
         format!(
-            "moved {} {} {} {}\n",
-            self.moved, self.fell_back, self.busy, self.millis
+            "moved {} {} {} {} {}\n",
+            self.moved,
+            self.fell_back,
+            self.busy,
+            self.millis,
+            u8::from(self.done)
         )
     }
 
-    /// Parses a `moved` line.
+    /// Parses a `moved` line. Without its fifth number (a server before
+    /// it), done when nothing was busy.
     pub fn parse(line: &str) -> Option<Report> {
         let rest = line.trim_end().strip_prefix("moved ")?;
         let n: Vec<u64> = rest
@@ -190,6 +200,14 @@ impl Report {
                 fell_back: fell_back as usize,
                 busy: busy as usize,
                 millis,
+                done: busy == 0,
+            }),
+            [moved, fell_back, busy, millis, done @ (0 | 1)] => Some(Report {
+                moved: moved as usize,
+                fell_back: fell_back as usize,
+                busy: busy as usize,
+                millis,
+                done: done == 1,
             }),
             _ => None,
         }
@@ -783,8 +801,11 @@ mod tests {
             fell_back: 1,
             busy: 0,
             millis: 4,
+            done: false,
         };
         assert_eq!(Report::parse(&r.to_line()), Some(r));
+        let old = Report::parse("moved 20 1 0 4").unwrap();
+        assert!(old.done, "a server before the fifth number: done when idle");
         assert_eq!(Report::parse("moved 1 2 3"), None);
         let block = environment_block(
             [

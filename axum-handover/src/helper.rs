@@ -109,13 +109,19 @@ impl fmt::Display for Reloaded {
                 "; {} connections moved, {} fell back",
                 r.moved, r.fell_back
             )?;
-            if r.busy == 0 {
+            if r.done {
                 write!(f, "; old process done {} ms after the handover", r.millis)?;
-            } else {
+            } else if r.busy > 0 {
                 write!(
                     f,
                     "; {} still busy in PID {} after {} ms",
                     r.busy, self.old_pid, r.millis
+                )?;
+            } else {
+                write!(
+                    f,
+                    "; PID {} still running after {} ms, waiting for an older process",
+                    self.old_pid, r.millis
                 )?;
             }
         }

@@ -168,6 +168,7 @@ pub use generation::{
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
+pub use server::Closing;
 pub use tls::{Tls, TlsError};
 /// The signals of [`Config::reload_signals`] (tokio's).
 pub use tokio::signal::unix::SignalKind;

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub in_flight: usize,
     /// Connections open in this process.
     pub connections: usize,
+    /// Of those, connections upgraded to another protocol (WebSockets).
+    /// A leaving process waits for them (see [`crate::Closing`]).
+    pub upgraded: usize,
     /// Reloads that handed over, since the first generation.
     pub reloads_ok: u64,
     /// Reloads whose new process failed (the old one kept serving).
@@ -244,6 +247,7 @@ impl Totals {
         generation: u32,
         in_flight: usize,
         connections: usize,
+        upgraded: usize,
     ) -> Metrics {
         let c = self.carried();
         Metrics {
@@ -251,6 +255,7 @@ impl Totals {
             requests: c.requests,
             in_flight,
             connections,
+            upgraded,
             reloads_ok: c.reloads[ReloadResult::Ok as usize],
             reloads_failed: c.reloads[ReloadResult::Failed as usize],
             reloads_refused: c.reloads[ReloadResult::Refused as usize],
@@ -385,7 +390,7 @@ mod tests {
         let new = Totals::default();
         new.request(200);
         new.carry_over(sent);
-        let m = new.snapshot(1, 0, 0);
+        let m = new.snapshot(1, 0, 0, 0);
         assert_eq!(m.requests, vec![(200, 3), (404, 1)]);
         assert_eq!(
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),

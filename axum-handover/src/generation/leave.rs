@@ -32,6 +32,13 @@ impl Running {
                 );
                 self.server.begin_drain();
                 self.info.set_leaving(Leaving::Stopping);
+                // The accept loops stop and drop their sockets; these are
+                // the copies kept for a next generation, which a stop will
+                // not start. With none left open here, a new client is
+                // refused at once (or, under socket activation, waits in
+                // systemd's socket for the next start) rather than queued
+                // where nobody accepts, then reset at our exit.
+                self.plan.sockets.clear();
                 self.notifier.stopping(&self.drain_status());
                 None
             }
@@ -141,7 +148,9 @@ impl Running {
     }
 
     /// Waits for the drain, answering the reload helper's second line when
-    /// it ends or after two seconds, whichever is first. `None`: a second
+    /// it ends or after two seconds, whichever is first (the helper, and
+    /// `systemctl reload` behind it, should not wait for a long drain); a
+    /// report at the bound says the old process is not done yet. `None`: a second
     /// stop signal cut it short.
     async fn finish(&mut self, mut reporter: Option<control::Reporter>) -> Option<DrainReport> {
         let started = tokio::time::Instant::now();
@@ -155,7 +164,11 @@ impl Running {
                     let busy = self.info.connections();
                     let millis = started.elapsed().as_millis() as u64;
                     if let Some(r) = reporter.take() {
-                        r.report(Report { moved, fell_back, busy, millis }).await;
+                        // Not done, whatever `busy` says: with no connection
+                        // left, an older process still running holds this
+                        // one (see `Server::adopt`).
+                        let done = false;
+                        r.report(Report { moved, fell_back, busy, millis, done }).await;
                     }
                 }
                 sig = self.signals.next_stop() => {
@@ -171,6 +184,7 @@ impl Running {
                 fell_back: report.fell_back,
                 busy: report.cut_connections,
                 millis: report.elapsed.as_millis() as u64,
+                done: true,
             })
             .await;
         }

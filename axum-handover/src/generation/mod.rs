@@ -425,11 +425,18 @@ impl Info {
     pub fn connections(&self) -> usize {
         self.counters.connections()
     }
+    /// Open connections upgraded to another protocol (WebSockets).
+    pub fn upgraded(&self) -> usize {
+        self.counters.upgraded()
+    }
     /// Every metric, counters carried over from the previous generations.
     pub fn metrics(&self) -> crate::Metrics {
-        self.counters
-            .totals
-            .snapshot(self.generation, self.in_flight(), self.connections())
+        self.counters.totals.snapshot(
+            self.generation,
+            self.in_flight(),
+            self.connections(),
+            self.upgraded(),
+        )
     }
 }
 

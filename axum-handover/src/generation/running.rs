@@ -270,9 +270,10 @@ pub(super) fn describe(listeners: &[Listener]) -> String {
 
 pub(super) fn drain_status(info: &Info) -> String {
     format!(
-        "draining: {} in flight on {} connections · generation {}",
+        "draining: {} in flight on {} connections ({} upgraded) · generation {}",
         info.in_flight(),
         info.connections(),
+        info.upgraded(),
         info.generation
     )
 }

@@ -41,7 +41,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, header};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -49,6 +49,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
+use super::closing::{Closing, Left, Peer, Streaming};
 use super::detect::{self, Detected};
 use super::{ConnCtx, Held, Mode, h2};
 use crate::handover::channel::Kind;
@@ -94,7 +95,26 @@ struct ConnIo {
     stream: Stream,
     read_ahead: Vec<u8>,
     served: usize,
-    activity: Arc<Activity>,
+    activity: IoOf,
+}
+
+/// The connection's [`Activity`], as held by its stream: notes when the
+/// stream is dropped, which is how an upgraded connection's end is seen
+/// (hyper gives the stream to the app's handler and forgets it).
+pub(crate) struct IoOf(pub(crate) Arc<Activity>);
+
+impl std::ops::Deref for IoOf {
+    type Target = Activity;
+    fn deref(&self) -> &Activity {
+        &self.0
+    }
+}
+
+impl Drop for IoOf {
+    fn drop(&mut self) {
+        self.0.io_gone.store(true, Ordering::SeqCst);
+        self.0.quiet.notify_waiters();
+    }
 }
 
 impl AsyncRead for ConnIo {
@@ -166,7 +186,38 @@ impl AsyncWrite for Stream {
     }
 }
 
-write_through!(ConnIo, stream);
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    /// Only an upgraded connection's handler shuts the stream down. hyper
+    /// would at a connection's end (it runs with upgrades, so not "without
+    /// shutdown"), which would end a connection we take back to park or
+    /// move, and the lingering close shuts down itself.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.activity.is_upgraded() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
 
 /// How long a connection idles in hyper before it is parked. Long enough
 /// that a busy keep-alive connection (a client that sends its next request
@@ -223,7 +274,12 @@ pub(crate) struct Activity {
     read_any: AtomicBool,
     /// Set once this connection is to close after its current response.
     closing: AtomicBool,
-    /// Woken when a request ends.
+    /// A response switched protocols (101): hyper hands the stream to the
+    /// app once the response is written.
+    upgraded: AtomicBool,
+    /// The stream has been dropped (see [`IoOf`]).
+    io_gone: AtomicBool,
+    /// Woken when a request ends, and when the stream is dropped.
     quiet: Notify,
 }
 
@@ -235,6 +291,8 @@ impl Activity {
             last_ms: AtomicU64::new(now_ms()),
             read_any: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
+            io_gone: AtomicBool::new(false),
             quiet: Notify::new(),
         }
     }
@@ -242,6 +300,29 @@ impl Activity {
     /// Requests begun on this connection, ever.
     pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::SeqCst)
+    }
+
+    /// Once the connection is upgraded: counted as such until the app's
+    /// handler drops the stream. The connection's task waits here, holding
+    /// its slot and its part in the drain, so a leaving generation waits
+    /// for it (within the drain timeout: the handler's [`Closing`] comes
+    /// first).
+    ///
+    /// [`Closing`]: crate::Closing
+    pub(crate) async fn upgraded_until_dropped(&self, counters: &Arc<super::Counters>) {
+        let _counted = counters.upgrade_started();
+        tracing::debug!(event = "connection_upgraded", "connection upgraded");
+        loop {
+            let dropped = self.quiet.notified();
+            if self.io_gone.load(Ordering::SeqCst) {
+                return;
+            }
+            dropped.await;
+        }
     }
 
     fn touch(&self) {
@@ -302,7 +383,7 @@ impl Drop for BusyGuard {
     }
 }
 
-type Conn = hyper::server::conn::http1::Connection<TokioIo<ConnIo>, Service>;
+type Conn = hyper::server::conn::http1::UpgradeableConnection<TokioIo<ConnIo>, Service>;
 type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<axum::response::Response, Infallible>> + Send>>;
 
@@ -529,16 +610,20 @@ async fn http(
     if fell_back {
         activity.closing.store(true, Ordering::SeqCst);
     }
+    let peer = Peer::of(&stream);
     let io = ConnIo {
         stream,
         read_ahead,
         served: 0,
-        activity: activity.clone(),
+        activity: IoOf(activity.clone()),
     };
-    let conn = ctx.http.serve_connection(
-        TokioIo::new(io),
-        service(ctx, socket, &activity, Leaving::Moves),
-    );
+    let conn = ctx
+        .http
+        .serve_connection(
+            TokioIo::new(io),
+            service(ctx, socket, &activity, Leaving::Moves, peer),
+        )
+        .with_upgrades();
     run(conn, &activity, ctx, fell_back).await
 }
 
@@ -550,6 +635,9 @@ pub(crate) struct Service {
     activity: Arc<Activity>,
     keep_alive: HeaderValue,
     leaving: Leaving,
+    peer: Peer,
+    left: Left,
+    close_spread: Duration,
 }
 
 /// What the connection does when the generation leaves, which decides when
@@ -569,6 +657,7 @@ pub(crate) fn service(
     socket: &str,
     activity: &Arc<Activity>,
     leaving: Leaving,
+    peer: Peer,
 ) -> Service {
     Service {
         router: ctx.router(socket),
@@ -576,6 +665,9 @@ pub(crate) fn service(
         activity: activity.clone(),
         keep_alive: ctx.keep_alive_header.clone(),
         leaving,
+        peer,
+        left: ctx.left.subscribe(),
+        close_spread: ctx.close_spread,
     }
 }
 
@@ -585,7 +677,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     // Boxed, so the connection is `Unpin` and can be taken back from hyper.
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+    fn call(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let (router, counters, activity, keep_alive, leaving) = (
             self.router.clone(),
             self.counters.clone(),
@@ -593,14 +685,24 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             self.keep_alive.clone(),
             self.leaving,
         );
+        let closing = Closing::new(self.left.clone(), self.close_spread);
+        self.peer.insert(req.extensions_mut());
+        req.extensions_mut().insert(closing.clone());
         Box::pin(async move {
-            let _busy = activity.begin();
-            let _counted = counters.request_started();
-            let mut resp = match router.oneshot(req.map(Body::new)).await {
+            let busy = activity.begin();
+            let counted = counters.request_started();
+            let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
             counters.totals.request(resp.status().as_u16());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // Before hyper writes the response and hands the stream
+                // over: from then on a shutdown is the app's.
+                activity.upgraded.store(true, Ordering::SeqCst);
+            }
+            // In flight until the body is sent, not only its head.
+            let mut resp = resp.map(|b| Streaming::wrap(b, &closing, (busy, counted)));
             let close = match leaving {
                 Leaving::Moves => counters.is_draining(),
                 Leaving::Closes => counters.is_leaving(),
@@ -654,11 +756,17 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
             Mode::Moving => Duration::ZERO,
         };
         tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+            r = Pin::new(&mut conn) => {
                 if let Err(e) = r {
                     tracing::debug!(event = "connection_error", error = %e);
                 }
-                return Step::Close(conn.into_parts().io.into_inner().stream);
+                return match conn.into_parts() {
+                    Some(parts) => Step::Close(parts.io.into_inner().stream),
+                    None => {
+                        activity.upgraded_until_dropped(&ctx.counters).await;
+                        Step::Done
+                    }
+                };
             }
             _ = mode.changed() => continue,
             _ = activity.idle_at_least(limit) => {}
@@ -673,20 +781,24 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
         // (its response then says `Connection: close`).
         let begun = activity.requests.load(Ordering::SeqCst);
         Pin::new(&mut conn).graceful_shutdown();
-        let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let r = (&mut conn).await;
         let answered = activity.requests.load(Ordering::SeqCst) != begun;
+        let Some(parts) = conn.into_parts() else {
+            // A request that began meanwhile upgraded the connection.
+            activity.upgraded_until_dropped(&ctx.counters).await;
+            return Step::Done;
+        };
         let movable = (park || (now == Mode::Moving && !fell_back)) && r.is_ok() && !answered;
         if !movable {
             // Idle, nothing is on its way: closed at once. A request that
             // began meanwhile was answered with `Connection: close`, and
             // the client may have sent more behind it.
             return if answered || r.is_err() {
-                Step::Close(conn.into_parts().io.into_inner().stream)
+                Step::Close(parts.io.into_inner().stream)
             } else {
                 Step::Done
             };
         }
-        let parts = conn.into_parts();
         let io = parts.io.into_inner();
         // What hyper read and did not parse comes first, then what it had
         // not yet taken from the bytes handed to us. Copied out, so hyper's

@@ -66,6 +66,7 @@ macro_rules! write_through {
 }
 
 mod ack;
+mod closing;
 mod conn;
 mod detect;
 mod h2;
@@ -80,11 +81,16 @@ use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+pub use closing::Closing;
 pub(crate) use conn::Stream;
 
 use crate::Config;
 use crate::handover::channel::{Connections, Message};
 use crate::listeners::{Listener, Socketish};
+
+/// What a long-lived exchange has, at least, between its [`Closing`] and
+/// the drain bound: time for a WebSocket's close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The largest request head we buffer (request line and headers).
 pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -99,6 +105,8 @@ pub(crate) struct Counters {
     close_responses: AtomicBool,
     in_flight: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections upgraded (WebSockets), open in this process.
+    upgraded: AtomicUsize,
     moved: AtomicUsize,
     fell_back: AtomicUsize,
     /// What survives a reload.
@@ -121,6 +129,14 @@ impl Counters {
     pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+    pub(crate) fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::SeqCst)
+    }
+
+    fn upgrade_started(self: &Arc<Self>) -> Counted {
+        self.upgraded.fetch_add(1, Ordering::SeqCst);
+        Counted(self.clone(), Which::Upgraded)
+    }
 
     fn request_started(self: &Arc<Self>) -> Counted {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -136,6 +152,7 @@ impl Counters {
 enum Which {
     Request,
     Connection,
+    Upgraded,
 }
 
 /// Decrements its counter on drop, also when a request is cut.
@@ -146,6 +163,7 @@ impl Drop for Counted {
         let c = match self.1 {
             Which::Request => &self.0.in_flight,
             Which::Connection => &self.0.connections,
+            Which::Upgraded => &self.0.upgraded,
         };
         c.fetch_sub(1, Ordering::SeqCst);
     }
@@ -178,6 +196,10 @@ struct ConnCtx {
     keep_alive_header: axum::http::HeaderValue,
     /// How long a drain lets a connection sit idle.
     drain_idle: Duration,
+    /// When the generation left (see [`Closing`]).
+    left: watch::Sender<Option<tokio::time::Instant>>,
+    /// The window over which long-lived exchanges are told to end.
+    close_spread: Duration,
     /// Where connections go once moving.
     successor: OnceLock<Connections>,
     /// HTTP/2 is served (prior knowledge on plain sockets, ALPN on TLS).
@@ -287,6 +309,11 @@ impl Server {
             ))
             .expect("a number is a valid header value"),
             drain_idle: config.drain_idle(),
+            left: watch::channel(None).0,
+            // Every exchange is asked to end before the drain bound cuts it.
+            close_spread: config
+                .close_spread
+                .min(config.drain_timeout.saturating_sub(CLOSE_GRACE)),
             successor: OnceLock::new(),
             http2: config.http2,
             h2: h2::builder(config),
@@ -430,6 +457,9 @@ impl Server {
 
     fn leave(&mut self, mode: Mode) {
         self.drain_started = Some(Instant::now());
+        self.ctx
+            .left
+            .send_replace(Some(tokio::time::Instant::now()));
         self.counters.leaving.store(true, Ordering::SeqCst);
         let _ = self.mode.send(mode);
         self.ctx.mode_changed.notify_waiters();

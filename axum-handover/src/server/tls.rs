@@ -24,12 +24,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::conn::{self, Activity, Leaving};
+use super::closing::Peer;
+use super::conn::{self, Activity, IoOf, Leaving};
 use super::detect::{Rewind, serving_idle};
 use super::{ConnCtx, Mode, Stream};
 
 /// Serves one TLS connection to its end.
 pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, ctx: &ConnCtx) {
+    let peer = Peer::of(&stream);
     let io = Handshaking::new(Rewind::new(stream, Vec::new()));
     let handshake = acceptor.accept(io).into_fallible();
     let mut tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
@@ -76,7 +78,7 @@ pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, c
             super::h2::serve(io, socket, ctx).await;
         }
     } else {
-        http1(tls, socket, ctx).await;
+        http1(tls, socket, ctx, peer).await;
     }
 }
 
@@ -87,14 +89,17 @@ type Tls = TlsStream<Handshaking<Rewind<Stream>>>;
 /// drain closes it. The same service and idle bookkeeping as a plain
 /// connection (`conn.rs`), without the parking and the move; and the same
 /// lingering close when hyper ends it with input possibly still coming.
-async fn http1(io: Tls, socket: &str, ctx: &ConnCtx) {
+async fn http1(io: Tls, socket: &str, ctx: &ConnCtx, peer: Peer) {
     let activity = Arc::new(Activity::new());
     let io = Touching {
         io,
-        activity: activity.clone(),
+        activity: IoOf(activity.clone()),
     };
-    let service = conn::service(ctx, socket, &activity, Leaving::Closes);
-    let mut conn = ctx.http.serve_connection(TokioIo::new(io), service);
+    let service = conn::service(ctx, socket, &activity, Leaving::Closes, peer);
+    let mut conn = ctx
+        .http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     let mut mode = ctx.mode.clone();
     loop {
         let limit = match *mode.borrow_and_update() {
@@ -102,11 +107,14 @@ async fn http1(io: Tls, socket: &str, ctx: &ConnCtx) {
             Mode::Draining | Mode::Moving => ctx.drain_idle,
         };
         tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+            r = Pin::new(&mut conn) => {
                 if let Err(e) = r {
                     tracing::debug!(event = "connection_error", error = %e);
                 }
-                close(conn.into_parts().io.into_inner().io, true).await;
+                match conn.into_parts() {
+                    Some(parts) => close(parts.io.into_inner().io, true).await,
+                    None => activity.upgraded_until_dropped(&ctx.counters).await,
+                }
                 return;
             }
             changed = mode.changed() => {
@@ -122,9 +130,12 @@ async fn http1(io: Tls, socket: &str, ctx: &ConnCtx) {
         // meanwhile finishes, and its response says `Connection: close`).
         let begun = activity.requests();
         Pin::new(&mut conn).graceful_shutdown();
-        let r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await;
+        let r = (&mut conn).await;
         let answered = activity.requests() != begun;
-        close(conn.into_parts().io.into_inner().io, answered || r.is_err()).await;
+        match conn.into_parts() {
+            Some(parts) => close(parts.io.into_inner().io, answered || r.is_err()).await,
+            None => activity.upgraded_until_dropped(&ctx.counters).await,
+        }
         return;
     }
 }
@@ -146,7 +157,7 @@ async fn close(mut tls: Tls, lingering: bool) {
 /// hyper has parsed it.
 struct Touching<I> {
     io: I,
-    activity: Arc<Activity>,
+    activity: IoOf,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Touching<I> {
@@ -164,7 +175,37 @@ impl<I: AsyncRead + Unpin> AsyncRead for Touching<I> {
     }
 }
 
-write_through!(Touching<I>, io, I);
+impl<I: AsyncWrite + Unpin> AsyncWrite for Touching<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    /// Only an upgraded connection's handler shuts the stream down; hyper's
+    /// shutdown at a connection's end is left to [`close`], as for a plain
+    /// connection (see `conn::ConnIo`).
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.activity.is_upgraded() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// The stream under the TLS handshake. In TLS 1.3 the server's last words
 /// (its session tickets) follow the client's Finished, and tokio-rustls

@@ -1,0 +1,204 @@
+//! What outlives a request's head: upgraded connections (WebSockets) and
+//! responses still streaming (Server-Sent Events, downloads). Neither can
+//! move to the next generation, so when the generation leaves each is told
+//! to end ([`Closing`]), at its own moment in the close spread, and what is
+//! still open at the drain bound is cut. Also what a request learns of its
+//! connection: its peer ([`axum::extract::ConnectInfo`]).
+
+use std::collections::hash_map::RandomState;
+use std::future::{Future, IntoFuture};
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use hyper::body::{Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::conn::Stream;
+
+/// When the generation left: `None` while it serves.
+pub(crate) type Left = watch::Receiver<Option<Instant>>;
+
+/// The server's wish that a long-lived exchange end: a request extension
+/// (and extractor) on every HTTP/1.1 request, whose `.await` resolves once
+/// the generation is leaving (a handover or a stop) and this exchange's
+/// moment in the close spread ([`crate::Config::close_spread`]) has come.
+///
+/// A WebSocket handler selects on it and closes (with 1012, Service
+/// Restart), so its client reconnects to the new process; a streaming
+/// response of unknown length is ended cleanly at that moment by the
+/// server itself (an `EventSource` then reconnects with `Last-Event-ID`).
+/// What is still open at the drain timeout is cut. Without the server (a
+/// router called directly, in a test) it never resolves.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    left: Option<Left>,
+    delay: Duration,
+}
+
+/// Draws the moments in the spread: a counter through std's randomly
+/// keyed hasher, uniform enough, and no random-number crate.
+static DRAWS: AtomicU64 = AtomicU64::new(0);
+static KEYS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+
+impl Closing {
+    /// A signal with its own moment, uniform in `[0, spread)` after the
+    /// leave.
+    pub(crate) fn new(left: Left, spread: Duration) -> Closing {
+        let draw = KEYS.hash_one(DRAWS.fetch_add(1, Ordering::Relaxed));
+        let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
+        Closing {
+            left: Some(left),
+            delay: spread.mul_f64(fraction),
+        }
+    }
+
+    /// Whether the moment to end has come.
+    pub fn is_closing(&self) -> bool {
+        self.left
+            .as_ref()
+            .and_then(|l| *l.borrow())
+            .is_some_and(|at| Instant::now() >= at + self.delay)
+    }
+}
+
+impl IntoFuture for Closing {
+    type Output = ();
+    type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let Some(mut left) = self.left else {
+                return std::future::pending().await;
+            };
+            let at = left.wait_for(Option::is_some).await.ok().and_then(|at| *at);
+            match at {
+                Some(at) => tokio::time::sleep_until(at + self.delay).await,
+                // The server is gone: so is the process, about now.
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Closing {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Closing>()
+            .cloned()
+            .unwrap_or(Closing {
+                left: None,
+                delay: Duration::ZERO,
+            }))
+    }
+}
+
+/// The other end of a connection, as a request sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Peer {
+    /// `ConnectInfo<SocketAddr>`.
+    Tcp(SocketAddr),
+    /// `ConnectInfo<UCred>`: a Unix socket's peer has no useful address
+    /// (it is unnamed), but the kernel vouches for its process and user.
+    Unix(tokio::net::unix::UCred),
+    Unknown,
+}
+
+impl Peer {
+    /// Asks the kernel (`getpeername`, `SO_PEERCRED`): the same for an
+    /// accepted connection and for one moved from the previous generation.
+    pub(crate) fn of(stream: &Stream) -> Peer {
+        match stream {
+            Stream::Tcp(s) => s.peer_addr().map_or(Peer::Unknown, Peer::Tcp),
+            Stream::Unix(s) => s.peer_cred().map_or(Peer::Unknown, Peer::Unix),
+        }
+    }
+
+    pub(crate) fn insert(self, ext: &mut axum::http::Extensions) {
+        match self {
+            Peer::Tcp(a) => {
+                ext.insert(ConnectInfo(a));
+            }
+            Peer::Unix(c) => {
+                ext.insert(ConnectInfo(c));
+            }
+            Peer::Unknown => {}
+        }
+    }
+}
+
+/// A response body still to send: its request stays in flight (and its
+/// connection busy) until the body ends, and a body of unknown length
+/// ends cleanly at its [`Closing`] moment.
+pub(crate) struct Streaming<G> {
+    body: Body,
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    _guards: G,
+}
+
+/// A body larger than this, or of unknown length, keeps its request in
+/// flight until it is sent; a smaller one goes out with the head (not worth
+/// a second allocation per response).
+const SMALL_BODY: u64 = 64 * 1024;
+
+impl<G: Send + Unpin + 'static> Streaming<G> {
+    /// `body` as it is when it goes out at once; otherwise wrapped, holding
+    /// `guards` until it ends.
+    pub(crate) fn wrap(body: Body, closing: &Closing, guards: G) -> Body {
+        use hyper::body::Body as _;
+        if body.is_end_stream() {
+            return body;
+        }
+        let closing = match body.size_hint().exact() {
+            Some(n) if n <= SMALL_BODY => return body,
+            // A known length cut short would truncate the client's
+            // download; it runs to the drain bound instead.
+            Some(_) => None,
+            None => Some(closing.clone().into_future()),
+        };
+        Body::new(Streaming {
+            body,
+            closing,
+            _guards: guards,
+        })
+    }
+}
+
+impl<G: Unpin> hyper::body::Body for Streaming<G> {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(c) = self.closing.as_mut()
+            && c.as_mut().poll(cx).is_ready()
+        {
+            // The end of a chunked body: the client sees a complete
+            // response, and reconnects.
+            self.closing = None;
+            self.body = Body::empty();
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,327 @@
+//! What outlives a request's head across reloads: WebSockets (closed with
+//! 1012 and reconnected to the new process), Server-Sent Events (ended and
+//! resumed from `Last-Event-ID`), a kept connection's `ConnectInfo`, and a
+//! stopping process's listening socket. With the real binary, no systemd.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use nix::sys::signal::Signal;
+use pid_server_test_support::proc::{self, Reaper, WAIT};
+use pid_server_test_support::{Load, http};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
+
+/// The library's default close spread.
+const SPREAD: Duration = Duration::from_secs(5);
+
+/// Reloads `pid` with the helper; returns the new PID and the helper's line.
+fn reload(pid: u32) -> (u32, String) {
+    let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
+    assert_eq!(code, 0, "reload failed: {err}");
+    let line = out.trim().to_string();
+    let new = line
+        .strip_prefix(&format!("reloaded: {pid} -> "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"));
+    (new, line)
+}
+
+fn pid_of(text: &str) -> u32 {
+    text.strip_prefix("pid ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not a PID message: {text:?}"))
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `/ws`, checks the echo, and returns the socket and the PID it says.
+async fn ws_open(addr: SocketAddr) -> (Ws, u32) {
+    let (mut ws, resp) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws")),
+    )
+    .await
+    .expect("WebSocket handshake in time")
+    .expect("WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("echo me")).await.unwrap();
+    let mut pid = None;
+    let mut echoed = false;
+    while pid.is_none() || !echoed {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the socket stays open")
+            .unwrap();
+        match m {
+            Message::Text(t) if t.as_str() == "echo me" => echoed = true,
+            Message::Text(t) => pid = Some(pid_of(t.as_str())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (ws, pid.unwrap())
+}
+
+/// Reads until the server closes; returns the close code.
+async fn ws_close_code(ws: &mut Ws, bound: Duration) -> Option<CloseCode> {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                // Polling on sends our close answer, and sees the end.
+                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.next()).await {}
+                return frame.map(|f| f.code);
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => panic!("the WebSocket failed instead of closing: {e}"),
+            Ok(None) => panic!("the WebSocket ended without a close frame"),
+            Err(_) => panic!("no close within {bound:?}"),
+        }
+    }
+}
+
+/// Three reloads with a WebSocket open and HTTP load alongside: each time
+/// the socket is closed with 1012 within the close spread, the client
+/// reconnects to the new process, and the old process is gone soon after.
+/// Before: the upgrade answered 101 and the connection closed with no
+/// frame (hyper served HTTP/1.1 without upgrades).
+#[test]
+fn websockets_close_with_1012_at_a_reload_and_reconnect_to_the_new_process() {
+    let (first, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    let load = Load::to(addr)
+        .keep_alive(2)
+        .one_shot(1)
+        .pace(Duration::from_millis(5))
+        .max_requests(20_000)
+        .max_time(Duration::from_secs(60))
+        .start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut pid = first.pid;
+    let (mut ws, said) = rt.block_on(ws_open(addr));
+    assert_eq!(said, pid);
+    for round in 0..3 {
+        let (new, line) = reload(pid);
+        reaper.watch(new);
+        let t = Instant::now();
+        let code = rt.block_on(ws_close_code(&mut ws, SPREAD + Duration::from_secs(3)));
+        let closed = t.elapsed();
+        assert_eq!(code, Some(CloseCode::Restart), "round {round}: 1012");
+        proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
+        let gone = t.elapsed();
+        eprintln!(
+            "round {round}: closed with 1012 {closed:?} after the helper returned, \
+             old PID {pid} gone after {gone:?}; helper: {line}"
+        );
+        let (next, said) = rt.block_on(ws_open(addr));
+        assert_eq!(said, new, "round {round}: reconnected to the new process");
+        ws = next;
+        pid = new;
+    }
+    let t = load.finish();
+    assert_eq!(t.failed(), 0, "{t:?}");
+    assert!(t.ok > 0);
+}
+
+/// One Server-Sent Events exchange: sends the request (with
+/// `Last-Event-ID` when resuming) and reads events until the server ends
+/// the body. Returns `(id, pid)` of every event.
+fn sse_once(addr: SocketAddr, last: Option<u64>, bound: Duration) -> Vec<(u64, u32)> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(bound)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let resume = last.map_or(String::new(), |l| format!("Last-Event-ID: {l}\r\n"));
+    write!(
+        w,
+        "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{resume}\r\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // The head; the body is chunked (its length is unknown).
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut events = Vec::new();
+    let (mut id, mut pid, mut retry) = (None, None, false);
+    loop {
+        line.clear();
+        r.read_line(&mut line)
+            .expect("the stream goes on or ends cleanly");
+        let size = u64::from_str_radix(line.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            // The end of the body: the server ended the stream.
+            return events;
+        }
+        let mut chunk = vec![0u8; size as usize + 2];
+        std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
+        for l in String::from_utf8_lossy(&chunk[..size as usize]).lines() {
+            if let Some(v) = l.strip_prefix("id: ") {
+                id = Some(v.parse::<u64>().unwrap());
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                pid = Some(pid_of(v));
+            } else if l.starts_with("retry: ") {
+                retry = true;
+            } else if l.is_empty()
+                && let (Some(i), Some(p)) = (id.take(), pid.take())
+            {
+                assert!(retry, "each event says retry");
+                events.push((i, p));
+            }
+        }
+    }
+}
+
+/// An `EventSource` across three reloads: each stream ends cleanly within
+/// the close spread, the client resumes with `Last-Event-ID` from the new
+/// process, and no event id is lost or repeated. Before: the stream held
+/// the old process for the whole drain timeout (30 s).
+#[test]
+fn server_sent_events_resume_from_the_new_process_with_no_event_lost() {
+    let (first, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    let load = Load::to(addr)
+        .keep_alive(2)
+        .pace(Duration::from_millis(5))
+        .max_requests(20_000)
+        .max_time(Duration::from_secs(60))
+        .start();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The client: resumes until told to stop, in its own thread while the
+    // test reloads.
+    let client = std::thread::spawn(move || {
+        let mut all: Vec<(u64, u32)> = Vec::new();
+        let mut ends = Vec::new();
+        for _ in 0..4 {
+            let last = all.last().map(|e| e.0);
+            let got = sse_once(addr, last, SPREAD + Duration::from_secs(20));
+            ends.push(Instant::now());
+            let _ = tx.send(got.last().map(|e| e.1));
+            all.extend(got);
+        }
+        (all, ends)
+    });
+    let mut pid = first.pid;
+    let mut pids = vec![pid];
+    for round in 0..3 {
+        // Let the stream say a few events first.
+        std::thread::sleep(Duration::from_secs(2));
+        let (new, _) = reload(pid);
+        reaper.watch(new);
+        let t = Instant::now();
+        let ended_on = rx
+            .recv_timeout(SPREAD + Duration::from_secs(5))
+            .expect("the stream ended");
+        eprintln!(
+            "round {round}: stream ended {:?} after the helper returned",
+            t.elapsed()
+        );
+        assert_eq!(ended_on, Some(pid), "round {round}");
+        proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
+        eprintln!(
+            "round {round}: old PID {pid} gone {:?} after the helper returned",
+            t.elapsed()
+        );
+        pid = new;
+        pids.push(pid);
+    }
+    // The last stream ends at a stop.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = load.finish();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let (all, _) = client.join().unwrap();
+    let ids: Vec<u64> = all.iter().map(|e| e.0).collect();
+    let want: Vec<u64> = (0..ids.len() as u64).collect();
+    assert_eq!(ids, want, "every event id once, in order");
+    let mut seen: Vec<u32> = all.iter().map(|e| e.1).collect();
+    seen.dedup();
+    assert_eq!(seen, pids, "each process in turn");
+    assert_eq!(t.failed(), 0, "{t:?}");
+}
+
+/// `ConnectInfo<SocketAddr>` says the client's address, on an accepted
+/// connection and on the same connection once moved to the new process
+/// (read from the fd). Before: 500, "Missing request extension".
+#[test]
+fn connect_info_is_the_clients_address_before_and_after_a_reload() {
+    let (old, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    let mut c = http::Conn::open(addr, WAIT).unwrap();
+    let me = c.local_addr().to_string();
+    let r = c.get("/peer").unwrap();
+    assert_eq!((r.status, r.body.trim()), (200, me.as_str()));
+    let (new, _) = reload(old.pid);
+    reaper.watch(new);
+    let r = c.get("/peer").unwrap();
+    assert_eq!((r.status, r.body.trim()), (200, me.as_str()));
+    assert_eq!(c.get("/").unwrap().pid(), Some(new), "moved");
+    assert_eq!(c.served(), 3, "one connection throughout");
+}
+
+/// Outside systemd, a stopping process that accepts nothing more closes
+/// its listening socket: a new client is refused at once rather than left
+/// in a queue nobody reads (reset at exit). Before: the connect succeeded
+/// and the request hung until the process exited.
+#[test]
+fn a_stopping_process_refuses_new_connections_at_once() {
+    let (mut p, _notify, addr) = proc::start(BIN);
+    let mut slow = TcpStream::connect(addr).unwrap();
+    write!(slow, "GET /slow?ms=4000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // The slow request is in flight once the server counts it.
+    http::wait_ok(addr, "/healthz", WAIT);
+    let deadline = Instant::now() + WAIT;
+    while !http::get(addr, "/healthz")
+        .unwrap()
+        .body
+        .contains("\"in_flight\":2")
+    {
+        assert!(Instant::now() < deadline, "the slow request never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.signal(Signal::SIGTERM);
+    // Readiness goes first; the socket closes as the accept loop stops.
+    let deadline = Instant::now() + WAIT;
+    let t = loop {
+        let t = Instant::now();
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break t.elapsed(),
+            Err(e) => panic!("connect: {e}"),
+            Ok(s) => {
+                assert!(Instant::now() < deadline, "still accepting connections");
+                // Answered (with `Connection: close`) or queued: which?
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let _ = write!(w, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut line = String::new();
+                let n = BufReader::new(s).read_line(&mut line);
+                assert!(
+                    matches!(n, Ok(n) if n > 0),
+                    "a connection the stopping process neither answered nor refused"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    eprintln!("refused after {t:?}");
+    let mut r = BufReader::new(slow);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("HTTP/1.1 200"),
+        "the slow request finished: {line}"
+    );
+    p.wait_exit(WAIT);
+}
