@@ -163,8 +163,8 @@ mod tls;
 pub use config::Config;
 pub use control::Report;
 pub use generation::{
-    Ended, Generation, Hooks, Info, LastReload, Leaving, ReadyCheck, ServeError, StartError,
-    Status, refuse_start,
+    Ended, Generation, Hooks, Info, LastReload, Leaving, MAX_STATE_BYTES, ReadyCheck, ServeError,
+    StartError, Status, refuse_start,
 };
 pub use listeners::{ListenAddr, ListenError};
 pub use metrics::{Histogram, Metrics};
