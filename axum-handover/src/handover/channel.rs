@@ -252,8 +252,9 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// One end of the connection channel, registered with the runtime.
 pub(crate) struct Connections {
     fd: AsyncFd<OwnedFd>,
-    /// A successor's: where the app state that arrives goes.
-    state: Option<super::state::Receiving>,
+    /// A successor's: where the app state that arrives goes (boxed: the
+    /// old process's end, which has none, travels in `Joined`).
+    state: Option<Box<super::state::Receiving>>,
 }
 
 impl Connections {
@@ -274,7 +275,7 @@ impl Connections {
         mut self,
         inbox: std::sync::Arc<super::state::Inbox>,
     ) -> Connections {
-        self.state = Some(super::state::Receiving::new(inbox));
+        self.state = Some(Box::new(super::state::Receiving::new(inbox)));
         self
     }
 
@@ -331,7 +332,7 @@ impl Connections {
             let got = self
                 .fd
                 .async_io(Interest::READABLE, |fd| {
-                    recv_one(fd.as_fd(), &mut buf, self.state.as_ref())
+                    recv_one(fd.as_fd(), &mut buf, self.state.as_deref())
                 })
                 .await?;
             if let Some(got) = got {
