@@ -5,25 +5,25 @@
 //! configuration file the process read ([`ConfigFileId`]).
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use std::future::IntoFuture;
-use std::net::SocketAddr;
-
-use tokio::net::unix::UCred;
-
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use axum_handover::{Closing, Info};
 use serde::Serialize;
+use tokio::net::unix::UCred;
 
 use crate::config_file::ConfigFile;
+use crate::stats::RouteStats;
 
 /// The longest `/slow` sleep; longer asks are a 400, so one request cannot
 /// hold a drain for an hour.
@@ -83,6 +83,8 @@ struct App<G> {
     generation: G,
     /// `None` without a configuration file.
     config: Option<Arc<ConfigFileId>>,
+    /// Requests per route, handed from generation to generation.
+    stats: Arc<RouteStats>,
 }
 
 /// The routes but `/metrics`.
@@ -97,8 +99,29 @@ fn app_routes<G: Generation>() -> Router<App<G>> {
         .route("/peer", get(peer))
 }
 
+/// `/metrics` and `/stats`: the operator's.
 fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
     r.route("/metrics", get(metrics::<G>))
+        .route("/stats", get(stats::<G>))
+}
+
+/// Counts each request by its route's pattern: only matched routes (a
+/// `route_layer`), so the set of names stays pid-server's own.
+async fn count<G: Generation>(
+    State(s): State<App<G>>,
+    route: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(route) = route {
+        s.stats.count(route.as_str());
+    }
+    next.run(req).await
+}
+
+fn counted<G: Generation>(r: Router<App<G>>, state: &App<G>) -> Router {
+    r.route_layer(middleware::from_fn_with_state(state.clone(), count::<G>))
+        .with_state(state.clone())
 }
 
 /// The name of the socket that, when systemd passes one
@@ -127,13 +150,14 @@ fn operator_routes<G: Generation>() -> Router<App<G>> {
 pub fn routes<G: Generation>(
     generation: G,
     config: Option<ConfigFileId>,
+    stats: Arc<RouteStats>,
     sockets: &[String],
 ) -> impl Fn(&str) -> Router + Send + use<G> {
     let split = sockets.iter().any(|s| s == METRICS_SOCKET);
-    let state = App::new(generation, config);
-    let all = with_metrics(app_routes()).with_state(state.clone());
-    let app = app_routes().with_state(state.clone());
-    let metrics_only = operator_routes().with_state(state);
+    let state = App::new(generation, config, stats);
+    let all = counted(with_metrics(app_routes()), &state);
+    let app = counted(app_routes(), &state);
+    let metrics_only = counted(operator_routes(), &state);
     move |socket: &str| match (split, socket == METRICS_SOCKET) {
         (false, _) => all.clone(),
         (true, true) => metrics_only.clone(),
@@ -142,10 +166,11 @@ pub fn routes<G: Generation>(
 }
 
 impl<G> App<G> {
-    fn new(generation: G, config: Option<ConfigFileId>) -> App<G> {
+    fn new(generation: G, config: Option<ConfigFileId>, stats: Arc<RouteStats>) -> App<G> {
         App {
             generation,
             config: config.map(Arc::new),
+            stats,
         }
     }
 }
@@ -161,6 +186,24 @@ async fn metrics<G: Generation>(State(s): State<App<G>>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[derive(Serialize)]
+struct Stats {
+    pid: u32,
+    generation: u32,
+    #[serde(flatten)]
+    stats: crate::stats::Snapshot,
+}
+
+/// Requests per route since the first generation (this request included),
+/// and whether the previous generation's counts are in yet.
+async fn stats<G: Generation>(State(s): State<App<G>>) -> Json<Stats> {
+    Json(Stats {
+        pid: s.generation.pid(),
+        generation: s.generation.generation(),
+        stats: s.stats.snapshot(),
+    })
 }
 
 fn handled_by(pid: u32) -> String {
@@ -404,7 +447,7 @@ mod tests {
         config: Option<ConfigFileId>,
         uri: &str,
     ) -> (StatusCode, String) {
-        let resp = routes(shared.clone(), config, &[])("http")
+        let resp = routes(shared.clone(), config, Arc::default(), &[])("http")
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
             .await
             .unwrap();

@@ -9,6 +9,7 @@ mod config_file;
 mod logging;
 mod metrics;
 mod serve;
+mod stats;
 
 use std::process::ExitCode;
 

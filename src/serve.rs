@@ -4,10 +4,25 @@
 
 use std::process::ExitCode;
 
-use axum_handover::Generation;
+use std::sync::Arc;
+
+use axum_handover::{Generation, Hooks};
 
 use crate::cli::{self, ServeArgs};
+use crate::stats::RouteStats;
 use crate::{app, config_file, logging};
+
+/// What pid-server adds to a generation's life: its request counts go to
+/// the next generation.
+struct AppHooks {
+    stats: Arc<RouteStats>,
+}
+
+impl Hooks for AppHooks {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.stats.save())
+    }
+}
 
 pub fn main(mut args: ServeArgs) -> ExitCode {
     // Before any socket is taken: a new generation with a broken file exits
@@ -43,12 +58,20 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
     };
+    let stats = Arc::new(RouteStats::default());
     let routes = app::routes(
         generation.info(),
         file.map(Into::into),
+        stats.clone(),
         &generation.socket_names(),
     );
-    let ended = runtime.block_on(generation.serve_sockets(routes, ()));
+    // The previous generation's counts, added once they arrive (right
+    // after this one takes over the unit).
+    let inherited = generation.info().state_from_predecessor();
+    let restoring = stats.clone();
+    runtime.spawn(async move { restoring.restore(inherited.await.as_deref()) });
+    let hooks = AppHooks { stats };
+    let ended = runtime.block_on(generation.serve_sockets(routes, hooks));
     // Do not wait for blocked tasks (a cut /slow request) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     ExitCode::from(ended.exit_code())

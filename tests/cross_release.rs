@@ -271,3 +271,61 @@ fn upgrade_roll_back_and_upgrade_again_under_load() {
         "{log}"
     );
 }
+
+/// `/stats` once the previous generation's counts are settled (bounded).
+fn settled_stats(addr: std::net::SocketAddr) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&http::get(addr, "/stats").unwrap().body).unwrap();
+        if v["inherited"] != "pending" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "/stats stayed pending: {v}");
+    }
+}
+
+/// App state across releases: the previous release hands over none (it
+/// predates it), so this one counts from 0 and says so; this release hands
+/// none to the previous one (which did not name `app-state`), and that
+/// reload works as before.
+#[test]
+fn request_counts_start_over_from_and_to_the_previous_release() {
+    let Some(prev) = previous() else { return };
+    let this = Path::new(BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install(prev, dir.path());
+    let notify = proc::Notify::new();
+    let addr = proc::free_addr();
+    let first = proc::Proc::spawn(proc::serve_cmd(&bin, addr, &notify));
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    let reaper = Reaper::default();
+    for _ in 0..2 {
+        assert_eq!(http::get(addr, "/").unwrap().pid(), Some(first.pid));
+    }
+    install(this, dir.path());
+    let (code, line, err) = helper(this, first.pid);
+    assert_eq!(code, 0, "{err}");
+    let new = new_pid(&line, first.pid);
+    reaper.watch(new);
+    proc::wait_gone(first.pid, WAIT);
+    assert_eq!(http::get(addr, "/").unwrap().pid(), Some(new));
+    let v = settled_stats(addr);
+    eprintln!("after previous -> this: {v}");
+    assert_eq!(v["pid"], new);
+    assert_eq!(v["inherited"], "none", "{v}");
+    assert_eq!(v["requests"]["/"], 1, "{v}");
+
+    install(prev, dir.path());
+    let (code, line, err) = helper(this, new);
+    assert_eq!(code, 0, "{err}\n{}", first.log());
+    let newer = new_pid(&line, new);
+    reaper.watch(newer);
+    proc::wait_gone(new, WAIT);
+    assert_eq!(http::get(addr, "/").unwrap().pid(), Some(newer));
+    assert!(
+        !first.log().contains("app_state_sent"),
+        "no state for a release that did not ask:\n{}",
+        first.log()
+    );
+}

@@ -520,3 +520,69 @@ fn the_next_generation_gets_the_environment_of_a_helper_from_its_own_unit() {
             .contains("the next generation gets the unit's current environment")
     );
 }
+
+/// `/stats`, fetched until the previous generation's counts are in
+/// (bounded): (PID, requests per route, inherited).
+fn stats_settled(addr: std::net::SocketAddr) -> (u32, serde_json::Value, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http::get(addr, "/stats").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let inherited = v["inherited"].as_str().unwrap().to_string();
+        if inherited != "pending" {
+            return (
+                v["pid"].as_u64().unwrap() as u32,
+                v["requests"].clone(),
+                inherited,
+            );
+        }
+        assert!(Instant::now() < deadline, "/stats stayed pending: {v}");
+    }
+}
+
+/// The app's own state survives reloads: pid-server's requests per route
+/// (`/stats`) are handed to each next generation, which adds them to its
+/// own. Before app state was handed over, each reload started them at 0.
+#[test]
+fn request_counts_per_route_survive_two_reloads() {
+    let (_dir, _bin, p, _notify, addr) = start_private();
+    let reaper = Reaper::default();
+    let mut old = p.pid;
+    let (mut root, mut health) = (0u64, 0u64);
+    for reload in 1..=2 {
+        for _ in 0..3 {
+            assert_eq!(http::get(addr, "/").unwrap().pid(), Some(old));
+        }
+        http::get(addr, "/healthz").unwrap();
+        (root, health) = (root + 3, health + 1);
+        let (pid, before, inherited) = stats_settled(addr);
+        assert_eq!(pid, old);
+        assert_eq!(inherited, if reload == 1 { "none" } else { "taken" });
+        assert_eq!(
+            (before["/"].as_u64(), before["/healthz"].as_u64()),
+            (Some(root), Some(health))
+        );
+        let (code, out, err) = proc::reload(BIN, &["--pid", &old.to_string()]);
+        assert_eq!(code, 0, "{err}");
+        let (_, new, _, _) = parse_reloaded(out.trim());
+        reaper.watch(new);
+        proc::wait_gone(old, WAIT);
+        let (pid, after, inherited) = stats_settled(addr);
+        eprintln!("reload {reload}: before {before} -> after {after} ({inherited}, PID {pid})");
+        assert_eq!((pid, inherited.as_str()), (new, "taken"), "{}", p.log());
+        assert_eq!(
+            (after["/"].as_u64(), after["/healthz"].as_u64()),
+            (Some(root), Some(health)),
+            "{}",
+            p.log()
+        );
+        assert!(after["/stats"].as_u64() > before["/stats"].as_u64());
+        old = new;
+    }
+    assert!(
+        p.log().contains("app_state_sent") || p.log().contains("handed the app state"),
+        "{}",
+        p.log()
+    );
+}

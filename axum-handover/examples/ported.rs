@@ -1,29 +1,74 @@
 //! An ordinary `#[tokio::main]` axum service, ported from `axum::serve`
 //! (see "Porting from `axum::serve`" in the crate docs): a background task
 //! that stops when the generation leaves, a readiness check that pings a
-//! database, and SIGHUP kept for the app itself (SIGUSR2 and
-//! `ported reload` swap the binary).
+//! database, a hit counter handed to the next generation, and SIGHUP kept
+//! for the app itself (SIGUSR2 and `ported reload` swap the binary).
 //!
 //! ```sh
 //! cargo run --example ported -- 127.0.0.1:8080 [DB_HOST:PORT [READY_TIMEOUT_SECS]]
 //! ```
 //! The "database" answers a connection with one byte; without one, the
-//! check passes. `/slow` answers after two seconds.
+//! check passes. `/slow` answers after two seconds; `/hits` says how many
+//! times `/` answered, across generations.
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::{Router, routing::get};
 use axum_handover::{Config, Generation, Hooks, Leaving, ReadyCheck, SignalKind, helper};
 use tokio::io::AsyncReadExt;
 
-/// The app's readiness check: the database answers.
-struct Db(Option<SocketAddr>);
+/// The app's hooks: the readiness check (the database answers), and the
+/// hit counter for the next generation.
+struct App {
+    db: Option<SocketAddr>,
+    hits: Arc<Hits>,
+}
 
-impl Hooks for Db {
+/// `/` hits: this generation's, and the previous generations' once they
+/// arrived.
+#[derive(Default)]
+struct Hits {
+    own: AtomicU64,
+    inherited: tokio::sync::OnceCell<u64>,
+}
+
+impl Hits {
+    /// Every hit so far, once the previous generation's are known.
+    async fn total(&self, info: &axum_handover::Info) -> u64 {
+        let inherited = self
+            .inherited
+            .get_or_init(|| async {
+                match info.state_from_predecessor().await {
+                    None => 0,
+                    Some(b) => <[u8; 8]>::try_from(b.as_slice()).map_or_else(
+                        |_| {
+                            eprintln!("ported: inherited state of {} bytes ignored", b.len());
+                            0
+                        },
+                        u64::from_le_bytes,
+                    ),
+                }
+            })
+            .await;
+        self.own.load(Ordering::SeqCst) + inherited
+    }
+}
+
+impl Hooks for App {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        // Inherited ones that never arrived (the previous generation was
+        // still leaving) are not ours to count.
+        let inherited = self.hits.inherited.get().copied().unwrap_or(0);
+        let total = self.hits.own.load(Ordering::SeqCst) + inherited;
+        Some(total.to_le_bytes().to_vec())
+    }
+
     fn check_ready_async(&self) -> ReadyCheck<'_> {
         Box::pin(async move {
-            let Some(db) = self.0 else { return Ok(()) };
+            let Some(db) = self.db else { return Ok(()) };
             let fail = |e: std::io::Error| format!("database {db}: {e}");
             let mut s = tokio::net::TcpStream::connect(db).await.map_err(fail)?;
             s.read_exact(&mut [0u8]).await.map_err(fail)?;
@@ -83,10 +128,25 @@ async fn main() -> ExitCode {
         }
     });
     let pid = info.pid();
+    let hits = Arc::new(Hits::default());
+    // The previous generation's hits, as soon as they arrive.
+    let (h, i) = (hits.clone(), info.clone());
+    tokio::spawn(async move { h.total(&i).await });
+    let (h, h2) = (hits.clone(), hits.clone());
     let app = Router::new()
         .route(
             "/",
-            get(move || async move { format!("hello from PID {pid}\n") }),
+            get(move || {
+                h.own.fetch_add(1, Ordering::SeqCst);
+                async move { format!("hello from PID {pid}\n") }
+            }),
+        )
+        .route(
+            "/hits",
+            get(move || {
+                let (h, info) = (h2.clone(), info.clone());
+                async move { format!("{}\n", h.total(&info).await) }
+            }),
         )
         .route(
             "/slow",
@@ -96,7 +156,7 @@ async fn main() -> ExitCode {
                 format!("hello from PID {pid}\n")
             }),
         );
-    let ended = generation.serve(app, Db(db)).await;
+    let ended = generation.serve(app, App { db, hits }).await;
     eprintln!("ported: PID {pid} ended: {ended:?}");
     ended.exit_code().into()
 }

@@ -182,3 +182,40 @@ fn an_async_ready_check_that_fails_or_hangs_rolls_the_reload_back() {
     reaper.watch(new);
     assert_ne!(new, p.pid);
 }
+
+/// Its hit counter survives two reloads: the old process hands it over
+/// (`Hooks::save_state`) and the new one adds it to its own
+/// (`Info::state_from_predecessor`). Before app state was handed over,
+/// every reload started it at 0.
+#[test]
+fn the_hit_counter_survives_two_reloads() {
+    let reaper = Reaper::default();
+    let (p, addr) = start(&[]);
+    let hits = || -> u64 {
+        let r = http::get(addr, "/hits").unwrap();
+        assert_eq!(r.status, 200);
+        r.body.trim().parse().unwrap()
+    };
+    let mut old = p.pid;
+    // `start` waited on `/`: its hit counts too.
+    let mut sent = hits();
+    assert!(sent >= 1);
+    for (reload, n) in [(1, 3u64), (2, 2)] {
+        for _ in 0..n {
+            assert_eq!(answering(addr), old);
+        }
+        sent += n;
+        assert_eq!(hits(), sent, "before reload {reload}");
+        let (code, out, err) = proc::reload(proc::example("ported"), &["--pid", &old.to_string()]);
+        assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+        proc::wait_gone(old, WAIT);
+        let new = answering(addr);
+        sent += 1;
+        reaper.watch(new);
+        assert_ne!(new, old);
+        let after = hits();
+        eprintln!("reload {reload}: {sent} hits sent, /hits says {after} in PID {new}");
+        assert_eq!(after, sent, "after reload {reload}; log:\n{}", p.log());
+        old = new;
+    }
+}

@@ -8,8 +8,13 @@ use super::{Ended, Leaving};
 use crate::control::{self, Answer, Report};
 use crate::handover::channel::{Feature, PROTOCOL};
 use crate::handover::spawn::Joined;
+use crate::handover::state::{MAX_STATE, describe};
 use crate::metrics::ReloadResult;
 use crate::server::DrainReport;
+
+/// How long the old process waits for the successor to take its app state
+/// (it reads the channel all along: 1 MiB takes milliseconds).
+const STATE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Running {
     /// Lets go of the connections, and of the unit: moved to the successor
@@ -52,7 +57,13 @@ impl Running {
                 totals.reload(ReloadResult::Ok);
                 totals.handover(took.as_secs_f64());
                 let notes = joined.notes.clone();
+                let takes_state = joined.ready.has(Feature::AppState);
                 let moving = self.begin_letting_go(joined);
+                // No longer accepting: the state is as late as it gets
+                // while this process still decides anything.
+                if takes_state {
+                    self.hand_over_state().await;
+                }
                 // The app's tasks first: the successor runs its own now.
                 self.info.set_leaving(Leaving::HandedOver);
                 tracing::info!(
@@ -128,6 +139,43 @@ impl Running {
         );
         self.server.begin_drain();
         false
+    }
+
+    /// Sends the app's state to the successor (see [`super::Hooks::save_state`]):
+    /// one that is too large is not sent (the successor hears "none"), and a
+    /// successor that does not read it within a bound is not waited for.
+    async fn hand_over_state(&self) {
+        let Some(channel) = self.server.successor() else {
+            return;
+        };
+        let mut state = self.hooks.save_state();
+        if let Some(s) = state.as_ref().filter(|s| s.len() > MAX_STATE) {
+            tracing::error!(
+                event = "app_state_too_large",
+                bytes = s.len(),
+                max = MAX_STATE,
+                "the app state is {} bytes, more than the {MAX_STATE} handed over; the successor starts without it",
+                s.len()
+            );
+            state = None;
+        }
+        let bytes = state.as_ref().map_or(0, Vec::len);
+        match tokio::time::timeout(STATE_SEND_TIMEOUT, channel.send_state(state.as_deref())).await {
+            Ok(Ok(())) => tracing::info!(
+                event = "app_state_sent",
+                bytes,
+                "handed the app state to the successor ({})",
+                describe(state.as_deref())
+            ),
+            Ok(Err(e)) => tracing::warn!(event = "app_state_not_sent", error = %e,
+                "cannot hand the app state to the successor: {e}"),
+            Err(_) => tracing::warn!(
+                event = "app_state_not_sent",
+                error = "timeout",
+                "the successor did not take the app state within {}s",
+                STATE_SEND_TIMEOUT.as_secs()
+            ),
+        }
     }
 
     /// Keeps systemd from killing a drain that runs long, and shows its

@@ -311,7 +311,31 @@ pub trait Hooks: Send + Sync + 'static {
     fn status(&self, status: &Status) -> String {
         status.to_string()
     }
+
+    /// The app's own state, for the successor's
+    /// [`Info::state_from_predecessor`]: bytes the app encodes as it likes,
+    /// at most [`MAX_STATE_BYTES`] (a larger one is not handed over, and
+    /// the successor starts without it). Default: none.
+    ///
+    /// Asked once, in the old process, right after the successor took over
+    /// the unit and this process stopped accepting, before
+    /// [`Info::leaving`] resolves: the latest state this process has. It
+    /// still finishes its requests in flight (and serves HTTP/2 and TLS
+    /// connections until they close); what those write after this call
+    /// does not reach the successor. Runs on the runtime: keep it quick
+    /// (copy under a lock, encode).
+    ///
+    /// Not asked when the successor predates this (it would take the bytes
+    /// for junk): it starts without the state.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
+
+/// The largest app state handed to a successor ([`Hooks::save_state`]):
+/// 1 MiB. A few counters or a summary, not a cache: it is copied whole in
+/// both processes and crosses the channel while connections move.
+pub const MAX_STATE_BYTES: usize = crate::handover::state::MAX_STATE;
 
 /// No hooks.
 impl Hooks for () {}
@@ -327,6 +351,8 @@ pub struct Info {
     /// waits on it. Every clone shares the sender, so it lives as long as
     /// any `Info` and a waiter never sees it closed.
     leaving: Arc<watch::Sender<Option<Leaving>>>,
+    /// The previous generation's app state, once it arrived or none will.
+    pub(crate) state: Arc<crate::handover::state::Inbox>,
 }
 
 impl Info {
@@ -336,12 +362,14 @@ impl Info {
             generation,
             counters: Arc::default(),
             leaving: Arc::new(watch::Sender::new(None)),
+            state: Arc::default(),
         }
     }
 
     /// An `Info` for an app's tests: the given PID and generation, nothing
     /// in flight, counters at zero, not leaving until
-    /// [`Info::leave_for_tests`].
+    /// [`Info::leave_for_tests`], no state from a predecessor until
+    /// [`Info::inherit_for_tests`].
     pub fn for_tests(pid: u32, generation: u32) -> Info {
         Info::new(pid, generation)
     }
@@ -351,6 +379,46 @@ impl Info {
     /// leaves. For an app's tests of its shutdown code.
     pub fn leave_for_tests(&self, why: Leaving) {
         self.set_leaving(why);
+    }
+
+    /// Makes [`Info::state_from_predecessor`] (of this `Info` and its
+    /// clones) resolve to `state`, as when the previous generation's state
+    /// arrives (the first call wins). For an app's tests of its restore.
+    pub fn inherit_for_tests(&self, state: Option<Vec<u8>>) {
+        self.state.deliver(state);
+    }
+
+    /// The previous generation's app state ([`Hooks::save_state`]): resolves
+    /// once it arrived, to the bytes, or to `None` once none will come:
+    /// at once in the first generation; when the previous generation had
+    /// none, or too much; when it predates handing state over (once its
+    /// channel closes: when it exited, after its drain); when this
+    /// generation stops first.
+    ///
+    /// It arrives right after this generation took over the unit, not
+    /// before it is ready: by then this process already serves (from its
+    /// `ready` on, through the probation), so the app merges what it
+    /// counted meanwhile with what it inherits, or has its routes wait
+    /// here. Restoring is the app's: bytes it cannot read are best logged
+    /// and dropped (the generation is serving already, and refusing now
+    /// would not give the unit back to the old process, which is leaving).
+    /// Owns what it needs (`'static`), for a spawned task:
+    ///
+    /// ```
+    /// # async fn example(info: axum_handover::Info, hits: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    /// let inherited = info.state_from_predecessor();
+    /// tokio::spawn(async move {
+    ///     if let Some(bytes) = inherited.await {
+    ///         match <[u8; 8]>::try_from(bytes.as_slice()) {
+    ///             Ok(b) => { hits.fetch_add(u64::from_le_bytes(b), std::sync::atomic::Ordering::Relaxed); }
+    ///             Err(_) => eprintln!("inherited state: {} bytes, not a count; ignored", bytes.len()),
+    ///         }
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn state_from_predecessor(&self) -> impl Future<Output = Option<Vec<u8>>> + Send + 'static {
+        self.state.wait()
     }
 
     /// Announces that the generation leaves; the first reason given wins.
@@ -579,8 +647,9 @@ impl Generation {
         let info = self.info.clone();
         let ended = self.run(routes, Box::new(hooks)).await;
         // Whatever ended it, the app's tasks hear it (handed over or
-        // stopping, they heard it already).
+        // stopping, they heard it already), and no state comes any more.
         info.set_leaving(Leaving::Stopping);
+        info.state.deliver(None);
         ended
     }
 

@@ -213,6 +213,8 @@ impl Running {
     /// off before we took over.
     pub(super) async fn join(&mut self) -> Result<(), String> {
         let Some(inherited) = self.inherited.take() else {
+            // The first generation: nothing to inherit.
+            self.info.state.deliver(None);
             self.notifier.ready(&self.status());
             return self.ready();
         };
@@ -220,10 +222,14 @@ impl Running {
             Successor::announce(inherited, self.config.move_connections, &self.notes)
                 .await
                 .map_err(|e| format!("cannot report ready: {e}"))?;
-        // The old process's counters come now, its connections once we own
-        // the unit.
-        if let Some(channel) = successor.connections() {
-            self.server.adopt(channel);
+        // The old process's counters come now, its connections and the
+        // app's state once we own the unit.
+        match successor.connections() {
+            Some(channel) => self
+                .server
+                .adopt(channel.receiving_state(self.info.state.clone())),
+            // A protocol-1 parent: no state will come.
+            None => self.info.state.deliver(None),
         }
         tokio::select! {
             r = successor.wait_commit() => r?,

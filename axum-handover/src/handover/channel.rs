@@ -31,6 +31,12 @@
 //!   datagram `tls-tickets` and a line `key <id> <key>` each, hex, no fd)
 //!   when the new one is ready, so clients resume their sessions with it.
 //!   Secret: it only ever crosses this private socketpair.
+//! - `app-state`: the old process sends the app's own state
+//!   ([`crate::Hooks::save_state`]), once, right after the new process took
+//!   over the unit: in chunks (`app-state <offset> <total>` and the bytes,
+//!   no fd), or `app-state none`; see [`super::state`]. A successor that
+//!   predates it gets none; one whose parent predates it hears "none" when
+//!   the channel closes.
 //!
 //! A child that cannot start says `failed <reason>` instead of `ready`
 //! (protocol 2 only), and the reload fails with that reason.
@@ -56,13 +62,16 @@ pub(crate) enum Feature {
     Counters,
     /// The old process's session-ticket keys go to the new one.
     TlsTickets,
+    /// The app's own state goes to the new process.
+    AppState,
 }
 
 impl Feature {
-    const ALL: [Feature; 3] = [
+    const ALL: [Feature; 4] = [
         Feature::MoveConnections,
         Feature::Counters,
         Feature::TlsTickets,
+        Feature::AppState,
     ];
 
     fn word(self) -> &'static str {
@@ -70,6 +79,7 @@ impl Feature {
             Feature::MoveConnections => "move-connections",
             Feature::Counters => "counters",
             Feature::TlsTickets => "tls-tickets",
+            Feature::AppState => "app-state",
         }
     }
 }
@@ -242,6 +252,9 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// One end of the connection channel, registered with the runtime.
 pub(crate) struct Connections {
     fd: AsyncFd<OwnedFd>,
+    /// A successor's: where the app state that arrives goes (boxed: the
+    /// old process's end, which has none, travels in `Joined`).
+    state: Option<Box<super::state::Receiving>>,
 }
 
 impl Connections {
@@ -253,7 +266,17 @@ impl Connections {
         // SAFETY: `OwnedFd` is a valid open fd that stays open, and is the
         // same fd, for as long as the `AsyncFd` owns it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
-        Ok(Connections { fd })
+        Ok(Connections { fd, state: None })
+    }
+
+    /// A successor's end: app state that arrives goes to `inbox` (and
+    /// "none", when this end is dropped before it came).
+    pub(crate) fn receiving_state(
+        mut self,
+        inbox: std::sync::Arc<super::state::Inbox>,
+    ) -> Connections {
+        self.state = Some(Box::new(super::state::Receiving::new(inbox)));
+        self
     }
 
     /// Sends one connection: its fd and the bytes read ahead. When this
@@ -290,14 +313,32 @@ impl Connections {
             .map(|_| ())
     }
 
+    /// Sends the app's state (`None`: it has none), chunk by chunk (see
+    /// [`super::state`]).
+    pub(crate) async fn send_state(&self, state: Option<&[u8]>) -> io::Result<()> {
+        for datagram in super::state::encode(state) {
+            self.send_counters(&datagram).await?;
+        }
+        Ok(())
+    }
+
     /// Receives the next datagram: `None` once the peer closed its end.
     /// A datagram that is not a well-formed connection is an `Err` of its
-    /// own (its fds, if any, are closed); the channel stays usable.
+    /// own (its fds, if any, are closed); the channel stays usable. App
+    /// state is taken here, on a successor's end, and not returned.
     pub(crate) async fn recv(&self) -> io::Result<Option<Result<Message, BadMessage>>> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        self.fd
-            .async_io(Interest::READABLE, |fd| recv_one(fd.as_fd(), &mut buf))
-            .await
+        loop {
+            let got = self
+                .fd
+                .async_io(Interest::READABLE, |fd| {
+                    recv_one(fd.as_fd(), &mut buf, self.state.as_deref())
+                })
+                .await?;
+            if let Some(got) = got {
+                return Ok(got);
+            }
+        }
     }
 }
 
@@ -319,7 +360,13 @@ pub(crate) struct Received {
     pub(crate) read_ahead: Vec<u8>,
 }
 
-fn recv_one(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Result<Message, BadMessage>>> {
+/// One datagram: `Ok(None)` when it was app state, taken by `state`.
+#[allow(clippy::type_complexity)]
+fn recv_one(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    state: Option<&super::state::Receiving>,
+) -> io::Result<Option<Option<Result<Message, BadMessage>>>> {
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
@@ -341,9 +388,18 @@ fn recv_one(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Result<Mess
         .flags
         .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
     if len == 0 && fds.is_empty() {
+        return Ok(Some(None));
+    }
+    let datagram = &buf[..len];
+    if let Some(state) = state
+        && !truncated
+        && fds.is_empty()
+        && let Some(chunk) = super::state::decode(datagram)
+    {
+        state.take(chunk);
         return Ok(None);
     }
-    Ok(Some(message(&buf[..len], fds, truncated)))
+    Ok(Some(Some(message(datagram, fds, truncated))))
 }
 
 /// What a datagram and its fds are.
@@ -417,6 +473,14 @@ pub fn fuzz_one(data: &[u8]) {
         return;
     }
     // A datagram on the connection channel, with 0..=3 fds.
+    if let Some(chunk) = super::state::decode(rest) {
+        // Any chunk, however wrong, is taken or refused without a panic.
+        let _ = super::state::Assembly::default().push(chunk);
+        if chunk == super::state::Chunk::None {
+            assert_eq!(super::state::encode(None), [rest.to_vec()]);
+        }
+        return;
+    }
     let fds: Vec<OwnedFd> = (0..(pick >> 1) % 4)
         .filter_map(|_| std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
         .collect();
@@ -505,6 +569,49 @@ mod tests {
         }
         assert_eq!(check(&m, vec![], false).unwrap_err(), BadMessage::NoFd);
         assert_eq!(check(&m, vec![], true).unwrap_err(), BadMessage::Truncated);
+    }
+
+    /// The largest state crosses in chunks, a moved connection between
+    /// two of them, and arrives whole; the connection still comes out of
+    /// `recv`.
+    #[tokio::test]
+    async fn the_app_state_crosses_in_chunks_between_connections() {
+        let (a, b) = pair().unwrap();
+        let inbox = std::sync::Arc::new(crate::handover::state::Inbox::default());
+        let (a, b) = (
+            Connections::new(a).unwrap(),
+            Connections::new(b).unwrap().receiving_state(inbox.clone()),
+        );
+        let state: Vec<u8> = (0..crate::handover::state::MAX_STATE)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let (mine, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let datagrams = crate::handover::state::encode(Some(&state));
+        assert_eq!(datagrams.len(), 16);
+        let sender = async {
+            for (i, d) in datagrams.iter().enumerate() {
+                a.send_counters(d).await.unwrap();
+                if i == 3 {
+                    a.send(Kind::Tcp, "http", mine.as_fd(), b"GET")
+                        .await
+                        .unwrap();
+                }
+            }
+            drop(a);
+        };
+        let receiver = async {
+            let mut got = Vec::new();
+            while let Some(m) = b.recv().await.unwrap() {
+                got.push(m.unwrap());
+            }
+            got
+        };
+        let ((), got) = tokio::join!(sender, receiver);
+        assert!(
+            matches!(&got[..], [Message::Connection(r)] if r.read_ahead == b"GET"),
+            "{got:?}"
+        );
+        assert_eq!(inbox.wait().await, Some(state));
     }
 
     #[tokio::test]

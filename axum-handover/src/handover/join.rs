@@ -210,14 +210,16 @@ impl Successor {
         // With a connection channel we always take the counters; the
         // connections only when the app lets them move.
         let has_channel = inherited.connections.is_some();
-        // Ticket keys too: a generation without TLS ignores them.
+        // Ticket keys too: a generation without TLS ignores them. And the
+        // app's state: an app that does not ask for it drops it.
         let features: &[Feature] = match (has_channel, take_connections) {
             (false, _) => &[],
-            (true, false) => &[Feature::Counters, Feature::TlsTickets],
+            (true, false) => &[Feature::Counters, Feature::TlsTickets, Feature::AppState],
             (true, true) => &[
                 Feature::MoveConnections,
                 Feature::Counters,
                 Feature::TlsTickets,
+                Feature::AppState,
             ],
         };
         // Notes first: a protocol-2 parent collects them until `ready`; a
@@ -250,7 +252,7 @@ impl Successor {
     }
 
     /// The channel on which the old process sends its counters, and its
-    /// connections once we own the unit.
+    /// connections and the app's state once we own the unit.
     pub(crate) fn connections(&mut self) -> Option<Connections> {
         self.connections
             .take()

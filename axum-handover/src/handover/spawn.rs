@@ -232,7 +232,8 @@ pub(crate) fn spawn(
             // gets nothing; it closes its end with itself.
             let wanted = ready.has(channel::Feature::MoveConnections)
                 || ready.has(channel::Feature::Counters)
-                || ready.has(channel::Feature::TlsTickets);
+                || ready.has(channel::Feature::TlsTickets)
+                || ready.has(channel::Feature::AppState);
             let connections = if wanted { conns } else { None };
             Joined {
                 ready,
