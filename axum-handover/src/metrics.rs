@@ -92,6 +92,16 @@ pub struct Metrics {
     /// HTTP/2 connections closed for a protocol error of the peer (a
     /// malformed frame, a violated limit).
     pub protocol_errors: u64,
+    /// HTTP/2 responses held in this process: made, or waiting on their
+    /// client's flow-control window (see [`crate::Config::http2_max_held_responses`]).
+    pub http2_held_responses: usize,
+    /// HTTP/2 connections closed because their responses waited on a
+    /// client that did not read them for the stall timeout
+    /// ([`crate::Config::http2_stall_timeout`]).
+    pub http2_stalled_connections: u64,
+    /// HTTP/2 requests answered 503 (empty) because the responses held
+    /// reached a bound.
+    pub http2_refused_streams: u64,
 }
 
 /// The counting side.
@@ -104,6 +114,8 @@ pub(crate) struct Totals {
     fell_back: AtomicU64,
     tls_failures: AtomicU64,
     protocol_errors: AtomicU64,
+    http2_stalled: AtomicU64,
+    http2_refused: AtomicU64,
     histograms: Mutex<(Histogram, Histogram)>,
     /// What the previous generations counted, as last received.
     base: Mutex<Option<Carried>>,
@@ -118,6 +130,8 @@ impl Default for Totals {
             fell_back: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            http2_stalled: AtomicU64::new(0),
+            http2_refused: AtomicU64::new(0),
             histograms: Mutex::new((
                 Histogram::new(&HANDOVER_BUCKETS),
                 Histogram::new(&DRAIN_BUCKETS),
@@ -136,6 +150,8 @@ pub(crate) struct Carried {
     fell_back: u64,
     tls_failures: u64,
     protocol_errors: u64,
+    http2_stalled: u64,
+    http2_refused: u64,
     handover: Histogram,
     drain: Histogram,
 }
@@ -156,6 +172,14 @@ impl Totals {
 
     pub(crate) fn protocol_error(&self) {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn http2_stalled(&self) {
+        self.http2_stalled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn http2_refused(&self) {
+        self.http2_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reload(&self, r: ReloadResult) {
@@ -201,6 +225,8 @@ impl Totals {
             fell_back: self.fell_back.load(Ordering::Relaxed),
             tls_failures: self.tls_failures.load(Ordering::Relaxed),
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
+            http2_stalled: self.http2_stalled.load(Ordering::Relaxed),
+            http2_refused: self.http2_refused.load(Ordering::Relaxed),
             handover: h,
             drain: d,
         };
@@ -219,6 +245,8 @@ impl Totals {
             c.fell_back += b.fell_back;
             c.tls_failures += b.tls_failures;
             c.protocol_errors += b.protocol_errors;
+            c.http2_stalled += b.http2_stalled;
+            c.http2_refused += b.http2_refused;
             c.handover.add(&b.handover);
             c.drain.add(&b.drain);
         }
@@ -230,6 +258,7 @@ impl Totals {
         generation: u32,
         in_flight: usize,
         connections: usize,
+        http2_held: usize,
     ) -> Metrics {
         let c = self.carried();
         Metrics {
@@ -246,6 +275,9 @@ impl Totals {
             connections_fell_back: c.fell_back,
             tls_handshake_failures: c.tls_failures,
             protocol_errors: c.protocol_errors,
+            http2_held_responses: http2_held,
+            http2_stalled_connections: c.http2_stalled,
+            http2_refused_streams: c.http2_refused,
         }
     }
 }
@@ -270,6 +302,10 @@ impl Carried {
             "tls_handshake_failures {}\nprotocol_errors {}\n",
             self.tls_failures, self.protocol_errors
         ));
+        s.push_str(&format!(
+            "http2_stalled {}\nhttp2_refused {}\n",
+            self.http2_stalled, self.http2_refused
+        ));
         for (name, h) in [("handover", &self.handover), ("drain", &self.drain)] {
             for (le, n) in &h.buckets {
                 s.push_str(&format!("{name}_bucket {le} {n}\n"));
@@ -293,6 +329,8 @@ impl Carried {
             fell_back: 0,
             tls_failures: 0,
             protocol_errors: 0,
+            http2_stalled: 0,
+            http2_refused: 0,
             handover: Histogram::new(&HANDOVER_BUCKETS),
             drain: Histogram::new(&DRAIN_BUCKETS),
         };
@@ -313,6 +351,8 @@ impl Carried {
                 ["fell_back", n] => c.fell_back = n.parse().ok()?,
                 ["tls_handshake_failures", n] => c.tls_failures = n.parse().ok()?,
                 ["protocol_errors", n] => c.protocol_errors = n.parse().ok()?,
+                ["http2_stalled", n] => c.http2_stalled = n.parse().ok()?,
+                ["http2_refused", n] => c.http2_refused = n.parse().ok()?,
                 [name, le, n] if name.ends_with("_bucket") => {
                     let h = histogram(&mut c, name.trim_end_matches("_bucket"))?;
                     let le: f64 = le.parse().ok()?;
@@ -356,16 +396,27 @@ mod tests {
         old.reload(ReloadResult::Ok);
         old.handover(0.3);
         old.drained(0.002, 5, 1);
+        old.http2_stalled();
+        old.http2_refused();
+        old.http2_refused();
         let sent = old.carried();
         assert_eq!(Carried::decode(&sent.encode()), Some(sent.clone()));
         let new = Totals::default();
         new.request(200);
         new.carry_over(sent);
-        let m = new.snapshot(1, 0, 0);
+        let m = new.snapshot(1, 0, 0, 3);
         assert_eq!(m.requests, vec![(200, 3), (404, 1)]);
         assert_eq!(
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),
             (1, 5, 1)
+        );
+        assert_eq!(
+            (
+                m.http2_stalled_connections,
+                m.http2_refused_streams,
+                m.http2_held_responses
+            ),
+            (1, 2, 3)
         );
         assert_eq!(m.handover_seconds.count, 1);
         assert_eq!(m.handover_seconds.buckets[2], (0.25, 0));

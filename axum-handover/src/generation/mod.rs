@@ -213,9 +213,12 @@ impl Info {
     }
     /// Every metric, counters carried over from the previous generations.
     pub fn metrics(&self) -> crate::Metrics {
-        self.counters
-            .totals
-            .snapshot(self.generation, self.in_flight(), self.connections())
+        self.counters.totals.snapshot(
+            self.generation,
+            self.in_flight(),
+            self.connections(),
+            self.counters.http2_held(),
+        )
     }
 }
 

@@ -165,7 +165,7 @@ const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// Milliseconds since the first use, as a cheap shared clock for atomics.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
 }
 
