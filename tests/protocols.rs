@@ -384,6 +384,10 @@ fn metric(addr: SocketAddr, name: &str) -> u64 {
 /// The stall timeout the stall tests give the server.
 const STALL: Duration = Duration::from_secs(2);
 
+/// How long a stalled client waits for the server to end its streams: past
+/// the drain timeout (30 s), so that it is the server that ends them.
+const STALLED_CLIENT: Duration = Duration::from_secs(40);
+
 /// What one round of stalling clients saw.
 #[derive(Debug)]
 struct Stalled {
@@ -410,7 +414,9 @@ fn stall(addr: SocketAddr, pid: u32, conns: usize, streams: usize) -> Stalled {
     let mut opened = Vec::new();
     for _ in 0..conns {
         let mut c = H2Conn::connect_window(addr, 0).unwrap();
-        let s: Vec<_> = (0..streams).map(|_| c.start("/metrics").unwrap()).collect();
+        let s: Vec<_> = (0..streams)
+            .map(|_| c.start_stalled("/metrics", STALLED_CLIENT).unwrap())
+            .collect();
         opened.push((c, s));
     }
     // Until the server has answered or held every stream (bounded: with
@@ -467,11 +473,31 @@ fn settled_rss_kb(pid: u32, at_most: u64) -> u64 {
     rss
 }
 
+/// The bound on held responses the stall test gives the server.
+const HELD: u64 = 200;
+
+/// Held within the bound; each stream refused at once or cut at the stall
+/// timeout (long before the client would give up).
+fn check_round(round: &str, r: &Stalled) {
+    eprintln!("{round} round: {r:?}");
+    assert!(
+        r.held <= HELD,
+        "{round} round: {} responses held, past the bound of {HELD}",
+        r.held
+    );
+    assert!(
+        r.elapsed < STALL + Duration::from_secs(6),
+        "{round} round: the stalled streams ended {:?} after they started (stall timeout \
+         {STALL:?})",
+        r.elapsed
+    );
+    assert!(r.cut >= 1 && r.refused >= 1, "{round} round: {r:?}");
+}
+
 #[test]
 fn streams_stalled_on_a_zero_window_are_bounded_and_cut_at_the_stall_timeout() {
     const CONNS: usize = 8;
     const STREAMS: usize = 100;
-    const HELD: u64 = 200;
     let (p, _notify, addr) = start_logging(&[
         "--http2-stall-timeout",
         &STALL.as_secs().to_string(),
@@ -487,13 +513,17 @@ fn streams_stalled_on_a_zero_window_are_bounded_and_cut_at_the_stall_timeout() {
     let per_stream = |from: u64, to: u64| to.saturating_sub(from) as f64 * 1024.0 / all;
 
     // Two rounds: the first also grows what the allocator keeps for
-    // itself; the second must not add to it.
+    // itself; the second must not add to it (beyond the allocator's own
+    // slack: a few hundred KiB). Held to the end, the streams kept
+    // ~4 KiB each.
     let before = rss_kb(p.pid);
+    eprintln!("RSS {before} KiB before");
     let first = stall(addr, p.pid, CONNS, STREAMS);
+    check_round("first", &first);
     let after_first = settled_rss_kb(p.pid, before);
     let second = stall(addr, p.pid, CONNS, STREAMS);
+    check_round("second", &second);
     let after_second = settled_rss_kb(p.pid, after_first);
-    eprintln!("first round: {first:?}\nsecond round: {second:?}");
     eprintln!(
         "RSS {before} KiB -> {} (held) -> {after_first} -> {} (held) -> {after_second}: \
          {:.0} B per stream while held, {:.0} B kept per stream by the first round, \
@@ -504,20 +534,6 @@ fn streams_stalled_on_a_zero_window_are_bounded_and_cut_at_the_stall_timeout() {
         per_stream(before, after_first),
         per_stream(after_first, after_second),
     );
-    for (round, r) in [("first", &first), ("second", &second)] {
-        assert!(
-            r.held <= HELD,
-            "{round} round: {} responses held, past the bound of {HELD}",
-            r.held
-        );
-        assert!(
-            r.elapsed < STALL + Duration::from_secs(6),
-            "{round} round: the stalled streams ended {:?} after they started (stall timeout \
-             {STALL:?})",
-            r.elapsed
-        );
-        assert!(r.cut >= 1 && r.refused >= 1, "{round} round: {r:?}");
-    }
     assert_eq!(
         metric(addr, "http2_stalled_connections_total"),
         first.cut_conns + second.cut_conns
@@ -538,7 +554,7 @@ fn streams_stalled_on_a_zero_window_are_bounded_and_cut_at_the_stall_timeout() {
         second.held
     );
     assert!(
-        per_stream(after_first, after_second) < 256.0,
+        per_stream(after_first, after_second) < 1024.0,
         "{:.0} B per stalled stream kept by a second round (RSS {after_first} -> \
          {after_second} KiB)",
         per_stream(after_first, after_second)
@@ -579,7 +595,9 @@ fn a_stalled_stream_does_not_hold_a_leaving_process_to_the_drain_timeout() {
         start_logging(&["--http2-stall-timeout", &STALL.as_secs().to_string()]);
     let reaper = Reaper::default();
     let mut c = H2Conn::connect_window(addr, 0).unwrap();
-    let streams: Vec<_> = (0..10).map(|_| c.start("/metrics").unwrap()).collect();
+    let streams: Vec<_> = (0..10)
+        .map(|_| c.start_stalled("/metrics", STALLED_CLIENT).unwrap())
+        .collect();
     let deadline = Instant::now() + WAIT;
     while metric(addr, "http2_held_responses") < 10 {
         assert!(Instant::now() < deadline, "the streams were not held");

@@ -140,12 +140,28 @@ impl H2Conn {
 
     /// Opens a stream for GET `path` and returns at once.
     pub fn start(&mut self, path: &str) -> Result<Started, H2Error> {
-        self.start_slowly(path, Duration::ZERO)
+        self.start_reading(path, Duration::ZERO, TIMEOUT)
+    }
+
+    /// [`H2Conn::start`] on a connection whose window is 0
+    /// ([`H2Conn::connect_window`]): the client never reads the body, and
+    /// waits up to `within` for the server to end the stream (an error).
+    pub fn start_stalled(&mut self, path: &str, within: Duration) -> Result<Started, H2Error> {
+        self.start_reading(path, Duration::ZERO, within)
     }
 
     /// [`H2Conn::start`] for a slow reader: it waits `pause` after each
     /// chunk of the body before it opens the window by that chunk's size.
     pub fn start_slowly(&mut self, path: &str, pause: Duration) -> Result<Started, H2Error> {
+        self.start_reading(path, pause, TIMEOUT.max(pause * 64))
+    }
+
+    fn start_reading(
+        &mut self,
+        path: &str,
+        pause: Duration,
+        within: Duration,
+    ) -> Result<Started, H2Error> {
         let req = http::Request::get(format!("http://localhost{path}"))
             .body(())
             .unwrap();
@@ -182,7 +198,7 @@ impl H2Conn {
                     let text = String::from_utf8(text).map_err(|e| failed("body", e))?;
                     Ok((status, text))
                 };
-                tokio::time::timeout(TIMEOUT.max(pause * 64), read)
+                tokio::time::timeout(within, read)
                     .await
                     .map_err(|e| failed("response", e))?
             }))
