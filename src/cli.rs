@@ -100,6 +100,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Made once per process, at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve HTTP (the default).

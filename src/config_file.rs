@@ -316,6 +316,8 @@ header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
 max_connections = 9
+http2_stall_timeout = 4
+http2_max_held_responses = 8
 tls_cert = "/etc/x/fullchain.pem"
 tls_key = "key.pem"
 "#,
@@ -335,6 +337,8 @@ tls_key = "key.pem"
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
                 max_connections: Some(9),
+                http2_stall_timeout: Some(Duration::from_secs(4)),
+                http2_max_held_responses: Some(8),
                 tls_cert: Some("/etc/x/fullchain.pem".into()),
                 tls_key: Some("key.pem".into()),
             }
