@@ -34,7 +34,7 @@ use tower::ServiceExt;
 use super::ack::HoldShutdownAck;
 use super::conn::now_ms;
 use super::detect::leaving;
-use super::stall::{Responses, Tracked};
+use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
 use crate::Config;
 
@@ -64,7 +64,7 @@ where
         counters: ctx.counters.clone(),
         responses: responses.clone(),
     };
-    let io = HoldShutdownAck::new(io);
+    let io = HoldShutdownAck::new(Sent::new(io, responses.clone()));
     let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut mode = ctx.mode.clone();

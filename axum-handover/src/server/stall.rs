@@ -19,6 +19,12 @@
 //!   `Pending`) neither waits on the client nor holds its slot: a slow or
 //!   long-lived response is the app's business, not a stall.
 //!
+//! A DATA frame written to the client is progress too ([`Sent`]): hyper
+//! hands a chunk to the h2 crate as soon as the window has room for one
+//! byte of it, and comes back for the next chunk only once the whole chunk
+//! has gone out; a client that reads a large chunk slowly opens its window
+//! many times in between.
+//!
 //! The connection's driver (`h2::serve`) closes a connection that has had
 //! responses waiting and no progress for [`Limits::timeout`]: a *stalled*
 //! connection. It is closed, not sent RST_STREAM for its streams nor a
@@ -29,6 +35,7 @@
 //! left unread. A slow reader that opens its window bit by bit makes
 //! progress at every step and is not cut.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +44,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use hyper::body::Frame;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Counters;
 use super::conn::now_ms;
@@ -233,6 +241,118 @@ impl hyper::body::Body for Tracked {
     }
 }
 
+/// The connection's stream, noting each DATA frame written to the client
+/// as progress. It reads the 9-byte header of every frame the server
+/// writes (the server's side starts with a frame: it sends no preface) and
+/// skips the payloads.
+pub(crate) struct Sent<I> {
+    io: I,
+    responses: Arc<Responses>,
+    header: [u8; 9],
+    /// Bytes of `header` read so far.
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    payload: usize,
+}
+
+/// DATA (RFC 9113, 6.1).
+const TYPE_DATA: u8 = 0x0;
+
+impl<I> Sent<I> {
+    pub(crate) fn new(io: I, responses: Arc<Responses>) -> Sent<I> {
+        Sent {
+            io,
+            responses,
+            header: [0; 9],
+            have: 0,
+            payload: 0,
+        }
+    }
+
+    /// Scans bytes written; whether a DATA frame with a payload began.
+    fn scan(&mut self, mut bytes: &[u8]) -> bool {
+        let mut data = false;
+        while !bytes.is_empty() {
+            if self.payload > 0 {
+                let n = self.payload.min(bytes.len());
+                self.payload -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                let h = self.header;
+                self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                self.have = 0;
+                data |= h[3] == TYPE_DATA && self.payload > 0;
+            }
+        }
+        data
+    }
+
+    fn written(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let mut data = false;
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let k = n.min(b.len());
+            data |= self.scan(&b[..k]);
+            n -= k;
+        }
+        if data {
+            self.responses.progress();
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Sent<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sent<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written(&[io::IoSlice::new(buf)], n);
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written(bufs, n);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +406,31 @@ mod tests {
         assert_eq!(r.stalled_for(), None);
         assert_eq!(counters.http2_held(), 0);
         assert!(body.is_end_stream());
+    }
+
+    #[test]
+    fn a_data_frame_written_is_progress_however_the_writes_split_it() {
+        let counters = Arc::new(Counters::default());
+        let r = Arc::new(Responses::new(counters, limits(8, 8)));
+        let mut sent = Sent::new((), r);
+        let frame = |kind: u8, len: usize| {
+            let mut f = vec![0, (len >> 8) as u8, len as u8, kind, 0, 0, 0, 0, 1];
+            f.resize(9 + len, 0xaa);
+            f
+        };
+        // SETTINGS, HEADERS, an empty DATA (END_STREAM only): no data.
+        let mut out = frame(0x4, 6);
+        out.extend(frame(0x1, 20));
+        out.extend(frame(TYPE_DATA, 0));
+        assert!(!sent.scan(&out));
+        // A DATA frame whose header comes in two writes, after a payload
+        // that looks like a DATA header.
+        let mut out = frame(0x1, 9);
+        out[9..].copy_from_slice(&frame(TYPE_DATA, 3)[..9]);
+        out.extend(frame(TYPE_DATA, 300));
+        let (a, b) = out.split_at(22);
+        assert!(!sent.scan(a));
+        assert!(sent.scan(b));
+        assert_eq!((sent.have, sent.payload), (0, 0), "at a frame boundary");
     }
 }
