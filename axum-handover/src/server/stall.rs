@@ -38,7 +38,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,7 +47,6 @@ use hyper::body::Frame;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Counters;
-use super::conn::now_ms;
 
 /// The bounds on held responses, and the stall timeout.
 #[derive(Debug, Clone, Copy)]
@@ -68,8 +67,10 @@ pub(crate) struct Responses {
     held: AtomicUsize,
     /// Responses whose chunk waits on the client's window.
     waiting: AtomicUsize,
-    /// When a response last made progress (or started waiting).
-    last_ms: AtomicU64,
+    /// A response made progress since the driver last looked. A flag, not
+    /// a time: every response sets it, and a clock read each time cost
+    /// more than the rest of the bookkeeping.
+    progressed: AtomicBool,
     /// Where the process-wide count of held responses is.
     counters: Arc<Counters>,
     limits: Limits,
@@ -80,7 +81,7 @@ impl Responses {
         Responses {
             held: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(now_ms()),
+            progressed: AtomicBool::new(false),
             counters,
             limits,
         }
@@ -91,13 +92,13 @@ impl Responses {
     /// while their responses are being made.
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Slot> {
         let total = &self.counters.http2_held;
-        if self.held.fetch_add(1, Ordering::SeqCst) >= self.limits.per_connection {
-            self.held.fetch_sub(1, Ordering::SeqCst);
+        if self.held.fetch_add(1, Ordering::Relaxed) >= self.limits.per_connection {
+            self.held.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        if total.fetch_add(1, Ordering::SeqCst) >= self.limits.total {
-            total.fetch_sub(1, Ordering::SeqCst);
-            self.held.fetch_sub(1, Ordering::SeqCst);
+        if total.fetch_add(1, Ordering::Relaxed) >= self.limits.total {
+            total.fetch_sub(1, Ordering::Relaxed);
+            self.held.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         Some(Slot {
@@ -107,32 +108,29 @@ impl Responses {
         })
     }
 
-    /// How long the responses waiting on the client have made no progress;
-    /// `None` while none waits.
-    fn stalled_for(&self) -> Option<Duration> {
-        if self.waiting.load(Ordering::SeqCst) == 0 {
-            return None;
-        }
-        let last = self.last_ms.load(Ordering::Relaxed);
-        Some(Duration::from_millis(now_ms().saturating_sub(last)))
-    }
-
     /// Resolves once responses have waited on the client for the stall
-    /// timeout without progress. Wakes once a timeout while none waits.
+    /// timeout without progress. Looks every quarter of the timeout, so it
+    /// resolves within a timeout and a quarter of the last progress.
     pub(crate) async fn stalled(&self) {
         let limit = self.limits.timeout;
+        let mut since = tokio::time::Instant::now();
         loop {
-            let left = match self.stalled_for() {
-                Some(d) if d >= limit => return,
-                Some(d) => limit - d,
-                None => limit,
-            };
-            tokio::time::sleep(left).await;
+            tokio::time::sleep(limit / 4).await;
+            if self.progressed.swap(false, Ordering::Relaxed)
+                || self.waiting.load(Ordering::Relaxed) == 0
+            {
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= limit {
+                return;
+            }
         }
     }
 
     fn progress(&self) {
-        self.last_ms.store(now_ms(), Ordering::Relaxed);
+        // Read first: the line stays shared while the flag is set.
+        if !self.progressed.load(Ordering::Relaxed) {
+            self.progressed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -152,11 +150,11 @@ impl Slot {
         self.held = on;
         let r = &self.responses;
         if on {
-            r.held.fetch_add(1, Ordering::SeqCst);
-            r.counters.http2_held.fetch_add(1, Ordering::SeqCst);
+            r.held.fetch_add(1, Ordering::Relaxed);
+            r.counters.http2_held.fetch_add(1, Ordering::Relaxed);
         } else {
-            r.held.fetch_sub(1, Ordering::SeqCst);
-            r.counters.http2_held.fetch_sub(1, Ordering::SeqCst);
+            r.held.fetch_sub(1, Ordering::Relaxed);
+            r.counters.http2_held.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -166,9 +164,9 @@ impl Slot {
         }
         self.waiting = on;
         if on {
-            self.responses.waiting.fetch_add(1, Ordering::SeqCst);
+            self.responses.waiting.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.responses.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.responses.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -381,7 +379,7 @@ mod tests {
         assert!(b2.is_some(), "a slot given back is free again");
         drop(b1);
         assert_eq!(counters.http2_held(), 2);
-        assert_eq!(a.held.load(Ordering::SeqCst), 1);
+        assert_eq!(a.held.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -394,16 +392,20 @@ mod tests {
         assert_eq!(counters.http2_held(), 0);
         drop(empty);
         let mut body = Tracked::new(Body::from("four"), r.admit());
-        assert_eq!(r.stalled_for(), None);
+        let waiting = || r.waiting.load(Ordering::Relaxed);
+        let progressed = || r.progressed.swap(false, Ordering::Relaxed);
+        assert_eq!(waiting(), 0);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let chunk = Pin::new(&mut body).poll_frame(&mut cx);
         assert!(matches!(chunk, Poll::Ready(Some(Ok(_)))));
-        assert!(r.stalled_for().is_some(), "its chunk waits on the client");
+        assert_eq!(waiting(), 1, "its chunk waits on the client");
+        assert!(progressed());
         assert_eq!(counters.http2_held(), 1);
         // hyper comes back: the chunk went; then the end.
         let end = Pin::new(&mut body).poll_frame(&mut cx);
         assert!(matches!(end, Poll::Ready(None)));
-        assert_eq!(r.stalled_for(), None);
+        assert!(progressed(), "polled again: the chunk went");
+        assert_eq!(waiting(), 0);
         assert_eq!(counters.http2_held(), 0);
         assert!(body.is_end_stream());
     }
@@ -412,7 +414,7 @@ mod tests {
     fn a_data_frame_written_is_progress_however_the_writes_split_it() {
         let counters = Arc::new(Counters::default());
         let r = Arc::new(Responses::new(counters, limits(8, 8)));
-        let mut sent = Sent::new((), r);
+        let mut sent = Sent::new((), r.clone());
         let frame = |kind: u8, len: usize| {
             let mut f = vec![0, (len >> 8) as u8, len as u8, kind, 0, 0, 0, 0, 1];
             f.resize(9 + len, 0xaa);
@@ -432,5 +434,7 @@ mod tests {
         assert!(!sent.scan(a));
         assert!(sent.scan(b));
         assert_eq!((sent.have, sent.payload), (0, 0), "at a frame boundary");
+        sent.written(&[io::IoSlice::new(&frame(TYPE_DATA, 1))], 10);
+        assert!(r.progressed.load(Ordering::Relaxed));
     }
 }
