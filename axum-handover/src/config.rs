@@ -211,7 +211,9 @@ impl Config {
     /// GOAWAY with the highest stream id, then, after a PING round trip,
     /// the last stream it took), so the client opens its next connection to
     /// the new process; the streams it had open finish here, within the
-    /// drain timeout. No stream is refused or reset.
+    /// drain timeout. No stream is refused or reset, except those of a
+    /// client that does not read its responses: see
+    /// [`Config::http2_stall_timeout`].
     pub fn http2(mut self, on: bool) -> Config {
         self.http2 = on;
         self
@@ -237,9 +239,13 @@ impl Config {
     /// does not open its flow-control window before the connection is
     /// closed (default 20 s, the time a peer has to answer a PING, and
     /// below the drain timeout, so a stalled client does not hold a
-    /// leaving process until then). Any progress (the client opens its
-    /// window, a chunk goes out) starts the wait anew: a slow reader is
-    /// not cut. Counted in [`crate::Metrics::http2_stalled_connections`].
+    /// leaving process until then). Any progress (a DATA frame goes out, or
+    /// the next chunk of a response is taken) starts the wait anew: a slow
+    /// reader is not cut. The connection is closed within a quarter of the
+    /// timeout after it ran out; its streams end with the connection (no
+    /// RST_STREAM or GOAWAY: hyper can send neither for a stream it is
+    /// waiting to write). Counted in
+    /// [`crate::Metrics::http2_stalled_connections`].
     pub fn http2_stall_timeout(mut self, d: Duration) -> Config {
         self.http2_stall_timeout = d.max(Duration::from_millis(1));
         self
