@@ -434,6 +434,9 @@ mod tests {
                 tls_handshake_failures: 3,
                 tls_handshakes_abandoned: 0,
                 protocol_errors: 0,
+                http2_held_responses: 4,
+                http2_stalled_connections: 5,
+                http2_refused_streams: 6,
             }
         }
     }
@@ -506,6 +509,9 @@ mod tests {
             "pid_server_reloads_total{result=\"failed\"} 1",
             "pid_server_connections_moved_total 20",
             "pid_server_generation 3",
+            "pid_server_http2_held_responses 4",
+            "pid_server_http2_stalled_connections_total 5",
+            "pid_server_http2_refused_streams_total 6",
             "pid_server_handover_duration_seconds_bucket{le=\"0.1\"} 0",
             "pid_server_handover_duration_seconds_bucket{le=\"0.5\"} 2",
             "pid_server_handover_duration_seconds_bucket{le=\"+Inf\"} 2",

@@ -100,6 +100,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Made once per process, at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve HTTP (the default).
@@ -223,6 +225,30 @@ pub struct ServeArgs {
     )]
     pub max_connections: u32,
 
+    /// Seconds an HTTP/2 connection's responses may wait on a client that
+    /// does not open its flow-control window (does not read) before the
+    /// connection is closed and counted. Any progress starts the wait anew,
+    /// so a slow reader is not cut.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "PID_SERVER_HTTP2_STALL_TIMEOUT",
+        default_value = "20",
+        value_parser = parse_secs
+    )]
+    pub http2_stall_timeout: Duration,
+
+    /// Most HTTP/2 responses held at once (being made, or waiting on a
+    /// client's window); past it new HTTP/2 requests get an empty 503.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PID_SERVER_HTTP2_MAX_HELD_RESPONSES",
+        default_value = "10000",
+        value_parser = parse_max_connections
+    )]
+    pub http2_max_held_responses: u32,
+
     /// A PEM certificate chain (certbot's `fullchain.pem`): serve TLS on
     /// every socket, HTTP/2 or HTTP/1.1 by ALPN. Needs --tls-key. Read at
     /// every start, so a reload serves a renewed certificate.
@@ -319,6 +345,8 @@ impl ServeArgs {
             keep_alive_timeout,
             idle_grace,
             max_connections,
+            http2_stall_timeout,
+            http2_max_held_responses,
             tls_cert,
             tls_key,
         } = file;
@@ -340,7 +368,9 @@ impl ServeArgs {
             upgrade_probation,
             header_timeout,
             keep_alive_timeout,
-            max_connections
+            max_connections,
+            http2_stall_timeout,
+            http2_max_held_responses
         );
         let idle_grace = idle_grace.map(Some);
         let tls_cert = tls_cert.map(Some);
@@ -376,7 +406,9 @@ impl ServeArgs {
             .probation(self.upgrade_probation)
             .keep_alive_timeout(self.keep_alive_timeout)
             .header_read_timeout(self.header_timeout)
-            .max_connections(self.max_connections as usize);
+            .max_connections(self.max_connections as usize)
+            .http2_stall_timeout(self.http2_stall_timeout)
+            .http2_max_held_responses(self.http2_max_held_responses as usize);
         if let Some(tls) = tls {
             c = c.tls(tls);
         }

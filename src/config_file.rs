@@ -30,7 +30,7 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 pub const EX_CONFIG: u8 = 78;
 
 /// The keys a file may set: the `serve` flags' long names, `_` for `-`.
-pub const KEYS: [&str; 10] = [
+pub const KEYS: [&str; 12] = [
     "listen",
     "drain_timeout",
     "upgrade_timeout",
@@ -39,6 +39,8 @@ pub const KEYS: [&str; 10] = [
     "keep_alive_timeout",
     "idle_grace_ms",
     "max_connections",
+    "http2_stall_timeout",
+    "http2_max_held_responses",
     "tls_cert",
     "tls_key",
 ];
@@ -71,6 +73,8 @@ pub struct FileSettings {
     pub keep_alive_timeout: Option<Duration>,
     pub idle_grace: Option<Duration>,
     pub max_connections: Option<u32>,
+    pub http2_stall_timeout: Option<Duration>,
+    pub http2_max_held_responses: Option<u32>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -169,6 +173,11 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "idle_grace_ms" => s.idle_grace = Some(ms(value).map_err(named)?),
         "max_connections" => {
             s.max_connections = Some(integer(value, "", cli::parse_max_connections).map_err(named)?)
+        }
+        "http2_stall_timeout" => s.http2_stall_timeout = Some(secs(value).map_err(named)?),
+        "http2_max_held_responses" => {
+            s.http2_max_held_responses =
+                Some(integer(value, "", cli::parse_max_connections).map_err(named)?)
         }
         "tls_cert" => s.tls_cert = Some(path(value).map_err(named)?),
         "tls_key" => s.tls_key = Some(path(value).map_err(named)?),
@@ -305,6 +314,8 @@ header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
 max_connections = 9
+http2_stall_timeout = 4
+http2_max_held_responses = 8
 tls_cert = "/etc/x/fullchain.pem"
 tls_key = "key.pem"
 "#,
@@ -324,6 +335,8 @@ tls_key = "key.pem"
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
                 max_connections: Some(9),
+                http2_stall_timeout: Some(Duration::from_secs(4)),
+                http2_max_held_responses: Some(8),
                 tls_cert: Some("/etc/x/fullchain.pem".into()),
                 tls_key: Some("key.pem".into()),
             }
@@ -476,6 +489,11 @@ tls_key = "key.pem"
         assert_eq!(s.header_timeout, Some(defaults.header_timeout));
         assert_eq!(s.keep_alive_timeout, Some(defaults.keep_alive_timeout));
         assert_eq!(s.max_connections, Some(defaults.max_connections));
+        assert_eq!(s.http2_stall_timeout, Some(defaults.http2_stall_timeout));
+        assert_eq!(
+            s.http2_max_held_responses,
+            Some(defaults.http2_max_held_responses)
+        );
         // No default: an example value.
         assert_eq!(defaults.idle_grace, None);
         assert!(s.idle_grace.is_some());

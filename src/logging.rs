@@ -1,5 +1,6 @@
 //! Logging: to journald with structured fields when stderr goes to the
-//! journal, else human-readable lines on stderr. `RUST_LOG` filters.
+//! journal, else human-readable lines on stderr. `RUST_LOG` filters; by
+//! default `info`, less the `h2` crate's warnings (see [`DEFAULT_FILTER`]).
 //!
 //! Under systemd every generation logs through the native journal protocol
 //! with `SYSLOG_IDENTIFIER=pid-server` and fields `PID`, `GENERATION` and
@@ -48,9 +49,17 @@ pub fn init(pid: u32, generation: u32, file: Option<&ConfigFile>) {
     }
 }
 
+/// What is logged without `RUST_LOG`. The `h2` crate warns once per
+/// connection it closes for too many reset streams (a rapid-reset attack),
+/// on top of the library's own line for the same connection, which is
+/// rate-limited and counted in `/metrics` (`protocol_errors`): at a
+/// thousand connections a second, its lines alone were megabytes.
+const DEFAULT_FILTER: &str = "info,h2=error";
+
 /// Sets the global subscriber. Returns where logs go.
 fn subscribe(pid: u32, generation: u32) -> &'static str {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     if stderr_is_journal()
         && let Ok(layer) = tracing_journald::layer()
     {

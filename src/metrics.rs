@@ -83,6 +83,17 @@ impl Collector for Scrape {
                 "HTTP/2 connections closed for a protocol error of the client",
                 m.protocol_errors,
             ),
+            (
+                "http2_stalled_connections",
+                "HTTP/2 connections closed because their responses waited on a client that did not \
+                 read them for the stall timeout",
+                m.http2_stalled_connections,
+            ),
+            (
+                "http2_refused_streams",
+                "HTTP/2 requests answered 503 because the responses held reached their bound",
+                m.http2_refused_streams,
+            ),
         ] {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
@@ -102,6 +113,11 @@ impl Collector for Scrape {
                 "upgraded_connections",
                 "Connections upgraded to another protocol (WebSockets) open in this process",
                 m.upgraded as i64,
+            ),
+            (
+                "http2_held_responses",
+                "HTTP/2 responses held in this process: being made, or waiting on a client's window",
+                m.http2_held_responses as i64,
             ),
             (
                 "generation",

@@ -4,6 +4,9 @@
 //! a reload, a broken one refused at start (exit 78, one line naming the
 //! file) and on reload (the old process keeps serving), and TLS sessions
 //! resumed with the new process (the ticket keys cross the handover).
+//! HTTP/2 clients that do not read (a zero window) are bounded and cut at
+//! the stall timeout, a leaving process included, while a slow reader is
+//! served; a rapid-reset attack logs a line a second at most.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::h2::{H2Conn, H2Load, pid_of};
-use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT, rss_kb};
 use pid_server_test_support::tls::{TestCa, TlsConn};
 use pid_server_test_support::{TestCommand, http};
 
@@ -441,12 +444,16 @@ fn tls_sessions_resume_with_the_new_process() {
     assert_eq!(pid_of(&c.get("/").unwrap().1), Some(new2));
 }
 
+/// The value of the metric `name` (its full name) in a scrape's `body`.
+fn metric_in(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A metric's value in a scrape over `c` (a kept TLS connection).
 fn metric(c: &mut TlsConn, name: &str) -> u64 {
     let m = c.get("/metrics").unwrap().body;
-    m.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {m}"))
+    metric_in(&m, name).unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
 /// Waits (bounded) until the scraping connection is the only one open:
@@ -528,4 +535,290 @@ fn a_client_that_closes_after_the_handshake_is_no_failure_and_garbage_is() {
         "completed handshakes counted"
     );
     assert_eq!(diff(after, after_checks), (GARBAGE, LEFT));
+}
+
+/// pid-server with `args`, logging at its default level whatever the
+/// test's environment says.
+fn start_logging(args: &[&str]) -> (Proc, Notify, SocketAddr) {
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.args(args).env_remove("RUST_LOG");
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, notify, addr)
+}
+
+/// A counter or gauge of `/metrics` (over HTTP/1.1, `pid_server_` left
+/// out of `name`), 0 if absent.
+fn scrape(addr: SocketAddr, name: &str) -> u64 {
+    let body = http::get(addr, "/metrics").unwrap().body;
+    metric_in(&body, &format!("pid_server_{name}")).unwrap_or(0)
+}
+
+/// The stall timeout the stall tests give the server.
+const STALL: Duration = Duration::from_secs(2);
+
+/// How long a stalled client waits for the server to end its streams: past
+/// the drain timeout (30 s), so that it is the server that ends them.
+const STALLED_CLIENT: Duration = Duration::from_secs(40);
+
+/// What one round of stalling clients saw.
+#[derive(Debug)]
+struct Stalled {
+    /// Responses held at once, by the server's gauge, once every stream
+    /// was answered or held.
+    held: u64,
+    /// RSS then, in KiB.
+    rss_held: u64,
+    /// Streams answered 503 at once.
+    refused: u64,
+    /// Streams whose connection was closed under them.
+    cut: u64,
+    cut_conns: u64,
+    /// From the first stream to the last stream's end.
+    elapsed: Duration,
+}
+
+/// `conns` clients that announce a window of 0 and never open it, each
+/// asking for `/metrics` on `streams` streams: every response body waits
+/// on them. Each stream ends as an empty 503 at once (past the bound on
+/// held responses) or with its connection closed under it.
+fn stall(addr: SocketAddr, pid: u32, conns: usize, streams: usize) -> Stalled {
+    let started = Instant::now();
+    let mut opened = Vec::new();
+    for _ in 0..conns {
+        let mut c = H2Conn::connect_window(addr, 0).unwrap();
+        let s: Vec<_> = (0..streams)
+            .map(|_| c.start_stalled("/metrics", STALLED_CLIENT).unwrap())
+            .collect();
+        opened.push((c, s));
+    }
+    // Until the server has answered or held every stream (bounded: with
+    // no bound on held responses, the gauge is never there).
+    let all = (conns * streams) as u64;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut held = scrape(addr, "http2_held_responses");
+    while held + scrape(addr, "http2_refused_streams_total") < all && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        held = scrape(addr, "http2_held_responses");
+    }
+    let rss_held = rss_kb(pid);
+    eprintln!("{held} of {all} streams held, RSS {rss_held} KiB");
+    let (mut refused, mut cut, mut cut_conns) = (0, 0, 0);
+    for (c, streams) in opened {
+        let mut any_cut = false;
+        for s in streams {
+            match c.finish(s) {
+                Ok((503, body)) if body.is_empty() => refused += 1,
+                Err(_) => {
+                    cut += 1;
+                    any_cut = true;
+                }
+                other => panic!("a stream was answered {other:?}"),
+            }
+        }
+        if any_cut {
+            cut_conns += 1;
+            assert!(
+                c.wait_closed(WAIT).is_ok(),
+                "a stalled connection was left open"
+            );
+        }
+    }
+    Stalled {
+        held,
+        rss_held,
+        refused,
+        cut,
+        cut_conns,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// RSS once the allocator has given freed pages back (jemalloc does
+/// within half a second), or after 3 s.
+fn settled_rss_kb(pid: u32, at_most: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut rss = rss_kb(pid);
+    while rss > at_most && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        rss = rss_kb(pid);
+    }
+    rss
+}
+
+/// The bound on held responses the stall test gives the server.
+const HELD: u64 = 200;
+
+/// Held within the bound; each stream refused at once or cut at the stall
+/// timeout (long before the client would give up).
+fn check_round(round: &str, r: &Stalled) {
+    eprintln!("{round} round: {r:?}");
+    assert!(
+        r.held <= HELD,
+        "{round} round: {} responses held, past the bound of {HELD}",
+        r.held
+    );
+    assert!(
+        r.elapsed < STALL + Duration::from_secs(6),
+        "{round} round: the stalled streams ended {:?} after they started (stall timeout \
+         {STALL:?})",
+        r.elapsed
+    );
+    assert!(r.cut >= 1 && r.refused >= 1, "{round} round: {r:?}");
+}
+
+#[test]
+fn streams_stalled_on_a_zero_window_are_bounded_and_cut_at_the_stall_timeout() {
+    const CONNS: usize = 8;
+    const STREAMS: usize = 100;
+    let (p, _notify, addr) = start_logging(&[
+        "--http2-stall-timeout",
+        &STALL.as_secs().to_string(),
+        "--http2-max-held-responses",
+        &HELD.to_string(),
+    ]);
+    // Warm up what any HTTP/2 client makes the server allocate once.
+    for _ in 0..3 {
+        let (status, _) = H2Conn::connect(addr).unwrap().get("/metrics").unwrap();
+        assert_eq!(status, 200);
+    }
+    let all = (CONNS * STREAMS) as f64;
+    let per_stream = |from: u64, to: u64| to.saturating_sub(from) as f64 * 1024.0 / all;
+
+    // Two rounds: the first also grows what the allocator keeps for
+    // itself; the second must not add to it (beyond the allocator's own
+    // slack: a few hundred KiB). Held to the end, the streams kept
+    // ~4 KiB each.
+    let before = rss_kb(p.pid);
+    eprintln!("RSS {before} KiB before");
+    let first = stall(addr, p.pid, CONNS, STREAMS);
+    check_round("first", &first);
+    let after_first = settled_rss_kb(p.pid, before);
+    let second = stall(addr, p.pid, CONNS, STREAMS);
+    check_round("second", &second);
+    let after_second = settled_rss_kb(p.pid, after_first);
+    eprintln!(
+        "RSS {before} KiB -> {} (held) -> {after_first} -> {} (held) -> {after_second}: \
+         {:.0} B per stream while held, {:.0} B kept per stream by the first round, \
+         {:.0} B by the second",
+        first.rss_held,
+        second.rss_held,
+        per_stream(after_first, second.rss_held),
+        per_stream(before, after_first),
+        per_stream(after_first, after_second),
+    );
+    assert_eq!(
+        scrape(addr, "http2_stalled_connections_total"),
+        first.cut_conns + second.cut_conns
+    );
+    assert_eq!(
+        scrape(addr, "http2_refused_streams_total"),
+        first.refused + second.refused
+    );
+    assert_eq!(scrape(addr, "http2_held_responses"), 0);
+    // What the bound allows while held: the held responses at under
+    // 8 KiB each (about 5 KiB for `/metrics`), the connections at under
+    // 128 KiB each; not a few KiB for every stream a client opens.
+    let allowed = HELD * 8 + CONNS as u64 * 128;
+    assert!(
+        second.rss_held.saturating_sub(after_first) < allowed,
+        "RSS {after_first} -> {} KiB while {} streams were held: past {allowed} KiB",
+        second.rss_held,
+        second.held
+    );
+    assert!(
+        per_stream(after_first, after_second) < 1024.0,
+        "{:.0} B per stalled stream kept by a second round (RSS {after_first} -> \
+         {after_second} KiB)",
+        per_stream(after_first, after_second)
+    );
+}
+
+#[test]
+fn a_slow_reader_that_opens_its_window_bit_by_bit_is_served() {
+    let (_p, _notify, addr) =
+        start_logging(&["--http2-stall-timeout", &STALL.as_secs().to_string()]);
+    let (_, whole) = H2Conn::connect(addr).unwrap().get("/metrics").unwrap();
+    // 256 bytes at a time, every 200 ms: longer than the stall timeout in
+    // all, never that long without progress.
+    let mut c = H2Conn::connect_window(addr, 256).unwrap();
+    let started = Instant::now();
+    let s = c
+        .start_slowly("/metrics", Duration::from_millis(200))
+        .unwrap();
+    let (status, body) = c.finish(s).unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        body.len() + 512 > whole.len(),
+        "{} of about {} bytes",
+        body.len(),
+        whole.len()
+    );
+    assert!(
+        took > STALL,
+        "read in {took:?}: not slower than the stall timeout"
+    );
+    assert_eq!(scrape(addr, "http2_stalled_connections_total"), 0);
+}
+
+#[test]
+fn a_stalled_stream_does_not_hold_a_leaving_process_to_the_drain_timeout() {
+    let (p, _notify, addr) =
+        start_logging(&["--http2-stall-timeout", &STALL.as_secs().to_string()]);
+    let reaper = Reaper::default();
+    let mut c = H2Conn::connect_window(addr, 0).unwrap();
+    let streams: Vec<_> = (0..10)
+        .map(|_| c.start_stalled("/metrics", STALLED_CLIENT).unwrap())
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while scrape(addr, "http2_held_responses") < 10 {
+        assert!(Instant::now() < deadline, "the streams were not held");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let new = reload(p.pid);
+    reaper.watch(new);
+    // The drain timeout is 30 s; the stall timeout ends it well before.
+    proc::wait_gone(p.pid, STALL + Duration::from_secs(8));
+    eprintln!(
+        "the old process was gone {:?} after the reload",
+        started.elapsed()
+    );
+    for s in streams {
+        assert!(c.finish(s).is_err(), "a stalled stream was answered");
+    }
+    // Counted by the old process, carried over to the new one.
+    assert_eq!(scrape(addr, "http2_stalled_connections_total"), 1);
+}
+
+#[test]
+fn rapid_reset_connections_log_a_line_a_second_at_most() {
+    const CONNS: usize = 60;
+    let (p, _notify, addr) = start_logging(&[]);
+    let started = Instant::now();
+    for _ in 0..CONNS {
+        let mut c = H2Conn::connect(addr).unwrap();
+        // The server closes it with GOAWAY (ENHANCE_YOUR_CALM) midway.
+        let _ = c.reset_streams(200);
+        let _ = c.wait_closed(WAIT);
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let errors = scrape(addr, "protocol_errors_total");
+    let log = p.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("reached limit") || l.contains("HTTP/2 connection closed"))
+        .count() as u64;
+    eprintln!("{errors} connections closed for resets in {secs}s: {lines} log lines");
+    // Whether the server sees the resets before it takes the streams
+    // depends on timing: most connections, not all, are closed for them.
+    assert!(errors >= 10, "{errors} connections were closed for resets");
+    assert!(
+        lines <= secs,
+        "{lines} log lines for {CONNS} attack connections in {secs}s:\n{log}"
+    );
+    assert!(lines >= 1, "no line at all:\n{log}");
 }

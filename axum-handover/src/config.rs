@@ -33,6 +33,9 @@ pub struct Config {
     pub(crate) http2_keep_alive: Option<Duration>,
     /// The signals that hand over, stop signals left out.
     pub(crate) reload_signals: Vec<SignalKind>,
+    pub(crate) http2_stall_timeout: Duration,
+    pub(crate) http2_max_held_per_connection: usize,
+    pub(crate) http2_max_held: usize,
 }
 
 impl Config {
@@ -77,6 +80,9 @@ impl Config {
             http2_max_concurrent_streams: 100,
             http2_keep_alive: Some(Duration::from_secs(30)),
             reload_signals: vec![SignalKind::hangup(), SignalKind::user_defined2()],
+            http2_stall_timeout: Duration::from_secs(20),
+            http2_max_held_per_connection: 100,
+            http2_max_held: 10_000,
         }
     }
 
@@ -237,7 +243,9 @@ impl Config {
     /// GOAWAY with the highest stream id, then, after a PING round trip,
     /// the last stream it took), so the client opens its next connection to
     /// the new process; the streams it had open finish here, within the
-    /// drain timeout. No stream is refused or reset.
+    /// drain timeout. No stream is refused or reset, except those of a
+    /// client that does not read its responses: see
+    /// [`Config::http2_stall_timeout`].
     pub fn http2(mut self, on: bool) -> Config {
         self.http2 = on;
         self
@@ -256,6 +264,45 @@ impl Config {
     /// dead clients do not hold connections for ever.
     pub fn http2_keep_alive(mut self, interval: Option<Duration>) -> Config {
         self.http2_keep_alive = interval;
+        self
+    }
+
+    /// How long an HTTP/2 connection's responses may wait on a client that
+    /// does not open its flow-control window before the connection is
+    /// closed (default 20 s, the time a peer has to answer a PING, and
+    /// below the drain timeout, so a stalled client does not hold a
+    /// leaving process until then). Any progress (a DATA frame goes out, or
+    /// the next chunk of a response is taken) starts the wait anew: a slow
+    /// reader is not cut. The connection is closed within a quarter of the
+    /// timeout after it ran out; its streams end with the connection (no
+    /// RST_STREAM or GOAWAY: hyper can send neither for a stream it is
+    /// waiting to write). Counted in
+    /// [`crate::Metrics::http2_stalled_connections`].
+    pub fn http2_stall_timeout(mut self, d: Duration) -> Config {
+        self.http2_stall_timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Most HTTP/2 responses the process holds at once, over every
+    /// connection (default 10 000): a response is held from its request
+    /// until its last chunk is taken by the connection, except while its
+    /// body waits on the app. What one holds is its stream and the chunk
+    /// waiting for the client's window (its body, for a small response; a
+    /// few KB for pid-server's `/metrics`). Past the bound, new requests
+    /// are answered 503 with an empty body, which needs no window, and
+    /// counted in [`crate::Metrics::http2_refused_streams`].
+    pub fn http2_max_held_responses(mut self, n: usize) -> Config {
+        self.http2_max_held = n.max(1);
+        self
+    }
+
+    /// Most HTTP/2 responses one connection holds at once (default 100,
+    /// the default [`Config::http2_max_concurrent_streams`]): a bound on
+    /// one client's share of [`Config::http2_max_held_responses`] that
+    /// holds when the streams per connection are raised. Past it, that
+    /// connection's new requests are answered 503 with an empty body.
+    pub fn http2_max_held_responses_per_connection(mut self, n: usize) -> Config {
+        self.http2_max_held_per_connection = n.max(1);
         self
     }
 

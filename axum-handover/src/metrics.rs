@@ -100,6 +100,16 @@ pub struct Metrics {
     /// HTTP/2 connections closed for a protocol error of the peer (a
     /// malformed frame, a violated limit).
     pub protocol_errors: u64,
+    /// HTTP/2 responses held in this process: made, or waiting on their
+    /// client's flow-control window (see [`crate::Config::http2_max_held_responses`]).
+    pub http2_held_responses: usize,
+    /// HTTP/2 connections closed because their responses waited on a
+    /// client that did not read them for the stall timeout
+    /// ([`crate::Config::http2_stall_timeout`]).
+    pub http2_stalled_connections: u64,
+    /// HTTP/2 requests answered 503 (empty) because the responses held
+    /// reached a bound.
+    pub http2_refused_streams: u64,
 }
 
 /// The counting side.
@@ -113,6 +123,8 @@ pub(crate) struct Totals {
     tls_failures: AtomicU64,
     tls_abandoned: AtomicU64,
     protocol_errors: AtomicU64,
+    http2_stalled: AtomicU64,
+    http2_refused: AtomicU64,
     histograms: Mutex<(Histogram, Histogram)>,
     /// What the previous generations counted, as last received.
     base: Mutex<Option<Carried>>,
@@ -128,6 +140,8 @@ impl Default for Totals {
             tls_failures: AtomicU64::new(0),
             tls_abandoned: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            http2_stalled: AtomicU64::new(0),
+            http2_refused: AtomicU64::new(0),
             histograms: Mutex::new((
                 Histogram::new(&HANDOVER_BUCKETS),
                 Histogram::new(&DRAIN_BUCKETS),
@@ -147,6 +161,8 @@ pub(crate) struct Carried {
     tls_failures: u64,
     tls_abandoned: u64,
     protocol_errors: u64,
+    http2_stalled: u64,
+    http2_refused: u64,
     handover: Histogram,
     drain: Histogram,
 }
@@ -171,6 +187,14 @@ impl Totals {
 
     pub(crate) fn protocol_error(&self) {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn http2_stalled(&self) {
+        self.http2_stalled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn http2_refused(&self) {
+        self.http2_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn reload(&self, r: ReloadResult) {
@@ -217,6 +241,8 @@ impl Totals {
             tls_failures: self.tls_failures.load(Ordering::Relaxed),
             tls_abandoned: self.tls_abandoned.load(Ordering::Relaxed),
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
+            http2_stalled: self.http2_stalled.load(Ordering::Relaxed),
+            http2_refused: self.http2_refused.load(Ordering::Relaxed),
             handover: h,
             drain: d,
         };
@@ -236,6 +262,8 @@ impl Totals {
             c.tls_failures += b.tls_failures;
             c.tls_abandoned += b.tls_abandoned;
             c.protocol_errors += b.protocol_errors;
+            c.http2_stalled += b.http2_stalled;
+            c.http2_refused += b.http2_refused;
             c.handover.add(&b.handover);
             c.drain.add(&b.drain);
         }
@@ -248,6 +276,7 @@ impl Totals {
         in_flight: usize,
         connections: usize,
         upgraded: usize,
+        http2_held: usize,
     ) -> Metrics {
         let c = self.carried();
         Metrics {
@@ -266,6 +295,9 @@ impl Totals {
             tls_handshake_failures: c.tls_failures,
             tls_handshakes_abandoned: c.tls_abandoned,
             protocol_errors: c.protocol_errors,
+            http2_held_responses: http2_held,
+            http2_stalled_connections: c.http2_stalled,
+            http2_refused_streams: c.http2_refused,
         }
     }
 }
@@ -291,8 +323,8 @@ impl Carried {
             self.tls_failures, self.protocol_errors
         ));
         s.push_str(&format!(
-            "tls_handshakes_abandoned {}\n",
-            self.tls_abandoned
+            "tls_handshakes_abandoned {}\nhttp2_stalled {}\nhttp2_refused {}\n",
+            self.tls_abandoned, self.http2_stalled, self.http2_refused
         ));
         for (name, h) in [("handover", &self.handover), ("drain", &self.drain)] {
             for (le, n) in &h.buckets {
@@ -318,6 +350,8 @@ impl Carried {
             tls_failures: 0,
             tls_abandoned: 0,
             protocol_errors: 0,
+            http2_stalled: 0,
+            http2_refused: 0,
             handover: Histogram::new(&HANDOVER_BUCKETS),
             drain: Histogram::new(&DRAIN_BUCKETS),
         };
@@ -339,6 +373,8 @@ impl Carried {
                 ["tls_handshake_failures", n] => c.tls_failures = n.parse().ok()?,
                 ["tls_handshakes_abandoned", n] => c.tls_abandoned = n.parse().ok()?,
                 ["protocol_errors", n] => c.protocol_errors = n.parse().ok()?,
+                ["http2_stalled", n] => c.http2_stalled = n.parse().ok()?,
+                ["http2_refused", n] => c.http2_refused = n.parse().ok()?,
                 [name, le, n] if name.ends_with("_bucket") => {
                     let h = histogram(&mut c, name.trim_end_matches("_bucket"))?;
                     let le: f64 = le.parse().ok()?;
@@ -385,12 +421,15 @@ mod tests {
         old.tls_handshake_failed();
         old.tls_handshake_abandoned();
         old.tls_handshake_abandoned();
+        old.http2_stalled();
+        old.http2_refused();
+        old.http2_refused();
         let sent = old.carried();
         assert_eq!(Carried::decode(&sent.encode()), Some(sent.clone()));
         let new = Totals::default();
         new.request(200);
         new.carry_over(sent);
-        let m = new.snapshot(1, 0, 0, 0);
+        let m = new.snapshot(1, 0, 0, 0, 3);
         assert_eq!(m.requests, vec![(200, 3), (404, 1)]);
         assert_eq!(
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),
@@ -399,6 +438,14 @@ mod tests {
         assert_eq!(
             (m.tls_handshake_failures, m.tls_handshakes_abandoned),
             (1, 2)
+        );
+        assert_eq!(
+            (
+                m.http2_stalled_connections,
+                m.http2_refused_streams,
+                m.http2_held_responses
+            ),
+            (1, 2, 3)
         );
         assert_eq!(m.handover_seconds.count, 1);
         assert_eq!(m.handover_seconds.buckets[2], (0.25, 0));

@@ -504,6 +504,7 @@ impl Info {
             self.in_flight(),
             self.connections(),
             self.upgraded(),
+            self.counters.http2_held(),
         )
     }
 }

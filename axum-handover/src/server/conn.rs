@@ -257,7 +257,7 @@ pub(crate) async fn linger(mut stream: Stream, deadline: tokio::time::Instant) {
 
 /// Milliseconds since the first use, as a cheap shared clock for atomics.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
 }
 

@@ -12,21 +12,29 @@
 //! next connection to the new process; the streams it had open finish
 //! here, within the drain timeout; none is refused or reset. Counted like
 //! a drained connection.
+//!
+//! Responses that wait on a client that does not read are bounded and
+//! timed out (see `stall`), while serving and while leaving alike: a
+//! stalled connection is closed at its stall timeout, so it does not hold
+//! a leaving process until the drain timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
 use super::ack::HoldShutdownAck;
+use super::conn::now_ms;
 use super::detect::leaving;
+use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
 use crate::Config;
 
@@ -50,24 +58,75 @@ pub(crate) async fn serve<I>(io: I, socket: &str, ctx: &ConnCtx)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let responses = Arc::new(Responses::new(ctx.counters.clone(), ctx.stall));
     let service = Streams {
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
+        responses: responses.clone(),
     };
-    let io = HoldShutdownAck::new(io);
+    let io = HoldShutdownAck::new(Sent::new(io, responses.clone()));
     let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut mode = ctx.mode.clone();
+    // `None`: stalled (dropping `conn` closes it).
     let r = tokio::select! {
-        r = conn.as_mut() => r,
+        r = conn.as_mut() => Some(r),
+        _ = responses.stalled() => None,
         _ = leaving(&mut mode) => {
             conn.as_mut().graceful_shutdown();
             tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
-            conn.await
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = responses.stalled() => None,
+            }
         }
     };
-    if let Err(e) = r {
-        log_error(&ctx.counters, &e);
+    match r {
+        Some(Ok(())) => {}
+        Some(Err(e)) => log_error(&ctx.counters, &e),
+        None => {
+            ctx.counters.totals.http2_stalled();
+            let timeout = ctx.stall.timeout.as_secs_f64();
+            if let Some(suppressed) = ATTACK_LOG.allow() {
+                tracing::info!(
+                    event = "http2_stalled",
+                    suppressed,
+                    "HTTP/2 connection closed: its responses waited {timeout}s on a client \
+                     that did not read them ({suppressed} more such lines suppressed)"
+                );
+            }
+        }
+    }
+}
+
+/// One log line a second at most for connections closed for what their
+/// peer did (a protocol error, a stall): an attack opens them by the
+/// thousand. The lines held back are counted in the next one.
+struct LogGate {
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+static ATTACK_LOG: LogGate = LogGate {
+    next_ms: AtomicU64::new(0),
+    suppressed: AtomicU64::new(0),
+};
+
+impl LogGate {
+    /// `Some(lines suppressed since the last one)` if a line may go out now.
+    fn allow(&self) -> Option<u64> {
+        let now = now_ms();
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
     }
 }
 
@@ -82,37 +141,54 @@ fn log_error(counters: &Counters, e: &hyper::Error) {
     };
     if protocol {
         counters.totals.protocol_error();
-        tracing::info!(event = "http2_protocol_error", error = %e,
-            "HTTP/2 connection closed: {e}");
+        if let Some(suppressed) = ATTACK_LOG.allow() {
+            // hyper's own text is only "http2 error".
+            let error = h2.map_or_else(|| e.to_string(), ToString::to_string);
+            tracing::info!(event = "http2_protocol_error", %error, suppressed,
+                "HTTP/2 connection closed: {error} ({suppressed} more such lines suppressed)");
+        }
     } else {
         tracing::debug!(event = "connection_error", error = %e);
     }
 }
 
-/// The app's router behind one HTTP/2 connection, counting its requests.
+/// The app's router behind one HTTP/2 connection, counting its requests
+/// and the responses it holds.
 struct Streams {
     router: axum::Router,
     counters: Arc<Counters>,
+    responses: Arc<Responses>,
 }
 
-type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<axum::response::Response, Infallible>> + Send>>;
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
 
 impl hyper::service::Service<Request<Incoming>> for Streams {
-    type Response = axum::response::Response;
+    type Response = Response<Tracked>;
     type Error = Infallible;
     type Future = ResponseFuture;
 
     fn call(&self, req: Request<Incoming>) -> ResponseFuture {
         let (router, counters) = (self.router.clone(), self.counters.clone());
+        let slot = self.responses.admit();
         Box::pin(async move {
+            let Some(slot) = slot else {
+                // Past a bound on held responses: an empty answer, which
+                // needs no window and holds nothing.
+                counters.totals.http2_refused();
+                counters.totals.request(503);
+                let resp = Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Body::empty())
+                    .expect("a status and an empty body make a response");
+                return Ok(resp.map(|b| Tracked::new(b, None)));
+            };
             let _counted = counters.request_started();
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
             counters.totals.request(resp.status().as_u16());
-            Ok(resp)
+            Ok(resp.map(|b| Tracked::new(b, Some(slot))))
         })
     }
 }

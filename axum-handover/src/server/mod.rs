@@ -70,6 +70,7 @@ mod closing;
 mod conn;
 mod detect;
 mod h2;
+mod stall;
 mod tls;
 
 use std::io;
@@ -109,6 +110,8 @@ pub(crate) struct Counters {
     upgraded: AtomicUsize,
     moved: AtomicUsize,
     fell_back: AtomicUsize,
+    /// HTTP/2 responses held by every connection (see `stall`).
+    http2_held: AtomicUsize,
     /// What survives a reload.
     pub(crate) totals: Arc<crate::metrics::Totals>,
     /// The session-ticket keys, which survive a reload too (feature
@@ -136,6 +139,10 @@ impl Counters {
     fn upgrade_started(self: &Arc<Self>) -> Counted {
         self.upgraded.fetch_add(1, Ordering::SeqCst);
         Counted(self.clone(), Which::Upgraded)
+    }
+
+    pub(crate) fn http2_held(&self) -> usize {
+        self.http2_held.load(Ordering::SeqCst)
     }
 
     fn request_started(self: &Arc<Self>) -> Counted {
@@ -205,6 +212,8 @@ struct ConnCtx {
     /// HTTP/2 is served (prior knowledge on plain sockets, ALPN on TLS).
     http2: bool,
     h2: h2::Builder,
+    /// What HTTP/2 responses may hold, and the stall timeout.
+    stall: stall::Limits,
     /// How long a plain connection may take to decide its protocol.
     header_read_timeout: Duration,
     tls_handshake_timeout: Duration,
@@ -317,6 +326,11 @@ impl Server {
             successor: OnceLock::new(),
             http2: config.http2,
             h2: h2::builder(config),
+            stall: stall::Limits {
+                timeout: config.http2_stall_timeout,
+                per_connection: config.http2_max_held_per_connection,
+                total: config.http2_max_held,
+            },
             header_read_timeout: config.header_read_timeout,
             tls_handshake_timeout: config.tls_handshake_timeout,
         });

@@ -67,13 +67,26 @@ impl H2Conn {
 
     /// `h2c`: HTTP/2 with prior knowledge on a plain connection.
     pub fn connect(addr: SocketAddr) -> Result<H2Conn, H2Error> {
+        Self::connect_with(addr, &h2::client::Builder::new())
+    }
+
+    /// `h2c`, announcing `window` as every stream's initial flow-control
+    /// window (`SETTINGS_INITIAL_WINDOW_SIZE`): with 0, the server can send
+    /// no response body until the client opens the window, which this
+    /// client does only as it reads ([`H2Conn::start_slowly`]).
+    pub fn connect_window(addr: SocketAddr, window: u32) -> Result<H2Conn, H2Error> {
+        Self::connect_with(addr, h2::client::Builder::new().initial_window_size(window))
+    }
+
+    fn connect_with(addr: SocketAddr, builder: &h2::client::Builder) -> Result<H2Conn, H2Error> {
         let rt = Self::runtime();
         let (send, driver) = rt.block_on(async {
             let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
                 .await
                 .map_err(|e| failed("connect", e))?
                 .map_err(|e| failed("connect", e))?;
-            let (send, conn) = h2::client::handshake(tcp)
+            let (send, conn) = builder
+                .handshake(tcp)
                 .await
                 .map_err(|e| failed("h2 handshake", e))?;
             Ok::<_, H2Error>((send, tokio::spawn(conn)))
@@ -127,6 +140,28 @@ impl H2Conn {
 
     /// Opens a stream for GET `path` and returns at once.
     pub fn start(&mut self, path: &str) -> Result<Started, H2Error> {
+        self.start_reading(path, Duration::ZERO, TIMEOUT)
+    }
+
+    /// [`H2Conn::start`] on a connection whose window is 0
+    /// ([`H2Conn::connect_window`]): the client never reads the body, and
+    /// waits up to `within` for the server to end the stream (an error).
+    pub fn start_stalled(&mut self, path: &str, within: Duration) -> Result<Started, H2Error> {
+        self.start_reading(path, Duration::ZERO, within)
+    }
+
+    /// [`H2Conn::start`] for a slow reader: it waits `pause` after each
+    /// chunk of the body before it opens the window by that chunk's size.
+    pub fn start_slowly(&mut self, path: &str, pause: Duration) -> Result<Started, H2Error> {
+        self.start_reading(path, pause, TIMEOUT.max(pause * 64))
+    }
+
+    fn start_reading(
+        &mut self,
+        path: &str,
+        pause: Duration,
+        within: Duration,
+    ) -> Result<Started, H2Error> {
         let req = http::Request::get(format!("http://localhost{path}"))
             .body(())
             .unwrap();
@@ -154,13 +189,16 @@ impl H2Conn {
                     let mut text = Vec::new();
                     while let Some(chunk) = body.data().await {
                         let chunk = chunk.map_err(|e| failed("body", e))?;
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
                         let _ = body.flow_control().release_capacity(chunk.len());
                         text.extend_from_slice(&chunk);
                     }
                     let text = String::from_utf8(text).map_err(|e| failed("body", e))?;
                     Ok((status, text))
                 };
-                tokio::time::timeout(TIMEOUT, read)
+                tokio::time::timeout(within, read)
                     .await
                     .map_err(|e| failed("response", e))?
             }))
@@ -173,6 +211,26 @@ impl H2Conn {
         self.rt
             .block_on(s.response)
             .map_err(|e| failed("task", e))?
+    }
+
+    /// Opens `n` streams and resets each at once (`RST_STREAM` CANCEL),
+    /// before the server can answer: a rapid-reset attack. `Ok` if the
+    /// connection was still open when they were sent.
+    pub fn reset_streams(&mut self, n: usize) -> Result<(), H2Error> {
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let mut send = send;
+            for _ in 0..n {
+                send = tokio::time::timeout(TIMEOUT, send.ready())
+                    .await
+                    .map_err(|e| failed("ready", e))?
+                    .map_err(sent_error)?;
+                let req = http::Request::get("http://localhost/").body(()).unwrap();
+                let (_, mut stream) = send.send_request(req, false).map_err(sent_error)?;
+                stream.send_reset(h2::Reason::CANCEL);
+            }
+            Ok(())
+        })
     }
 
     /// GET `path`: (status, body).
