@@ -21,15 +21,6 @@ fn probe(addr: SocketAddr) {
     assert!(t.elapsed() < PROBE_BOUND, "probe took {:?}", t.elapsed());
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
-}
-
 fn start_with(args: &[&str]) -> (Proc, Notify, SocketAddr) {
     proc::start_with(BIN, args)
 }
@@ -155,13 +146,13 @@ fn a_client_leaving_mid_request_costs_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(rss_kb(p.pid) < 64 * 1024);
+    assert!(proc::rss_kb(p.pid) < 64 * 1024);
 }
 
 #[test]
 fn a_flood_of_idle_connections_does_not_starve_others() {
     let (p, _n, addr) = start_with(&[]);
-    let before = rss_kb(p.pid);
+    let before = proc::rss_kb(p.pid);
     // Well under the test process's fd limit and the server's cap.
     let idle: Vec<TcpStream> = (0..500)
         .map(|_| TcpStream::connect(addr).unwrap())
@@ -169,7 +160,7 @@ fn a_flood_of_idle_connections_does_not_starve_others() {
     for _ in 0..20 {
         probe(addr);
     }
-    let after = rss_kb(p.pid);
+    let after = proc::rss_kb(p.pid);
     eprintln!(
         "RSS {before} kB -> {after} kB with {} idle connections",
         idle.len()
@@ -255,7 +246,7 @@ fn one_hundred_reloads_under_light_load() {
         proc::wait_gone(pid, WAIT);
         pid = new;
         if generation % 10 == 0 {
-            rss.push(rss_kb(pid));
+            rss.push(proc::rss_kb(pid));
             fds.push(
                 std::fs::read_dir(format!("/proc/{pid}/fd"))
                     .unwrap()

@@ -239,14 +239,6 @@ fn fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
     let notify = proc::Notify::new();
@@ -267,7 +259,7 @@ fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
             assert_eq!((r.status, r.pid()), (200, Some(pid)), "round {round}");
         }
         fd_seen.push(fds(pid));
-        rss_seen.push(rss_kb(pid));
+        rss_seen.push(proc::rss_kb(pid));
         let (new, line) = reload(pid);
         reaper.watch(new);
         assert!(

@@ -58,16 +58,6 @@ fn control_address(pid: u32) -> SocketAddr {
     SocketAddr::from_abstract_name(format!("pid-server/{pid}/control").as_bytes()).unwrap()
 }
 
-/// The peak resident memory of `pid` (`VmHWM`), in kB.
-fn peak_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
-}
-
 /// Connects to `pid`'s control socket, sends `head`, then `size` bytes of
 /// `x` and a newline (stopping when the server closes), and returns how
 /// many bytes went out and the answer.
@@ -100,12 +90,12 @@ fn another_user_s_huge_request_is_refused_before_it_is_read() {
     }
     let (server, _notify, _addr) = proc::start(BIN);
     let pid = server.pid;
-    let before = peak_kb(pid);
+    let before = proc::status_kb(pid, "VmHWM");
     // A 400 MB request line, and a 256 MB environment block.
     let (line_sent, line_answer) = as_nobody(move || send_huge(pid, "", 400 << 20));
     let (env_sent, env_answer) =
         as_nobody(move || send_huge(pid, "upgrade\nenvironment 1\nA=", 256 << 20));
-    let after = peak_kb(pid);
+    let after = proc::status_kb(pid, "VmHWM");
     eprintln!(
         "peak RSS {before} kB -> {after} kB; sent {line_sent} + {env_sent} bytes; \
          answers {line_answer:?}, {env_answer:?}"

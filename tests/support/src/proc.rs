@@ -201,14 +201,22 @@ impl Drop for Reaper {
     }
 }
 
-/// The resident memory of `pid` (`VmRSS`), in KiB; 0 once it is gone.
-pub fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+/// A `/proc/PID/status` field in kB (`VmRSS`, `VmHWM`, ...). Panics when
+/// the process or the field is gone: a figure a test asserts on must be
+/// real.
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The resident memory of `pid` (`VmRSS`), in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS")
 }
 
 /// Whether a process exists (and is not a zombie).
