@@ -89,7 +89,21 @@ fn parse_from(
     version,
     about = "An HTTP service that answers with the PID that handled the request, \
              and swaps its own binary with zero failed requests.",
-    after_help = "Without a subcommand, pid-server runs `serve`."
+    long_about = "An HTTP service that answers with the PID that handled the request, \
+             and swaps its own binary with zero failed requests.\n\n\
+             Under systemd it takes its listening sockets from pid-server.socket (socket \
+             activation). `systemctl reload pid-server` runs `pid-server reload --pid \
+             $MAINPID`, which asks the running process to start its binary again on the same \
+             sockets; once the new process is ready it owns the unit, idle keep-alive \
+             connections move to it, and the old process finishes its requests and exits. \
+             No request fails, and a freshly installed binary takes over. When the new \
+             process does not come up, the old one keeps serving and the reload fails with \
+             the reason.\n\n\
+             `systemctl stop pid-server` runs `pid-server stop`, which sends SIGTERM to the \
+             main process and waits until every generation has drained and exited.",
+    after_help = "Without a subcommand, pid-server runs `serve`.",
+    after_long_help = after_long_help(),
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -98,6 +112,56 @@ pub struct Cli {
     /// Options of `serve`, accepted without the subcommand too.
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+/// The exit codes and what each means, for `--help` and the man page
+/// (README's "Exit codes" table says the same, by command).
+pub const EXIT_STATUS: &[(u8, &str)] = &[
+    (
+        0,
+        "success: drained and exited, or handed over; reloaded; stopped",
+    ),
+    (
+        1,
+        "serve could not start (a port in use, an inherited fd that is not a listening \
+         socket); the reload failed, and the old process keeps serving; stop left processes \
+         after its timeout",
+    ),
+    (2, "a second SIGTERM or SIGINT cut the drain short"),
+    (3, "reload: no pid-server with that PID"),
+    (
+        4,
+        "reload: the server refused (another reload is under way, it is busy or shutting \
+         down, or the request was over its cap)",
+    ),
+    (
+        64,
+        "a bad flag or environment value (LISTEN_FDS, LISTEN_PID, a handover variable whose \
+         fd is not the parent's channel)",
+    ),
+    (
+        76,
+        "reload: another process holds that PID's control socket; nothing was sent to it",
+    ),
+    (
+        77,
+        "reload: permission denied (neither the server's user nor root)",
+    ),
+    (
+        78,
+        "a bad configuration file, or a TLS certificate or key that is missing, unreadable, \
+         not a regular file, over 1 MiB or broken (one line naming the file), or only one of \
+         --tls-cert and --tls-key",
+    ),
+];
+
+/// `--help`'s last part: the default subcommand and the exit codes.
+fn after_long_help() -> String {
+    let mut s = String::from("Without a subcommand, pid-server runs `serve`.\n\nExit status:\n");
+    for (code, meaning) in EXIT_STATUS {
+        s.push_str(&format!("  {code:>2}  {meaning}\n"));
+    }
+    s
 }
 
 // Made once per process, at start: the size of `Serve` costs nothing.

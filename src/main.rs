@@ -7,6 +7,8 @@ mod app;
 mod cli;
 mod config_file;
 mod logging;
+#[cfg(test)]
+mod man;
 mod metrics;
 mod serve;
 mod stats;
