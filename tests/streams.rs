@@ -1,16 +1,23 @@
 //! What outlives a request's head across reloads: WebSockets (closed with
 //! 1012 and reconnected to the new process), Server-Sent Events (ended and
 //! resumed from `Last-Event-ID`), a kept connection's `ConnectInfo`, and a
-//! stopping process's listening socket. With the real binary, no systemd.
+//! stopping process's listening socket; WebSockets over TLS, and the
+//! operator's close spread. With the real binary, no systemd.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pid_server_test_support::proc::{self, Reaper, WAIT};
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::tls::{ClientConfig, TestCa};
 use pid_server_test_support::ws::{self, CloseCode};
 use pid_server_test_support::{Load, http, sse};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -212,4 +219,96 @@ fn a_stopping_process_refuses_new_connections_at_once() {
         "the slow request finished: {line}"
     );
     p.wait_exit(WAIT);
+}
+
+/// pid-server with TLS (a leaf of `ca` in `dir`) on a fresh port.
+fn start_tls(ca: &TestCa, dir: &std::path::Path) -> (Proc, std::net::SocketAddr) {
+    let (cert, key) = ca.write_leaf(dir, "server", "ws");
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, addr)
+}
+
+/// `wss://`: the TLS handshake (ALPN `http/1.1`, as a browser offers for a
+/// WebSocket), then the WebSocket's over it.
+async fn wss_open(
+    addr: std::net::SocketAddr,
+    config: Arc<ClientConfig>,
+) -> (WebSocketStream<TlsStream<tokio::net::TcpStream>>, u32) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    ws::open_over(tls, "wss://localhost/ws").await
+}
+
+/// WebSockets over TLS: upgraded after the TLS handshake, then told to end
+/// at each of two reloads like plain ones: closed with 1012 within the
+/// close spread, reconnected (a new TLS session) to the new process, and
+/// the old process gone after. Before: nothing tested a WebSocket on a TLS
+/// socket (a TLS connection drains instead of moving).
+#[test]
+fn websockets_over_tls_close_with_1012_at_a_reload_and_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (first, addr) = start_tls(&ca, dir.path());
+    let reaper = Reaper::default();
+    let config = ca.client(&[b"http/1.1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut pid = first.pid;
+    let (mut wss, said) = rt.block_on(wss_open(addr, config.clone()));
+    assert_eq!(said, pid);
+    for round in 0..2 {
+        let (new, _) = reload(pid);
+        reaper.watch(new);
+        let t = Instant::now();
+        let code = rt.block_on(ws::close_code(&mut wss, SPREAD + Duration::from_secs(3)));
+        let closed = t.elapsed();
+        assert_eq!(code, Some(CloseCode::Restart), "round {round}: 1012");
+        proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
+        eprintln!(
+            "round {round}: wss closed with 1012 {closed:?} after the helper returned, \
+             old PID {pid} gone after {:?}",
+            t.elapsed()
+        );
+        let (next, said) = rt.block_on(wss_open(addr, config.clone()));
+        assert_eq!(said, new, "round {round}: reconnected to the new process");
+        wss = next;
+        pid = new;
+    }
+}
+
+/// `--close-spread-ms 0` (the operator's `close_spread_ms`): every
+/// WebSocket is told to end at once when the generation leaves, instead of
+/// at a moment drawn over the default 5 s. Before: no such flag (the start
+/// failed), and four sockets all closing within a second of the helper's
+/// answer had a chance of (1/5)^4.
+#[test]
+fn close_spread_ms_zero_closes_every_websocket_at_once() {
+    let (first, _notify, addr) = proc::start_with(BIN, &["--close-spread-ms", "0"]);
+    let reaper = Reaper::default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut sockets: Vec<_> = (0..4)
+        .map(|_| rt.block_on(ws::open(addr, "/ws")).0)
+        .collect();
+    let (new, _) = reload(first.pid);
+    reaper.watch(new);
+    let t = Instant::now();
+    let codes = rt.block_on(async {
+        let closes = sockets
+            .iter_mut()
+            .map(|s| ws::close_code(s, SPREAD + Duration::from_secs(3)));
+        futures_util::future::join_all(closes).await
+    });
+    let closed = t.elapsed();
+    eprintln!("4 WebSockets closed within {closed:?} of the helper's answer");
+    assert_eq!(codes, vec![Some(CloseCode::Restart); 4]);
+    assert!(closed < Duration::from_secs(1), "{closed:?}");
 }
