@@ -78,9 +78,12 @@ fn three_reloads_with_load_websockets_events_and_a_background_task() {
     let mut count = served(addr);
     for round in 0..3 {
         load.wait_answers_from(pid, 20, WAIT);
+        // From the reload's request: the helper answers only once the old
+        // process is done (or at its bound).
+        let t = Instant::now();
         let new = reload(pid);
         reaper.watch(new);
-        let t = Instant::now();
+        let answered = t.elapsed();
         // Each WebSocket closes with 1012 within the spread (plus the
         // time its close takes) and reconnects to the new process.
         let codes = rt.block_on(async {
@@ -111,12 +114,15 @@ fn three_reloads_with_load_websockets_events_and_a_background_task() {
         proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
         let gone = t.elapsed();
         eprintln!(
-            "round {round}: PID {pid} -> {new}: both WebSockets closed with 1012 within {closed:?}, \
-             {n} events before the stream ended, old process gone {gone:?} after the helper returned"
+            "round {round}: PID {pid} -> {new}: helper answered after {answered:?}, both \
+             WebSockets closed with 1012 by {closed:?}, {n} events before the stream ended, \
+             old process gone by {gone:?} (all from the reload's request)"
         );
+        // Spawn, readiness and probation, the spread, the clients' close
+        // answers: 5 s more than the spread is ample.
         assert!(
-            gone < SPREAD + Duration::from_secs(3),
-            "round {round}: the old process outlived the close spread by more than 3 s: {gone:?}"
+            gone < SPREAD + Duration::from_secs(5),
+            "round {round}: the old process lived {gone:?} after the reload's request"
         );
         // The request counter went on from the old process's.
         let now = served(addr);
