@@ -267,6 +267,21 @@ pub struct ServeArgs {
     )]
     pub idle_grace: Option<Duration>,
 
+    /// At a reload or a stop, the window (in milliseconds) over which the
+    /// old process asks its WebSockets and event streams to end (close
+    /// 1012, end of stream), each at its own random moment, so that their
+    /// clients do not all reconnect to the new process at once. 0: all at
+    /// once. The old process lives up to this long after a handover when it
+    /// has such exchanges; at most the drain timeout less two seconds.
+    #[arg(
+        long = "close-spread-ms",
+        value_name = "MS",
+        env = "PID_SERVER_CLOSE_SPREAD_MS",
+        default_value = "5000",
+        value_parser = parse_ms
+    )]
+    pub close_spread: Duration,
+
     /// Seconds a client has to send a request's headers; a slower one is
     /// disconnected (slowloris).
     #[arg(
@@ -408,6 +423,7 @@ impl ServeArgs {
             header_timeout,
             keep_alive_timeout,
             idle_grace,
+            close_spread,
             max_connections,
             http2_stall_timeout,
             http2_max_held_responses,
@@ -432,6 +448,7 @@ impl ServeArgs {
             upgrade_probation,
             header_timeout,
             keep_alive_timeout,
+            close_spread,
             max_connections,
             http2_stall_timeout,
             http2_max_held_responses
@@ -469,6 +486,7 @@ impl ServeArgs {
             .ready_timeout(self.upgrade_timeout)
             .probation(self.upgrade_probation)
             .keep_alive_timeout(self.keep_alive_timeout)
+            .close_spread(self.close_spread)
             .header_read_timeout(self.header_timeout)
             .max_connections(self.max_connections as usize)
             .http2_stall_timeout(self.http2_stall_timeout)
@@ -606,6 +624,7 @@ mod tests {
             drain_timeout: Some(Duration::from_secs(7)),
             keep_alive_timeout: Some(Duration::from_secs(3)),
             idle_grace: Some(Duration::from_millis(9)),
+            close_spread: Some(Duration::from_millis(700)),
             ..FileSettings::default()
         };
         for argv in [
@@ -622,6 +641,7 @@ mod tests {
             assert_eq!(args.drain_timeout, Duration::from_secs(5), "{argv:?}");
             assert_eq!(args.keep_alive_timeout, Duration::from_secs(3));
             assert_eq!(args.idle_grace, Some(Duration::from_millis(9)));
+            assert_eq!(args.close_spread, Duration::from_millis(700));
             assert_eq!(args.listen, file.listen.clone().unwrap());
             // What neither sets keeps its default.
             assert_eq!(args.header_timeout, Duration::from_secs(10));

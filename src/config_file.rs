@@ -30,7 +30,7 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 pub const EX_CONFIG: u8 = 78;
 
 /// The keys a file may set: the `serve` flags' long names, `_` for `-`.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "listen",
     "drain_timeout",
     "upgrade_timeout",
@@ -38,6 +38,7 @@ pub const KEYS: [&str; 12] = [
     "header_timeout",
     "keep_alive_timeout",
     "idle_grace_ms",
+    "close_spread_ms",
     "max_connections",
     "http2_stall_timeout",
     "http2_max_held_responses",
@@ -72,6 +73,7 @@ pub struct FileSettings {
     pub header_timeout: Option<Duration>,
     pub keep_alive_timeout: Option<Duration>,
     pub idle_grace: Option<Duration>,
+    pub close_spread: Option<Duration>,
     pub max_connections: Option<u32>,
     pub http2_stall_timeout: Option<Duration>,
     pub http2_max_held_responses: Option<u32>,
@@ -171,6 +173,7 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "header_timeout" => s.header_timeout = Some(secs(value).map_err(named)?),
         "keep_alive_timeout" => s.keep_alive_timeout = Some(secs(value).map_err(named)?),
         "idle_grace_ms" => s.idle_grace = Some(ms(value).map_err(named)?),
+        "close_spread_ms" => s.close_spread = Some(ms(value).map_err(named)?),
         "max_connections" => {
             s.max_connections = Some(integer(value, "", cli::parse_max_connections).map_err(named)?)
         }
@@ -313,6 +316,7 @@ upgrade_probation_ms = 0
 header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
+close_spread_ms = 1500
 max_connections = 9
 http2_stall_timeout = 4
 http2_max_held_responses = 8
@@ -334,6 +338,7 @@ tls_key = "key.pem"
                 header_timeout: Some(Duration::from_secs(7)),
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
+                close_spread: Some(Duration::from_millis(1500)),
                 max_connections: Some(9),
                 http2_stall_timeout: Some(Duration::from_secs(4)),
                 http2_max_held_responses: Some(8),
@@ -488,6 +493,7 @@ tls_key = "key.pem"
         assert_eq!(s.upgrade_probation, Some(defaults.upgrade_probation));
         assert_eq!(s.header_timeout, Some(defaults.header_timeout));
         assert_eq!(s.keep_alive_timeout, Some(defaults.keep_alive_timeout));
+        assert_eq!(s.close_spread, Some(defaults.close_spread));
         assert_eq!(s.max_connections, Some(defaults.max_connections));
         assert_eq!(s.http2_stall_timeout, Some(defaults.http2_stall_timeout));
         assert_eq!(

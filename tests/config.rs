@@ -17,7 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// The variables that would change what these tests check, if the runner's
 /// environment had them.
-const SETTINGS_VARS: [&str; 10] = [
+const SETTINGS_VARS: [&str; 11] = [
     "PID_SERVER_CONFIG",
     "PID_SERVER_LISTEN",
     "PID_SERVER_DRAIN_TIMEOUT",
@@ -26,6 +26,7 @@ const SETTINGS_VARS: [&str; 10] = [
     "PID_SERVER_HEADER_TIMEOUT",
     "PID_SERVER_KEEP_ALIVE_TIMEOUT",
     "PID_SERVER_IDLE_GRACE_MS",
+    "PID_SERVER_CLOSE_SPREAD_MS",
     "PID_SERVER_MAX_CONNECTIONS",
     "RUST_LOG",
 ];

@@ -1,18 +1,23 @@
 //! What outlives a request's head across reloads: WebSockets (closed with
 //! 1012 and reconnected to the new process), Server-Sent Events (ended and
 //! resumed from `Last-Event-ID`), a kept connection's `ConnectInfo`, and a
-//! stopping process's listening socket. With the real binary, no systemd.
+//! stopping process's listening socket; WebSockets over TLS, and the
+//! operator's close spread. With the real binary, no systemd.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use nix::sys::signal::Signal;
-use pid_server_test_support::proc::{self, Reaper, WAIT};
-use pid_server_test_support::{Load, http};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::tls::{ClientConfig, TestCa};
+use pid_server_test_support::ws::{self, CloseCode};
+use pid_server_test_support::{Load, http, sse};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -30,61 +35,6 @@ fn reload(pid: u32) -> (u32, String) {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected helper line {line:?}"));
     (new, line)
-}
-
-fn pid_of(text: &str) -> u32 {
-    text.strip_prefix("pid ")
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("not a PID message: {text:?}"))
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens `/ws`, checks the echo, and returns the socket and the PID it says.
-async fn ws_open(addr: SocketAddr) -> (Ws, u32) {
-    let (mut ws, resp) = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws")),
-    )
-    .await
-    .expect("WebSocket handshake in time")
-    .expect("WebSocket handshake");
-    assert_eq!(resp.status(), 101);
-    ws.send(Message::text("echo me")).await.unwrap();
-    let mut pid = None;
-    let mut echoed = false;
-    while pid.is_none() || !echoed {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("the socket stays open")
-            .unwrap();
-        match m {
-            Message::Text(t) if t.as_str() == "echo me" => echoed = true,
-            Message::Text(t) => pid = Some(pid_of(t.as_str())),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    (ws, pid.unwrap())
-}
-
-/// Reads until the server closes; returns the close code.
-async fn ws_close_code(ws: &mut Ws, bound: Duration) -> Option<CloseCode> {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => {
-                // Polling on sends our close answer, and sees the end.
-                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.next()).await {}
-                return frame.map(|f| f.code);
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(e))) => panic!("the WebSocket failed instead of closing: {e}"),
-            Ok(None) => panic!("the WebSocket ended without a close frame"),
-            Err(_) => panic!("no close within {bound:?}"),
-        }
-    }
 }
 
 /// Three reloads with a WebSocket open and HTTP load alongside: each time
@@ -105,13 +55,13 @@ fn websockets_close_with_1012_at_a_reload_and_reconnect_to_the_new_process() {
         .start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut pid = first.pid;
-    let (mut ws, said) = rt.block_on(ws_open(addr));
+    let (mut ws, said) = rt.block_on(ws::open(addr, "/ws"));
     assert_eq!(said, pid);
     for round in 0..3 {
         let (new, line) = reload(pid);
         reaper.watch(new);
         let t = Instant::now();
-        let code = rt.block_on(ws_close_code(&mut ws, SPREAD + Duration::from_secs(3)));
+        let code = rt.block_on(ws::close_code(&mut ws, SPREAD + Duration::from_secs(3)));
         let closed = t.elapsed();
         assert_eq!(code, Some(CloseCode::Restart), "round {round}: 1012");
         proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
@@ -120,7 +70,7 @@ fn websockets_close_with_1012_at_a_reload_and_reconnect_to_the_new_process() {
             "round {round}: closed with 1012 {closed:?} after the helper returned, \
              old PID {pid} gone after {gone:?}; helper: {line}"
         );
-        let (next, said) = rt.block_on(ws_open(addr));
+        let (next, said) = rt.block_on(ws::open(addr, "/ws"));
         assert_eq!(said, new, "round {round}: reconnected to the new process");
         ws = next;
         pid = new;
@@ -128,61 +78,6 @@ fn websockets_close_with_1012_at_a_reload_and_reconnect_to_the_new_process() {
     let t = load.finish();
     assert_eq!(t.failed(), 0, "{t:?}");
     assert!(t.ok > 0);
-}
-
-/// One Server-Sent Events exchange: sends the request (with
-/// `Last-Event-ID` when resuming) and reads events until the server ends
-/// the body. Returns `(id, pid)` of every event.
-fn sse_once(addr: SocketAddr, last: Option<u64>, bound: Duration) -> Vec<(u64, u32)> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(bound)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let resume = last.map_or(String::new(), |l| format!("Last-Event-ID: {l}\r\n"));
-    write!(
-        w,
-        "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{resume}\r\n"
-    )
-    .unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
-    // The head; the body is chunked (its length is unknown).
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut events = Vec::new();
-    let (mut id, mut pid, mut retry) = (None, None, false);
-    loop {
-        line.clear();
-        r.read_line(&mut line)
-            .expect("the stream goes on or ends cleanly");
-        let size = u64::from_str_radix(line.trim(), 16).expect("a chunk size");
-        if size == 0 {
-            // The end of the body: the server ended the stream.
-            return events;
-        }
-        let mut chunk = vec![0u8; size as usize + 2];
-        std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
-        for l in String::from_utf8_lossy(&chunk[..size as usize]).lines() {
-            if let Some(v) = l.strip_prefix("id: ") {
-                id = Some(v.parse::<u64>().unwrap());
-            } else if let Some(v) = l.strip_prefix("data: ") {
-                pid = Some(pid_of(v));
-            } else if l.starts_with("retry: ") {
-                retry = true;
-            } else if l.is_empty()
-                && let (Some(i), Some(p)) = (id.take(), pid.take())
-            {
-                assert!(retry, "each event says retry");
-                events.push((i, p));
-            }
-        }
-    }
 }
 
 /// An `EventSource` across three reloads: each stream ends cleanly within
@@ -207,7 +102,7 @@ fn server_sent_events_resume_from_the_new_process_with_no_event_lost() {
         let mut ends = Vec::new();
         for _ in 0..4 {
             let last = all.last().map(|e| e.0);
-            let got = sse_once(addr, last, SPREAD + Duration::from_secs(20));
+            let got = sse::once(addr, "/events", last, SPREAD + Duration::from_secs(20));
             ends.push(Instant::now());
             let _ = tx.send(got.last().map(|e| e.1));
             all.extend(got);
@@ -324,4 +219,96 @@ fn a_stopping_process_refuses_new_connections_at_once() {
         "the slow request finished: {line}"
     );
     p.wait_exit(WAIT);
+}
+
+/// pid-server with TLS (a leaf of `ca` in `dir`) on a fresh port.
+fn start_tls(ca: &TestCa, dir: &std::path::Path) -> (Proc, std::net::SocketAddr) {
+    let (cert, key) = ca.write_leaf(dir, "server", "ws");
+    let notify = Notify::new();
+    let addr = proc::free_addr();
+    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, addr)
+}
+
+/// `wss://`: the TLS handshake (ALPN `http/1.1`, as a browser offers for a
+/// WebSocket), then the WebSocket's over it.
+async fn wss_open(
+    addr: std::net::SocketAddr,
+    config: Arc<ClientConfig>,
+) -> (WebSocketStream<TlsStream<tokio::net::TcpStream>>, u32) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    ws::open_over(tls, "wss://localhost/ws").await
+}
+
+/// WebSockets over TLS: upgraded after the TLS handshake, then told to end
+/// at each of two reloads like plain ones: closed with 1012 within the
+/// close spread, reconnected (a new TLS session) to the new process, and
+/// the old process gone after. Before: nothing tested a WebSocket on a TLS
+/// socket (a TLS connection drains instead of moving).
+#[test]
+fn websockets_over_tls_close_with_1012_at_a_reload_and_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (first, addr) = start_tls(&ca, dir.path());
+    let reaper = Reaper::default();
+    let config = ca.client(&[b"http/1.1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut pid = first.pid;
+    let (mut wss, said) = rt.block_on(wss_open(addr, config.clone()));
+    assert_eq!(said, pid);
+    for round in 0..2 {
+        let (new, _) = reload(pid);
+        reaper.watch(new);
+        let t = Instant::now();
+        let code = rt.block_on(ws::close_code(&mut wss, SPREAD + Duration::from_secs(3)));
+        let closed = t.elapsed();
+        assert_eq!(code, Some(CloseCode::Restart), "round {round}: 1012");
+        proc::wait_gone(pid, SPREAD + Duration::from_secs(5));
+        eprintln!(
+            "round {round}: wss closed with 1012 {closed:?} after the helper returned, \
+             old PID {pid} gone after {:?}",
+            t.elapsed()
+        );
+        let (next, said) = rt.block_on(wss_open(addr, config.clone()));
+        assert_eq!(said, new, "round {round}: reconnected to the new process");
+        wss = next;
+        pid = new;
+    }
+}
+
+/// `--close-spread-ms 0` (the operator's `close_spread_ms`): every
+/// WebSocket is told to end at once when the generation leaves, instead of
+/// at a moment drawn over the default 5 s. Before: no such flag (the start
+/// failed), and four sockets all closing within a second of the helper's
+/// answer had a chance of (1/5)^4.
+#[test]
+fn close_spread_ms_zero_closes_every_websocket_at_once() {
+    let (first, _notify, addr) = proc::start_with(BIN, &["--close-spread-ms", "0"]);
+    let reaper = Reaper::default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut sockets: Vec<_> = (0..4)
+        .map(|_| rt.block_on(ws::open(addr, "/ws")).0)
+        .collect();
+    let (new, _) = reload(first.pid);
+    reaper.watch(new);
+    let t = Instant::now();
+    let codes = rt.block_on(async {
+        let closes = sockets
+            .iter_mut()
+            .map(|s| ws::close_code(s, SPREAD + Duration::from_secs(3)));
+        futures_util::future::join_all(closes).await
+    });
+    let closed = t.elapsed();
+    eprintln!("4 WebSockets closed within {closed:?} of the helper's answer");
+    assert_eq!(codes, vec![Some(CloseCode::Restart); 4]);
+    assert!(closed < Duration::from_secs(1), "{closed:?}");
 }

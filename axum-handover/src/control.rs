@@ -153,8 +153,10 @@ impl Answer {
 }
 
 /// The second line after `ok`: what became of the old process's
-/// connections.
+/// connections. Non-exhaustive: the line may say more in a later release
+/// (read one with `Report::parse`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// Connections moved to the new process.
     pub moved: usize,

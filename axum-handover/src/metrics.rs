@@ -19,8 +19,10 @@ pub(crate) enum ReloadResult {
 const HANDOVER_BUCKETS: [f64; 9] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const DRAIN_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0];
 
-/// A histogram's state.
+/// A histogram's state. Non-exhaustive, as more may be kept of it: an
+/// app's test builds one from `Histogram::default()` and sets the fields.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Histogram {
     /// Upper bounds (seconds) with the cumulative count at or below each.
     pub buckets: Vec<(f64, u64)>,
@@ -62,7 +64,12 @@ impl Histogram {
 
 /// A snapshot of every metric, for an app to expose (pid-server renders it
 /// in Prometheus' text format at `/metrics`).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Non-exhaustive: new metrics are added as fields. An app's test starts
+/// from `Metrics::default()` (every count zero, empty histograms) and sets
+/// what it checks.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Metrics {
     /// This process's generation.
     pub generation: u32,

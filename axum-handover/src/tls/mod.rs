@@ -59,8 +59,10 @@ impl fmt::Debug for Tls {
 }
 
 /// Why a certificate or key cannot be used. Its `Display` is one line that
-/// starts with the file's path.
+/// starts with the file's path. Non-exhaustive: a later release may tell
+/// more cases apart.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// The file is missing or unreadable, not a regular file (a FIFO, a
     /// device), or larger than 1 MiB: see [`crate::file::read_regular`].

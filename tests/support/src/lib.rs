@@ -24,6 +24,9 @@
 //! - [`report`]: running or skipping (`SKIPPED …`, an error under
 //!   `CI=true`), output that shows without `--nocapture`, checks reported
 //!   together; [`wait`]: bounded waits.
+//! - [`ws`] and [`sse`]: a WebSocket and a Server-Sent Events client for
+//!   streams that say `pid N` (pid-server's `/ws` and `/events`, the
+//!   library's `realistic` example).
 //!
 //! # The binary under test
 //!
@@ -55,8 +58,10 @@ pub mod netns;
 pub mod nspawn;
 pub mod proc;
 pub mod report;
+pub mod sse;
 pub mod tls;
 pub mod wait;
+pub mod ws;
 
 pub use cmd::TestCommand;
 pub use deploy::Release;
