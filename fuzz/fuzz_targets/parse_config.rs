@@ -22,7 +22,12 @@ fuzz_target!(|data: &[u8]| {
     let s = match config_file::parse(data) {
         Ok(s) => s,
         Err(p) => {
-            assert!((1..=lines).contains(&p.line), "line {} of {lines}: {}", p.line, p.what);
+            assert!(
+                (1..=lines).contains(&p.line),
+                "line {} of {lines}: {}",
+                p.line,
+                p.what
+            );
             assert!(!p.what.is_empty() && !p.what.contains('\n'), "{:?}", p.what);
             return;
         }
@@ -32,13 +37,22 @@ fuzz_target!(|data: &[u8]| {
     }
     let secs = |d: Duration| cli::parse_secs(&d.as_secs().to_string());
     let ms = |d: Duration| cli::parse_ms(&d.as_millis().to_string());
-    for d in [s.drain_timeout, s.upgrade_timeout, s.header_timeout, s.keep_alive_timeout]
-        .into_iter()
-        .flatten()
+    for d in [
+        s.drain_timeout,
+        s.upgrade_timeout,
+        s.header_timeout,
+        s.keep_alive_timeout,
+        s.http2_stall_timeout,
+    ]
+    .into_iter()
+    .flatten()
     {
         assert_eq!(secs(d), Ok(d));
     }
-    for d in [s.upgrade_probation, s.idle_grace].into_iter().flatten() {
+    for d in [s.upgrade_probation, s.idle_grace, s.close_spread]
+        .into_iter()
+        .flatten()
+    {
         assert_eq!(ms(d), Ok(d));
     }
     if let Some(n) = s.max_connections {
