@@ -24,6 +24,8 @@
 //! - [`report`]: running or skipping (`SKIPPED …`, an error under
 //!   `CI=true`), output that shows without `--nocapture`, checks reported
 //!   together; [`wait`]: bounded waits.
+//! - [`h2load`]: nghttp2's `h2load` as a second HTTP/2 client: its summary
+//!   and, from its log, which streams were sent and not answered.
 //!
 //! # The binary under test
 //!
@@ -49,6 +51,7 @@
 pub mod cmd;
 pub mod deploy;
 pub mod h2;
+pub mod h2load;
 pub mod http;
 pub mod load;
 pub mod netns;
