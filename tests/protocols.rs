@@ -946,3 +946,47 @@ fn h2load_over_tls_gets_every_stream_it_sent_answered_through_reloads() {
     let t = h2load_through_reloads(first.pid, &reaper, &uri, &["--npn-list=h2"]);
     check_every_sent_stream_answered("h2 over TLS", &t);
 }
+
+#[test]
+fn an_http2_request_knows_its_peer_over_h2c_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "localhost");
+    let (_plain, _n1, plain_addr) = proc::start(BIN);
+    let (_tls, _n2, tls_addr) = start_tls(&cert, &key);
+    let h2c = H2Conn::connect(plain_addr).unwrap();
+    let h2s = H2Conn::connect_tls(tls_addr, ca.client(&[b"h2"])).unwrap();
+    for (what, mut c) in [("h2c", h2c), ("h2 over TLS", h2s)] {
+        // `/peer` answers the request's `ConnectInfo<SocketAddr>`.
+        let (status, body) = c.get("/peer").unwrap();
+        assert_eq!(
+            (status, body.trim()),
+            (200, c.local_addr().to_string().as_str()),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn server_sent_events_over_http2_end_at_the_leave() {
+    // A drain timeout of 4 s: the close spread is 2 s (the drain timeout
+    // less two seconds), and what is still open at 4 s is cut.
+    let (first, _notify, addr) = proc::start_with(BIN, &["--drain-timeout", "4"]);
+    let reaper = Reaper::default();
+    let mut c = H2Conn::connect(addr).unwrap();
+    let events = c.start("/events").unwrap();
+    let next = reload(first.pid);
+    reaper.watch(next);
+    let left = Instant::now();
+    // Ended cleanly by the old process at the stream's moment in the close
+    // spread: a complete response, not a stream cut at the drain timeout.
+    let (status, body) = c.finish(events).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("pid {}", first.pid)), "{body}");
+    assert!(
+        left.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        left.elapsed()
+    );
+    proc::wait_gone(first.pid, WAIT);
+}

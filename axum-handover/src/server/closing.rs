@@ -27,7 +27,7 @@ use super::conn::Stream;
 pub(crate) type Left = watch::Receiver<Option<Instant>>;
 
 /// The server's wish that a long-lived exchange end: a request extension
-/// (and extractor) on every HTTP/1.1 request, whose `.await` resolves once
+/// (and extractor) on every request (HTTP/1.1 and HTTP/2), whose `.await` resolves once
 /// the generation is leaving (a handover or a stop) and this exchange's
 /// moment in the close spread ([`crate::Config::close_spread`]) has come.
 ///

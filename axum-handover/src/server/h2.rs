@@ -17,6 +17,12 @@
 //! timed out (see `stall`), while serving and while leaving alike: a
 //! stalled connection is closed at its stall timeout, so it does not hold
 //! a leaving process until the drain timeout.
+//!
+//! Every request carries what an HTTP/1.1 request does: its peer
+//! (`ConnectInfo`) and its [`Closing`], at whose moment a streaming
+//! response of unknown length (Server-Sent Events) ends cleanly, as on
+//! HTTP/1.1 (see `closing`); the stream stays in flight until its body
+//! ends.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,8 +38,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
 use super::ack::HoldShutdownAck;
-use super::conn::now_ms;
-use super::detect::leaving;
+use super::closing::{Closing, Left, Peer, Streaming};
+use super::conn::{Stream, now_ms};
+use super::detect::{Rewind, leaving};
 use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
 use crate::Config;
@@ -53,31 +60,60 @@ pub(crate) fn builder(config: &Config) -> Builder {
     b
 }
 
+/// The I/O under an HTTP/2 connection, which knows the connection's other
+/// end (a plain stream, or one under TLS).
+pub(crate) trait PeerOf {
+    fn peer(&self) -> Peer;
+}
+
+impl PeerOf for Stream {
+    fn peer(&self) -> Peer {
+        Peer::of(self)
+    }
+}
+
+impl<I: PeerOf> PeerOf for Rewind<I> {
+    fn peer(&self) -> Peer {
+        self.get_ref().peer()
+    }
+}
+
+impl<I: PeerOf> PeerOf for tokio_rustls::server::TlsStream<I> {
+    fn peer(&self) -> Peer {
+        self.get_ref().0.peer()
+    }
+}
+
 /// Serves one HTTP/2 connection to its end.
 pub(crate) async fn serve<I>(io: I, socket: &str, ctx: &ConnCtx)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + PeerOf + Unpin + Send + 'static,
 {
     let responses = Arc::new(Responses::new(ctx.counters.clone(), ctx.stall));
     let service = Streams {
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
         responses: responses.clone(),
+        peer: io.peer(),
+        left: ctx.left.subscribe(),
+        close_spread: ctx.close_spread,
     };
     let io = HoldShutdownAck::new(Sent::new(io, responses.clone()));
-    let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
     let mut mode = ctx.mode.clone();
     // `None`: stalled (dropping `conn` closes it).
-    let r = tokio::select! {
-        r = conn.as_mut() => Some(r),
-        _ = responses.stalled() => None,
-        _ = leaving(&mut mode) => {
-            conn.as_mut().graceful_shutdown();
-            tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
-            tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = responses.stalled() => None,
+    let r = {
+        let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = responses.stalled() => None,
+            _ = leaving(&mut mode) => {
+                conn.as_mut().graceful_shutdown();
+                tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
+                tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = responses.stalled() => None,
+                }
             }
         }
     };
@@ -158,6 +194,11 @@ struct Streams {
     router: axum::Router,
     counters: Arc<Counters>,
     responses: Arc<Responses>,
+    /// What each request's `ConnectInfo` says.
+    peer: Peer,
+    /// When the generation left: each request's [`Closing`] waits on it.
+    left: Left,
+    close_spread: std::time::Duration,
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
@@ -167,9 +208,12 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
     type Error = Infallible;
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+    fn call(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let (router, counters) = (self.router.clone(), self.counters.clone());
         let slot = self.responses.admit();
+        let closing = Closing::new(self.left.clone(), self.close_spread);
+        self.peer.insert(req.extensions_mut());
+        req.extensions_mut().insert(closing.clone());
         Box::pin(async move {
             let Some(slot) = slot else {
                 // Past a bound on held responses: an empty answer, which
@@ -182,13 +226,16 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
                     .expect("a status and an empty body make a response");
                 return Ok(resp.map(|b| Tracked::new(b, None)));
             };
-            let _counted = counters.request_started();
+            let counted = counters.request_started();
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
             counters.totals.request(resp.status().as_u16());
-            Ok(resp.map(|b| Tracked::new(b, Some(slot))))
+            // In flight until the body is sent, not only its head; a body
+            // of unknown length ends at the request's `Closing` moment.
+            let body = |b| Tracked::new(Streaming::wrap(b, &closing, counted), Some(slot));
+            Ok(resp.map(body))
         })
     }
 }
