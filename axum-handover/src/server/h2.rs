@@ -13,6 +13,15 @@
 //! here, within the drain timeout; none is refused or reset. Counted like
 //! a drained connection.
 //!
+//! Once hyper has ended a connection gracefully (every stream answered,
+//! the final GOAWAY and a FIN written), it has a *lingering close*, as an
+//! HTTP/1.1 connection that hyper ends (see `conn`): the client keeps
+//! sending WINDOW_UPDATEs and acks while it reads the last responses, and
+//! closing a socket with unread input makes the kernel send a reset and
+//! throw away what it had not yet sent of those responses. So the input
+//! is read and discarded until the client closes, within the lingering
+//! close's time and bytes.
+//!
 //! Responses that wait on a client that does not read are bounded and
 //! timed out (see `stall`), while serving and while leaving alike: a
 //! stalled connection is closed at its stall timeout, so it does not hold
@@ -26,20 +35,23 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use super::ack::HoldShutdownAck;
 use super::closing::{Closing, Left, Peer, Streaming};
-use super::conn::{Stream, now_ms};
+use super::conn::{LINGER_BYTES, LINGER_TIME, Stream, now_ms};
 use super::detect::{Rewind, leaving};
 use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
@@ -98,6 +110,11 @@ where
         left: ctx.left.subscribe(),
         close_spread: ctx.close_spread,
     };
+    let (back, mut given_back) = oneshot::channel();
+    let io = GiveBack {
+        io: Some(io),
+        back: Some(back),
+    };
     let io = HoldShutdownAck::new(Sent::new(io, responses.clone()));
     let mut mode = ctx.mode.clone();
     // `None`: stalled (dropping `conn` closes it).
@@ -116,7 +133,11 @@ where
                 }
             }
         }
+        // Dropped here: hyper's state goes, and hands the stream back.
     };
+    if let (Some(Ok(())), Ok(io)) = (&r, given_back.try_recv()) {
+        Box::pin(linger(io)).await;
+    }
     match r {
         Some(Ok(())) => {}
         Some(Err(e)) => log_error(&ctx.counters, &e),
@@ -132,6 +153,94 @@ where
                 );
             }
         }
+    }
+}
+
+/// The lingering close (see the module's doc): shuts down the write side
+/// (hyper has, for a graceful end; a second time is harmless), then reads
+/// and discards until the client closes, [`LINGER_TIME`] passes or
+/// [`LINGER_BYTES`] are read; dropping the stream then closes it. Over
+/// TLS the records are read (and dropped) through the session, which the
+/// client ends with its own `close_notify`.
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    if !matches!(
+        tokio::time::timeout_at(deadline, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            // The client closed (or reset), or time is up.
+            _ => return,
+        }
+    }
+}
+
+/// The connection's stream, handed back to [`serve`] when hyper drops it,
+/// for the lingering close.
+struct GiveBack<I> {
+    /// `None` only once dropped.
+    io: Option<I>,
+    back: Option<oneshot::Sender<I>>,
+}
+
+impl<I> GiveBack<I> {
+    fn io(&mut self) -> Pin<&mut I>
+    where
+        I: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("the stream is taken only on drop"))
+    }
+}
+
+impl<I> Drop for GiveBack<I> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            // (`serve` gone: the stream just closes.)
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for GiveBack<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for GiveBack<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
