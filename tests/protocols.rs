@@ -826,8 +826,9 @@ fn rapid_reset_connections_log_a_line_a_second_at_most() {
 
 /// h2load's rounds in [`h2load_through_reloads`]: small, so that several
 /// run through each reload, and each bounded.
-const H2LOAD_ROUND: [&str; 6] = ["-n", "2000", "-c", "4", "-m", "4"];
+const H2LOAD_ROUND: [&str; 6] = ["-n", "2000", "-c", "8", "-m", "4"];
 const H2LOAD_ROUNDS: usize = 40;
+const H2LOAD_RELOADS: usize = 5;
 
 /// What the h2load rounds saw, summed.
 #[derive(Debug, Default)]
@@ -842,8 +843,8 @@ struct H2loadTally {
 }
 
 /// h2load rounds back to back against `uri` (`extra` first), while the
-/// server `pid` reloads `reloads` times, each reload once a round has run
-/// since the last; at most [`H2LOAD_ROUNDS`] rounds and 30 s.
+/// server `pid` reloads [`H2LOAD_RELOADS`] times, each reload once a round
+/// has run since the last; at most [`H2LOAD_ROUNDS`] rounds and 30 s.
 fn h2load_through_reloads(pid: u32, reaper: &Reaper, uri: &str, extra: &[&str]) -> H2loadTally {
     let dir = tempfile::tempdir().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -889,7 +890,7 @@ fn h2load_through_reloads(pid: u32, reaper: &Reaper, uri: &str, extra: &[&str]) 
     };
     let mut pid = pid;
     wait_round();
-    for _ in 0..4 {
+    for _ in 0..H2LOAD_RELOADS {
         let next = reload(pid);
         reaper.watch(next);
         pid = next;
