@@ -3,7 +3,8 @@
 # machine that has only Rust (cargo) and systemd. Run as root.
 #
 #   packaging/ci-deps.sh            what the tests need (tests/package.rs,
-#                                   tests/image.rs, tests/systemd/)
+#                                   tests/image.rs, tests/systemd/, h2load for
+#                                   tests/protocols.rs)
 #   packaging/ci-deps.sh --lint     also the linters: lintian (the package),
 #                                   hadolint (the Dockerfile), kubernetes-validate
 #                                   (deploy/kubernetes.yaml) and ShellCheck
@@ -32,9 +33,10 @@ apt-get update
 # dpkg-dev: dpkg-shlibdeps, which cargo-deb uses to compute Depends:
 # curl: systemd/try.sh's examples
 # make, gcc: tikv-jemalloc-sys builds jemalloc (pid-server's allocator)
+# nghttp2-client: h2load, the second HTTP/2 client of tests/protocols.rs
 apt-get install -y --no-install-recommends \
     systemd-container debootstrap debian-archive-keyring iproute2 util-linux procps \
-    podman runc dpkg-dev curl ca-certificates make gcc
+    podman runc dpkg-dev curl ca-certificates make gcc nghttp2-client
 
 # packaging/build-deb.sh (the package test builds two versions with it).
 if ! command -v cargo-deb >/dev/null 2>&1; then

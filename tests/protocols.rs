@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::h2::{H2Conn, H2Load, pid_of};
+use pid_server_test_support::h2load::{Streams, Summary};
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT, rss_kb};
 use pid_server_test_support::tls::{TestCa, TlsConn};
-use pid_server_test_support::{TestCommand, http};
+use pid_server_test_support::{TestCommand, http, report};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -821,4 +822,172 @@ fn rapid_reset_connections_log_a_line_a_second_at_most() {
         "{lines} log lines for {CONNS} attack connections in {secs}s:\n{log}"
     );
     assert!(lines >= 1, "no line at all:\n{log}");
+}
+
+/// h2load's rounds in [`h2load_through_reloads`]: small, so that several
+/// run through each reload, and each bounded.
+const H2LOAD_ROUND: [&str; 6] = ["-n", "2000", "-c", "8", "-m", "4"];
+const H2LOAD_ROUNDS: usize = 40;
+const H2LOAD_RELOADS: usize = 5;
+
+/// What the h2load rounds saw, summed.
+#[derive(Debug, Default)]
+struct H2loadTally {
+    rounds: u64,
+    started: u64,
+    /// Streams still open when their connection ended (see
+    /// [`Summary::abandoned`]).
+    abandoned: u64,
+    streams: Streams,
+    failed: Vec<String>,
+}
+
+/// h2load rounds back to back against `uri` (`extra` first), while the
+/// server `pid` reloads [`H2LOAD_RELOADS`] times, each reload once a round
+/// has run since the last; at most [`H2LOAD_ROUNDS`] rounds and 30 s.
+fn h2load_through_reloads(pid: u32, reaper: &Reaper, uri: &str, extra: &[&str]) -> H2loadTally {
+    let dir = tempfile::tempdir().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s, r, logs) = (stop.clone(), rounds.clone(), dir.path().to_path_buf());
+    let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    args.extend(H2LOAD_ROUND.iter().map(|a| a.to_string()));
+    args.push(uri.to_string());
+    let load = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut t = H2loadTally::default();
+        for round in 0..H2LOAD_ROUNDS {
+            if s.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                break;
+            }
+            let log = logs.join(format!("round-{round}.log"));
+            let out = TestCommand::new("h2load")
+                .arg(format!("--log-file={}", log.display()))
+                .args(&args)
+                .timeout(Duration::from_secs(20))
+                .try_output();
+            let summary = out.and_then(|o| Summary::parse(&String::from_utf8_lossy(&o.stdout)));
+            match summary.and_then(|sum| Ok((sum, Streams::read(&log)?))) {
+                Ok((sum, streams)) => {
+                    t.started += sum.started;
+                    t.abandoned += sum.abandoned();
+                    t.streams.add(streams);
+                }
+                Err(e) => t.failed.push(format!("round {round}: {e}")),
+            }
+            t.rounds += 1;
+            r.fetch_add(1, Ordering::SeqCst);
+        }
+        t
+    });
+    let wait_round = || {
+        let (from, deadline) = (rounds.load(Ordering::SeqCst), Instant::now() + WAIT);
+        while rounds.load(Ordering::SeqCst) == from {
+            assert!(Instant::now() < deadline, "no h2load round within {WAIT:?}");
+            assert!(!load.is_finished(), "h2load's rounds ended early");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut pid = pid;
+    wait_round();
+    for _ in 0..H2LOAD_RELOADS {
+        let next = reload(pid);
+        reaper.watch(next);
+        pid = next;
+        wait_round();
+    }
+    stop.store(true, Ordering::SeqCst);
+    load.join().unwrap()
+}
+
+/// Checks that every stream h2load sent got its response. Not h2load's
+/// "started − succeeded": that counts the requests it had queued but never
+/// sent when a GOAWAY came in the same read (see
+/// `pid_server_test_support::h2load`).
+fn check_every_sent_stream_answered(what: &str, t: &H2loadTally) {
+    eprintln!("{what}: {t:?}");
+    assert!(t.failed.is_empty(), "{what}: h2load rounds failed: {t:?}");
+    assert!(t.rounds >= 5 && t.streams.answered > 0, "{what}: {t:?}");
+    assert_eq!(
+        t.streams.sent_unanswered, 0,
+        "{what}: streams sent and closed without a response: {t:?}"
+    );
+    assert_eq!(
+        t.abandoned, 0,
+        "{what}: streams open when their connection ended: {t:?}"
+    );
+    assert_eq!(t.streams.not_ok, 0, "{what}: answers other than 200: {t:?}");
+}
+
+#[test]
+fn h2load_over_h2c_gets_every_stream_it_sent_answered_through_reloads() {
+    let test = "h2load_over_h2c_gets_every_stream_it_sent_answered_through_reloads";
+    if !report::require_tools(test, &[("h2load", "apt-get install nghttp2-client")]) {
+        return;
+    }
+    let (first, _notify, addr) = proc::start(BIN);
+    let reaper = Reaper::default();
+    let t = h2load_through_reloads(first.pid, &reaper, &format!("http://{addr}/"), &[]);
+    check_every_sent_stream_answered("h2c", &t);
+}
+
+#[test]
+fn h2load_over_tls_gets_every_stream_it_sent_answered_through_reloads() {
+    let test = "h2load_over_tls_gets_every_stream_it_sent_answered_through_reloads";
+    if !report::require_tools(test, &[("h2load", "apt-get install nghttp2-client")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    // h2load verifies no certificate.
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "localhost");
+    let (first, _notify, addr) = start_tls(&cert, &key);
+    let reaper = Reaper::default();
+    let uri = format!("https://{addr}/");
+    let t = h2load_through_reloads(first.pid, &reaper, &uri, &["--npn-list=h2"]);
+    check_every_sent_stream_answered("h2 over TLS", &t);
+}
+
+#[test]
+fn an_http2_request_knows_its_peer_over_h2c_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.write_leaf(dir.path(), "server", "localhost");
+    let (_plain, _n1, plain_addr) = proc::start(BIN);
+    let (_tls, _n2, tls_addr) = start_tls(&cert, &key);
+    let h2c = H2Conn::connect(plain_addr).unwrap();
+    let h2s = H2Conn::connect_tls(tls_addr, ca.client(&[b"h2"])).unwrap();
+    for (what, mut c) in [("h2c", h2c), ("h2 over TLS", h2s)] {
+        // `/peer` answers the request's `ConnectInfo<SocketAddr>`.
+        let (status, body) = c.get("/peer").unwrap();
+        assert_eq!(
+            (status, body.trim()),
+            (200, c.local_addr().to_string().as_str()),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn server_sent_events_over_http2_end_at_the_leave() {
+    // A drain timeout of 4 s: the close spread is 2 s (the drain timeout
+    // less two seconds), and what is still open at 4 s is cut.
+    let (first, _notify, addr) = proc::start_with(BIN, &["--drain-timeout", "4"]);
+    let reaper = Reaper::default();
+    let mut c = H2Conn::connect(addr).unwrap();
+    let events = c.start("/events").unwrap();
+    let next = reload(first.pid);
+    reaper.watch(next);
+    let left = Instant::now();
+    // Ended cleanly by the old process at the stream's moment in the close
+    // spread: a complete response, not a stream cut at the drain timeout.
+    let (status, body) = c.finish(events).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("pid {}", first.pid)), "{body}");
+    assert!(
+        left.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        left.elapsed()
+    );
+    proc::wait_gone(first.pid, WAIT);
 }

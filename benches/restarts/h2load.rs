@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use pid_server_test_support::h2load::Summary;
 use serde_json::{Value, json};
 
 use crate::cli::Args;
@@ -93,81 +94,27 @@ struct Turn {
     negotiated: String,
 }
 
-/// "1.23ms", "456us", "1.5s" → µs.
-fn duration_us(s: &str) -> Option<f64> {
-    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        return None;
-    };
-    num.parse::<f64>().ok().map(|v| v * mult)
-}
-
 fn parse(out: &str) -> Result<Turn, String> {
-    let field = |line: &str, name: &str| -> Option<u64> {
-        line.split(',')
-            .map(str::trim)
-            .find(|p| p.ends_with(name))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-    };
-    let mut t = Turn {
-        ok: 0,
-        failed: 0,
-        seconds: 0.0,
-        mean_us: 0.0,
-        max_us: 0.0,
-        negotiated: String::new(),
-    };
-    let mut seen = (false, false);
-    let mut neg = Vec::new();
-    for line in out.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("finished in ") {
-            t.seconds = rest
-                .split(',')
-                .next()
-                .and_then(duration_us)
-                .map(|us| us / 1e6)
-                .ok_or_else(|| format!("h2load: cannot read {line:?}"))?;
-            seen.0 = true;
-        } else if let Some(rest) = line.strip_prefix("requests: ") {
-            t.failed = ["failed", "errored", "timeout"]
-                .iter()
-                .filter_map(|n| field(rest, n))
-                .sum();
-        } else if let Some(rest) = line.strip_prefix("status codes: ") {
-            t.ok = field(rest, "2xx").ok_or_else(|| format!("h2load: cannot read {line:?}"))?;
-            seen.1 = true;
-        } else if let Some(rest) = line.strip_prefix("time for request:") {
-            let v: Vec<f64> = rest.split_whitespace().filter_map(duration_us).collect();
-            if v.len() >= 3 {
-                t.max_us = v[1];
-                t.mean_us = v[2];
-            }
-        } else if let Some(p) = ["TLS Protocol: ", "Cipher: ", "Application protocol: "]
-            .iter()
-            .find_map(|p| line.strip_prefix(p))
-        {
-            neg.push(p.to_string());
-        }
-    }
-    if !(seen.0 && seen.1) || t.ok == 0 {
+    let s = Summary::parse(out)?;
+    if s.status_2xx == 0 {
         // (h2load counts connections it could not make apart from
         // requests: a server that does not speak the protocol ends here.)
-        let tail: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .rev()
-            .take(3)
-            .collect();
-        return Err(format!("h2load got no 2xx response: {tail:?}"));
+        return Err(format!(
+            "h2load got no 2xx response: {}",
+            out.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+        ));
     }
-    t.negotiated = neg.join(" ");
-    Ok(t)
+    Ok(Turn {
+        ok: s.status_2xx,
+        failed: s.failed + s.errored + s.timeout,
+        seconds: s.seconds,
+        mean_us: s.request_mean_us,
+        max_us: s.request_max_us,
+        negotiated: s.negotiated,
+    })
 }
 
 /// `h2load` for `secs` against `uri`, one of `proto`'s clients.

@@ -27,9 +27,10 @@ use super::conn::Stream;
 pub(crate) type Left = watch::Receiver<Option<Instant>>;
 
 /// The server's wish that a long-lived exchange end: a request extension
-/// (and extractor) on every HTTP/1.1 request, whose `.await` resolves once
-/// the generation is leaving (a handover or a stop) and this exchange's
-/// moment in the close spread ([`crate::Config::close_spread`]) has come.
+/// (and extractor) on every request, HTTP/1.1 and HTTP/2, whose `.await`
+/// resolves once the generation is leaving (a handover or a stop) and this
+/// exchange's moment in the close spread ([`crate::Config::close_spread`])
+/// has come.
 ///
 /// A WebSocket handler selects on it and closes (with 1012, Service
 /// Restart), so its client reconnects to the new process; a streaming

@@ -100,6 +100,10 @@ impl<I> Rewind<I> {
     pub(crate) fn into_inner(self) -> I {
         self.io
     }
+
+    pub(crate) fn get_ref(&self) -> &I {
+        &self.io
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

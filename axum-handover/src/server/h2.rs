@@ -13,27 +13,46 @@
 //! here, within the drain timeout; none is refused or reset. Counted like
 //! a drained connection.
 //!
+//! Once hyper has ended a connection gracefully (every stream answered,
+//! the final GOAWAY and a FIN written), it has a *lingering close*, as an
+//! HTTP/1.1 connection that hyper ends (see `conn`): the client keeps
+//! sending WINDOW_UPDATEs and acks while it reads the last responses, and
+//! closing a socket with unread input makes the kernel send a reset and
+//! throw away what it had not yet sent of those responses. So the input
+//! is read and discarded until the client closes, within the lingering
+//! close's time and bytes.
+//!
 //! Responses that wait on a client that does not read are bounded and
 //! timed out (see `stall`), while serving and while leaving alike: a
 //! stalled connection is closed at its stall timeout, so it does not hold
 //! a leaving process until the drain timeout.
+//!
+//! Every request carries what an HTTP/1.1 request does: its peer
+//! (`ConnectInfo`) and its [`Closing`], at whose moment a streaming
+//! response of unknown length (Server-Sent Events) ends cleanly, as on
+//! HTTP/1.1 (see `closing`); the stream stays in flight until its body
+//! ends.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use super::ack::HoldShutdownAck;
-use super::conn::now_ms;
-use super::detect::leaving;
+use super::closing::{Closing, Left, Peer, Streaming};
+use super::conn::{LINGER_BYTES, LINGER_TIME, Stream, now_ms};
+use super::detect::{Rewind, leaving};
 use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
 use crate::Config;
@@ -53,34 +72,72 @@ pub(crate) fn builder(config: &Config) -> Builder {
     b
 }
 
+/// The I/O under an HTTP/2 connection, which knows the connection's other
+/// end (a plain stream, or one under TLS).
+pub(crate) trait PeerOf {
+    fn peer(&self) -> Peer;
+}
+
+impl PeerOf for Stream {
+    fn peer(&self) -> Peer {
+        Peer::of(self)
+    }
+}
+
+impl<I: PeerOf> PeerOf for Rewind<I> {
+    fn peer(&self) -> Peer {
+        self.get_ref().peer()
+    }
+}
+
+impl<I: PeerOf> PeerOf for tokio_rustls::server::TlsStream<I> {
+    fn peer(&self) -> Peer {
+        self.get_ref().0.peer()
+    }
+}
+
 /// Serves one HTTP/2 connection to its end.
 pub(crate) async fn serve<I>(io: I, socket: &str, ctx: &ConnCtx)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + PeerOf + Unpin + Send + 'static,
 {
     let responses = Arc::new(Responses::new(ctx.counters.clone(), ctx.stall));
     let service = Streams {
         router: ctx.router(socket),
         counters: ctx.counters.clone(),
         responses: responses.clone(),
+        peer: io.peer(),
+        left: ctx.left.subscribe(),
+        close_spread: ctx.close_spread,
+    };
+    let (back, mut given_back) = oneshot::channel();
+    let io = GiveBack {
+        io: Some(io),
+        back: Some(back),
     };
     let io = HoldShutdownAck::new(Sent::new(io, responses.clone()));
-    let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
     let mut mode = ctx.mode.clone();
     // `None`: stalled (dropping `conn` closes it).
-    let r = tokio::select! {
-        r = conn.as_mut() => Some(r),
-        _ = responses.stalled() => None,
-        _ = leaving(&mut mode) => {
-            conn.as_mut().graceful_shutdown();
-            tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
-            tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = responses.stalled() => None,
+    let r = {
+        let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = responses.stalled() => None,
+            _ = leaving(&mut mode) => {
+                conn.as_mut().graceful_shutdown();
+                tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
+                tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = responses.stalled() => None,
+                }
             }
         }
+        // Dropped here: hyper's state goes, and hands the stream back.
     };
+    if let (Some(Ok(())), Ok(io)) = (&r, given_back.try_recv()) {
+        Box::pin(linger(io)).await;
+    }
     match r {
         Some(Ok(())) => {}
         Some(Err(e)) => log_error(&ctx.counters, &e),
@@ -96,6 +153,94 @@ where
                 );
             }
         }
+    }
+}
+
+/// The lingering close (see the module's doc): shuts down the write side
+/// (hyper has, for a graceful end; a second time is harmless), then reads
+/// and discards until the client closes, [`LINGER_TIME`] passes or
+/// [`LINGER_BYTES`] are read; dropping the stream then closes it. Over
+/// TLS the records are read (and dropped) through the session, which the
+/// client ends with its own `close_notify`.
+async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    if !matches!(
+        tokio::time::timeout_at(deadline, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            // The client closed (or reset), or time is up.
+            _ => return,
+        }
+    }
+}
+
+/// The connection's stream, handed back to [`serve`] when hyper drops it,
+/// for the lingering close.
+struct GiveBack<I> {
+    /// `None` only once dropped.
+    io: Option<I>,
+    back: Option<oneshot::Sender<I>>,
+}
+
+impl<I> GiveBack<I> {
+    fn io(&mut self) -> Pin<&mut I>
+    where
+        I: Unpin,
+    {
+        Pin::new(self.io.as_mut().expect("the stream is taken only on drop"))
+    }
+}
+
+impl<I> Drop for GiveBack<I> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            // (`serve` gone: the stream just closes.)
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for GiveBack<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for GiveBack<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -158,6 +303,11 @@ struct Streams {
     router: axum::Router,
     counters: Arc<Counters>,
     responses: Arc<Responses>,
+    /// What each request's `ConnectInfo` says.
+    peer: Peer,
+    /// When the generation left: each request's [`Closing`] waits on it.
+    left: Left,
+    close_spread: std::time::Duration,
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
@@ -167,9 +317,12 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
     type Error = Infallible;
     type Future = ResponseFuture;
 
-    fn call(&self, req: Request<Incoming>) -> ResponseFuture {
+    fn call(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let (router, counters) = (self.router.clone(), self.counters.clone());
         let slot = self.responses.admit();
+        let closing = Closing::new(self.left.clone(), self.close_spread);
+        self.peer.insert(req.extensions_mut());
+        req.extensions_mut().insert(closing.clone());
         Box::pin(async move {
             let Some(slot) = slot else {
                 // Past a bound on held responses: an empty answer, which
@@ -182,13 +335,16 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
                     .expect("a status and an empty body make a response");
                 return Ok(resp.map(|b| Tracked::new(b, None)));
             };
-            let _counted = counters.request_started();
+            let counted = counters.request_started();
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
             counters.totals.request(resp.status().as_u16());
-            Ok(resp.map(|b| Tracked::new(b, Some(slot))))
+            // In flight until the body is sent, not only its head; a body
+            // of unknown length ends at the request's `Closing` moment.
+            let body = |b| Tracked::new(Streaming::wrap(b, &closing, counted), Some(slot));
+            Ok(resp.map(body))
         })
     }
 }

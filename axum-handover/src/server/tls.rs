@@ -225,6 +225,12 @@ struct Handshaking<I> {
     gone: bool,
 }
 
+impl<I: super::h2::PeerOf> super::h2::PeerOf for Handshaking<I> {
+    fn peer(&self) -> Peer {
+        self.io.peer()
+    }
+}
+
 impl<I> Handshaking<I> {
     fn new(io: I) -> Handshaking<I> {
         Handshaking {

@@ -45,6 +45,8 @@ pub struct H2Conn {
     send: SendRequest<Bytes>,
     driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
     tls_resumed: Option<bool>,
+    /// This end's address: what the server sees as the peer.
+    local: SocketAddr,
 }
 
 /// A request under way on a connection.
@@ -80,33 +82,36 @@ impl H2Conn {
 
     fn connect_with(addr: SocketAddr, builder: &h2::client::Builder) -> Result<H2Conn, H2Error> {
         let rt = Self::runtime();
-        let (send, driver) = rt.block_on(async {
+        let (send, driver, local) = rt.block_on(async {
             let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
                 .await
                 .map_err(|e| failed("connect", e))?
                 .map_err(|e| failed("connect", e))?;
+            let local = tcp.local_addr().map_err(|e| failed("local address", e))?;
             let (send, conn) = builder
                 .handshake(tcp)
                 .await
                 .map_err(|e| failed("h2 handshake", e))?;
-            Ok::<_, H2Error>((send, tokio::spawn(conn)))
+            Ok::<_, H2Error>((send, tokio::spawn(conn), local))
         })?;
         Ok(H2Conn {
             rt,
             send,
             driver,
             tls_resumed: None,
+            local,
         })
     }
 
     /// HTTP/2 over TLS; `config` must offer `h2` by ALPN.
     pub fn connect_tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<H2Conn, H2Error> {
         let rt = Self::runtime();
-        let (send, driver, resumed) = rt.block_on(async {
+        let (send, driver, resumed, local) = rt.block_on(async {
             let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
                 .await
                 .map_err(|e| failed("connect", e))?
                 .map_err(|e| failed("connect", e))?;
+            let local = tcp.local_addr().map_err(|e| failed("local address", e))?;
             let name = ServerName::try_from("localhost").unwrap();
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
@@ -123,14 +128,20 @@ impl H2Conn {
             let (send, conn) = h2::client::handshake(tls)
                 .await
                 .map_err(|e| failed("h2 handshake", e))?;
-            Ok::<_, H2Error>((send, tokio::spawn(conn), resumed))
+            Ok::<_, H2Error>((send, tokio::spawn(conn), resumed, local))
         })?;
         Ok(H2Conn {
             rt,
             send,
             driver,
             tls_resumed: Some(resumed),
+            local,
         })
+    }
+
+    /// This end's address, as the server sees it.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 
     /// Whether the TLS session was resumed (`None` for `h2c`).

@@ -27,6 +27,8 @@
 //! - [`ws`] and [`sse`]: a WebSocket and a Server-Sent Events client for
 //!   streams that say `pid N` (pid-server's `/ws` and `/events`, the
 //!   library's `realistic` example).
+//! - [`h2load`]: nghttp2's `h2load` as a second HTTP/2 client: its summary
+//!   and, from its log, which streams were sent and not answered.
 //!
 //! # The binary under test
 //!
@@ -52,6 +54,7 @@
 pub mod cmd;
 pub mod deploy;
 pub mod h2;
+pub mod h2load;
 pub mod http;
 pub mod load;
 pub mod netns;
