@@ -64,13 +64,6 @@ fn helper(bin: &Path, pid: u32) -> (i32, String, String) {
     )
 }
 
-fn new_pid(line: &str, old: u32) -> u32 {
-    line.strip_prefix(&format!("reloaded: {old} -> "))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"))
-}
-
 /// Starts `from`, reloads it to `to` under load with `helper_bin`'s
 /// helper, checks every request succeeded, and returns the helper's line
 /// and the new process's log.
@@ -144,7 +137,7 @@ fn reload_chain(
         install(to, dir.path());
         let (code, line, err) = helper(helper_bin, old);
         assert_eq!(code, 0, "reload {}: {err}\n{}", step + 1, first.log());
-        let new = new_pid(&line, old);
+        let new = proc::reloaded_pid(&line, old);
         reaper.watch(new);
         // The kept connections: moved (same socket, new PID) or drained
         // (the old process answers with `Connection: close`, then a new
@@ -306,7 +299,7 @@ fn request_counts_start_over_from_and_to_the_previous_release() {
     install(this, dir.path());
     let (code, line, err) = helper(this, first.pid);
     assert_eq!(code, 0, "{err}");
-    let new = new_pid(&line, first.pid);
+    let new = proc::reloaded_pid(&line, first.pid);
     reaper.watch(new);
     proc::wait_gone(first.pid, WAIT);
     assert_eq!(http::get(addr, "/").unwrap().pid(), Some(new));
@@ -319,7 +312,7 @@ fn request_counts_start_over_from_and_to_the_previous_release() {
     install(prev, dir.path());
     let (code, line, err) = helper(this, new);
     assert_eq!(code, 0, "{err}\n{}", first.log());
-    let newer = new_pid(&line, new);
+    let newer = proc::reloaded_pid(&line, new);
     reaper.watch(newer);
     proc::wait_gone(new, WAIT);
     assert_eq!(http::get(addr, "/").unwrap().pid(), Some(newer));

@@ -13,15 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// Reloads `pid` with the helper; returns the new PID and the helper's line.
 fn reload(pid: u32) -> (u32, String) {
-    let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
-    assert_eq!(code, 0, "reload failed: {err}");
-    let line = out.trim().to_string();
-    let new = line
-        .strip_prefix(&format!("reloaded: {pid} -> "))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"));
-    (new, line)
+    proc::reload_ok(BIN, pid)
 }
 
 fn health_generation(c: &mut http::Conn) -> u64 {

@@ -35,16 +35,7 @@ fn start_tls(cert: &Path, key: &Path) -> (Proc, Notify, SocketAddr) {
 
 /// Reloads `pid` with the helper; the new PID.
 fn reload(pid: u32) -> u32 {
-    let (code, out, err) = proc::reload(BIN, &["--pid", &pid.to_string()]);
-    assert_eq!(code, 0, "reload failed: {out} {err}");
-    let new: u32 = out
-        .split(" -> ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no new PID in {out:?}"));
-    assert_ne!(new, pid);
-    new
+    proc::reload_ok(BIN, pid).0
 }
 
 fn pid_over_tls(addr: SocketAddr, ca: &TestCa) -> u32 {

@@ -17,13 +17,7 @@ const SPREAD: Duration = Duration::from_secs(5);
 
 /// Reloads `pid` with the example's helper; returns the new PID.
 fn reload(pid: u32) -> u32 {
-    let (code, out, err) = proc::reload(proc::example("realistic"), &["--pid", &pid.to_string()]);
-    assert_eq!(code, 0, "reload failed: {out} {err}");
-    out.trim()
-        .strip_prefix(&format!("reloaded: {pid} -> "))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected helper line {out:?}"))
+    proc::reload_ok(proc::example("realistic"), pid).0
 }
 
 fn served(addr: SocketAddr) -> u64 {

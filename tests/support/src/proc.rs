@@ -351,6 +351,27 @@ pub fn reload(bin: impl AsRef<Path>, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The new PID in the helper's line `reloaded: OLD -> NEW (generation G) …`
+/// for a reload of `old`; panics on any other line.
+pub fn reloaded_pid(line: &str, old: u32) -> u32 {
+    line.trim()
+        .strip_prefix(&format!("reloaded: {old} -> "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected helper line {line:?}"))
+}
+
+/// Reloads `pid` with `bin`'s helper, which must succeed; returns the new
+/// PID and the helper's line.
+pub fn reload_ok(bin: impl AsRef<Path>, pid: u32) -> (u32, String) {
+    let (code, out, err) = reload(bin, &["--pid", &pid.to_string()]);
+    assert_eq!(code, 0, "reload of {pid} failed: {out} {err}");
+    let line = out.trim().to_string();
+    let new = reloaded_pid(&line, pid);
+    assert_ne!(new, pid, "{line}");
+    (new, line)
+}
+
 /// The bound on a `pid-server reload` run by [`reload`].
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
 
