@@ -11,6 +11,12 @@
 //! After the measurement, a sample of the connections sends a second
 //! request (each must answer: the server kept them), then all close, and
 //! the memory is read once more (does it go back?).
+//!
+//! Before all that, on the same server, N connections that send nothing
+//! (a browser's preconnect, a load balancer's warm pool, a slow client):
+//! opened the same way, left silent for [`IDLE`], the memory read, then
+//! closed. Their "never used" figure is the memory over N, from the reading
+//! just before they opened.
 
 use std::fs;
 use std::io;
@@ -96,6 +102,11 @@ pub(crate) struct CapacityResult {
     /// Connections opened and answered (the rest failed).
     pub(crate) opened: usize,
     pub(crate) open_secs: f64,
+    /// Before the never-used connections opened, and once they idled.
+    pub(crate) silent_before: Mem,
+    pub(crate) silent_idle: Mem,
+    /// Never-used connections opened (connected).
+    pub(crate) silent_opened: usize,
     pub(crate) before: Mem,
     pub(crate) idle: Mem,
     pub(crate) after_close: Mem,
@@ -113,6 +124,14 @@ impl CapacityResult {
     }
     pub(crate) fn pss_per_conn(&self) -> f64 {
         per(self.idle.pss_kb, self.before.pss_kb, self.opened)
+    }
+    /// KiB per open never-used connection, from `VmRSS`.
+    pub(crate) fn silent_rss_per_conn(&self) -> f64 {
+        per(
+            self.silent_idle.rss_kb,
+            self.silent_before.rss_kb,
+            self.silent_opened,
+        )
     }
 }
 
@@ -233,16 +252,24 @@ fn one(
     rt.block_on(async {
         let mut warm = Vec::new();
         for _ in 0..32 {
-            warm.push(open(addr).await?);
+            warm.push(open(addr, Use::Once).await?);
         }
         drop(warm);
         Ok::<_, io::Error>(())
     })
     .map_err(|e| format!("warm-up: {e}"))?;
     sleep_until(Instant::now() + SETTLE);
+    let silent_before = mem_of(pid)?;
+    let (silent, silent_error) = rt.block_on(open_all(addr, n, opening, Use::Never));
+    sleep_until(Instant::now() + IDLE);
+    let silent_idle = mem_of(pid)?;
+    let silent_opened = silent.len();
+    drop(silent);
+    sleep_until(Instant::now() + 2 * SETTLE);
     let before = mem_of(pid)?;
     let started = Instant::now();
-    let (conns, error) = rt.block_on(open_all(addr, n, opening));
+    let (conns, error) = rt.block_on(open_all(addr, n, opening, Use::Once));
+    let error = silent_error.map(|e| format!("never used: {e}")).or(error);
     let open_secs = started.elapsed().as_secs_f64();
     sleep_until(Instant::now() + IDLE);
     let idle = mem_of(pid)?;
@@ -259,6 +286,9 @@ fn one(
         opening,
         opened,
         open_secs,
+        silent_before,
+        silent_idle,
+        silent_opened,
         before,
         idle,
         after_close,
@@ -282,19 +312,27 @@ fn only_child(master: u32) -> Result<u32, String> {
     }
 }
 
-/// Opens `n` connections, each answered once; stops at the first failure
-/// or at [`OPEN_BOUND`].
+/// Whether a connection sends its one request or nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Use {
+    Never,
+    Once,
+}
+
+/// Opens `n` connections, each answered once (or silent); stops at the
+/// first failure or at [`OPEN_BOUND`].
 async fn open_all(
     addr: SocketAddr,
     n: usize,
     opening: Opening,
+    used: Use,
 ) -> (Vec<TcpStream>, Option<String>) {
     let deadline = tokio::time::Instant::now() + OPEN_BOUND;
     let mut conns = Vec::with_capacity(n);
     match opening {
         Opening::Gradual => {
             for _ in 0..n {
-                match tokio::time::timeout_at(deadline, open(addr)).await {
+                match tokio::time::timeout_at(deadline, open(addr, used)).await {
                     Ok(Ok(s)) => conns.push(s),
                     Ok(Err(e)) => return (conns, Some(e.to_string())),
                     Err(_) => return (conns, Some(format!("not open within {OPEN_BOUND:?}"))),
@@ -309,7 +347,7 @@ async fn open_all(
                 let gate = gate.clone();
                 set.spawn(async move {
                     let _p = gate.acquire_owned().await;
-                    tokio::time::timeout_at(deadline, open(addr)).await
+                    tokio::time::timeout_at(deadline, open(addr, used)).await
                 });
             }
             let mut error = None;
@@ -326,11 +364,14 @@ async fn open_all(
     }
 }
 
-/// A connection that has sent one request and read its whole answer.
-async fn open(addr: SocketAddr) -> io::Result<TcpStream> {
+/// A connection that has sent one request and read its whole answer, or
+/// (never used) has only connected.
+async fn open(addr: SocketAddr, used: Use) -> io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    exchange(&mut s).await?;
+    if used == Use::Once {
+        exchange(&mut s).await?;
+    }
     Ok(s)
 }
 

@@ -76,6 +76,8 @@ use crate::procs::aborted;
 use crate::servers::PID_SERVER;
 
 fn main() {
+    // The bench's own helper servers (steady state) are this binary too.
+    servers::serve_helper_if_asked();
     let args = cli::parse_or_exit();
     procs::catch_signals();
     procs::become_subreaper();

@@ -575,14 +575,15 @@ fn capacity_table(c: &[CapacityResult]) -> String {
     let mut s = String::new();
     s.push_str(
         "| server | connections | opened | opening | open s | RSS before MB | RSS idle MB \
-         | KB per idle conn (RSS) | KB per idle conn (PSS) | RSS after close MB | second request ok |\n",
+         | KB per idle conn (RSS) | KB per idle conn (PSS) | KB per never-used conn (RSS) \
+         | RSS after close MB | second request ok |\n",
     );
-    s.push_str("|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|\n");
+    s.push_str("|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     let mb = |kb: u64| format!("{:.1}", kb as f64 / 1024.0);
     for r in c {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {:.2} | {} | {}/{} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
             r.server,
             r.connections,
             r.opened,
@@ -592,6 +593,7 @@ fn capacity_table(c: &[CapacityResult]) -> String {
             mb(r.idle.rss_kb),
             r.rss_per_conn(),
             r.pss_per_conn(),
+            r.silent_rss_per_conn(),
             mb(r.after_close.rss_kb),
             r.second_ok,
             r.second_asked,
@@ -625,6 +627,12 @@ fn capacity_json(c: &[CapacityResult]) -> Value {
                 "after_close": mem(r.after_close),
                 "kb_per_idle_connection_rss": r.rss_per_conn(),
                 "kb_per_idle_connection_pss": r.pss_per_conn(),
+                "never_used": {
+                    "opened": r.silent_opened,
+                    "before": mem(r.silent_before),
+                    "idle": mem(r.silent_idle),
+                    "kb_per_connection_rss": r.silent_rss_per_conn(),
+                },
                 "second_request_ok": r.second_ok,
                 "second_request_asked": r.second_asked,
                 "error": r.error,

@@ -253,3 +253,111 @@ pub(crate) fn nginx_cmd(
         .arg(dir.join("error.log"));
     Ok(cmd)
 }
+
+/// The environment variable that makes the bench's own binary one of the
+/// [`Helper`] servers (`NAME:PORT`) instead of the bench: the steady-state
+/// table's pair for what the library costs, built with the same compiler
+/// flags, allocator and runtime as each other.
+const HELPER_ENV: &str = "RESTARTS_HELPER";
+
+/// A server the bench binary itself runs (see [`HELPER_ENV`]): `GET /` with
+/// pid-server's body, on `#[tokio::main]`'s runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Helper {
+    /// `axum::serve`, nothing else.
+    PlainAxum,
+    /// The same router served by `axum-handover` (`Generation::serve`).
+    Handover,
+}
+
+impl Helper {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Helper::PlainAxum => "axum::serve",
+            Helper::Handover => "axum-handover",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Helper::PlainAxum => "plain-axum",
+            Helper::Handover => "handover",
+        }
+    }
+
+    /// The bench binary, asked to be this server on `port`.
+    pub(crate) fn cmd(self, port: u16) -> Result<Command, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("the bench's own path: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.env(HELPER_ENV, format!("{}:{port}", self.key()))
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID");
+        Ok(cmd)
+    }
+}
+
+/// When the bench was started as a [`Helper`], serves until killed and
+/// exits; otherwise returns at once.
+pub(crate) fn serve_helper_if_asked() {
+    let Ok(what) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let parsed = what.split_once(':').and_then(|(key, port)| {
+        let helper = [Helper::PlainAxum, Helper::Handover]
+            .into_iter()
+            .find(|h| h.key() == key)?;
+        Some((helper, port.parse::<u16>().ok()?))
+    });
+    let Some((helper, port)) = parsed else {
+        eprintln!("bench: error: {HELPER_ENV}={what:?} is not plain-axum:PORT or handover:PORT");
+        std::process::exit(64);
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("bench: error: runtime: {e}");
+            std::process::exit(1)
+        });
+    let code = rt.block_on(serve_helper(helper, port));
+    std::process::exit(code);
+}
+
+async fn serve_helper(helper: Helper, port: u16) -> i32 {
+    use axum::{Router, routing::get};
+    let pid = std::process::id();
+    let app = Router::new().route(
+        "/",
+        get(move || async move { format!("OK. Handled by PID: {pid}\n") }),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    match helper {
+        Helper::PlainAxum => {
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("bench: error: {addr}: {e}");
+                    return 1;
+                }
+            };
+            match axum::serve(listener, app).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("bench: error: {e}");
+                    1
+                }
+            }
+        }
+        Helper::Handover => {
+            let config = axum_handover::Config::new("bench-handover");
+            match axum_handover::Generation::take(&config, &[axum_handover::ListenAddr::Tcp(addr)])
+            {
+                Ok(g) => i32::from(g.serve(app, ()).await.exit_code()),
+                Err(e) => {
+                    eprintln!("bench: error: {e}");
+                    i32::from(e.exit_code())
+                }
+            }
+        }
+    }
+}

@@ -1,4 +1,6 @@
-//! Steady state of `GET /`: pid-server against a minimal Go net/http server
+//! Steady state of `GET /`: pid-server against the same route on plain
+//! `axum::serve` and on `axum-handover` (the bench binary's own helpers, see
+//! `servers::Helper`: what the library costs), a minimal Go net/http server
 //! (`benches/go/main.go`) and nginx `return 200`, with the same client.
 
 use std::process::Command;
@@ -12,7 +14,8 @@ use crate::nspawn;
 use crate::procs::{Procs, TempDir, aborted, sleep_until};
 use crate::results::new_hist;
 use crate::servers::{
-    NginxSite, NginxWorkers, build_go, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
+    Helper, NginxSite, NginxWorkers, build_go, nginx_cmd, pid_server_cmd, wait_for_pid,
+    wait_serving,
 };
 use crate::strategies::{Skips, log_path};
 
@@ -77,6 +80,21 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<SteadyResult> {
         }
     }
     if args.compare {
+        // What the library costs a service: the same route on plain
+        // `axum::serve` and on `axum-handover`, same binary and runtime.
+        for helper in [Helper::PlainAxum, Helper::Handover] {
+            let port = nspawn::free_port();
+            match helper.cmd(port).and_then(|cmd| {
+                procs.spawn(cmd, helper.name())?;
+                wait_serving(port, Duration::from_secs(10))
+            }) {
+                Ok(()) => contenders.push(Contender {
+                    name: helper.name(),
+                    port,
+                }),
+                Err(e) => skips.add(&format!("{} (steady state)", helper.name()), e),
+            }
+        }
         eprintln!("bench: building benches/go with `go build`");
         let port = nspawn::free_port();
         match build_go(args).and_then(|bin| {
