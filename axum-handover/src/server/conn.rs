@@ -238,16 +238,27 @@ pub(crate) const LINGER_BYTES: usize = 64 * 1024;
 
 /// The lingering close (see the module's doc): shuts down the write side,
 /// then reads and discards until the client closes, `deadline` passes or
-/// [`LINGER_BYTES`] are read; dropping the stream then closes it.
-pub(crate) async fn linger(mut stream: Stream, deadline: tokio::time::Instant) {
+/// [`LINGER_BYTES`] are read; dropping the stream then closes it. Any
+/// stream: a plain one here and under TLS, and HTTP/2's (over TLS too, where
+/// the records are read, and dropped, through the session). Callers box it:
+/// only a closing connection needs its buffer.
+pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(
+    mut io: I,
+    deadline: tokio::time::Instant,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if stream.shutdown().await.is_err() {
+    // Bounded too: a TLS shutdown writes its close_notify to a client that
+    // may read nothing.
+    if !matches!(
+        tokio::time::timeout_at(deadline, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
         return;
     }
     let mut buf = [0u8; 4096];
     let mut read = 0;
     while read < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => read += n,
             // The client closed (or reset), or time is up.
             _ => return,

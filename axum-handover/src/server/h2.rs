@@ -51,7 +51,7 @@ use tower::ServiceExt;
 
 use super::ack::HoldShutdownAck;
 use super::closing::{Closing, Left, Peer, Streaming};
-use super::conn::{LINGER_BYTES, LINGER_TIME, Stream, now_ms};
+use super::conn::{LINGER_TIME, Stream, linger, now_ms};
 use super::detect::{Rewind, leaving};
 use super::stall::{Responses, Sent, Tracked};
 use super::{ConnCtx, Counters, MAX_HEADER_BYTES};
@@ -136,7 +136,9 @@ where
         // Dropped here: hyper's state goes, and hands the stream back.
     };
     if let (Some(Ok(())), Ok(io)) = (&r, given_back.try_recv()) {
-        Box::pin(linger(io)).await;
+        // hyper has shut the write side down for a graceful end; a second
+        // time is harmless.
+        Box::pin(linger(io, tokio::time::Instant::now() + LINGER_TIME)).await;
     }
     match r {
         Some(Ok(())) => {}
@@ -152,32 +154,6 @@ where
                      that did not read them ({suppressed} more such lines suppressed)"
                 );
             }
-        }
-    }
-}
-
-/// The lingering close (see the module's doc): shuts down the write side
-/// (hyper has, for a graceful end; a second time is harmless), then reads
-/// and discards until the client closes, [`LINGER_TIME`] passes or
-/// [`LINGER_BYTES`] are read; dropping the stream then closes it. Over
-/// TLS the records are read (and dropped) through the session, which the
-/// client ends with its own `close_notify`.
-async fn linger<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = tokio::time::Instant::now() + LINGER_TIME;
-    if !matches!(
-        tokio::time::timeout_at(deadline, io.shutdown()).await,
-        Ok(Ok(()))
-    ) {
-        return;
-    }
-    let mut buf = vec![0u8; 4096];
-    let mut read = 0;
-    while read < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => read += n,
-            // The client closed (or reset), or time is up.
-            _ => return,
         }
     }
 }
