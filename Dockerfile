@@ -1,6 +1,6 @@
 # pid-server under a real systemd in a container: pid-server.socket holds
 # port 8080, and `systemctl reload pid-server` swaps the process with zero
-# failed requests. See README.md, "Docker and podman".
+# failed requests. See docs/src/operator/containers.md.
 #
 #   podman build -t pid-server .
 #   podman run -d --name pid-server --systemd=always \
@@ -14,7 +14,7 @@
 # default capabilities pid-server.service fails with 226/NAMESPACE.
 # CAP_NET_ADMIN lets it apply PrivateNetwork= too (without, it logs that it
 # carries on without). A Debian 12 base (systemd 252) starts with the
-# defaults (but without the private network namespace; see README.md):
+# defaults (but without the private network namespace; see docs/src/operator/containers.md):
 #   --build-arg RUST_IMAGE=rust:1-bookworm --build-arg BASE_IMAGE=debian:bookworm-slim
 #
 # Targets:

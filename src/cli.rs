@@ -115,7 +115,7 @@ pub struct Cli {
 }
 
 /// The exit codes and what each means, for `--help` and the man page
-/// (README's "Exit codes" table says the same, by command).
+/// (the book's exit-codes page says the same, by command).
 pub const EXIT_STATUS: &[(u8, &str)] = &[
     (
         0,

@@ -1,7 +1,7 @@
 //! The `pid-server` binary: the reference app of the `axum-handover`
 //! library. It parses the command line, reads the configuration file, takes
 //! the sockets before the runtime starts, serves its routes, and maps how
-//! that ended to the exit codes README.md documents (0, 1, 2, 3, 4, 64, 76, 77, 78).
+//! that ended to the exit codes docs/src/operator/exit-codes.md documents (0, 1, 2, 3, 4, 64, 76, 77, 78).
 
 mod app;
 mod cli;
@@ -20,14 +20,14 @@ use cli::Command;
 
 /// jemalloc rather than glibc's malloc: it gives freed memory back to the
 /// system soon, so the buffers of connections that went idle (see
-/// "Capacity" in README.md) do not stay resident.
+/// docs/src/operator/capacity.md) do not stay resident.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options: a background thread returns pages unused for half a
 /// second. With a second, the buffers of 1 000 connections parked at once
 /// were not all back 2 s later (2.0–2.5 KB per idle connection against
-/// 1.5–1.6 KB); throughput did not change measurably (README, "Capacity").
+/// 1.5–1.6 KB); throughput did not change measurably (docs/src/operator/capacity.md).
 // SAFETY: jemalloc reads this NUL-terminated string once at its start.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 59] = b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0\0";

@@ -424,7 +424,7 @@ pub(crate) enum Ended {
 /// in needs (hyper's connection, the protocol detection, HTTP/2) is boxed
 /// in the step that serves them, and the parked wait polls the socket's
 /// readiness rather than holding a future for it. (Inline, the HTTP/2 path
-/// made every connection's task ~7 KB; see "Capacity" in README.md.)
+/// made every connection's task ~7 KB; see docs/src/operator/capacity.md.)
 pub(crate) async fn serve(mut conn: Parked, socket: Arc<str>, ctx: Arc<ConnCtx>, held: Held) {
     // Only the connection's first bytes can be the HTTP/2 preface.
     let mut first = true;
