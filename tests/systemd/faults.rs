@@ -292,7 +292,11 @@ fn systemd_busy_during_a_reload(r: Release, case: &'static str, cmd: &str) {
         let p = c.main_pid(SERVICE);
         (p != 0 && p != old).then_some(p)
     });
-    assert_eq!(healthz(&c)["pid"], new);
+    // The old process may still answer a new connection for a moment (it
+    // stops accepting once it has answered the helper): wait, bounded.
+    wait::until("the new generation to answer /healthz", WAIT, || {
+        (healthz(&c)["pid"] == new).then_some(())
+    });
     // After daemon-reexec, `systemctl reload` may have returned before the
     // reload job ended: MainPID moves at the take-over, and the job ends when
     // ExecReload= (the helper, waiting for the old process's report) does.
