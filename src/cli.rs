@@ -328,6 +328,19 @@ pub struct ServeArgs {
     )]
     pub http2_max_held_responses: u32,
 
+    /// At a stop, idle keep-alive connections left in systemd's file
+    /// descriptor store (at most this many), for the next start to serve:
+    /// `systemctl restart` then closes none. 0: off. The unit needs
+    /// `FileDescriptorStoreMax=` of at least N.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PID_SERVER_FD_STORE_CONNECTIONS",
+        default_value = "0",
+        value_parser = parse_count
+    )]
+    pub fd_store_connections: u32,
+
     /// A PEM certificate chain (certbot's `fullchain.pem`): serve TLS on
     /// every socket, HTTP/2 or HTTP/1.1 by ALPN. Needs --tls-key. Read at
     /// every start, so a reload serves a renewed certificate.
@@ -427,6 +440,7 @@ impl ServeArgs {
             max_connections,
             http2_stall_timeout,
             http2_max_held_responses,
+            fd_store_connections,
             tls_cert,
             tls_key,
         } = file;
@@ -451,7 +465,8 @@ impl ServeArgs {
             close_spread,
             max_connections,
             http2_stall_timeout,
-            http2_max_held_responses
+            http2_max_held_responses,
+            fd_store_connections
         );
         let idle_grace = idle_grace.map(Some);
         let tls_cert = tls_cert.map(Some);
@@ -490,7 +505,8 @@ impl ServeArgs {
             .header_read_timeout(self.header_timeout)
             .max_connections(self.max_connections as usize)
             .http2_stall_timeout(self.http2_stall_timeout)
-            .http2_max_held_responses(self.http2_max_held_responses as usize);
+            .http2_max_held_responses(self.http2_max_held_responses as usize)
+            .fd_store_connections(self.fd_store_connections as usize);
         if let Some(tls) = tls {
             c = c.tls(tls);
         }
@@ -562,6 +578,15 @@ pub fn parse_ms(s: &str) -> Result<Duration, String> {
         Ok(n) if n <= 60_000 => Ok(Duration::from_millis(n)),
         Ok(_) => Err("must be at most 60000 ms".into()),
         Err(_) => Err(format!("`{s}` is not a whole number of milliseconds")),
+    }
+}
+
+/// A number of things, 0 included.
+pub fn parse_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) => Ok(n),
+        Err(_) if s.trim().parse::<u64>().is_ok() => Err(format!("must be at most {}", u32::MAX)),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
     }
 }
 

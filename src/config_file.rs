@@ -30,7 +30,7 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 pub const EX_CONFIG: u8 = 78;
 
 /// The keys a file may set: the `serve` flags' long names, `_` for `-`.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 14] = [
     "listen",
     "drain_timeout",
     "upgrade_timeout",
@@ -42,6 +42,7 @@ pub const KEYS: [&str; 13] = [
     "max_connections",
     "http2_stall_timeout",
     "http2_max_held_responses",
+    "fd_store_connections",
     "tls_cert",
     "tls_key",
 ];
@@ -77,6 +78,7 @@ pub struct FileSettings {
     pub max_connections: Option<u32>,
     pub http2_stall_timeout: Option<Duration>,
     pub http2_max_held_responses: Option<u32>,
+    pub fd_store_connections: Option<u32>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -181,6 +183,9 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "http2_max_held_responses" => {
             s.http2_max_held_responses =
                 Some(integer(value, "", cli::parse_max_connections).map_err(named)?)
+        }
+        "fd_store_connections" => {
+            s.fd_store_connections = Some(integer(value, "", cli::parse_count).map_err(named)?)
         }
         "tls_cert" => s.tls_cert = Some(path(value).map_err(named)?),
         "tls_key" => s.tls_key = Some(path(value).map_err(named)?),
@@ -320,6 +325,7 @@ close_spread_ms = 1500
 max_connections = 9
 http2_stall_timeout = 4
 http2_max_held_responses = 8
+fd_store_connections = 0
 tls_cert = "/etc/x/fullchain.pem"
 tls_key = "key.pem"
 "#,
@@ -342,6 +348,7 @@ tls_key = "key.pem"
                 max_connections: Some(9),
                 http2_stall_timeout: Some(Duration::from_secs(4)),
                 http2_max_held_responses: Some(8),
+                fd_store_connections: Some(0),
                 tls_cert: Some("/etc/x/fullchain.pem".into()),
                 tls_key: Some("key.pem".into()),
             }
@@ -500,6 +507,7 @@ tls_key = "key.pem"
             s.http2_max_held_responses,
             Some(defaults.http2_max_held_responses)
         );
+        assert_eq!(s.fd_store_connections, Some(defaults.fd_store_connections));
         // No default: an example value.
         assert_eq!(defaults.idle_grace, None);
         assert!(s.idle_grace.is_some());

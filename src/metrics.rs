@@ -94,6 +94,12 @@ impl Collector for Scrape {
                 "HTTP/2 requests answered 503 because the responses held reached their bound",
                 m.http2_refused_streams,
             ),
+            (
+                "connections_restored",
+                "Connections taken from systemd's file descriptor store at a start: idle \
+                 connections a restart kept",
+                m.connections_restored,
+            ),
         ] {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;

@@ -24,6 +24,9 @@ pub struct Config {
     /// Sockets (by name) whose connections have a budget of their own.
     pub(crate) own_budgets: Vec<(String, usize)>,
     pub(crate) move_connections: bool,
+    /// Idle connections a stop may leave in systemd's file descriptor
+    /// store (0: none).
+    pub(crate) fd_store_connections: usize,
     /// TLS per socket name (`None`: every socket without a name of its
     /// own here).
     pub(crate) tls: Vec<(Option<String>, crate::Tls)>,
@@ -74,6 +77,7 @@ impl Config {
             max_connections: 10_000,
             own_budgets: Vec::new(),
             move_connections: true,
+            fd_store_connections: 0,
             tls: Vec::new(),
             tls_handshake_timeout: Duration::from_secs(10),
             http2: true,
@@ -201,6 +205,27 @@ impl Config {
     /// generation (default) or closes them the way a drain does.
     pub fn move_connections(mut self, on: bool) -> Config {
         self.move_connections = on;
+        self
+    }
+
+    /// At a stop (`systemctl restart`, `systemctl stop`: SIGTERM), leaves up
+    /// to `n` idle keep-alive connections in systemd's file descriptor
+    /// store instead of closing them, and the next start serves them: a
+    /// restart then closes no idle connection, and a request a client sends
+    /// in the gap waits in its socket. A plain stop discards the store, which
+    /// closes them then. Default 0: off, idle connections close at a stop.
+    ///
+    /// Give the unit `FileDescriptorStoreMax=` of at least `n` (systemd
+    /// closes what does not fit; systemd ≥ 254 says the unit's value in
+    /// `$FDSTORE`, and the lower of the two is used). Connections past `n`,
+    /// TLS and HTTP/2 connections, and those with bytes of a request read
+    /// already are served to the end as at any stop. Taking stored
+    /// connections at a start needs no setting: any connection the store
+    /// gives back under this crate's names is served. The store is
+    /// systemd's: without `NOTIFY_SOCKET` this does nothing. See
+    /// docs/src/operator/restart.md for what it costs PID 1.
+    pub fn fd_store_connections(mut self, n: usize) -> Config {
+        self.fd_store_connections = n;
         self
     }
 

@@ -30,6 +30,7 @@
 mod config;
 mod control;
 mod env;
+mod fdstore;
 pub mod file;
 mod generation;
 mod handover;

@@ -243,7 +243,15 @@ pub fn inherited_from(
     if count == 0 {
         return Err(ListenError::NoneInherited);
     }
-    if count > MAX_INHERITED {
+    // Connections systemd kept in its file descriptor store over a restart
+    // come after the sockets, named (see `fdstore`): only those may go past
+    // the sockets' bound.
+    let stored_room = if listen_fdnames.is_some() {
+        crate::fdstore::MAX_TAKEN as u32
+    } else {
+        0
+    };
+    if count > MAX_INHERITED + stored_room {
         return Err(ListenError::TooMany(count));
     }
     let names: Vec<String> = match listen_fdnames {
@@ -256,6 +264,13 @@ pub fn inherited_from(
             fds: count as usize,
         });
     }
+    let sockets = names
+        .iter()
+        .filter(|n| crate::fdstore::socket_of(n).is_none())
+        .count();
+    if sockets > MAX_INHERITED as usize {
+        return Err(ListenError::TooMany(count));
+    }
     Ok(Inherited::Sockets { count, names })
 }
 
@@ -263,10 +278,7 @@ pub fn inherited_from(
 /// are none. `origin_var` names the variable in which a previous generation
 /// says it bound the sockets itself. Reads the environment, never changes
 /// it.
-pub(crate) fn take_or_bind(
-    addrs: &[ListenAddr],
-    origin_var: &str,
-) -> Result<(Vec<Listener>, Option<String>), ListenError> {
+pub(crate) fn take_or_bind(addrs: &[ListenAddr], origin_var: &str) -> Result<Taken, ListenError> {
     let env = |k: &str| std::env::var(k).ok();
     let inherited = inherited_from(
         env("LISTEN_FDS").as_deref(),
@@ -275,8 +287,8 @@ pub(crate) fn take_or_bind(
         std::process::id(),
     )?;
     match inherited {
-        Inherited::None => Ok((bind_all(addrs)?, None)),
-        Inherited::ForOtherPid(pid) => Ok((
+        Inherited::None => Ok(Taken::bound(bind_all(addrs)?, None)),
+        Inherited::ForOtherPid(pid) => Ok(Taken::bound(
             bind_all(addrs)?,
             Some(format!(
                 "LISTEN_PID={pid} is not this process: ignored the inherited sockets"
@@ -289,23 +301,76 @@ pub(crate) fn take_or_bind(
                 Some("bound") => Origin::Bound,
                 _ => Origin::Systemd,
             };
-            Ok((take_inherited(count, names, origin)?, None))
+            let mut taken = take_inherited(count, names, origin)?;
+            // Only stored connections (a service that binds its own
+            // sockets, with a file descriptor store): bind as usual.
+            if taken.listeners.is_empty() {
+                taken.listeners = bind_all(addrs)?;
+            }
+            Ok(taken)
         }
     }
+}
+
+/// What [`take_or_bind`] took.
+pub(crate) struct Taken {
+    pub(crate) listeners: Vec<Listener>,
+    /// Connections from systemd's file descriptor store (a restart).
+    pub(crate) stored: Vec<Stored>,
+    /// The store's names for them, to remove them from it by.
+    pub(crate) stored_names: Vec<String>,
+    /// Something to warn about.
+    pub(crate) warning: Option<String>,
+}
+
+impl Taken {
+    fn bound(listeners: Vec<Listener>, warning: Option<String>) -> Taken {
+        Taken {
+            listeners,
+            stored: Vec::new(),
+            stored_names: Vec::new(),
+            warning,
+        }
+    }
+}
+
+/// A client connection taken from systemd's file descriptor store.
+#[derive(Debug)]
+pub(crate) struct Stored {
+    /// The listening socket it came from, by name.
+    pub(crate) socket: String,
+    pub(crate) kind: crate::handover::channel::Kind,
+    pub(crate) fd: OwnedFd,
 }
 
 /// The name given to sockets bound from `--listen` (fd names may not contain
 /// the ':' of an address; logs show the address beside it).
 pub(crate) const BOUND_NAME: &str = "listen";
 
-fn take_inherited(
-    count: u32,
-    names: Vec<String>,
-    origin: Origin,
-) -> Result<Vec<Listener>, ListenError> {
-    let mut out = Vec::with_capacity(count as usize);
+fn take_inherited(count: u32, names: Vec<String>, origin: Origin) -> Result<Taken, ListenError> {
+    let mut out = Vec::with_capacity(count.min(MAX_INHERITED) as usize);
+    let mut stored = Vec::new();
+    let mut stored_names: Vec<String> = Vec::new();
+    let mut bad_stored = 0usize;
     for (idx, name) in names.into_iter().enumerate() {
         let fd = 3 + idx as RawFd;
+        if let Some(socket) = crate::fdstore::socket_of(&name) {
+            if !stored_names.iter().any(|n| *n == name) {
+                stored_names.push(name.clone());
+            }
+            // One that is not a connection is left alone (and open: it is
+            // systemd's to close when we remove the name), not a reason to
+            // refuse the start.
+            match take_connected(fd) {
+                Ok((kind, fd)) => stored.push(Stored {
+                    socket: socket.to_string(),
+                    kind,
+                    fd,
+                }),
+                Err(_) => bad_stored += 1,
+            }
+            continue;
+        }
         let bad = |reason: String| ListenError::BadInherited {
             fd,
             name: if name == "unknown" {
@@ -323,7 +388,47 @@ fn take_inherited(
             origin,
         });
     }
-    Ok(out)
+    let warning = (bad_stored > 0).then(|| {
+        format!(
+            "{bad_stored} fds from the file descriptor store are not client connections: left alone"
+        )
+    });
+    Ok(Taken {
+        listeners: out,
+        stored,
+        stored_names,
+        warning,
+    })
+}
+
+/// Owns inherited fd `fd` once it proved to be a connected TCP or Unix
+/// stream socket (a client connection from systemd's file descriptor
+/// store), close-on-exec.
+fn take_connected(fd: RawFd) -> Result<(crate::handover::channel::Kind, OwnedFd), String> {
+    use crate::handover::channel::Kind;
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err("missing".into());
+    }
+    // SAFETY: open (checked above); borrowed for the queries only.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let sock = SockRef::from(&borrowed);
+    let kind = match sock.domain() {
+        Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 => Kind::Tcp,
+        Ok(d) if d == Domain::UNIX => Kind::Unix,
+        _ => return Err("not a TCP or Unix socket".into()),
+    };
+    if sock.r#type().ok() != Some(Type::STREAM) || sock.is_listener().unwrap_or(true) {
+        return Err("not a connected stream socket".into());
+    }
+    // SAFETY: open, a connected stream socket (checked above), placed at
+    // this number by systemd for us and claimed once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on the fd we now own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    Ok((kind, owned))
 }
 
 /// Owns inherited fd `fd` once it proved to be a listening TCP or Unix
@@ -552,6 +657,21 @@ mod tests {
         assert!(matches!(
             inherited_from(Some("2"), None, Some("a"), 7),
             Err(ListenError::NameCount { .. })
+        ));
+        // Stored connections may go past the sockets' bound; sockets may
+        // not.
+        let names = std::iter::once("http".to_string())
+            .chain((0..100).map(|_| "handover-conn.http".to_string()))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert!(matches!(
+            inherited_from(Some("101"), None, Some(&names), 7),
+            Ok(Sockets { count: 101, .. })
+        ));
+        let names = vec!["http"; 65].join(":");
+        assert!(matches!(
+            inherited_from(Some("65"), None, Some(&names), 7),
+            Err(ListenError::TooMany(65))
         ));
     }
 

@@ -117,6 +117,10 @@ pub struct Metrics {
     /// HTTP/2 requests answered 503 (empty) because the responses held
     /// reached a bound.
     pub http2_refused_streams: u64,
+    /// Connections taken from systemd's file descriptor store at a start:
+    /// idle connections a restart (or a crash) kept
+    /// ([`crate::Config::fd_store_connections`]).
+    pub connections_restored: u64,
 }
 
 /// The counting side.
@@ -132,6 +136,7 @@ pub(crate) struct Totals {
     protocol_errors: AtomicU64,
     http2_stalled: AtomicU64,
     http2_refused: AtomicU64,
+    restored: AtomicU64,
     histograms: Mutex<(Histogram, Histogram)>,
     /// What the previous generations counted, as last received.
     base: Mutex<Option<Carried>>,
@@ -149,6 +154,7 @@ impl Default for Totals {
             protocol_errors: AtomicU64::new(0),
             http2_stalled: AtomicU64::new(0),
             http2_refused: AtomicU64::new(0),
+            restored: AtomicU64::new(0),
             histograms: Mutex::new((
                 Histogram::new(&HANDOVER_BUCKETS),
                 Histogram::new(&DRAIN_BUCKETS),
@@ -170,6 +176,7 @@ pub(crate) struct Carried {
     protocol_errors: u64,
     http2_stalled: u64,
     http2_refused: u64,
+    restored: u64,
     handover: Histogram,
     drain: Histogram,
 }
@@ -198,6 +205,10 @@ impl Totals {
 
     pub(crate) fn http2_stalled(&self) {
         self.http2_stalled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn restored(&self, n: usize) {
+        self.restored.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn http2_refused(&self) {
@@ -250,6 +261,7 @@ impl Totals {
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
             http2_stalled: self.http2_stalled.load(Ordering::Relaxed),
             http2_refused: self.http2_refused.load(Ordering::Relaxed),
+            restored: self.restored.load(Ordering::Relaxed),
             handover: h,
             drain: d,
         };
@@ -271,6 +283,7 @@ impl Totals {
             c.protocol_errors += b.protocol_errors;
             c.http2_stalled += b.http2_stalled;
             c.http2_refused += b.http2_refused;
+            c.restored += b.restored;
             c.handover.add(&b.handover);
             c.drain.add(&b.drain);
         }
@@ -305,6 +318,7 @@ impl Totals {
             http2_held_responses: http2_held,
             http2_stalled_connections: c.http2_stalled,
             http2_refused_streams: c.http2_refused,
+            connections_restored: c.restored,
         }
     }
 }
@@ -330,8 +344,8 @@ impl Carried {
             self.tls_failures, self.protocol_errors
         ));
         s.push_str(&format!(
-            "tls_handshakes_abandoned {}\nhttp2_stalled {}\nhttp2_refused {}\n",
-            self.tls_abandoned, self.http2_stalled, self.http2_refused
+            "tls_handshakes_abandoned {}\nhttp2_stalled {}\nhttp2_refused {}\nrestored {}\n",
+            self.tls_abandoned, self.http2_stalled, self.http2_refused, self.restored
         ));
         for (name, h) in [("handover", &self.handover), ("drain", &self.drain)] {
             for (le, n) in &h.buckets {
@@ -359,6 +373,7 @@ impl Carried {
             protocol_errors: 0,
             http2_stalled: 0,
             http2_refused: 0,
+            restored: 0,
             handover: Histogram::new(&HANDOVER_BUCKETS),
             drain: Histogram::new(&DRAIN_BUCKETS),
         };
@@ -382,6 +397,7 @@ impl Carried {
                 ["protocol_errors", n] => c.protocol_errors = n.parse().ok()?,
                 ["http2_stalled", n] => c.http2_stalled = n.parse().ok()?,
                 ["http2_refused", n] => c.http2_refused = n.parse().ok()?,
+                ["restored", n] => c.restored = n.parse().ok()?,
                 [name, le, n] if name.ends_with("_bucket") => {
                     let h = histogram(&mut c, name.trim_end_matches("_bucket"))?;
                     let le: f64 = le.parse().ok()?;
@@ -431,6 +447,7 @@ mod tests {
         old.http2_stalled();
         old.http2_refused();
         old.http2_refused();
+        old.restored(7);
         let sent = old.carried();
         assert_eq!(Carried::decode(&sent.encode()), Some(sent.clone()));
         let new = Totals::default();
@@ -442,6 +459,7 @@ mod tests {
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),
             (1, 5, 1)
         );
+        assert_eq!(m.connections_restored, 7);
         assert_eq!(
             (m.tls_handshake_failures, m.tls_handshakes_abandoned),
             (1, 2)

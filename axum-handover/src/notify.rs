@@ -40,6 +40,11 @@ impl Notifier {
         self.owner.store(false, Ordering::SeqCst);
     }
 
+    /// Whether what this process sends reaches systemd for the unit.
+    pub(crate) fn speaks(&self) -> bool {
+        self.enabled && !self.is_silenced()
+    }
+
     pub(crate) fn is_silenced(&self) -> bool {
         !self.owner.load(Ordering::SeqCst)
     }
@@ -140,7 +145,7 @@ pub(crate) async fn watchdog_loop(notifier: Arc<Notifier>, interval: Duration) {
 /// The `BARRIER=1` protocol (systemd ≥ 246): send a pipe's write end with the
 /// message and wait until systemd closes it, which it does after processing
 /// every message sent before.
-fn barrier(timeout: Duration) -> io::Result<()> {
+pub(crate) fn barrier(timeout: Duration) -> io::Result<()> {
     let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     sd_notify::notify_with_fds(&[NotifyState::Custom("BARRIER=1")], &[write.as_fd()])?;
     drop(write);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::running::{Leave, Running, drain_status};
 use super::{Ended, Leaving};
 use crate::control::{self, Answer, Report};
+use crate::fdstore;
 use crate::handover::channel::{Feature, PROTOCOL};
 use crate::handover::spawn::Joined;
 use crate::handover::state::{MAX_STATE, describe};
@@ -25,6 +26,7 @@ impl Running {
         }
         let pid = self.info.pid;
         let mut reporter = None;
+        let mut store = None;
         let handover = match leave {
             Leave::Stop(sig) => {
                 tracing::info!(
@@ -35,7 +37,11 @@ impl Running {
                     "{sig}: draining {} in-flight requests",
                     self.info.in_flight()
                 );
-                self.server.begin_drain();
+                store = self.fd_store();
+                match &store {
+                    Some(s) => self.server.begin_store(s.clone()),
+                    None => self.server.begin_drain(),
+                }
                 self.info.set_leaving(Leaving::Stopping);
                 // The accept loops stop and drop their sockets; these are
                 // the copies kept for a next generation, which a stop will
@@ -93,6 +99,9 @@ impl Running {
         let extender = self.extend_drain();
         let report = self.finish(reporter).await;
         extender.abort();
+        if let Some(store) = store {
+            self.send_to_store(&store);
+        }
         let Some(report) = report else {
             return Ended::Forced;
         };
@@ -176,6 +185,38 @@ impl Running {
                 STATE_SEND_TIMEOUT.as_secs()
             ),
         }
+    }
+
+    /// The file descriptor store for a stop's idle connections, when the
+    /// app asked for it and systemd can keep them.
+    fn fd_store(&self) -> Option<std::sync::Arc<fdstore::Store>> {
+        let want = self.config.fd_store_connections;
+        if want == 0 || !self.notifier.speaks() {
+            return None;
+        }
+        let room = fdstore::room(want, std::env::var("FDSTORE").ok().as_deref());
+        (room > 0).then(|| std::sync::Arc::new(fdstore::Store::new(room)))
+    }
+
+    /// Hands the stored connections to systemd, says so, and counts them.
+    fn send_to_store(&self, store: &fdstore::Store) {
+        let sent = store.send(Duration::from_secs(5));
+        tracing::info!(
+            event = "connections_stored",
+            connections_stored = sent.stored,
+            connections_refused = sent.refused,
+            connections_lost = sent.lost,
+            notify_messages = sent.messages,
+            "left {} idle connections in systemd's file descriptor store for the next start ({} messages); {} served to the end here{}",
+            sent.stored,
+            sent.messages,
+            sent.refused,
+            if sent.lost > 0 {
+                format!(", {} closed (the store refused them)", sent.lost)
+            } else {
+                String::new()
+            }
+        );
     }
 
     /// Keeps systemd from killing a drain that runs long, and shows its

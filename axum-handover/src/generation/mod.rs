@@ -519,6 +519,10 @@ pub struct Generation {
     /// Something about the inherited sockets worth a warning once logging
     /// is up.
     warning: Option<String>,
+    /// Connections systemd kept for us over a restart, and the names to
+    /// remove them from its store by.
+    stored: Vec<listeners::Stored>,
+    stored_names: Vec<String>,
     number: u32,
     /// Set when a previous generation started us.
     inherited: Option<Inherited>,
@@ -562,7 +566,7 @@ impl Generation {
             return Err(StartError::TakenTwice);
         }
         let number = join::generation_from_env(config).map_err(StartError::Usage)?;
-        let (listeners, warning) = listeners::take_or_bind(listen, &config.var(Var::SocketOrigin))?;
+        let taken = listeners::take_or_bind(listen, &config.var(Var::SocketOrigin))?;
         // After the sockets: the channels sit right above them.
         let inherited = join::take(config).map_err(StartError::Usage)?;
         let exe = join::resolve_exe().map_err(|e| StartError::Executable(e.to_string()))?;
@@ -572,8 +576,10 @@ impl Generation {
         let fd_limit = FdLimit::raise();
         Ok(Generation {
             config: config.clone(),
-            listeners,
-            warning,
+            listeners: taken.listeners,
+            warning: taken.warning,
+            stored: taken.stored,
+            stored_names: taken.stored_names,
             number,
             inherited,
             exe,

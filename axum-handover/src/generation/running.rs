@@ -173,6 +173,7 @@ impl Running {
         };
         let server = Server::start(g.listeners, routes, g.info.counters.clone(), &config)
             .map_err(|e| ServeError::Sockets(e.to_string()))?;
+        restore(&server, g.stored, &g.stored_names, &notifier, &g.info);
         Ok(Running {
             config: g.config,
             info: g.info,
@@ -282,4 +283,37 @@ pub(super) fn drain_status(info: &Info) -> String {
         info.upgraded(),
         info.generation
     )
+}
+
+/// Serves the connections systemd kept over a restart, and has systemd let
+/// go of its copies: from here on this process owns them (a connection it
+/// closes must close for the client too).
+fn restore(
+    server: &Server,
+    stored: Vec<crate::listeners::Stored>,
+    names: &[String],
+    notifier: &Notifier,
+    info: &Info,
+) {
+    if names.is_empty() {
+        return;
+    }
+    let n = server.adopt_stored(stored);
+    info.counters.totals.restored(n);
+    let messages = if notifier.speaks() {
+        crate::fdstore::remove(names).unwrap_or_else(|e| {
+            tracing::warn!(event = "fd_store_remove_failed", error = %e,
+                "cannot remove the connections from systemd's file descriptor store: {e}; \
+                 closing one will not close it for its client until the next stop");
+            0
+        })
+    } else {
+        0
+    };
+    tracing::info!(
+        event = "connections_restored",
+        connections = n,
+        notify_messages = messages,
+        "took {n} idle connections from systemd's file descriptor store (kept over a restart)"
+    );
 }

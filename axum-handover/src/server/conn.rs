@@ -608,8 +608,12 @@ impl Parked {
             Ok(()) => return Ok(Ended::Moved),
             Err(err) => err,
         };
-        tracing::warn!(event = "connection_move_failed", error = %e,
-            "cannot move a connection to the new process; serving it here until it closes");
+        // The store's refusals are counted, and said in one line at the
+        // end (`Store::send`): a full store may refuse thousands.
+        if ctx.store.get().is_none() {
+            tracing::warn!(event = "connection_move_failed", error = %e,
+                "cannot move a connection to the new process; serving it here until it closes");
+        }
         match stream {
             // Served here, with `Connection: close` on the next response,
             // and counted.
@@ -867,6 +871,16 @@ async fn move_out(
     read_ahead: &[u8],
     ctx: &ConnCtx,
 ) -> Result<(), (Option<Stream>, io::Error)> {
+    if let Some(store) = ctx.store.get() {
+        let (kind, fd) = stream.into_fd().map_err(|e| (None, e))?;
+        return match store.put(socket, fd, read_ahead) {
+            Ok(()) => Ok(()),
+            Err((fd, why)) => Err((
+                Stream::from_fd(kind, fd).ok(),
+                io::Error::other(why.reason()),
+            )),
+        };
+    }
     let Some(channel) = ctx.successor.get() else {
         let e = io::Error::other("the new process takes no connections");
         return Err((Some(stream), e));

@@ -209,6 +209,9 @@ struct ConnCtx {
     close_spread: Duration,
     /// Where connections go once moving.
     successor: OnceLock<Connections>,
+    /// Or, at a stop, where they wait for the next start: systemd's file
+    /// descriptor store.
+    store: OnceLock<Arc<crate::fdstore::Store>>,
     /// HTTP/2 is served (prior knowledge on plain sockets, ALPN on TLS).
     http2: bool,
     h2: h2::Builder,
@@ -324,6 +327,7 @@ impl Server {
                 .close_spread
                 .min(config.drain_timeout.saturating_sub(CLOSE_GRACE)),
             successor: OnceLock::new(),
+            store: OnceLock::new(),
             http2: config.http2,
             h2: h2::builder(config),
             stall: stall::Limits {
@@ -448,6 +452,40 @@ impl Server {
         });
     }
 
+    /// Serves the connections systemd kept in its file descriptor store
+    /// over a restart, as if we had accepted them (each takes a connection
+    /// slot). Returns how many.
+    pub(crate) fn adopt_stored(&self, stored: Vec<crate::listeners::Stored>) -> usize {
+        let Some(done) = self.done.clone() else {
+            return 0;
+        };
+        let count = stored.len();
+        if count == 0 {
+            return 0;
+        }
+        let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
+        tokio::spawn(async move {
+            for c in stored {
+                let socket = ctx.socket(&c.socket);
+                let Ok(permit) = slots.of(&socket).acquire_owned().await else {
+                    break;
+                };
+                match Stream::from_fd(c.kind, c.fd) {
+                    Ok(s) => {
+                        // Always plain: only plain connections are stored.
+                        let conn = (s, Vec::new(), socket);
+                        spawn_conn(conn, None, ctx.clone(), Some(permit), done.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "connection_refused", error = %e,
+                            "cannot serve a connection from the file descriptor store: {e}");
+                    }
+                }
+            }
+        });
+        count
+    }
+
     /// Starts a drain: from here on responses say `Connection: close`, the
     /// generation reports itself leaving, and no connection is accepted.
     pub(crate) fn begin_drain(&mut self) {
@@ -466,6 +504,17 @@ impl Server {
             return;
         }
         let _ = self.ctx.successor.set(channel);
+        self.leave(Mode::Moving);
+    }
+
+    /// A stop that keeps the idle connections: each goes to `store` (or,
+    /// when it has no room, is served here to the end) as it would move to
+    /// a successor.
+    pub(crate) fn begin_store(&mut self, store: Arc<crate::fdstore::Store>) {
+        if self.drain_started.is_some() {
+            return;
+        }
+        let _ = self.ctx.store.set(store);
         self.leave(Mode::Moving);
     }
 
