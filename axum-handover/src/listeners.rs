@@ -355,7 +355,7 @@ fn take_inherited(count: u32, names: Vec<String>, origin: Origin) -> Result<Take
     for (idx, name) in names.into_iter().enumerate() {
         let fd = 3 + idx as RawFd;
         if let Some(socket) = crate::fdstore::socket_of(&name) {
-            if !stored_names.iter().any(|n| *n == name) {
+            if !stored_names.contains(&name) {
                 stored_names.push(name.clone());
             }
             // One that is not a connection is left alone (and open: it is
