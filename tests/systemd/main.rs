@@ -22,6 +22,7 @@ mod config;
 mod environment;
 mod failed_reload;
 mod faults;
+mod fdstore;
 mod harness;
 mod journal;
 mod notify_reload;
