@@ -70,13 +70,23 @@ impl Notifier {
     /// `MAINPID=<self>`, `READY=1`: a new generation takes the unit over.
     /// Returns once systemd has processed it (a `BARRIER=1` round trip), so
     /// the old process cannot exit before systemd knows its successor.
+    ///
+    /// With `MAINPIDFDID=` where the kernel gives pidfds an ID (pidfs,
+    /// Linux 6.9): systemd 257 then checks that `MAINPID=` names this very
+    /// process and tracks it by pidfd (so it sees it exit, though it is not
+    /// systemd's child); 252 ignores the key it does not know.
     pub(crate) fn take_over(&self, status: &str) {
         self.owner.store(true, Ordering::SeqCst);
-        self.send(&[
+        let id = pidfd_id().map(|id| format!("MAINPIDFDID={id}"));
+        let mut states = vec![
             NotifyState::MainPid(std::process::id()),
             NotifyState::Ready,
             NotifyState::Status(status),
-        ]);
+        ];
+        if let Some(id) = &id {
+            states.push(NotifyState::Custom(id));
+        }
+        self.send(&states);
         if self.enabled
             && !self.is_silenced()
             && let Err(e) = barrier(Duration::from_secs(5))
@@ -101,11 +111,16 @@ impl Notifier {
 
     /// After a failed reload: this process is (still) the main one, and ready.
     pub(crate) fn reclaim(&self, status: &str) {
-        self.send(&[
+        let id = pidfd_id().map(|id| format!("MAINPIDFDID={id}"));
+        let mut states = vec![
             NotifyState::MainPid(std::process::id()),
             NotifyState::Ready,
             NotifyState::Status(status),
-        ]);
+        ];
+        if let Some(id) = &id {
+            states.push(NotifyState::Custom(id));
+        }
+        self.send(&states);
     }
 
     pub(crate) fn stopping(&self, status: &str) {
@@ -160,5 +175,57 @@ pub(crate) fn barrier(timeout: Duration) -> io::Result<()> {
             "no answer to BARRIER=1",
         )),
         _ => Ok(()),
+    }
+}
+
+/// This process's pidfd inode ID (what `sd_pidfd_get_inode_id(3)` gives),
+/// or `None` where pidfds share one inode (before pidfs, Linux 6.9) or
+/// `pidfd_open` is not allowed: then `MAINPID=` goes alone.
+fn pidfd_id() -> Option<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    /// `PID_FS_MAGIC`: the file system of a pidfd with an ID of its own.
+    const PIDFS_MAGIC: i64 = 0x5049_4446;
+    // SAFETY: pidfd_open(2) takes a PID and flags and returns a new fd or
+    // -1; nothing is borrowed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id() as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open returned a new fd, ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) };
+    // SAFETY: plain structs filled in by the kernel for an fd we own.
+    let (mut fs, mut st): (libc::statfs, libc::stat) = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the pointers are to the structs just made.
+    let ok = unsafe {
+        libc::fstatfs(fd.as_raw_fd(), &mut fs) == 0 && libc::fstat(fd.as_raw_fd(), &mut st) == 0
+    };
+    (ok && fs.f_type as i64 == PIDFS_MAGIC).then_some(st.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pidfd_id_names_this_process_for_its_life() {
+        // Where the kernel has pidfs (6.9+) the ID is this process's: the
+        // same at every call, and another process's differs.
+        let Some(id) = super::pidfd_id() else {
+            eprintln!("no pidfs here: MAINPID= goes without MAINPIDFDID=");
+            return;
+        };
+        assert_eq!(super::pidfd_id(), Some(id));
+        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        // SAFETY: as in pidfd_id, for the child's PID.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a plain struct the kernel fills for an fd we opened.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::fstat(fd as i32, &mut st) }, 0);
+        // SAFETY: our fd, closed once.
+        unsafe { libc::close(fd as i32) };
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_ne!(st.st_ino, id);
     }
 }

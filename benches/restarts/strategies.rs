@@ -18,19 +18,36 @@ use crate::servers::{
     NginxSite, NginxWorkers, PID_SERVER, nginx_cmd, pid_server_cmd, wait_for_pid, wait_serving,
 };
 
-pub(crate) const STRATEGIES: [&str; 8] = [
+pub(crate) const STRATEGIES: [&str; 10] = [
     "naive-kill",
     "naive-term",
     "reuseport-migrate0",
     "reuseport-migrate1",
     "reload",
     "systemd-restart",
+    "systemd-restart-no-store",
     "systemd-reload",
+    "systemd-kill",
     "nginx-reload",
 ];
-const SERVICE: &str = "pid-server.service";
-const SOCKET: &str = "pid-server.socket";
+/// The strategies that run in the systemd container, in the order they run:
+/// the one without the file descriptor store last, so that its drop-in is
+/// written once (see [`run_systemd`]).
+const SYSTEMD_STRATEGIES: [&str; 4] = [
+    "systemd-restart",
+    "systemd-reload",
+    "systemd-kill",
+    "systemd-restart-no-store",
+];
+pub(crate) const SERVICE: &str = "pid-server.service";
+pub(crate) const SOCKET: &str = "pid-server.socket";
 const STARTLIMIT_DROPIN: &str = "/etc/systemd/system/pid-server.service.d/bench-start-limit.conf";
+/// `systemd-restart-no-store`: the unit's file descriptor store off (the
+/// behaviour before it: idle connections closed at a stop).
+pub(crate) const NO_STORE_DROPIN: &str =
+    "/etc/systemd/system/pid-server.service.d/bench-no-fd-store.conf";
+pub(crate) const NO_STORE_CONTENTS: &str = "# benches/restarts: restarts without the file descriptor store, for comparison\n\
+     [Service]\nEnvironment=PID_SERVER_FD_STORE_CONNECTIONS=0\n";
 
 trait Strategy {
     /// Where the load goes.
@@ -232,16 +249,33 @@ impl Strategy for NginxReload {
     }
 }
 
-/// `systemctl restart pid-server.service` or `systemctl reload pid-server`
-/// in the container.
+/// How [`Systemd`] restarts the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SystemdWay {
+    /// `systemctl restart pid-server.service`.
+    Restart,
+    /// `systemctl reload pid-server`.
+    Reload,
+    /// A crash: SIGKILL to the main process (`systemctl kill
+    /// --kill-who=main -s KILL`); the unit's `Restart=on-failure` starts it
+    /// again `RestartSec=1` later, from the socket unit's queue.
+    Kill,
+}
+
+/// `systemctl restart pid-server.service`, `systemctl reload pid-server` or
+/// SIGKILL of the main process, in the container.
 struct Systemd<'a> {
     c: &'a nspawn::Container,
     pub(crate) port: u16,
-    reload: bool,
+    way: SystemdWay,
     pub(crate) pid: u32,
 }
 
-fn container_main_pid(c: &nspawn::Container) -> Result<u32, String> {
+/// After a SIGKILL: the unit's automatic restart (`RestartSec=1`) must have
+/// a new main process within this.
+const KILL_RESTART_BOUND: Duration = Duration::from_secs(30);
+
+pub(crate) fn container_main_pid(c: &nspawn::Container) -> Result<u32, String> {
     let out = c.exec_timeout(
         &[
             "systemctl",
@@ -258,7 +292,7 @@ fn container_main_pid(c: &nspawn::Container) -> Result<u32, String> {
     s.trim().parse().map_err(|e| format!("MainPID {s:?}: {e}"))
 }
 
-fn container_systemctl(c: &nspawn::Container, args: &[&str]) -> Result<(), String> {
+pub(crate) fn container_systemctl(c: &nspawn::Container, args: &[&str]) -> Result<(), String> {
     let mut full = vec!["systemctl", "--no-pager"];
     full.extend_from_slice(args);
     let out = c.exec_timeout(&full, Duration::from_secs(90))?;
@@ -283,10 +317,28 @@ impl Strategy for Systemd<'_> {
         self.pid
     }
     fn restart(&mut self) -> Result<u32, String> {
-        if self.reload {
-            container_systemctl(self.c, &["reload", "pid-server"])?;
-        } else {
-            container_systemctl(self.c, &["restart", SERVICE])?;
+        match self.way {
+            SystemdWay::Reload => container_systemctl(self.c, &["reload", "pid-server"])?,
+            SystemdWay::Restart => container_systemctl(self.c, &["restart", SERVICE])?,
+            SystemdWay::Kill => {
+                container_systemctl(self.c, &["kill", "--kill-who=main", "-s", "KILL", SERVICE])?;
+                // MainPID is the killed one until systemd reaps it, then 0
+                // through RestartSec=, then the new one.
+                let deadline = Instant::now() + KILL_RESTART_BOUND;
+                loop {
+                    let now = container_main_pid(self.c)?;
+                    if now != 0 && now != self.pid {
+                        break;
+                    }
+                    if Instant::now() > deadline || aborted() {
+                        return Err(format!(
+                            "no new MainPID within {KILL_RESTART_BOUND:?} of SIGKILL to {} (now {now})",
+                            self.pid
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
         }
         let new = container_main_pid(self.c)?;
         if new == 0 || new == self.pid {
@@ -513,8 +565,65 @@ fn run_reuseport(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     }
 }
 
+/// Boots a container (the systemd tests' harness), or says why not: its
+/// boot panics on failure, with nspawn's output.
+pub(crate) fn boot_container(opts: &nspawn::BootOptions) -> Result<nspawn::Container, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        nspawn::Container::boot(opts)
+    }))
+    .map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        let first = msg.lines().next().unwrap_or_default().to_string();
+        format!("the container did not boot: {first}")
+    })
+}
+
+/// The drop-in that lifts systemd's start limit, for any container of the
+/// bench: systemd's default (5 starts in 10 s) would fail the unit, and its
+/// socket with it, a few restarts into a run at the bench's pace.
+pub(crate) fn start_limit_dropin(opts: nspawn::BootOptions) -> nspawn::BootOptions {
+    opts.dropin(
+        STARTLIMIT_DROPIN,
+        "# benches/restarts/strategies.rs: restarts every few hundred ms are the point here\n\
+         [Unit]\nStartLimitIntervalSec=0\n",
+    )
+}
+
+/// Serving, socket-activated (also after a run that left the unit failed):
+/// the main PID, answering on `port`.
+pub(crate) fn container_ready(c: &nspawn::Container, port: u16) -> Result<u32, String> {
+    // (Fails for units not loaded yet: nothing to reset then.)
+    let _ = container_systemctl(c, &["reset-failed", SERVICE, SOCKET]);
+    container_systemctl(c, &["start", SOCKET])
+        .and_then(|()| wait_serving(port, Duration::from_secs(20)))
+        .and_then(|()| container_main_pid(c))
+        .and_then(|pid| wait_for_pid(port, pid, Duration::from_secs(10)).map(|_| pid))
+}
+
+/// Turns the unit's file descriptor store off (`on` false: writes
+/// [`NO_STORE_DROPIN`]) or back on (removes it), then `daemon-reload` and a
+/// restart, so that the running process has the setting.
+pub(crate) fn set_fd_store(c: &nspawn::Container, on: bool) -> Result<(), String> {
+    let path = c.host_path(NO_STORE_DROPIN);
+    if on {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("rm {}: {e}", path.display())),
+        }
+    } else {
+        c.write_file(NO_STORE_DROPIN, NO_STORE_CONTENTS.as_bytes(), 0o644);
+    }
+    container_systemctl(c, &["daemon-reload"])?;
+    container_systemctl(c, &["restart", SERVICE])
+}
+
 fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
-    let wanted: Vec<&str> = ["systemd-restart", "systemd-reload"]
+    let wanted: Vec<&str> = SYSTEMD_STRATEGIES
         .into_iter()
         .filter(|n| args.strategies.iter().any(|s| s == n))
         .collect();
@@ -528,38 +637,13 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     }
     let port = nspawn::free_port();
     eprintln!("bench: booting a systemd container for {}", all());
-    // systemd's default start limit (5 starts in 10 s) would fail the unit,
-    // and its socket with it, a few restarts into a run at the bench's pace.
-    let opts = nspawn::BootOptions::new(PID_SERVER, port).dropin(
-        STARTLIMIT_DROPIN,
-        "# benches/restarts/strategies.rs: restarts every few hundred ms are the point here\n\
-         [Unit]\nStartLimitIntervalSec=0\n",
-    );
-    let booted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        nspawn::Container::boot(&opts)
-    }));
-    let c = match booted {
+    let opts = start_limit_dropin(nspawn::BootOptions::new(PID_SERVER, port));
+    let c = match boot_container(&opts) {
         Ok(c) => c,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            let first = msg.lines().next().unwrap_or_default().to_string();
-            skips.add(&all(), format!("the container did not boot: {first}"));
+        Err(why) => {
+            skips.add(&all(), why);
             return;
         }
-    };
-    // Serving, socket-activated, before every run (also after a run that
-    // left the unit failed).
-    let ready = || {
-        // (Fails for units not loaded yet: nothing to reset then.)
-        let _ = container_systemctl(&c, &["reset-failed", SERVICE, SOCKET]);
-        container_systemctl(&c, &["start", SOCKET])
-            .and_then(|()| wait_serving(port, Duration::from_secs(20)))
-            .and_then(|()| container_main_pid(&c))
-            .and_then(|pid| wait_for_pid(port, pid, Duration::from_secs(10)).map(|_| pid))
     };
     let note = format!(
         "systemd {} in container {} (boot {} ms); drop-in StartLimitIntervalSec=0",
@@ -568,11 +652,41 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
         c.boot_time().as_millis()
     );
     for name in wanted {
+        let (way, note) = match name {
+            "systemd-reload" => (SystemdWay::Reload, note.clone()),
+            "systemd-kill" => (
+                SystemdWay::Kill,
+                format!(
+                    "{note}; a restart is SIGKILL to MainPID (systemctl kill --kill-who=main), \
+                     the unit's Restart=on-failure starts it again after RestartSec=1"
+                ),
+            ),
+            "systemd-restart-no-store" => {
+                // The same container with one more drop-in, rather than a
+                // second container: a boot costs seconds and a teardown, the
+                // drop-in a daemon-reload and a restart, and these runs come
+                // last, so the store is switched off once.
+                if let Err(e) = set_fd_store(&c, false) {
+                    for &mode in &args.modes {
+                        skips.add(
+                            &format!("{name} / {}", mode.name()),
+                            format!("turning the store off: {e}"),
+                        );
+                    }
+                    continue;
+                }
+                (
+                    SystemdWay::Restart,
+                    format!("{note}; drop-in PID_SERVER_FD_STORE_CONNECTIONS=0 (store off)"),
+                )
+            }
+            _ => (SystemdWay::Restart, note.clone()),
+        };
         for &mode in &args.modes {
             if aborted() {
                 return;
             }
-            let pid = match ready() {
+            let pid = match container_ready(&c, port) {
                 Ok(pid) => pid,
                 Err(e) => {
                     skips.add(
@@ -585,7 +699,7 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
             let mut s = Systemd {
                 c: &c,
                 port,
-                reload: name == "systemd-reload",
+                way,
                 pid,
             };
             match run_restarts(args, name, mode, &mut s, Some(note.clone())) {
@@ -600,7 +714,7 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     );
 }
 
-fn systemd_version() -> String {
+pub(crate) fn systemd_version() -> String {
     run_cmd("systemctl", &["--version"], Duration::from_secs(5))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
