@@ -144,7 +144,7 @@ fn per(after: u64, before: u64, n: usize) -> f64 {
 
 /// Raises the bench's own soft open-files limit to the hard one: it holds
 /// every client connection.
-fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 0;
@@ -314,14 +314,14 @@ fn only_child(master: u32) -> Result<u32, String> {
 
 /// Whether a connection sends its one request or nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Use {
+pub(crate) enum Use {
     Never,
     Once,
 }
 
 /// Opens `n` connections, each answered once (or silent); stops at the
 /// first failure or at [`OPEN_BOUND`].
-async fn open_all(
+pub(crate) async fn open_all(
     addr: SocketAddr,
     n: usize,
     opening: Opening,

@@ -72,7 +72,8 @@ struct Flags {
 
     /// Comma-separated subset of naive-kill, naive-term,
     /// reuseport-migrate0, reuseport-migrate1, reload, systemd-restart,
-    /// systemd-reload, nginx-reload [default: all]
+    /// systemd-restart-no-store, systemd-reload, systemd-kill, nginx-reload
+    /// [default: all]
     #[arg(long, value_name = "LIST", value_parser = strategy_list)]
     strategies: Option<List<String>>,
 
@@ -126,6 +127,17 @@ struct Flags {
     /// Only the capacity run: no restarts, no steady state
     #[arg(long)]
     capacity_only: bool,
+
+    /// PID 1's cost of the file descriptor store: comma-separated counts of
+    /// idle connections held across `systemctl restart` in the container,
+    /// store on and off; empty for none [default: 1000,4000; --quick: none]
+    #[arg(long, value_name = "LIST", value_parser = count_list)]
+    fdstore_cost: Option<List<usize>>,
+
+    /// Only the file descriptor store's cost: no restarts, no steady state,
+    /// no capacity run
+    #[arg(long)]
+    fdstore_cost_only: bool,
 
     /// A short smoke run: 3 restarts each, 1 s steady state
     #[arg(long)]
@@ -246,6 +258,10 @@ pub(crate) struct Args {
     pub(crate) capacity: Vec<usize>,
     /// Skip the restarts and the steady state.
     pub(crate) capacity_only: bool,
+    /// Connection counts of the file descriptor store's cost (empty: none).
+    pub(crate) fdstore_cost: Vec<usize>,
+    /// Skip everything but the file descriptor store's cost.
+    pub(crate) fdstore_cost_only: bool,
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
@@ -340,6 +356,11 @@ impl Flags {
                 .map(|l| l.0)
                 .unwrap_or_else(|| if quick { vec![200] } else { vec![1000, 10_000] }),
             capacity_only: self.capacity_only,
+            fdstore_cost: self
+                .fdstore_cost
+                .map(|l| l.0)
+                .unwrap_or_else(|| if quick { Vec::new() } else { vec![1000, 4000] }),
+            fdstore_cost_only: self.fdstore_cost_only,
             quick,
             check: self.check,
             out: self
@@ -349,6 +370,9 @@ impl Flags {
             endurance_reloads: self.endurance_reloads as usize,
             endurance_connections: self.endurance_connections as usize,
         };
+        if args.capacity_only && args.fdstore_cost_only {
+            return Err("--capacity-only and --fdstore-cost-only: choose one".into());
+        }
         if args.modes.is_empty() {
             return Err("--modes: no client mode".into());
         }

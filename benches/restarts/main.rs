@@ -16,15 +16,18 @@
 //!   namespace of the bench's own with `net.ipv4.tcp_migrate_req` 0 and 1;
 //! - `reload`: `pid-server reload --pid <current>`;
 //! - `systemd-restart`, `systemd-reload`: `systemctl restart` (the socket
-//!   unit holds the queue) and `systemctl reload` in a container booted by
-//!   `tests/support/nspawn.rs`;
+//!   unit holds the queue, idle connections wait in systemd's file
+//!   descriptor store) and `systemctl reload` in a container booted by
+//!   `tests/support/nspawn.rs`; `systemd-restart-no-store` with the store
+//!   off; `systemd-kill`, a crash (SIGKILL, `Restart=on-failure`);
 //! - `nginx-reload`: nginx in front (kept upstream connections), `pid-server
 //!   reload` behind it.
 //!
 //! Then the steady state of `GET /`: pid-server against a minimal Go
 //! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
 //! same client; then the memory per idle keep-alive connection of
-//! pid-server and nginx (`--capacity`). Tables go to stdout (Markdown),
+//! pid-server and nginx (`--capacity`), and what the file descriptor
+//! store costs the container's PID 1 at a restart (`--fdstore-cost`). Tables go to stdout (Markdown),
 //! progress to stderr, raw results to `<target>/bench-results/restarts.json`
 //! and a picture to `<target>/bench-results/restarts.svg`.
 //!
@@ -42,6 +45,8 @@
 //!   that restarts a server under load;
 //! - [`steady`]: the steady-state comparison;
 //! - [`capacity`]: memory per idle keep-alive connection;
+//! - [`fdstore`]: PID 1's CPU time for idle connections kept across
+//!   `systemctl restart` in systemd's file descriptor store;
 //! - [`results`]: one run's records turned into counts, percentiles and a
 //!   timeline;
 //! - [`report`]: tables, verdict, JSON and the picture;
@@ -56,6 +61,7 @@ use pid_server_test_support::nspawn;
 mod capacity;
 mod cli;
 mod endurance;
+mod fdstore;
 mod h2;
 mod h2load;
 mod load;
@@ -101,15 +107,32 @@ fn main() {
         });
     }
     let mut skips = strategies::Skips::default();
-    let (runs, steady, protos) = if args.capacity_only {
+    let (runs, steady, protos) = if args.capacity_only || args.fdstore_cost_only {
         (Vec::new(), Vec::new(), protocols::Results::default())
     } else {
         let runs = strategies::run_all(&args, &mut skips);
         let steady = steady::run(&args, &mut skips);
         (runs, steady, protocols::run(&args, &mut skips))
     };
-    let capacity = capacity::run(&args, &mut skips);
-    let reload_clean = report::publish(&args, &runs, &steady, &capacity, &skips, started.elapsed());
+    let capacity = if args.fdstore_cost_only {
+        Vec::new()
+    } else {
+        capacity::run(&args, &mut skips)
+    };
+    let fd_cost = if args.capacity_only {
+        Vec::new()
+    } else {
+        fdstore::run(&args, &mut skips)
+    };
+    let reload_clean = report::publish(
+        &args,
+        &runs,
+        &steady,
+        &capacity,
+        &fd_cost,
+        &skips,
+        started.elapsed(),
+    );
     let protocols_clean = protocols::publish(&args, &protos);
     if aborted() {
         std::process::exit(130);

@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::capacity::CapacityResult;
+use crate::fdstore::FdStoreCost;
 use crate::cli::Args;
 use crate::load::{KINDS, Kind, Mode};
 use crate::procs::aborted;
@@ -649,12 +650,13 @@ pub(crate) fn publish(
     runs: &[RunResult],
     steady: &[SteadyResult],
     capacity: &[CapacityResult],
+    fd_cost: &[FdStoreCost],
     skips: &Skips,
     wall: Duration,
 ) -> bool {
     let (verdict, reload_clean) = verdicts(args, runs, steady);
     let mut out = String::new();
-    if !args.capacity_only {
+    if !args.capacity_only && !args.fdstore_cost_only {
         let _ = writeln!(
             out,
             "\n## Restarts under load\n\n{} restarts per row, {} ms apart, after {} ms of load; \
@@ -697,6 +699,9 @@ pub(crate) fn publish(
              after the measurement.\n\n",
         );
         out.push_str(&capacity_table(capacity));
+    }
+    if !fd_cost.is_empty() {
+        out.push_str(&crate::fdstore::section(fd_cost));
     }
     if !skips.0.is_empty() {
         out.push_str("\n## Skipped\n\n");
@@ -742,11 +747,13 @@ pub(crate) fn publish(
             "seed": args.seed,
             "modes": args.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "capacity": args.capacity,
+            "fdstore_cost": args.fdstore_cost,
         },
         "wall_time_s": wall.as_secs_f64(),
         "runs": runs.iter().map(|r| run_json(r, args)).collect::<Vec<_>>(),
         "steady_state": steady_json(steady),
         "capacity": capacity_json(capacity),
+        "fdstore_cost": crate::fdstore::json(fd_cost),
         "skipped": skips.0.iter().map(|(w, y)| json!({"what": w, "why": y})).collect::<Vec<_>>(),
         "reload_zero_failures": reload_clean,
     });

@@ -201,6 +201,10 @@ impl Running {
     /// Hands the stored connections to systemd, says so, and counts them.
     fn send_to_store(&self, store: &fdstore::Store) {
         let sent = store.send(Duration::from_secs(5));
+        if sent == fdstore::Sent::default() {
+            // No idle connection: nothing to say.
+            return;
+        }
         tracing::info!(
             event = "connections_stored",
             connections_stored = sent.stored,
