@@ -133,7 +133,9 @@ fn main() {
         &skips,
         started.elapsed(),
     );
-    let protocols_clean = protocols::publish(&args, &protos);
+    // (No protocol rows ran: nothing to print, and protocols.json stays.)
+    let protocols_clean =
+        args.capacity_only || args.fdstore_cost_only || protocols::publish(&args, &protos);
     if aborted() {
         std::process::exit(130);
     }

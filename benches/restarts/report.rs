@@ -12,8 +12,8 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::capacity::CapacityResult;
-use crate::fdstore::FdStoreCost;
 use crate::cli::Args;
+use crate::fdstore::FdStoreCost;
 use crate::load::{KINDS, Kind, Mode};
 use crate::procs::aborted;
 use crate::results::{Bucket, Kept, RunResult};
