@@ -341,6 +341,14 @@ pub struct ServeArgs {
     )]
     pub fd_store_connections: u32,
 
+    /// The crash-safe mode: also while serving, keep each connection idle
+    /// for a second in systemd's file descriptor store until its next
+    /// request, so a process that dies (SIGKILL, OOM, a panic) leaves its
+    /// idle connections to the next start. Needs --fd-store-connections.
+    /// Costs PID 1 two messages per idle spell of each connection.
+    #[arg(long, env = "PID_SERVER_FD_STORE_WHILE_IDLE")]
+    pub fd_store_while_idle: bool,
+
     /// A PEM certificate chain (certbot's `fullchain.pem`): serve TLS on
     /// every socket, HTTP/2 or HTTP/1.1 by ALPN. Needs --tls-key. Read at
     /// every start, so a reload serves a renewed certificate.
@@ -441,6 +449,7 @@ impl ServeArgs {
             http2_stall_timeout,
             http2_max_held_responses,
             fd_store_connections,
+            fd_store_while_idle,
             tls_cert,
             tls_key,
         } = file;
@@ -466,7 +475,8 @@ impl ServeArgs {
             max_connections,
             http2_stall_timeout,
             http2_max_held_responses,
-            fd_store_connections
+            fd_store_connections,
+            fd_store_while_idle
         );
         let idle_grace = idle_grace.map(Some);
         let tls_cert = tls_cert.map(Some);
@@ -506,7 +516,8 @@ impl ServeArgs {
             .max_connections(self.max_connections as usize)
             .http2_stall_timeout(self.http2_stall_timeout)
             .http2_max_held_responses(self.http2_max_held_responses as usize)
-            .fd_store_connections(self.fd_store_connections as usize);
+            .fd_store_connections(self.fd_store_connections as usize)
+            .fd_store_while_idle(self.fd_store_while_idle);
         if let Some(tls) = tls {
             c = c.tls(tls);
         }

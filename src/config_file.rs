@@ -30,7 +30,7 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 pub const EX_CONFIG: u8 = 78;
 
 /// The keys a file may set: the `serve` flags' long names, `_` for `-`.
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 15] = [
     "listen",
     "drain_timeout",
     "upgrade_timeout",
@@ -43,6 +43,7 @@ pub const KEYS: [&str; 14] = [
     "http2_stall_timeout",
     "http2_max_held_responses",
     "fd_store_connections",
+    "fd_store_while_idle",
     "tls_cert",
     "tls_key",
 ];
@@ -79,6 +80,7 @@ pub struct FileSettings {
     pub http2_stall_timeout: Option<Duration>,
     pub http2_max_held_responses: Option<u32>,
     pub fd_store_connections: Option<u32>,
+    pub fd_store_while_idle: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -187,6 +189,7 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "fd_store_connections" => {
             s.fd_store_connections = Some(integer(value, "", cli::parse_count).map_err(named)?)
         }
+        "fd_store_while_idle" => s.fd_store_while_idle = Some(boolean(value).map_err(named)?),
         "tls_cert" => s.tls_cert = Some(path(value).map_err(named)?),
         "tls_key" => s.tls_key = Some(path(value).map_err(named)?),
         _ => {
@@ -201,6 +204,13 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
 
 fn secs(value: &Value) -> Result<Duration, String> {
     integer(value, " of seconds", cli::parse_secs)
+}
+
+fn boolean(value: &Value) -> Result<bool, String> {
+    match value {
+        Value::Boolean(b) => Ok(*b),
+        other => Err(format!("expected true or false, found {}", a(other))),
+    }
 }
 
 fn ms(value: &Value) -> Result<Duration, String> {
@@ -326,6 +336,7 @@ max_connections = 9
 http2_stall_timeout = 4
 http2_max_held_responses = 8
 fd_store_connections = 0
+fd_store_while_idle = true
 tls_cert = "/etc/x/fullchain.pem"
 tls_key = "key.pem"
 "#,
@@ -349,6 +360,7 @@ tls_key = "key.pem"
                 http2_stall_timeout: Some(Duration::from_secs(4)),
                 http2_max_held_responses: Some(8),
                 fd_store_connections: Some(0),
+                fd_store_while_idle: Some(true),
                 tls_cert: Some("/etc/x/fullchain.pem".into()),
                 tls_key: Some("key.pem".into()),
             }
@@ -508,6 +520,7 @@ tls_key = "key.pem"
             Some(defaults.http2_max_held_responses)
         );
         assert_eq!(s.fd_store_connections, Some(defaults.fd_store_connections));
+        assert_eq!(s.fd_store_while_idle, Some(defaults.fd_store_while_idle));
         // No default: an example value.
         assert_eq!(defaults.idle_grace, None);
         assert!(s.idle_grace.is_some());

@@ -126,6 +126,12 @@ impl Collector for Scrape {
                 m.http2_held_responses as i64,
             ),
             (
+                "connections_in_fd_store",
+                "Idle connections in systemd's file descriptor store now, kept for a crash \
+                 (--fd-store-while-idle)",
+                m.connections_in_fd_store as i64,
+            ),
+            (
                 "generation",
                 "This process's generation (0 fresh, +1 per reload)",
                 i64::from(m.generation),

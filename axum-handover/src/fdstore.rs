@@ -43,9 +43,9 @@
 //! which socket's routes serve it.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -72,9 +72,104 @@ pub(crate) fn name_for(socket: &str) -> Option<String> {
 }
 
 /// The socket a stored connection's name names, or `None` when the name is
-/// not one of ours.
+/// not one of ours. A connection kept while idle has a name of its own:
+/// the socket's, then `#` and a number ([`WhileIdle`]).
 pub(crate) fn socket_of(name: &str) -> Option<&str> {
-    name.strip_prefix(PREFIX)
+    let rest = name.strip_prefix(PREFIX)?;
+    Some(match rest.rsplit_once('#') {
+        Some((socket, id)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => socket,
+        _ => rest,
+    })
+}
+
+/// How long a connection is idle before the crash-safe mode puts it in
+/// the store: a client that sends its next request sooner (a busy
+/// keep-alive connection, a one-shot client) costs PID 1 nothing.
+pub(crate) const STORE_AFTER: Duration = Duration::from_secs(1);
+
+/// The crash-safe mode ([`crate::Config::fd_store_while_idle`]): each
+/// connection idle for [`STORE_AFTER`] is put in the store under a name of
+/// its own (a copy: the process keeps serving it), and taken out again
+/// (`FDSTOREREMOVE=1`) when it wakes, before a byte of its next request is
+/// read, or closes. When the process dies, the connections idle then are
+/// in the store, and the next start serves them; what is lost is what was
+/// in progress. Two messages to PID 1 per idle spell, each store costing
+/// PID 1 a comparison with every fd it holds: see
+/// docs/src/operator/restart.md for what that costs.
+#[derive(Debug)]
+pub(crate) struct WhileIdle {
+    room: usize,
+    next: AtomicU64,
+    /// Its gauge, `Counters::fd_store_held`.
+    counters: std::sync::Arc<crate::server::Counters>,
+    /// Gives up after the first failed message (a NOTIFY_SOCKET gone), said
+    /// once.
+    broken: AtomicBool,
+    notifier: std::sync::Arc<crate::notify::Notifier>,
+}
+
+impl WhileIdle {
+    pub(crate) fn new(
+        room: usize,
+        notifier: std::sync::Arc<crate::notify::Notifier>,
+        counters: std::sync::Arc<crate::server::Counters>,
+    ) -> WhileIdle {
+        WhileIdle {
+            room,
+            next: AtomicU64::new(1),
+            counters,
+            broken: AtomicBool::new(false),
+            notifier,
+        }
+    }
+
+    /// Puts a copy of the connection in the store; its number, or 0 when it
+    /// was not stored (no room, not the unit's main process, a failure).
+    pub(crate) fn store(&self, socket: &str, fd: BorrowedFd<'_>) -> u64 {
+        // Only the process that speaks for the unit: a new generation
+        // before its commit, or an old one after, serves briefly.
+        if !self.notifier.speaks() || self.broken.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let held = &self.counters.fd_store_held;
+        if held.fetch_add(1, Ordering::Relaxed) >= self.room {
+            held.fetch_sub(1, Ordering::Relaxed);
+            return 0;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(name) = name_for(&format!("{socket}#{id}")) else {
+            held.fetch_sub(1, Ordering::Relaxed);
+            return 0;
+        };
+        let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
+        match sd_notify::notify_with_fds(&states, &[fd]) {
+            Ok(()) => id,
+            Err(e) => {
+                held.fetch_sub(1, Ordering::Relaxed);
+                self.fail(&e);
+                0
+            }
+        }
+    }
+
+    /// Takes connection `id` (from [`WhileIdle::store`]) out of the store.
+    pub(crate) fn remove(&self, socket: &str, id: u64) {
+        self.counters.fd_store_held.fetch_sub(1, Ordering::Relaxed);
+        let Some(name) = name_for(&format!("{socket}#{id}")) else {
+            return;
+        };
+        if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)])
+        {
+            self.fail(&e);
+        }
+    }
+
+    fn fail(&self, e: &io::Error) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::warn!(event = "fd_store_failed", error = %e,
+                "cannot use systemd's file descriptor store: {e}; idle connections are no longer kept for a crash");
+        }
+    }
 }
 
 /// The room for connections in the store: the setting, and at most what
@@ -229,6 +324,13 @@ mod tests {
         assert_eq!(socket_of(&name), Some("pid-server.socket"));
         assert_eq!(socket_of("pid-server.socket"), None);
         assert_eq!(socket_of("stored"), None);
+        // A connection kept while idle has a number of its own.
+        assert_eq!(
+            socket_of("handover-conn.pid-server.socket#42"),
+            Some("pid-server.socket")
+        );
+        assert_eq!(socket_of("handover-conn.a#b"), Some("a#b"));
+        assert_eq!(socket_of("handover-conn.a#"), Some("a#"));
         assert!(name_for(&"x".repeat(MAX_NAME)).is_none());
     }
 

@@ -121,6 +121,9 @@ pub struct Metrics {
     /// idle connections a restart (or a crash) kept
     /// ([`crate::Config::fd_store_connections`]).
     pub connections_restored: u64,
+    /// Idle connections in systemd's file descriptor store now, kept for a
+    /// crash ([`crate::Config::fd_store_while_idle`]).
+    pub connections_in_fd_store: usize,
 }
 
 /// The counting side.
@@ -297,6 +300,7 @@ impl Totals {
         connections: usize,
         upgraded: usize,
         http2_held: usize,
+        in_fd_store: usize,
     ) -> Metrics {
         let c = self.carried();
         Metrics {
@@ -319,6 +323,7 @@ impl Totals {
             http2_stalled_connections: c.http2_stalled,
             http2_refused_streams: c.http2_refused,
             connections_restored: c.restored,
+            connections_in_fd_store: in_fd_store,
         }
     }
 }
@@ -453,7 +458,7 @@ mod tests {
         let new = Totals::default();
         new.request(200);
         new.carry_over(sent);
-        let m = new.snapshot(1, 0, 0, 0, 3);
+        let m = new.snapshot(1, 0, 0, 0, 3, 0);
         assert_eq!(m.requests, vec![(200, 3), (404, 1)]);
         assert_eq!(
             (m.reloads_ok, m.connections_moved, m.connections_fell_back),

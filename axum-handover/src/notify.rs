@@ -213,7 +213,10 @@ mod tests {
             return;
         };
         assert_eq!(super::pidfd_id(), Some(id));
-        let child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         // SAFETY: as in pidfd_id, for the child's PID.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
         assert!(fd >= 0);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pid_server_test_support::http::Conn;
 use pid_server_test_support::nspawn::Container;
-use pid_server_test_support::{Release, each_release};
+use pid_server_test_support::{Release, each_release, wait};
 
 use super::{
     LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
@@ -19,6 +19,7 @@ each_release!(
     a_connection_answers_across_a_restart_on_its_own_socket,
     a_stop_closes_the_stored_connections_at_once,
     connections_past_the_store_s_room_are_served_to_the_end,
+    the_crash_safe_mode_keeps_idle_connections_across_a_sigkill,
 );
 
 /// Paused clients: idle 0.3–3 s between two requests, the connections a
@@ -240,4 +241,74 @@ fn connections_past_the_store_s_room_are_served_to_the_end(r: Release) {
         "{journal}"
     );
     assert_eq!(c.unit_property(SERVICE, "Result"), "success");
+}
+
+/// The crash-safe mode (`PID_SERVER_FD_STORE_WHILE_IDLE=true`): the main
+/// process SIGKILLed; systemd restarts it (`Restart=on-failure`) and the
+/// connections that were idle then are answered by the new process on
+/// their own sockets. Under paused load beside them, nothing is refused and
+/// at most the requests in progress (one per client) fail.
+fn the_crash_safe_mode_keeps_idle_connections_across_a_sigkill(r: Release) {
+    if !can_run(
+        "the_crash_safe_mode_keeps_idle_connections_across_a_sigkill",
+        r,
+    ) {
+        return;
+    }
+    let _timer = timer(r, "R5 crash-safe mode, SIGKILL");
+    let c = boot(
+        r,
+        &[(
+            "crash-safe.conf",
+            "[Service]\nEnvironment=PID_SERVER_FD_STORE_WHILE_IDLE=true\n",
+        )],
+    );
+    let old = activate(&c);
+    let mut conns: Vec<Conn> = (0..3).map(|_| open(&c)).collect();
+    for conn in &mut conns {
+        assert_eq!(answer(conn), old);
+    }
+    let paused = load_to(&c)
+        .paused(PAUSED_CLIENTS)
+        .max_requests(LOAD_MAX_REQUESTS * PAUSED_CLIENTS as u64)
+        .max_time(LOAD_MAX_TIME)
+        .timeout(REQUEST_TIMEOUT)
+        .start();
+    paused.wait_answers_from(old, 2 * PAUSED_CLIENTS as u64, WAIT);
+    // The three connections are in the store once idle for a second.
+    wait::until("the idle connections in the store", WAIT, || {
+        let m = get(&c, "/metrics").body;
+        m.lines()
+            .find_map(|l| l.strip_prefix("pid_server_connections_in_fd_store "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .filter(|n| *n >= 3)
+    });
+    c.exec(&["kill", "-KILL", &old.to_string()]);
+    let new = wait::until("a restarted main process", WAIT, || {
+        let p = c.main_pid(SERVICE);
+        (p != 0 && p != old).then_some(p)
+    });
+    for conn in &mut conns {
+        assert_eq!(answer(conn), new, "a connection idle at the crash");
+        assert_eq!(conn.served(), 2);
+    }
+    let since = paused.snapshot();
+    paused.wait_for("a request of every paused client", WAIT, |t| {
+        t.sent >= since.sent + PAUSED_CLIENTS as u64
+    });
+    let p = stop_load(paused);
+    say(r, &format!("R5 paused clients: {}", p.summary()));
+    assert_eq!(p.refused(), 0, "{}\n{:?}", p.summary(), p.examples);
+    assert!(
+        p.failed() <= PAUSED_CLIENTS as u64,
+        "{}\n{:?}",
+        p.summary(),
+        p.examples
+    );
+    assert_eq!(c.unit_property(SERVICE, "NRestarts"), "1");
+    let journal = c.journal(&["-u", SERVICE, "-o", "cat"]);
+    assert!(
+        journal.contains("idle connections from systemd's file descriptor store"),
+        "{journal}"
+    );
 }

@@ -505,6 +505,9 @@ impl Info {
             self.connections(),
             self.upgraded(),
             self.counters.http2_held(),
+            self.counters
+                .fd_store_held
+                .load(std::sync::atomic::Ordering::Relaxed),
         )
     }
 }

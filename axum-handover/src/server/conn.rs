@@ -431,7 +431,7 @@ pub(crate) async fn serve(mut conn: Parked, socket: Arc<str>, ctx: Arc<ConnCtx>,
     let ended = loop {
         // Bytes read ahead are a request coming in: no wait.
         if conn.read_ahead.is_empty() {
-            match conn.wait(&ctx).await {
+            match conn.wait(&ctx, &socket).await {
                 Wake::Readable => {}
                 Wake::Close => break conn.ended(),
                 Wake::Move => match conn.move_out(&socket, &ctx).await {
@@ -507,6 +507,9 @@ pub(crate) struct Parked {
     /// It was to move but could not: served here to the end, closing
     /// after its next response.
     fell_back: bool,
+    /// Its number in systemd's file descriptor store while it is kept
+    /// there idle (the crash-safe mode); 0: not there.
+    stored: u64,
 }
 
 /// Why a parked connection stopped waiting.
@@ -527,6 +530,7 @@ impl Parked {
             read_ahead,
             idle_since_ms: now_ms(),
             fell_back: false,
+            stored: 0,
         }
     }
 
@@ -536,6 +540,7 @@ impl Parked {
             read_ahead: parts.read_ahead,
             idle_since_ms: parts.idle_since_ms,
             fell_back,
+            stored: 0,
         }
     }
 
@@ -559,7 +564,18 @@ impl Parked {
     /// timeout: a never-used connection cost 3.4 KB against 1.4 KB for a
     /// used one. So the wait reads what there is, and waits on when it
     /// was nothing.
-    async fn wait(&mut self, ctx: &ConnCtx) -> Wake {
+    ///
+    /// In the crash-safe mode a connection idle for `fdstore::STORE_AFTER`
+    /// is kept in systemd's store until the wait ends, and taken out
+    /// before any byte of its next request is read: a request the process
+    /// has begun reading must not be served again by the next one.
+    async fn wait(&mut self, ctx: &ConnCtx, socket: &str) -> Wake {
+        let wake = self.wait_inner(ctx, socket).await;
+        self.unstore(ctx, socket);
+        wake
+    }
+
+    async fn wait_inner(&mut self, ctx: &ConnCtx, socket: &str) -> Wake {
         loop {
             // Listening before the mode is read: a change after the read
             // wakes us.
@@ -576,11 +592,31 @@ impl Parked {
             let Some(left) = limit.checked_sub(idle).filter(|d| !d.is_zero()) else {
                 return then;
             };
+            // The crash-safe mode: into the store once idle long enough,
+            // or a wake-up then.
+            let mut store_in = None;
+            if now == Mode::Serving
+                && self.stored == 0
+                && let Some(w) = ctx.while_idle.get()
+            {
+                match crate::fdstore::STORE_AFTER.checked_sub(idle) {
+                    Some(d) if !d.is_zero() => store_in = Some(d),
+                    _ => self.stored = w.store(socket, self.stream.as_fd()),
+                }
+            }
+            let sleep = store_in.map_or(left, |d| d.min(left));
             tokio::select! {
                 _ = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {}
                 _ = changed => continue,
-                _ = tokio::time::sleep(left) => return then,
+                _ = tokio::time::sleep(sleep) => {
+                    if sleep < left {
+                        continue;
+                    }
+                    return then;
+                }
             }
+            // Out of the store before reading: see above.
+            self.unstore(ctx, socket);
             // On the stack, not in the task: no await holds it.
             let mut first = [0u8; 1024];
             match self.stream.try_read(&mut first) {
@@ -595,6 +631,16 @@ impl Parked {
                 Err(_) => return Wake::Readable,
             }
         }
+    }
+
+    /// Takes the connection out of systemd's store, if it is there.
+    fn unstore(&mut self, ctx: &ConnCtx, socket: &str) {
+        if self.stored != 0
+            && let Some(w) = ctx.while_idle.get()
+        {
+            w.remove(socket, self.stored);
+        }
+        self.stored = 0;
     }
 
     /// Sends the connection to the next generation. When it cannot move,
@@ -622,6 +668,7 @@ impl Parked {
                 read_ahead: self.read_ahead,
                 idle_since_ms: self.idle_since_ms,
                 fell_back: true,
+                stored: 0,
             }),
             None => Ok(Ended::FellBack),
         }
@@ -629,6 +676,10 @@ impl Parked {
 }
 
 impl Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        either!(self, s => s.as_fd())
+    }
+
     /// Ready once there are bytes (or the client's FIN, or an error) to
     /// read. A poll function rather than `readable()`: the waker waits in
     /// the socket's registration, so a parked task carries no future for it.

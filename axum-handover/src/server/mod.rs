@@ -112,6 +112,9 @@ pub(crate) struct Counters {
     fell_back: AtomicUsize,
     /// HTTP/2 responses held by every connection (see `stall`).
     http2_held: AtomicUsize,
+    /// Idle connections in systemd's file descriptor store (the crash-safe
+    /// mode, `fdstore::WhileIdle`).
+    pub(crate) fd_store_held: AtomicUsize,
     /// What survives a reload.
     pub(crate) totals: Arc<crate::metrics::Totals>,
     /// The session-ticket keys, which survive a reload too (feature
@@ -212,6 +215,8 @@ struct ConnCtx {
     /// Or, at a stop, where they wait for the next start: systemd's file
     /// descriptor store.
     store: OnceLock<Arc<crate::fdstore::Store>>,
+    /// The crash-safe mode: idle connections kept in the store while idle.
+    while_idle: OnceLock<crate::fdstore::WhileIdle>,
     /// HTTP/2 is served (prior knowledge on plain sockets, ALPN on TLS).
     http2: bool,
     h2: h2::Builder,
@@ -328,6 +333,7 @@ impl Server {
                 .min(config.drain_timeout.saturating_sub(CLOSE_GRACE)),
             successor: OnceLock::new(),
             store: OnceLock::new(),
+            while_idle: OnceLock::new(),
             http2: config.http2,
             h2: h2::builder(config),
             stall: stall::Limits {
@@ -505,6 +511,13 @@ impl Server {
         }
         let _ = self.ctx.successor.set(channel);
         self.leave(Mode::Moving);
+    }
+
+    /// From now on, connections idle for `fdstore::STORE_AFTER` are kept
+    /// in systemd's file descriptor store until they wake (a crash then
+    /// loses only what was in progress).
+    pub(crate) fn keep_while_idle(&self, w: crate::fdstore::WhileIdle) {
+        let _ = self.ctx.while_idle.set(w);
     }
 
     /// A stop that keeps the idle connections: each goes to `store` (or,
