@@ -45,7 +45,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -87,6 +87,10 @@ pub(crate) fn socket_of(name: &str) -> Option<&str> {
 /// keep-alive connection, a one-shot client) costs PID 1 nothing.
 pub(crate) const STORE_AFTER: Duration = Duration::from_secs(1);
 
+/// A connection's number when the store did not take it this idle spell
+/// (never a stored connection's number).
+pub(crate) const NOT_TAKEN: u32 = u32::MAX;
+
 /// The crash-safe mode ([`crate::Config::fd_store_while_idle`]): each
 /// connection idle for [`STORE_AFTER`] is put in the store under a name of
 /// its own (a copy: the process keeps serving it), and taken out again
@@ -99,9 +103,12 @@ pub(crate) const STORE_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct WhileIdle {
     room: usize,
-    next: AtomicU64,
+    next: AtomicU32,
     /// Its gauge, `Counters::fd_store_held`.
     counters: std::sync::Arc<crate::server::Counters>,
+    /// The name of each connection in the store, by number: kept here
+    /// rather than in every connection's task (see `conn::serve`).
+    names: Mutex<std::collections::HashMap<u32, String>>,
     /// Gives up after the first failed message (a NOTIFY_SOCKET gone), said
     /// once.
     broken: AtomicBool,
@@ -116,8 +123,9 @@ impl WhileIdle {
     ) -> WhileIdle {
         WhileIdle {
             room,
-            next: AtomicU64::new(1),
+            next: AtomicU32::new(1),
             counters,
+            names: Mutex::new(std::collections::HashMap::new()),
             broken: AtomicBool::new(false),
             notifier,
         }
@@ -125,7 +133,7 @@ impl WhileIdle {
 
     /// Puts a copy of the connection in the store; its number, or 0 when it
     /// was not stored (no room, not the unit's main process, a failure).
-    pub(crate) fn store(&self, socket: &str, fd: BorrowedFd<'_>) -> u64 {
+    pub(crate) fn store(&self, socket: &str, fd: BorrowedFd<'_>) -> u32 {
         // Only the process that speaks for the unit: a new generation
         // before its commit, or an old one after, serves briefly.
         if !self.notifier.speaks() || self.broken.load(Ordering::Relaxed) {
@@ -136,14 +144,27 @@ impl WhileIdle {
             held.fetch_sub(1, Ordering::Relaxed);
             return 0;
         }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // 0 means "not stored"; a number comes round again after 4 billion
+        // stores, long after its first holder left the store.
+        let id = loop {
+            match self.next.fetch_add(1, Ordering::Relaxed) {
+                0 | NOT_TAKEN => continue,
+                n => break n,
+            }
+        };
         let Some(name) = name_for(&format!("{socket}#{id}")) else {
             held.fetch_sub(1, Ordering::Relaxed);
             return 0;
         };
         let states = [NotifyState::FdStore, NotifyState::FdName(&name)];
         match sd_notify::notify_with_fds(&states, &[fd]) {
-            Ok(()) => id,
+            Ok(()) => {
+                self.names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, name);
+                id
+            }
             Err(e) => {
                 held.fetch_sub(1, Ordering::Relaxed);
                 self.fail(&e);
@@ -153,11 +174,16 @@ impl WhileIdle {
     }
 
     /// Takes connection `id` (from [`WhileIdle::store`]) out of the store.
-    pub(crate) fn remove(&self, socket: &str, id: u64) {
-        self.counters.fd_store_held.fetch_sub(1, Ordering::Relaxed);
-        let Some(name) = name_for(&format!("{socket}#{id}")) else {
+    pub(crate) fn remove(&self, id: u32) {
+        let name = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let Some(name) = name else {
             return;
         };
+        self.counters.fd_store_held.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)])
         {
             self.fail(&e);

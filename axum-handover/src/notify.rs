@@ -199,7 +199,10 @@ fn pidfd_id() -> Option<u64> {
     let ok = unsafe {
         libc::fstatfs(fd.as_raw_fd(), &mut fs) == 0 && libc::fstat(fd.as_raw_fd(), &mut st) == 0
     };
-    (ok && fs.f_type as i64 == PIDFS_MAGIC).then_some(st.st_ino)
+    // `f_type`'s type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let pidfs = fs.f_type as i64 == PIDFS_MAGIC;
+    (ok && pidfs).then_some(st.st_ino)
 }
 
 #[cfg(test)]

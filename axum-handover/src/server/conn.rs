@@ -431,8 +431,12 @@ pub(crate) async fn serve(mut conn: Parked, socket: Arc<str>, ctx: Arc<ConnCtx>,
     let ended = loop {
         // Bytes read ahead are a request coming in: no wait.
         if conn.read_ahead.is_empty() {
-            match conn.wait(&ctx, &socket).await {
+            match conn.wait(&ctx).await {
                 Wake::Readable => {}
+                Wake::Store => {
+                    conn.store(&ctx, &socket);
+                    continue;
+                }
                 Wake::Close => break conn.ended(),
                 Wake::Move => match conn.move_out(&socket, &ctx).await {
                     Ok(ended) => break ended,
@@ -509,7 +513,7 @@ pub(crate) struct Parked {
     fell_back: bool,
     /// Its number in systemd's file descriptor store while it is kept
     /// there idle (the crash-safe mode); 0: not there.
-    stored: u64,
+    stored: u32,
 }
 
 /// Why a parked connection stopped waiting.
@@ -520,6 +524,8 @@ enum Wake {
     Close,
     /// Moving: it goes to the successor.
     Move,
+    /// Idle long enough to go in systemd's store (the crash-safe mode).
+    Store,
 }
 
 impl Parked {
@@ -569,54 +575,44 @@ impl Parked {
     /// is kept in systemd's store until the wait ends, and taken out
     /// before any byte of its next request is read: a request the process
     /// has begun reading must not be served again by the next one.
-    async fn wait(&mut self, ctx: &ConnCtx, socket: &str) -> Wake {
-        let wake = self.wait_inner(ctx, socket).await;
-        self.unstore(ctx, socket);
-        wake
-    }
-
-    async fn wait_inner(&mut self, ctx: &ConnCtx, socket: &str) -> Wake {
+    ///
+    /// (Every value held across the await below is in every connection's
+    /// task: see `serve`. So storing is done there, not here.)
+    async fn wait(&mut self, ctx: &ConnCtx) -> Wake {
         loop {
             // Listening before the mode is read: a change after the read
             // wakes us.
             let mut changed = std::pin::pin!(ctx.mode_changed.notified());
             changed.as_mut().enable();
-            let now = *ctx.mode.borrow();
-            let (limit, then) = match now {
-                Mode::Serving => (ctx.keep_alive + Duration::from_secs(1), Wake::Close),
-                Mode::Draining => (ctx.drain_idle, Wake::Close),
-                Mode::Moving if self.fell_back => (ctx.drain_idle, Wake::Close),
-                Mode::Moving => (Duration::ZERO, Wake::Move),
-            };
-            let idle = Duration::from_millis(now_ms().saturating_sub(self.idle_since_ms));
-            let Some(left) = limit.checked_sub(idle).filter(|d| !d.is_zero()) else {
-                return then;
-            };
-            // The crash-safe mode: into the store once idle long enough,
-            // or a wake-up then.
-            let mut store_in = None;
-            if now == Mode::Serving
-                && self.stored == 0
-                && let Some(w) = ctx.while_idle.get()
-            {
-                match crate::fdstore::STORE_AFTER.checked_sub(idle) {
-                    Some(d) if !d.is_zero() => store_in = Some(d),
-                    _ => self.stored = w.store(socket, self.stream.as_fd()),
+            // In a block: a local still in scope at the await is kept in
+            // the task (in debug builds at least).
+            let sleep = {
+                let now = *ctx.mode.borrow();
+                let (limit, then) = match now {
+                    Mode::Serving => (ctx.keep_alive + Duration::from_secs(1), Wake::Close),
+                    Mode::Draining => (ctx.drain_idle, Wake::Close),
+                    Mode::Moving if self.fell_back => (ctx.drain_idle, Wake::Close),
+                    Mode::Moving => (Duration::ZERO, Wake::Move),
+                };
+                let idle = Duration::from_millis(now_ms().saturating_sub(self.idle_since_ms));
+                let Some(left) = limit.checked_sub(idle).filter(|d| !d.is_zero()) else {
+                    self.unstore(ctx);
+                    return then;
+                };
+                match self.store_when_idle(ctx, now, idle, left) {
+                    Some(d) => tokio::time::sleep(d),
+                    None => return Wake::Store,
                 }
-            }
-            let sleep = store_in.map_or(left, |d| d.min(left));
+            };
             tokio::select! {
                 _ = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {}
                 _ = changed => continue,
-                _ = tokio::time::sleep(sleep) => {
-                    if sleep < left {
-                        continue;
-                    }
-                    return then;
-                }
+                // Idle long enough for the store, or for the mode's rule
+                // (the next round returns `then`).
+                _ = sleep => continue,
             }
             // Out of the store before reading: see above.
-            self.unstore(ctx, socket);
+            self.unstore(ctx);
             // On the stack, not in the task: no await holds it.
             let mut first = [0u8; 1024];
             match self.stream.try_read(&mut first) {
@@ -633,12 +629,44 @@ impl Parked {
         }
     }
 
+    /// How long to sleep: until the mode's idle rule (`left`) or, in the
+    /// crash-safe mode, until idle long enough for the store. `None`: the
+    /// connection is to go in the store now.
+    fn store_when_idle(
+        &self,
+        ctx: &ConnCtx,
+        now: Mode,
+        idle: Duration,
+        left: Duration,
+    ) -> Option<Duration> {
+        if now != Mode::Serving || self.stored != 0 || ctx.while_idle.get().is_none() {
+            return Some(left);
+        }
+        match crate::fdstore::STORE_AFTER.checked_sub(idle) {
+            Some(d) if !d.is_zero() => Some(d.min(left)),
+            _ => None,
+        }
+    }
+
+    /// Puts a copy of the connection in systemd's store (the crash-safe
+    /// mode). When the store does not take it (no room), it is not asked
+    /// again until the connection's next idle spell.
+    fn store(&mut self, ctx: &ConnCtx, socket: &str) {
+        if let Some(w) = ctx.while_idle.get() {
+            self.stored = match w.store(socket, self.stream.as_fd()) {
+                0 => crate::fdstore::NOT_TAKEN,
+                id => id,
+            };
+        }
+    }
+
     /// Takes the connection out of systemd's store, if it is there.
-    fn unstore(&mut self, ctx: &ConnCtx, socket: &str) {
+    fn unstore(&mut self, ctx: &ConnCtx) {
         if self.stored != 0
+            && self.stored != crate::fdstore::NOT_TAKEN
             && let Some(w) = ctx.while_idle.get()
         {
-            w.remove(socket, self.stored);
+            w.remove(self.stored);
         }
         self.stored = 0;
     }
