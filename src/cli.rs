@@ -341,13 +341,20 @@ pub struct ServeArgs {
     )]
     pub fd_store_connections: u32,
 
-    /// The crash-safe mode: also while serving, keep each connection idle
-    /// for a second in systemd's file descriptor store until its next
+    /// The crash-safe mode: also while serving, keep up to N connections
+    /// idle for a second in systemd's file descriptor store until their next
     /// request, so a process that dies (SIGKILL, OOM, a panic) leaves its
-    /// idle connections to the next start. Needs --fd-store-connections.
-    /// Costs PID 1 two messages per idle spell of each connection.
-    #[arg(long, env = "PID_SERVER_FD_STORE_WHILE_IDLE")]
-    pub fd_store_while_idle: bool,
+    /// idle connections to the next start. 0: off. The unit needs
+    /// `FileDescriptorStoreMax=` of at least N+1. Costs PID 1 two messages
+    /// per idle spell of each connection.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PID_SERVER_FD_STORE_WHILE_IDLE",
+        default_value = "0",
+        value_parser = parse_count
+    )]
+    pub fd_store_while_idle: u32,
 
     /// A PEM certificate chain (certbot's `fullchain.pem`): serve TLS on
     /// every socket, HTTP/2 or HTTP/1.1 by ALPN. Needs --tls-key. Read at
@@ -517,7 +524,7 @@ impl ServeArgs {
             .http2_stall_timeout(self.http2_stall_timeout)
             .http2_max_held_responses(self.http2_max_held_responses as usize)
             .fd_store_connections(self.fd_store_connections as usize)
-            .fd_store_while_idle(self.fd_store_while_idle);
+            .fd_store_while_idle(self.fd_store_while_idle as usize);
         if let Some(tls) = tls {
             c = c.tls(tls);
         }

@@ -80,7 +80,7 @@ pub struct FileSettings {
     pub http2_stall_timeout: Option<Duration>,
     pub http2_max_held_responses: Option<u32>,
     pub fd_store_connections: Option<u32>,
-    pub fd_store_while_idle: Option<bool>,
+    pub fd_store_while_idle: Option<u32>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -189,7 +189,9 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
         "fd_store_connections" => {
             s.fd_store_connections = Some(integer(value, "", cli::parse_count).map_err(named)?)
         }
-        "fd_store_while_idle" => s.fd_store_while_idle = Some(boolean(value).map_err(named)?),
+        "fd_store_while_idle" => {
+            s.fd_store_while_idle = Some(integer(value, "", cli::parse_count).map_err(named)?)
+        }
         "tls_cert" => s.tls_cert = Some(path(value).map_err(named)?),
         "tls_key" => s.tls_key = Some(path(value).map_err(named)?),
         _ => {
@@ -204,13 +206,6 @@ fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
 
 fn secs(value: &Value) -> Result<Duration, String> {
     integer(value, " of seconds", cli::parse_secs)
-}
-
-fn boolean(value: &Value) -> Result<bool, String> {
-    match value {
-        Value::Boolean(b) => Ok(*b),
-        other => Err(format!("expected true or false, found {}", a(other))),
-    }
 }
 
 fn ms(value: &Value) -> Result<Duration, String> {
@@ -336,7 +331,7 @@ max_connections = 9
 http2_stall_timeout = 4
 http2_max_held_responses = 8
 fd_store_connections = 0
-fd_store_while_idle = true
+fd_store_while_idle = 64
 tls_cert = "/etc/x/fullchain.pem"
 tls_key = "key.pem"
 "#,
@@ -360,7 +355,7 @@ tls_key = "key.pem"
                 http2_stall_timeout: Some(Duration::from_secs(4)),
                 http2_max_held_responses: Some(8),
                 fd_store_connections: Some(0),
-                fd_store_while_idle: Some(true),
+                fd_store_while_idle: Some(64),
                 tls_cert: Some("/etc/x/fullchain.pem".into()),
                 tls_key: Some("key.pem".into()),
             }

@@ -27,8 +27,9 @@ pub struct Config {
     /// Idle connections a stop may leave in systemd's file descriptor
     /// store (0: none).
     pub(crate) fd_store_connections: usize,
-    /// Keep idle connections in the store while idle, for a crash.
-    pub(crate) fd_store_while_idle: bool,
+    /// Idle connections kept in the store while idle, for a crash (0:
+    /// none).
+    pub(crate) fd_store_while_idle: usize,
     /// TLS per socket name (`None`: every socket without a name of its
     /// own here).
     pub(crate) tls: Vec<(Option<String>, crate::Tls)>,
@@ -80,7 +81,7 @@ impl Config {
             own_budgets: Vec::new(),
             move_connections: true,
             fd_store_connections: 0,
-            fd_store_while_idle: false,
+            fd_store_while_idle: 0,
             tls: Vec::new(),
             tls_handshake_timeout: Duration::from_secs(10),
             http2: true,
@@ -232,18 +233,20 @@ impl Config {
         self
     }
 
-    /// The crash-safe mode: also while serving, each plain HTTP/1.1
-    /// connection idle for a second is kept in systemd's file descriptor
-    /// store (a copy; this process serves on) until its next request
+    /// The crash-safe mode: also while serving, up to `n` plain HTTP/1.1
+    /// connections idle for a second are kept in systemd's file descriptor
+    /// store (a copy each; this process serves on) until their next request
     /// arrives, so when the process dies (SIGKILL, the OOM killer, a panic)
     /// and systemd restarts it (`Restart=on-failure`), the next process
     /// serves the connections that were idle; what a crash loses is what
-    /// was in progress. Needs [`Config::fd_store_connections`] (the room,
-    /// shared). Default off: it costs two messages to PID 1 per idle spell
-    /// of each connection, and PID 1 compares each stored fd with every
-    /// one it holds; docs/src/operator/restart.md has the figures.
-    pub fn fd_store_while_idle(mut self, on: bool) -> Config {
-        self.fd_store_while_idle = on;
+    /// was in progress, and connections idle for less than a second or past
+    /// `n`. The unit's `FileDescriptorStoreMax=` must be at least `n + 1`.
+    /// Default 0, off: it costs PID 1 two messages per idle spell of each
+    /// connection, and PID 1 compares each fd stored with every one it
+    /// holds (about 1 µs each), so keep `n` in the hundreds;
+    /// docs/src/operator/restart.md has the figures.
+    pub fn fd_store_while_idle(mut self, n: usize) -> Config {
+        self.fd_store_while_idle = n;
         self
     }
 

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -266,7 +266,7 @@ pub fn inherited_from(
     }
     let sockets = names
         .iter()
-        .filter(|n| crate::fdstore::socket_of(n).is_none())
+        .filter(|n| !crate::fdstore::is_stored(n))
         .count();
     if sockets > MAX_INHERITED as usize {
         return Err(ListenError::TooMany(count));
@@ -354,6 +354,24 @@ fn take_inherited(count: u32, names: Vec<String>, origin: Origin) -> Result<Take
     let mut bad_stored = 0usize;
     for (idx, name) in names.into_iter().enumerate() {
         let fd = 3 + idx as RawFd;
+        if name == crate::fdstore::BUNDLE {
+            // A stop's connections, in one socket (see `fdstore::Store`).
+            if !stored_names.contains(&name) {
+                stored_names.push(name.clone());
+            }
+            match take_bundle(fd) {
+                Ok(conns) => {
+                    for (socket, fd) in conns {
+                        match connected(fd) {
+                            Ok((kind, fd)) => stored.push(Stored { socket, kind, fd }),
+                            Err(_) => bad_stored += 1,
+                        }
+                    }
+                }
+                Err(_) => bad_stored += 1,
+            }
+            continue;
+        }
         if let Some(socket) = crate::fdstore::socket_of(&name) {
             if !stored_names.contains(&name) {
                 stored_names.push(name.clone());
@@ -401,18 +419,52 @@ fn take_inherited(count: u32, names: Vec<String>, origin: Origin) -> Result<Take
     })
 }
 
+/// Owns inherited fd `fd`, a stop's bundle of connections (see
+/// `fdstore::Store`), and reads them out of it.
+fn take_bundle(fd: RawFd) -> Result<Vec<(String, OwnedFd)>, String> {
+    // SAFETY: F_GETFD only asks whether the fd is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err("missing".into());
+    }
+    // SAFETY: open (checked above), placed at this number by systemd for
+    // us and claimed once; `unbundle` checks what it is.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    crate::fdstore::unbundle(owned)
+}
+
 /// Owns inherited fd `fd` once it proved to be a connected TCP or Unix
 /// stream socket (a client connection from systemd's file descriptor
 /// store), close-on-exec.
 fn take_connected(fd: RawFd) -> Result<(crate::handover::channel::Kind, OwnedFd), String> {
-    use crate::handover::channel::Kind;
     // SAFETY: F_GETFD only asks whether the fd is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err("missing".into());
     }
     // SAFETY: open (checked above); borrowed for the queries only.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let sock = SockRef::from(&borrowed);
+    check_connected(&borrowed)?;
+    // SAFETY: open, a connected stream socket (checked above), placed at
+    // this number by systemd for us and claimed once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    connected(owned)
+}
+
+/// `fd`, once it proved to be a connected TCP or Unix stream socket, made
+/// close-on-exec.
+fn connected(fd: OwnedFd) -> Result<(crate::handover::channel::Kind, OwnedFd), String> {
+    let kind = check_connected(&fd.as_fd())?;
+    // SAFETY: F_SETFD on an fd we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    Ok((kind, fd))
+}
+
+/// Which kind of connection `fd` is, if it is a connected TCP or Unix
+/// stream socket.
+fn check_connected(fd: &BorrowedFd<'_>) -> Result<crate::handover::channel::Kind, String> {
+    use crate::handover::channel::Kind;
+    let sock = SockRef::from(fd);
     let kind = match sock.domain() {
         Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 => Kind::Tcp,
         Ok(d) if d == Domain::UNIX => Kind::Unix,
@@ -421,14 +473,7 @@ fn take_connected(fd: RawFd) -> Result<(crate::handover::channel::Kind, OwnedFd)
     if sock.r#type().ok() != Some(Type::STREAM) || sock.is_listener().unwrap_or(true) {
         return Err("not a connected stream socket".into());
     }
-    // SAFETY: open, a connected stream socket (checked above), placed at
-    // this number by systemd for us and claimed once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: F_SETFD on the fd we now own.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error().to_string());
-    }
-    Ok((kind, owned))
+    Ok(kind)
 }
 
 /// Owns inherited fd `fd` once it proved to be a listening TCP or Unix

@@ -243,7 +243,7 @@ fn connections_past_the_store_s_room_are_served_to_the_end(r: Release) {
     assert_eq!(c.unit_property(SERVICE, "Result"), "success");
 }
 
-/// The crash-safe mode (`PID_SERVER_FD_STORE_WHILE_IDLE=true`): the main
+/// The crash-safe mode (`PID_SERVER_FD_STORE_WHILE_IDLE=64`): the main
 /// process SIGKILLed; systemd restarts it (`Restart=on-failure`) and the
 /// connections that were idle then are answered by the new process on
 /// their own sockets. Under paused load beside them, nothing is refused and
@@ -260,7 +260,7 @@ fn the_crash_safe_mode_keeps_idle_connections_across_a_sigkill(r: Release) {
         r,
         &[(
             "crash-safe.conf",
-            "[Service]\nEnvironment=PID_SERVER_FD_STORE_WHILE_IDLE=true\n",
+            "[Service]\nEnvironment=PID_SERVER_FD_STORE_WHILE_IDLE=64\n",
         )],
     );
     let old = activate(&c);

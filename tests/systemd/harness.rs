@@ -98,7 +98,7 @@ fn boots_installs_units_and_cleans_up_with(opts: BootOptions) {
     // store's size).
     assert_eq!(
         c.unit_property("pid-server.service", "Environment"),
-        "PID_SERVER_FD_STORE_CONNECTIONS=4096 PID_SERVER_HARNESS_TEST=1"
+        "PID_SERVER_FD_STORE_CONNECTIONS=10000 PID_SERVER_HARNESS_TEST=1"
     );
 
     // The binary is a writable copy, not a bind mount.

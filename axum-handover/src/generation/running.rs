@@ -174,9 +174,9 @@ impl Running {
         let server = Server::start(g.listeners, routes, g.info.counters.clone(), &config)
             .map_err(|e| ServeError::Sockets(e.to_string()))?;
         restore(&server, g.stored, &g.stored_names, &notifier, &g.info);
-        if config.fd_store_while_idle && config.fd_store_connections > 0 {
-            let room = crate::fdstore::room(
-                config.fd_store_connections,
+        if config.fd_store_while_idle > 0 {
+            let room = crate::fdstore::room_while_idle(
+                config.fd_store_while_idle,
                 std::env::var("FDSTORE").ok().as_deref(),
             );
             server.keep_while_idle(crate::fdstore::WhileIdle::new(
