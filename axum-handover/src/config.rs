@@ -219,15 +219,13 @@ impl Config {
     /// in the gap waits in its socket. A plain stop discards the store, which
     /// closes them then. Default 0: off, idle connections close at a stop.
     ///
-    /// Give the unit `FileDescriptorStoreMax=` of at least `n` (systemd
-    /// closes what does not fit; systemd ≥ 254 says the unit's value in
-    /// `$FDSTORE`, and the lower of the two is used). Connections past `n`,
-    /// TLS and HTTP/2 connections, and those with bytes of a request read
-    /// already are served to the end as at any stop. Taking stored
-    /// connections at a start needs no setting: any connection the store
-    /// gives back under this crate's names is served. The store is
-    /// systemd's: without `NOTIFY_SOCKET` this does nothing. See
-    /// docs/src/operator/restart.md for what it costs PID 1.
+    /// They travel in one stored fd (a socket holding them), so the unit
+    /// needs `FileDescriptorStoreMax=` of at least 1, whatever `n`; set `n`
+    /// to the connection budget. TLS and HTTP/2 connections, those past
+    /// `n`, and those with bytes of a request read already are served to
+    /// the end as at any stop. Taking stored connections at a start needs
+    /// no setting. The store is systemd's: without `NOTIFY_SOCKET` this does
+    /// nothing. See docs/src/operator/restart.md.
     pub fn fd_store_connections(mut self, n: usize) -> Config {
         self.fd_store_connections = n;
         self
