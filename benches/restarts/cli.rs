@@ -134,10 +134,22 @@ struct Flags {
     #[arg(long, value_name = "LIST", value_parser = count_list)]
     fdstore_cost: Option<List<usize>>,
 
-    /// Only the file descriptor store's cost: no restarts, no steady state,
-    /// no capacity run
+    /// Only the file descriptor store's cost (and the crash-safe mode's):
+    /// no restarts, no steady state, no capacity run
     #[arg(long)]
     fdstore_cost_only: bool,
+
+    /// PID 1 while serving in the crash-safe mode: comma-separated counts of
+    /// paused keep-alive connections to pid-server in the container, mode
+    /// off and on (PID_SERVER_FD_STORE_WHILE_IDLE=256, or N with
+    /// FileDescriptorStoreMax=N+1 above 256); empty for none [default:
+    /// 64,256; --quick: none]
+    #[arg(long, value_name = "LIST", value_parser = count_list)]
+    crash_safe_cost: Option<List<usize>>,
+
+    /// The measured window of each --crash-safe-cost row
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    crash_safe_secs: u64,
 
     /// A short smoke run: 3 restarts each, 1 s steady state
     #[arg(long)]
@@ -262,6 +274,10 @@ pub(crate) struct Args {
     pub(crate) fdstore_cost: Vec<usize>,
     /// Skip everything but the file descriptor store's cost.
     pub(crate) fdstore_cost_only: bool,
+    /// Connection counts of the crash-safe mode's cost (empty: none).
+    pub(crate) crash_safe_cost: Vec<usize>,
+    /// The measured window of each of those rows.
+    pub(crate) crash_safe_window: Duration,
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
@@ -361,6 +377,11 @@ impl Flags {
                 .map(|l| l.0)
                 .unwrap_or_else(|| if quick { Vec::new() } else { vec![1000, 4000] }),
             fdstore_cost_only: self.fdstore_cost_only,
+            crash_safe_cost: self
+                .crash_safe_cost
+                .map(|l| l.0)
+                .unwrap_or_else(|| if quick { Vec::new() } else { vec![64, 256] }),
+            crash_safe_window: Duration::from_secs(self.crash_safe_secs),
             quick,
             check: self.check,
             out: self

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 
 use crate::capacity::{Opening, Use, open_all, raise_nofile};
 use crate::cli::Args;
+use crate::crashsafe::{self, CrashSafeCost};
 use crate::nspawn;
 use crate::procs::{aborted, sleep_until};
 use crate::servers::PID_SERVER;
@@ -45,12 +46,12 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench-
 /// PID 1's CPU time: `utime + stime` of `/proc/PID/stat` (clock ticks) and
 /// the time on CPU of `/proc/PID/schedstat` (ns, the main thread).
 #[derive(Clone, Copy, Debug, Default)]
-struct Cpu {
+pub(crate) struct Cpu {
     ticks: u64,
     sched_ns: Option<u64>,
 }
 
-fn cpu_of(pid: u32) -> Result<Cpu, String> {
+pub(crate) fn cpu_of(pid: u32) -> Result<Cpu, String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     // After "(comm)": state is field 3, utime 14, stime 15.
@@ -81,7 +82,7 @@ fn tick_ms() -> f64 {
 }
 
 /// From `a` to `b`: ms from the ticks, and from schedstat if both have it.
-fn spent(a: Cpu, b: Cpu) -> (f64, Option<f64>) {
+pub(crate) fn spent(a: Cpu, b: Cpu) -> (f64, Option<f64>) {
     let ticks = b.ticks.saturating_sub(a.ticks) as f64 * tick_ms();
     let sched = a
         .sched_ns
@@ -129,33 +130,59 @@ impl FdStoreCost {
     }
 }
 
-/// Every count of `--fdstore-cost`, store on then off, in one container.
-pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<FdStoreCost> {
-    let mut results = Vec::new();
-    if args.fdstore_cost.is_empty() || aborted() {
+/// Both tables of the step: the restarts (`--fdstore-cost`) and the
+/// crash-safe mode while serving (`--crash-safe-cost`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FdStoreResults {
+    pub(crate) restarts: Vec<FdStoreCost>,
+    pub(crate) crash_safe: Vec<CrashSafeCost>,
+}
+
+/// Every count of `--fdstore-cost`, store on then off, then every count of
+/// `--crash-safe-cost`, mode off then on, in one container.
+pub(crate) fn run(args: &Args, skips: &mut Skips) -> FdStoreResults {
+    let mut results = FdStoreResults::default();
+    if (args.fdstore_cost.is_empty() && args.crash_safe_cost.is_empty()) || aborted() {
         return results;
     }
+    let steps = || {
+        [
+            (!args.fdstore_cost.is_empty()).then_some("fdstore cost"),
+            (!args.crash_safe_cost.is_empty()).then_some("crash-safe cost"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+    };
     if let Err(why) = nspawn::container_support() {
-        skips.add("fdstore cost", why);
+        skips.add(&steps(), why);
         return results;
     }
     let limit = raise_nofile();
+    let fits = |what: &str, n: usize, skips: &mut Skips| {
+        let fits = n as u64 + 64 <= limit;
+        if !fits {
+            skips.add(
+                &format!("{what} {n}"),
+                format!("the open-files limit is {limit}"),
+            );
+        }
+        fits
+    };
     let counts: Vec<usize> = args
         .fdstore_cost
         .iter()
         .copied()
-        .filter(|&n| {
-            let fits = n as u64 + 64 <= limit;
-            if !fits {
-                skips.add(
-                    &format!("fdstore cost {n}"),
-                    format!("the open-files limit is {limit}"),
-                );
-            }
-            fits
-        })
+        .filter(|&n| fits("fdstore cost", n, skips))
         .collect();
-    if counts.is_empty() {
+    let crash_counts: Vec<usize> = args
+        .crash_safe_cost
+        .iter()
+        .copied()
+        .filter(|&n| fits("crash-safe cost", n, skips))
+        .collect();
+    if counts.is_empty() && crash_counts.is_empty() {
         return results;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -180,7 +207,7 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<FdStoreCost> {
     let c = match boot_container(&opts) {
         Ok(c) => c,
         Err(why) => {
-            skips.add("fdstore cost", why);
+            skips.add(&steps(), why);
             return results;
         }
     };
@@ -190,16 +217,44 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<FdStoreCost> {
         c.name(),
         c.init_pid()
     );
+    results.restarts = restarts(&c, &rt, port, &counts, skips);
+    drop(rt);
+    if !crash_counts.is_empty() && !aborted() {
+        let args = Args {
+            crash_safe_cost: crash_counts,
+            ..args.clone()
+        };
+        results.crash_safe = crashsafe::run(&args, &c, port, skips);
+    }
+    let _ = c.exec_timeout(
+        &["systemctl", "--no-pager", "stop", SERVICE, SOCKET],
+        Duration::from_secs(60),
+    );
+    results
+}
+
+/// The restart table: every count, store on then off.
+fn restarts(
+    c: &nspawn::Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    counts: &[usize],
+    skips: &mut Skips,
+) -> Vec<FdStoreCost> {
+    let mut results = Vec::new();
+    if counts.is_empty() {
+        return results;
+    }
     for store in [true, false] {
         // Also a first restart with the setting, before any counted one.
-        if let Err(e) = set_fd_store(&c, store).and_then(|()| container_ready(&c, port).map(drop)) {
+        if let Err(e) = set_fd_store(c, store).and_then(|()| container_ready(c, port).map(drop)) {
             skips.add(
                 &format!("fdstore cost, store {}", on_off(store)),
                 format!("pid-server is not serving in the container: {e}"),
             );
             continue;
         }
-        for &n in &counts {
+        for &n in counts {
             if aborted() {
                 break;
             }
@@ -207,7 +262,7 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<FdStoreCost> {
                 "bench: fdstore cost: {n} idle connections, store {}",
                 on_off(store)
             );
-            match one(&c, &rt, port, n, store) {
+            match one(c, rt, port, n, store) {
                 Ok(r) => {
                     eprintln!(
                         "bench: fdstore cost: restart {:.0} ms, PID 1 {:.1} ms, kept {}/{}",
@@ -221,16 +276,12 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> Vec<FdStoreCost> {
                 Err(e) => skips.add(&format!("fdstore cost {n}, store {}", on_off(store)), e),
             }
             // The next count on a serving process.
-            if let Err(e) = container_ready(&c, port) {
+            if let Err(e) = container_ready(c, port) {
                 skips.add("fdstore cost", format!("pid-server does not serve: {e}"));
                 return results;
             }
         }
     }
-    let _ = c.exec_timeout(
-        &["systemctl", "--no-pager", "stop", SERVICE, SOCKET],
-        Duration::from_secs(60),
-    );
     results
 }
 

@@ -27,7 +27,8 @@
 //! net/http server (`benches/go/main.go`) and nginx `return 200`, with the
 //! same client; then the memory per idle keep-alive connection of
 //! pid-server and nginx (`--capacity`), and what the file descriptor
-//! store costs the container's PID 1 at a restart (`--fdstore-cost`). Tables go to stdout (Markdown),
+//! store costs the container's PID 1 at a restart (`--fdstore-cost`) and
+//! while serving in the crash-safe mode (`--crash-safe-cost`). Tables go to stdout (Markdown),
 //! progress to stderr, raw results to `<target>/bench-results/restarts.json`
 //! and a picture to `<target>/bench-results/restarts.svg`.
 //!
@@ -46,7 +47,8 @@
 //! - [`steady`]: the steady-state comparison;
 //! - [`capacity`]: memory per idle keep-alive connection;
 //! - [`fdstore`]: PID 1's CPU time for idle connections kept across
-//!   `systemctl restart` in systemd's file descriptor store;
+//!   `systemctl restart` in systemd's file descriptor store, and
+//!   [`crashsafe`]: the same while serving in the crash-safe mode;
 //! - [`results`]: one run's records turned into counts, percentiles and a
 //!   timeline;
 //! - [`report`]: tables, verdict, JSON and the picture;
@@ -60,6 +62,7 @@ use pid_server_test_support::nspawn;
 
 mod capacity;
 mod cli;
+mod crashsafe;
 mod endurance;
 mod fdstore;
 mod h2;
@@ -120,7 +123,7 @@ fn main() {
         capacity::run(&args, &mut skips)
     };
     let fd_cost = if args.capacity_only {
-        Vec::new()
+        fdstore::FdStoreResults::default()
     } else {
         fdstore::run(&args, &mut skips)
     };

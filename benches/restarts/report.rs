@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::capacity::CapacityResult;
 use crate::cli::Args;
-use crate::fdstore::FdStoreCost;
+use crate::fdstore::FdStoreResults;
 use crate::load::{KINDS, Kind, Mode};
 use crate::procs::aborted;
 use crate::results::{Bucket, Kept, RunResult};
@@ -650,7 +650,7 @@ pub(crate) fn publish(
     runs: &[RunResult],
     steady: &[SteadyResult],
     capacity: &[CapacityResult],
-    fd_cost: &[FdStoreCost],
+    fd_cost: &FdStoreResults,
     skips: &Skips,
     wall: Duration,
 ) -> bool {
@@ -700,8 +700,11 @@ pub(crate) fn publish(
         );
         out.push_str(&capacity_table(capacity));
     }
-    if !fd_cost.is_empty() {
-        out.push_str(&crate::fdstore::section(fd_cost));
+    if !fd_cost.restarts.is_empty() {
+        out.push_str(&crate::fdstore::section(&fd_cost.restarts));
+    }
+    if !fd_cost.crash_safe.is_empty() {
+        out.push_str(&crate::crashsafe::section(args, &fd_cost.crash_safe));
     }
     if !skips.0.is_empty() {
         out.push_str("\n## Skipped\n\n");
@@ -748,12 +751,15 @@ pub(crate) fn publish(
             "modes": args.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "capacity": args.capacity,
             "fdstore_cost": args.fdstore_cost,
+            "crash_safe_cost": args.crash_safe_cost,
+            "crash_safe_window_ms": args.crash_safe_window.as_millis() as u64,
         },
         "wall_time_s": wall.as_secs_f64(),
         "runs": runs.iter().map(|r| run_json(r, args)).collect::<Vec<_>>(),
         "steady_state": steady_json(steady),
         "capacity": capacity_json(capacity),
-        "fdstore_cost": crate::fdstore::json(fd_cost),
+        "fdstore_cost": crate::fdstore::json(&fd_cost.restarts),
+        "crash_safe_cost": crate::crashsafe::json(&fd_cost.crash_safe),
         "skipped": skips.0.iter().map(|(w, y)| json!({"what": w, "why": y})).collect::<Vec<_>>(),
         "reload_zero_failures": reload_clean,
     });
