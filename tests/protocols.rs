@@ -513,7 +513,17 @@ fn a_client_that_closes_after_the_handshake_is_no_failure_and_garbage_is() {
         }
     }
     wait_alone(&mut scrape);
-    let after = counts(&mut scrape);
+    // The last client's connection may not even be accepted when the
+    // connections gauge is read (a loaded machine): wait, within a bound,
+    // until every one of them has been counted one way or the other.
+    let deadline = Instant::now() + WAIT;
+    let mut after = counts(&mut scrape);
+    while after.0 + after.1 < after_checks.0 + after_checks.1 + GARBAGE + LEFT
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        after = counts(&mut scrape);
+    }
     let diff = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0, a.1 - b.1);
     eprintln!(
         "(failures, abandoned): {CHECKS} health checks added {:?}, {GARBAGE} garbage clients \
