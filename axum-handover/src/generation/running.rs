@@ -75,6 +75,10 @@ impl Running {
         }
     }
 
+    /// The steps of a start, each named: say what was inherited, fit the
+    /// connection budget to the fd limit, keep second descriptors of the
+    /// sockets for a next generation, open the control socket, serve, and
+    /// take what systemd's file descriptor store kept.
     fn start_inner(
         g: Generation,
         inherited: Option<&Inherited>,
@@ -85,80 +89,10 @@ impl Running {
         // A new generation speaks for the unit only once it has taken over
         // (`g.inherited` is already taken here: ask the one passed in).
         let notifier = Notifier::from_env(inherited.is_none());
-        if let Some(w) = &g.warning {
-            tracing::warn!(event = "listen_fds_ignored", "{w}");
-        }
-        if let Some(w) = inherited.and_then(|i| i.ignored.as_ref()) {
-            tracing::warn!(event = "handover_variables_ignored", "{w}");
-        }
-        for l in &g.listeners {
-            tracing::info!(event = "listening", socket = %l.name, address = %l.local_addr(),
-                origin = %l.origin, "listening on {} ({}, {})", l.local_addr(), l.origin, l.name);
-        }
-        // Only the first generation binds; later ones share its very
-        // sockets and need no migration.
-        if g.number == 0
-            && g.listeners
-                .iter()
-                .any(|l| l.origin == Origin::Bound && l.port().is_some())
-            && listeners::tcp_migrate_req() == Some(false)
-        {
-            tracing::warn!(
-                event = "tcp_migrate_req_off",
-                "net.ipv4.tcp_migrate_req=0: if another process shares this port and this one \
-                 stops, connections still queued on its socket are reset; set it to 1 (Linux \
-                 5.14+), or reload, which hands over the very same socket"
-            );
-        }
-        for n in &g.notes {
-            tracing::warn!(event = "not_applied", note = %n, "{n}");
-        }
-        let mut config = g.config.clone();
-        if let Some(limit) = g.fd_limit {
-            // The sockets with a budget of their own take theirs first.
-            let own = config.own_budget_total(g.listeners.iter().map(|l| l.name.as_str()));
-            let budget = limit
-                .connection_budget(g.listeners.len())
-                .saturating_sub(own)
-                .max(1);
-            tracing::info!(
-                event = "fd_limit",
-                soft = limit.soft,
-                hard = limit.hard,
-                soft_before = limit.soft_before,
-                connection_budget = budget,
-                "{limit}"
-            );
-            if config.max_connections > budget {
-                tracing::warn!(
-                    event = "max_connections_clamped",
-                    asked = config.max_connections,
-                    budget,
-                    "at most {budget} connections fit under the {limit}; serving at most {budget} (asked for {})",
-                    config.max_connections
-                );
-                config.max_connections = budget;
-            }
-        }
+        log_start(&g, inherited);
+        let config = fit_budget(&g);
         let sockets = describe(&g.listeners);
-        // Second descriptors of every socket, for the next generation.
-        let handover: Vec<(OwnedFd, String)> = g
-            .listeners
-            .iter()
-            .map(|l| l.try_clone_fd().map(|fd| (fd, l.name.clone())))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ServeError::Sockets(format!("cannot duplicate one: {e}")))?;
-        let plan = Plan {
-            origin: g
-                .listeners
-                .first()
-                .map(|l| l.origin)
-                .unwrap_or(Origin::Bound),
-            exe: g.exe,
-            args: g.args,
-            generation: g.number + 1,
-            sockets: handover,
-        };
+        let plan = handover_plan(&g)?;
         let signals = Signals::install(&g.config.reload_signals)
             .map_err(|e| ServeError::Signals(e.to_string()))?;
         let (tx, requests) = mpsc::channel::<control::Request>(control::QUEUED);
@@ -294,6 +228,96 @@ pub(super) fn drain_status(info: &Info) -> String {
         info.upgraded(),
         info.generation
     )
+}
+
+/// Says what this start inherited and listens on, and what the operator
+/// should hear about it.
+fn log_start(g: &Generation, inherited: Option<&Inherited>) {
+    if let Some(w) = &g.warning {
+        tracing::warn!(event = "listen_fds_ignored", "{w}");
+    }
+    if let Some(w) = inherited.and_then(|i| i.ignored.as_ref()) {
+        tracing::warn!(event = "handover_variables_ignored", "{w}");
+    }
+    for l in &g.listeners {
+        tracing::info!(event = "listening", socket = %l.name, address = %l.local_addr(),
+                origin = %l.origin, "listening on {} ({}, {})", l.local_addr(), l.origin, l.name);
+    }
+    // Only the first generation binds; later ones share its very
+    // sockets and need no migration.
+    if g.number == 0
+        && g.listeners
+            .iter()
+            .any(|l| l.origin == Origin::Bound && l.port().is_some())
+        && listeners::tcp_migrate_req() == Some(false)
+    {
+        tracing::warn!(
+            event = "tcp_migrate_req_off",
+            "net.ipv4.tcp_migrate_req=0: if another process shares this port and this one \
+                 stops, connections still queued on its socket are reset; set it to 1 (Linux \
+                 5.14+), or reload, which hands over the very same socket"
+        );
+    }
+    for n in &g.notes {
+        tracing::warn!(event = "not_applied", note = %n, "{n}");
+    }
+}
+
+/// The settings to serve with: the connection budget fitted to the
+/// open-files limit.
+fn fit_budget(g: &Generation) -> Config {
+    let mut config = g.config.clone();
+    if let Some(limit) = g.fd_limit {
+        // The sockets with a budget of their own take theirs first.
+        let own = config.own_budget_total(g.listeners.iter().map(|l| l.name.as_str()));
+        let budget = limit
+            .connection_budget(g.listeners.len())
+            .saturating_sub(own)
+            .max(1);
+        tracing::info!(
+            event = "fd_limit",
+            soft = limit.soft,
+            hard = limit.hard,
+            soft_before = limit.soft_before,
+            connection_budget = budget,
+            "{limit}"
+        );
+        if config.max_connections > budget {
+            tracing::warn!(
+                event = "max_connections_clamped",
+                asked = config.max_connections,
+                budget,
+                "at most {budget} connections fit under the {limit}; serving at most {budget} (asked for {})",
+                config.max_connections
+            );
+            config.max_connections = budget;
+        }
+    }
+    config
+}
+
+/// Second descriptors of every socket, and what a next generation is
+/// started with.
+fn handover_plan(g: &Generation) -> Result<Plan, ServeError> {
+    // Second descriptors of every socket, for the next generation.
+    let handover: Vec<(OwnedFd, String)> = g
+        .listeners
+        .iter()
+        .map(|l| l.try_clone_fd().map(|fd| (fd, l.name.clone())))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServeError::Sockets(format!("cannot duplicate one: {e}")))?;
+    let plan = Plan {
+        origin: g
+            .listeners
+            .first()
+            .map(|l| l.origin)
+            .unwrap_or(Origin::Bound),
+        exe: g.exe.clone(),
+        args: g.args.clone(),
+        generation: g.number + 1,
+        sockets: handover,
+    };
+    Ok(plan)
 }
 
 /// Serves the connections systemd kept over a restart, and has systemd let
