@@ -119,14 +119,17 @@ fn two_sockets_named(names: &str, args: &[&str]) -> (proc::Proc, SocketAddr, Soc
         .env("LISTEN_FDNAMES", names)
         .env_remove("LISTEN_PID")
         .env("NOTIFY_SOCKET", &notify.path);
-    // SAFETY: fcntl and dup2 are async-signal-safe; the fds are ours.
+    // SAFETY: fcntl and dup2 are async-signal-safe; the fds are ours; and
+    // nothing is allocated after the fork (an array, not a Vec: the
+    // allocator's lock may be held by a thread that does not exist in the
+    // child).
     unsafe {
         cmd.pre_exec(move || {
             // Above the targets first, so placing one cannot close another.
-            let high: Vec<i32> = fds
-                .iter()
-                .map(|fd| libc::fcntl(*fd, libc::F_DUPFD, 10))
-                .collect();
+            let mut high = [-1; 2];
+            for (h, fd) in high.iter_mut().zip(fds) {
+                *h = libc::fcntl(fd, libc::F_DUPFD, 10);
+            }
             for (i, h) in high.iter().enumerate() {
                 if *h < 0 || libc::dup2(*h, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
