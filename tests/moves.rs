@@ -209,7 +209,7 @@ fn pipelined_requests_across_the_handover_are_answered_in_order() {
     for (i, (path, (status, body))) in sent.iter().zip(&got).enumerate() {
         assert_eq!(*status, 200, "request {i}");
         if *path == "/" {
-            let pid = body.trim().strip_prefix("OK. Handled by PID: ");
+            let pid = pid_server_test_support::http::pid_in(body);
             assert!(pid.is_some(), "request {i} to / answered {body:?}");
             pids.insert(pid.unwrap().to_string());
         } else {

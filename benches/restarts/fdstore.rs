@@ -447,10 +447,7 @@ async fn ask(s: &mut TcpStream) -> io::Result<u32> {
             .ok_or_else(|| io::Error::other("no Content-Length"))?;
         if buf.len() >= end + 4 + len {
             let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]);
-            return body
-                .trim()
-                .strip_prefix("OK. Handled by PID: ")
-                .and_then(|p| p.parse().ok())
+            return pid_server_test_support::http::pid_in(&body)
                 .ok_or_else(|| io::Error::other(format!("body {body:?}")));
         }
     }

@@ -233,8 +233,7 @@ impl StreamLoop {
                 Ok(Ok((status, data))) => {
                     let pid = std::str::from_utf8(&data)
                         .ok()
-                        .and_then(|b| b.trim().strip_prefix("OK. Handled by PID: "))
-                        .and_then(|p| p.parse().ok())
+                        .and_then(pid_server_test_support::http::pid_in)
                         .unwrap_or(0);
                     if status == 200 {
                         self.answered.store(true, Ordering::Relaxed);

@@ -262,8 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let pid = std::str::from_utf8(&self.buf[head_end..body_end])
             .ok()
-            .and_then(|b| b.trim().strip_prefix("OK. Handled by PID: "))
-            .and_then(|p| p.parse().ok())
+            .and_then(pid_server_test_support::http::pid_in)
             .unwrap_or(0);
         Ok(Response { status, pid, close })
     }
