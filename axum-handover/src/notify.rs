@@ -77,16 +77,7 @@ impl Notifier {
     /// systemd's child); 252 ignores the key it does not know.
     pub(crate) fn take_over(&self, status: &str) {
         self.owner.store(true, Ordering::SeqCst);
-        let id = pidfd_id().map(|id| format!("MAINPIDFDID={id}"));
-        let mut states = vec![
-            NotifyState::MainPid(std::process::id()),
-            NotifyState::Ready,
-            NotifyState::Status(status),
-        ];
-        if let Some(id) = &id {
-            states.push(NotifyState::Custom(id));
-        }
-        self.send(&states);
+        self.main_pid_ready(status);
         if self.enabled
             && !self.is_silenced()
             && let Err(e) = barrier(Duration::from_secs(5))
@@ -111,6 +102,12 @@ impl Notifier {
 
     /// After a failed reload: this process is (still) the main one, and ready.
     pub(crate) fn reclaim(&self, status: &str) {
+        self.main_pid_ready(status);
+    }
+
+    /// `MAINPID=<self>`, `READY=1`, the status line, and `MAINPIDFDID=`
+    /// where pidfds have IDs (see [`Notifier::take_over`]).
+    fn main_pid_ready(&self, status: &str) {
         let id = pidfd_id().map(|id| format!("MAINPIDFDID={id}"));
         let mut states = vec![
             NotifyState::MainPid(std::process::id()),
