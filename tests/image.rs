@@ -234,7 +234,7 @@ fn make_context(dir: &Path) {
     for unit in ["pid-server.service", "pid-server.socket"] {
         copy(&units.join(unit), &dir.join("systemd").join(unit));
     }
-    // The configuration file the unit's `serve --config` names.
+    // The configuration file the unit names (`PID_SERVER_CONFIG`).
     let conf = "packaging/pid-server.toml";
     copy(&repo.join(conf), &dir.join(conf));
     let binary = std::env::var_os("PID_SERVER_TEST_BINARY")

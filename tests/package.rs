@@ -610,6 +610,16 @@ fn package_upgrades_from_the_previous_release_and_back_by_reload(release: Releas
     // for its parent's (#23: the third reload failed).
     let again = switch_under_load(&c, &nsp, "/tmp/this.deb", "upgrade after a rollback");
     assert_eq!(metrics().unwrap(), 200, "PID {again} is not this release");
+    // A restart of this release between: it starts with systemd's own
+    // variables (and the file descriptor store's, #22), which a reload
+    // passes on to the previous release.
+    c.systemctl_ok(&["restart", SERVICE]);
+    let restarted = c.main_pid(SERVICE);
+    assert!(
+        restarted != 0 && restarted != again,
+        "MainPID {restarted} after the restart of {again}"
+    );
+    ns.run(|| http::wait_ok(local(PORT), "/readyz", Duration::from_secs(10)));
     let back_again = switch_under_load(
         &c,
         &nsp,

@@ -94,11 +94,12 @@ fn boots_installs_units_and_cleans_up_with(opts: BootOptions) {
         c.unit_property("pid-server.socket", "Listen"),
         format!("127.0.0.1:{port} (Stream)")
     );
-    // The drop-in's variable beside the unit's own (the file descriptor
-    // store's size).
+    // The drop-in's variable beside the unit's own (the configuration
+    // file, the file descriptor store's size).
     assert_eq!(
         c.unit_property("pid-server.service", "Environment"),
-        "PID_SERVER_FD_STORE_CONNECTIONS=10000 PID_SERVER_HARNESS_TEST=1"
+        "PID_SERVER_CONFIG=/etc/pid-server/pid-server.toml \
+         PID_SERVER_FD_STORE_CONNECTIONS=10000 PID_SERVER_HARNESS_TEST=1"
     );
 
     // The binary is a writable copy, not a bind mount.

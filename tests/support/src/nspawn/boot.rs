@@ -360,7 +360,7 @@ impl Container {
             let name = unit.file_name().unwrap().to_string_lossy();
             self.write_file(&format!("{UNIT_DIR_INSIDE}/{name}"), &bytes, 0o644);
         }
-        // The file the service's `serve --config` names, as the package
+        // The file the service names (`PID_SERVER_CONFIG`), as the package
         // installs it.
         let conf = crate::repo().join("packaging/pid-server.toml");
         let bytes = fs::read(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
