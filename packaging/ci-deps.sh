@@ -4,7 +4,8 @@
 #
 #   packaging/ci-deps.sh            what the tests need (tests/package.rs,
 #                                   tests/image.rs, tests/systemd/, h2load for
-#                                   tests/protocols.rs)
+#                                   tests/protocols.rs, HAProxy, ssh and
+#                                   Ansible for tests/fleet.rs)
 #   packaging/ci-deps.sh --lint     also the linters: lintian (the package),
 #                                   hadolint (the Dockerfile), kubernetes-validate
 #                                   (deploy/kubernetes.yaml), ShellCheck, and
@@ -35,9 +36,21 @@ apt-get update
 # curl: systemd/try.sh's examples
 # make, gcc: tikv-jemalloc-sys builds jemalloc (pid-server's allocator)
 # nghttp2-client: h2load, the second HTTP/2 client of tests/protocols.rs
+# haproxy, openssh-client, python3-venv: tests/fleet.rs (HAProxy in front of
+# three hosts, Ansible reaching them over ssh)
 apt-get install -y --no-install-recommends \
     systemd-container debootstrap debian-archive-keyring iproute2 util-linux procps \
-    podman runc dpkg-dev curl ca-certificates make gcc nghttp2-client
+    podman runc dpkg-dev curl ca-certificates make gcc nghttp2-client \
+    haproxy openssh-client python3-venv
+# Debian's haproxy package starts its own on boot; the test runs its own.
+systemctl disable --now haproxy.service >/dev/null 2>&1 || true
+
+# Ansible (deploy/ansible/, tests/fleet.rs): ansible-core from PyPI, in a
+# venv of its own as the linters are.
+if [ ! -x /opt/pid-server-ansible/bin/ansible-playbook ]; then
+    python3 -m venv /opt/pid-server-ansible
+    /opt/pid-server-ansible/bin/pip install --quiet ansible-core
+fi
 
 # packaging/build-deb.sh (the package test builds two versions with it).
 if ! command -v cargo-deb >/dev/null 2>&1; then
