@@ -461,7 +461,13 @@ fn fleet_rolls_a_release_through_haproxy_without_a_failed_request() {
         .one_shot(2)
         .paused(4)
         .pace(Duration::from_millis(2))
-        .max_time(Duration::from_secs(240))
+        // The roll's five plays take about 120 s on an idle machine and
+        // twice that on a busy one (a clean clone's CI run, with builds
+        // beside it, ran out at 240 s): the bound must outlast the roll,
+        // since the load is asked for answers after it. 2 ms paced
+        // clients send ~3 700 requests a second.
+        .max_time(Duration::from_secs(480))
+        .max_requests(2_000_000)
         .netns(ns.path())
         .start();
     load.wait_for("answers through HAProxy", Duration::from_secs(10), |t| {
