@@ -425,6 +425,10 @@ pub(crate) enum Ended {
 /// in the step that serves them, and the parked wait polls the socket's
 /// readiness rather than holding a future for it. (Inline, the HTTP/2 path
 /// made every connection's task ~7 KB; see docs/src/operator/capacity.md.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in the task"
+)]
 pub(crate) fn serve(
     mut conn: Parked,
     socket: Arc<str>,
@@ -600,6 +604,10 @@ impl Parked {
     /// task: see `serve`. So storing is done there, not here.)
     // Not an `async fn`, which would hold its two references twice (see
     // `serve`).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice in the task"
+    )]
     fn wait<'a>(&'a mut self, ctx: &'a ConnCtx) -> impl Future<Output = Wake> + 'a {
         async move {
             loop {
