@@ -528,23 +528,22 @@ impl ServeArgs {
             let (value, old_value) = (r.fields)(self);
             let old_value = old_value.take();
             let value = *value;
+            // The spellings as the operator wrote them: flags or variables.
+            let names = |source| match source {
+                ValueSource::CommandLine => (r.old_flag, r.flag),
+                _ => (r.old_env, r.env),
+            };
             match spelling(matches.value_source(r.id), matches.value_source(r.old_id)) {
                 Spelling::New => {}
                 Spelling::Both(source) => {
-                    let (old, new) = match source {
-                        ValueSource::CommandLine => (r.old_flag, r.flag),
-                        _ => (r.old_env, r.env),
-                    };
+                    let (old, new) = names(source);
                     return Err(clap::Error::raw(
                         clap::error::ErrorKind::ArgumentConflict,
                         format!("`{old}` and `{new}` are one setting: give only `{new}`\n"),
                     ));
                 }
                 Spelling::Old(source) => {
-                    let (old, new) = match source {
-                        ValueSource::CommandLine => (r.old_flag, r.flag),
-                        _ => (r.old_env, r.env),
-                    };
+                    let (old, new) = names(source);
                     self.old_spellings.push(old_spelling_warning(old, new));
                     // Given, so the file does not override it.
                     self.given.0.insert(r.id.to_string());
