@@ -31,7 +31,7 @@ pub const SLOW_MAX_MS: u64 = 60_000;
 
 /// What the routes report about the generation serving them: the
 /// library's [`Info`] in the binary, a stand-in in tests.
-pub trait Generation: Clone + Send + Sync + 'static {
+pub trait GenerationView: Clone + Send + Sync + 'static {
     fn pid(&self) -> u32;
     /// 0 for a process started fresh, +1 for each handover.
     fn generation(&self) -> u32;
@@ -41,7 +41,7 @@ pub trait Generation: Clone + Send + Sync + 'static {
     fn metrics(&self) -> axum_handover::Metrics;
 }
 
-impl Generation for Info {
+impl GenerationView for Info {
     fn pid(&self) -> u32 {
         Info::pid(self)
     }
@@ -88,7 +88,7 @@ struct App<G> {
 }
 
 /// The routes but `/metrics`.
-fn app_routes<G: Generation>() -> Router<App<G>> {
+fn app_routes<G: GenerationView>() -> Router<App<G>> {
     Router::new()
         .route("/", get(root::<G>))
         .route("/healthz", get(healthz::<G>))
@@ -100,14 +100,14 @@ fn app_routes<G: Generation>() -> Router<App<G>> {
 }
 
 /// `/metrics` and `/stats`: the operator's.
-fn with_metrics<G: Generation>(r: Router<App<G>>) -> Router<App<G>> {
+fn with_metrics<G: GenerationView>(r: Router<App<G>>) -> Router<App<G>> {
     r.route("/metrics", get(metrics::<G>))
         .route("/stats", get(stats::<G>))
 }
 
 /// Counts each request by its route's pattern: only matched routes (a
 /// `route_layer`), so the set of names stays pid-server's own.
-async fn count<G: Generation>(
+async fn count<G: GenerationView>(
     State(s): State<App<G>>,
     route: Option<MatchedPath>,
     req: Request,
@@ -119,7 +119,7 @@ async fn count<G: Generation>(
     next.run(req).await
 }
 
-fn counted<G: Generation>(r: Router<App<G>>, state: &App<G>) -> Router {
+fn counted<G: GenerationView>(r: Router<App<G>>, state: &App<G>) -> Router {
     r.route_layer(middleware::from_fn_with_state(state.clone(), count::<G>))
         .with_state(state.clone())
 }
@@ -138,7 +138,7 @@ pub const METRICS_SOCKET: &str = "metrics";
 pub const METRICS_CONNECTIONS: usize = 16;
 
 /// What an operator's socket serves: metrics and health.
-fn operator_routes<G: Generation>() -> Router<App<G>> {
+fn operator_routes<G: GenerationView>() -> Router<App<G>> {
     with_metrics(Router::new())
         .route("/healthz", get(healthz::<G>))
         .route("/readyz", get(readyz::<G>))
@@ -147,7 +147,7 @@ fn operator_routes<G: Generation>() -> Router<App<G>> {
 /// What a socket serves, by its name: everything, or with a socket of its
 /// own for `/metrics`, that and the health routes there and the rest
 /// elsewhere.
-pub fn routes<G: Generation>(
+pub fn routes<G: GenerationView>(
     generation: G,
     config: Option<ConfigFileId>,
     stats: Arc<RouteStats>,
@@ -176,7 +176,7 @@ impl<G> App<G> {
 }
 
 /// Prometheus' text format (version 0.0.4).
-async fn metrics<G: Generation>(State(s): State<App<G>>) -> Response {
+async fn metrics<G: GenerationView>(State(s): State<App<G>>) -> Response {
     let body = crate::metrics::render(s.generation.metrics());
     (
         [(
@@ -198,7 +198,7 @@ struct Stats {
 
 /// Requests per route since the first generation (this request included),
 /// and whether the previous generation's counts are in yet.
-async fn stats<G: Generation>(State(s): State<App<G>>) -> Json<Stats> {
+async fn stats<G: GenerationView>(State(s): State<App<G>>) -> Json<Stats> {
     Json(Stats {
         pid: s.generation.pid(),
         generation: s.generation.generation(),
@@ -210,7 +210,7 @@ fn handled_by(pid: u32) -> String {
     format!("OK. Handled by PID: {pid}\n")
 }
 
-async fn root<G: Generation>(State(s): State<App<G>>) -> String {
+async fn root<G: GenerationView>(State(s): State<App<G>>) -> String {
     handled_by(s.generation.pid())
 }
 
@@ -223,7 +223,7 @@ struct Health {
     config: Option<ConfigFileId>,
 }
 
-async fn healthz<G: Generation>(State(s): State<App<G>>) -> Json<Health> {
+async fn healthz<G: GenerationView>(State(s): State<App<G>>) -> Json<Health> {
     let g = &s.generation;
     Json(Health {
         pid: g.pid(),
@@ -238,7 +238,7 @@ async fn healthz<G: Generation>(State(s): State<App<G>>) -> Json<Health> {
     })
 }
 
-async fn readyz<G: Generation>(State(s): State<App<G>>) -> Response {
+async fn readyz<G: GenerationView>(State(s): State<App<G>>) -> Response {
     if s.generation.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
@@ -246,7 +246,7 @@ async fn readyz<G: Generation>(State(s): State<App<G>>) -> Response {
     }
 }
 
-async fn slow<G: Generation>(
+async fn slow<G: GenerationView>(
     State(s): State<App<G>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -292,7 +292,7 @@ const SERVICE_RESTART: u16 = 1012;
 /// A WebSocket that says `pid N` every second and echoes what it gets.
 /// When the server asks it to end (a reload or a stop), it closes with
 /// 1012 (Service Restart), and the client reconnects to the new process.
-async fn ws<G: Generation>(
+async fn ws<G: GenerationView>(
     State(s): State<App<G>>,
     closing: Closing,
     upgrade: WebSocketUpgrade,
@@ -348,7 +348,7 @@ async fn ws_session(mut socket: WebSocket, pid: u32, closing: Closing) {
 /// on from the client's `Last-Event-ID`) and a `retry:` of a second. At a
 /// reload the server ends the stream, and the `EventSource` resumes from
 /// the new process with no event lost or repeated.
-async fn events<G: Generation>(State(s): State<App<G>>, headers: HeaderMap) -> Response {
+async fn events<G: GenerationView>(State(s): State<App<G>>, headers: HeaderMap) -> Response {
     let next = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -400,7 +400,7 @@ mod tests {
         }
     }
 
-    impl Generation for Shared {
+    impl GenerationView for Shared {
         fn pid(&self) -> u32 {
             self.pid
         }

@@ -76,8 +76,14 @@ fn parse_from(
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     match (&mut cli.command, matches.subcommand()) {
-        (Some(Command::Serve(args)), Some((_, sub))) => args.given = Given::of(sub),
-        (None, _) => cli.serve.given = Given::of(&matches),
+        (Some(Command::Serve(args)), Some((_, sub))) => {
+            args.given = Given::of(sub);
+            args.take_old_spellings(sub)?;
+        }
+        (None, _) => {
+            cli.serve.given = Given::of(&matches);
+            cli.serve.take_old_spellings(&matches)?;
+        }
         _ => {}
     }
     Ok(cli)
@@ -218,28 +224,50 @@ pub struct ServeArgs {
     )]
     pub drain_timeout: Duration,
 
-    /// Seconds a new process may take to become ready during a handover before
-    /// it is killed and the old one keeps serving.
+    /// Seconds a new process may take to become ready during a reload before
+    /// it is killed and the old one keeps serving. (Formerly
+    /// --upgrade-timeout and PID_SERVER_UPGRADE_TIMEOUT, which still work.)
     #[arg(
         long,
         value_name = "SECS",
-        env = "PID_SERVER_UPGRADE_TIMEOUT",
+        env = "PID_SERVER_RELOAD_TIMEOUT",
         default_value = "30",
         value_parser = parse_secs
     )]
-    pub upgrade_timeout: Duration,
+    pub reload_timeout: Duration,
 
-    /// During a handover, how long the new process serves beside the old one
+    /// The first spelling of --reload-timeout (see [`RENAMED`]).
+    #[arg(
+        long = "upgrade-timeout",
+        value_name = "SECS",
+        env = "PID_SERVER_UPGRADE_TIMEOUT",
+        hide = true,
+        value_parser = parse_secs
+    )]
+    upgrade_timeout: Option<Duration>,
+
+    /// During a reload, how long the new process serves beside the old one
     /// before taking over; it must stay alive through it, or the old process
-    /// stops it and keeps the unit.
+    /// stops it and keeps the unit. (Formerly --upgrade-probation-ms and
+    /// PID_SERVER_UPGRADE_PROBATION_MS, which still work.)
+    #[arg(
+        long = "reload-probation-ms",
+        value_name = "MS",
+        env = "PID_SERVER_RELOAD_PROBATION_MS",
+        default_value = "250",
+        value_parser = parse_ms
+    )]
+    pub reload_probation: Duration,
+
+    /// The first spelling of --reload-probation-ms (see [`RENAMED`]).
     #[arg(
         long = "upgrade-probation-ms",
         value_name = "MS",
         env = "PID_SERVER_UPGRADE_PROBATION_MS",
-        default_value = "250",
+        hide = true,
         value_parser = parse_ms
     )]
-    pub upgrade_probation: Duration,
+    upgrade_probation: Option<Duration>,
 
     /// Seconds an idle keep-alive connection is kept, advertised to clients
     /// as `Keep-Alive: timeout=N` (at most the header timeout less one). An
@@ -379,6 +407,99 @@ pub struct ServeArgs {
     /// The settings a flag or the environment gave.
     #[arg(skip)]
     given: Given,
+
+    /// One line for each old spelling this command line or environment
+    /// used (see [`RENAMED`]), to log once at start.
+    #[arg(skip)]
+    old_spellings: Vec<String>,
+}
+
+/// A setting whose flag, environment variable and file key said `upgrade`
+/// before they said `reload`, the word for what an operator asks for.
+///
+/// The old spellings work forever, hidden: a reload starts the new process
+/// with the old one's arguments and environment, so a unit written for an
+/// older release must keep working with this one, and one written for this
+/// release must keep working when an operator rolls back, which is why a
+/// unit should keep the old spelling until no release older than this one
+/// can be reloaded into.
+pub struct Renamed {
+    /// The clap ids (the fields' names) of the new and the old argument.
+    pub id: &'static str,
+    pub old_id: &'static str,
+    pub flag: &'static str,
+    pub old_flag: &'static str,
+    pub env: &'static str,
+    pub old_env: &'static str,
+    pub key: &'static str,
+    pub old_key: &'static str,
+    /// The value of the new argument, and what the old one gave.
+    fields: fn(&mut ServeArgs) -> (&mut Duration, &mut Option<Duration>),
+}
+
+fn reload_timeout(a: &mut ServeArgs) -> (&mut Duration, &mut Option<Duration>) {
+    (&mut a.reload_timeout, &mut a.upgrade_timeout)
+}
+
+fn reload_probation(a: &mut ServeArgs) -> (&mut Duration, &mut Option<Duration>) {
+    (&mut a.reload_probation, &mut a.upgrade_probation)
+}
+
+pub const RENAMED: [Renamed; 2] = [
+    Renamed {
+        id: "reload_timeout",
+        old_id: "upgrade_timeout",
+        flag: "--reload-timeout",
+        old_flag: "--upgrade-timeout",
+        env: "PID_SERVER_RELOAD_TIMEOUT",
+        old_env: "PID_SERVER_UPGRADE_TIMEOUT",
+        key: "reload_timeout",
+        old_key: "upgrade_timeout",
+        fields: reload_timeout,
+    },
+    Renamed {
+        id: "reload_probation",
+        old_id: "upgrade_probation",
+        flag: "--reload-probation-ms",
+        old_flag: "--upgrade-probation-ms",
+        env: "PID_SERVER_RELOAD_PROBATION_MS",
+        old_env: "PID_SERVER_UPGRADE_PROBATION_MS",
+        key: "reload_probation_ms",
+        old_key: "upgrade_probation_ms",
+        fields: reload_probation,
+    },
+];
+
+/// The warning an old spelling is worth, once per start.
+pub fn old_spelling_warning(old: &str, new: &str) -> String {
+    format!(
+        "`{old}` is now `{new}`; the old name still works (and is the only one a release \
+         before the rename knows: keep it while you may roll back to one)"
+    )
+}
+
+/// What to do with a renamed setting, from where its new and its old
+/// spelling came from.
+#[derive(Debug, PartialEq, Eq)]
+enum Spelling {
+    /// The old spelling is absent, or beaten (a flag beats the environment).
+    New,
+    /// The old spelling gives the value, from the command line or the
+    /// environment.
+    Old(ValueSource),
+    /// Both from the same place: which is meant cannot be told.
+    Both(ValueSource),
+}
+
+fn spelling(new: Option<ValueSource>, old: Option<ValueSource>) -> Spelling {
+    use ValueSource::{CommandLine, EnvVariable};
+    match (new, old) {
+        (_, None) => Spelling::New,
+        (Some(CommandLine), Some(CommandLine)) => Spelling::Both(CommandLine),
+        (Some(EnvVariable), Some(EnvVariable)) => Spelling::Both(EnvVariable),
+        (Some(CommandLine), Some(EnvVariable)) => Spelling::New,
+        (_, Some(old)) => Spelling::Old(old),
+    }
 }
 
 /// The ids of the settings a flag or an environment variable gave, as
@@ -399,6 +520,46 @@ impl Given {
 }
 
 impl ServeArgs {
+    /// Takes each renamed setting's value from its old spelling where that
+    /// gave it, noting a warning; both spellings from the same place are a
+    /// bad command line.
+    fn take_old_spellings(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for r in &RENAMED {
+            let (value, old_value) = (r.fields)(self);
+            let old_value = old_value.take();
+            let value = *value;
+            // The spellings as the operator wrote them: flags or variables.
+            let names = |source| match source {
+                ValueSource::CommandLine => (r.old_flag, r.flag),
+                _ => (r.old_env, r.env),
+            };
+            match spelling(matches.value_source(r.id), matches.value_source(r.old_id)) {
+                Spelling::New => {}
+                Spelling::Both(source) => {
+                    let (old, new) = names(source);
+                    return Err(clap::Error::raw(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!("`{old}` and `{new}` are one setting: give only `{new}`\n"),
+                    ));
+                }
+                Spelling::Old(source) => {
+                    let (old, new) = names(source);
+                    self.old_spellings.push(old_spelling_warning(old, new));
+                    // Given, so the file does not override it.
+                    self.given.0.insert(r.id.to_string());
+                    *(r.fields)(self).0 = old_value.unwrap_or(value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The warnings for the old spellings the command line or the
+    /// environment used, one line each.
+    pub fn old_spellings(&self) -> &[String] {
+        &self.old_spellings
+    }
+
     /// What was asked for but cannot apply: `listen` when the sockets are
     /// inherited (from systemd, or from the previous generation on a
     /// reload), which only a restart (or the socket unit) changes.
@@ -446,8 +607,8 @@ impl ServeArgs {
         let FileSettings {
             listen,
             drain_timeout,
-            upgrade_timeout,
-            upgrade_probation,
+            reload_timeout,
+            reload_probation,
             header_timeout,
             keep_alive_timeout,
             idle_grace,
@@ -474,8 +635,8 @@ impl ServeArgs {
         fill!(
             listen,
             drain_timeout,
-            upgrade_timeout,
-            upgrade_probation,
+            reload_timeout,
+            reload_probation,
             header_timeout,
             keep_alive_timeout,
             close_spread,
@@ -515,8 +676,8 @@ impl ServeArgs {
     pub fn config(&self, tls: Option<Tls>) -> Config {
         let mut c = config()
             .drain_timeout(self.drain_timeout)
-            .ready_timeout(self.upgrade_timeout)
-            .probation(self.upgrade_probation)
+            .reload_timeout(self.reload_timeout)
+            .probation(self.reload_probation)
             .keep_alive_timeout(self.keep_alive_timeout)
             .close_spread(self.close_spread)
             .header_read_timeout(self.header_timeout)
@@ -657,6 +818,102 @@ mod tests {
                 Cli::try_parse_from(["pid-server", "--drain-timeout", bad]).is_err(),
                 "{bad} accepted"
             );
+        }
+    }
+
+    fn serve_args(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = parse_from(argv)?;
+        Ok(match cli.command {
+            Some(Command::Serve(args)) => args,
+            _ => cli.serve,
+        })
+    }
+
+    #[test]
+    fn an_old_flag_still_sets_its_setting_and_warns_once() {
+        for argv in [
+            &["pid-server", "--upgrade-timeout", "7"][..],
+            &["pid-server", "serve", "--upgrade-timeout", "7"][..],
+        ] {
+            let mut args = serve_args(argv).unwrap();
+            assert_eq!(args.reload_timeout, Duration::from_secs(7), "{argv:?}");
+            assert_eq!(args.old_spellings().len(), 1, "{:?}", args.old_spellings());
+            assert!(
+                args.old_spellings()[0].starts_with(
+                    "`--upgrade-timeout` is now `--reload-timeout`; the old name still works"
+                ),
+                "{:?}",
+                args.old_spellings()
+            );
+            // Given on the command line: the file does not override it.
+            args.fill_from(FileSettings {
+                reload_timeout: Some(Duration::from_secs(9)),
+                ..FileSettings::default()
+            });
+            assert_eq!(args.reload_timeout, Duration::from_secs(7));
+        }
+        let args = serve_args(&["pid-server", "--upgrade-probation-ms", "0"]).unwrap();
+        assert_eq!(args.reload_probation, Duration::ZERO);
+        assert_eq!(args.old_spellings().len(), 1);
+        // The new spelling is not warned about; the old one's value is
+        // checked as the new one's is.
+        let args = serve_args(&["pid-server", "--reload-timeout", "7"]).unwrap();
+        assert_eq!(args.reload_timeout, Duration::from_secs(7));
+        assert!(args.old_spellings().is_empty());
+        assert!(serve_args(&["pid-server", "--upgrade-timeout", "0"]).is_err());
+    }
+
+    #[test]
+    fn both_spellings_at_once_is_a_bad_command_line() {
+        let e = serve_args(&[
+            "pid-server",
+            "--upgrade-timeout",
+            "7",
+            "--reload-timeout",
+            "8",
+        ])
+        .unwrap_err();
+        let text = e.render().to_string();
+        assert_eq!(
+            text.lines().next(),
+            Some(
+                "error: `--upgrade-timeout` and `--reload-timeout` are one setting: give only \
+                 `--reload-timeout`"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_whichever_spelling_each_has() {
+        use ValueSource::{CommandLine, DefaultValue, EnvVariable};
+        let cases = [
+            ((Some(DefaultValue), None), Spelling::New),
+            ((Some(CommandLine), None), Spelling::New),
+            (
+                (Some(DefaultValue), Some(CommandLine)),
+                Spelling::Old(CommandLine),
+            ),
+            (
+                (Some(DefaultValue), Some(EnvVariable)),
+                Spelling::Old(EnvVariable),
+            ),
+            (
+                (Some(EnvVariable), Some(CommandLine)),
+                Spelling::Old(CommandLine),
+            ),
+            ((Some(CommandLine), Some(EnvVariable)), Spelling::New),
+            (
+                (Some(CommandLine), Some(CommandLine)),
+                Spelling::Both(CommandLine),
+            ),
+            (
+                (Some(EnvVariable), Some(EnvVariable)),
+                Spelling::Both(EnvVariable),
+            ),
+        ];
+        for ((new, old), expected) in cases {
+            assert_eq!(spelling(new, old), expected, "{new:?} {old:?}");
         }
     }
 

@@ -29,12 +29,13 @@ pub const PACKAGED_PATH: &str = "/etc/pid-server/pid-server.toml";
 /// sysexits.h's `EX_CONFIG`: the configuration file is wrong.
 pub const EX_CONFIG: u8 = 78;
 
-/// The keys a file may set: the `serve` flags' long names, `_` for `-`.
+/// The keys a file may set: the `serve` flags' long names, `_` for `-`
+/// (and, unlisted, the old spellings in [`cli::RENAMED`]).
 pub const KEYS: [&str; 15] = [
     "listen",
     "drain_timeout",
-    "upgrade_timeout",
-    "upgrade_probation_ms",
+    "reload_timeout",
+    "reload_probation_ms",
     "header_timeout",
     "keep_alive_timeout",
     "idle_grace_ms",
@@ -63,6 +64,9 @@ pub struct ConfigFile {
     /// process runs (`/healthz`).
     pub sha256: String,
     pub settings: FileSettings,
+    /// One warning line for each old key the file used (see
+    /// [`cli::RENAMED`]), to log once at start.
+    pub old_keys: Vec<String>,
 }
 
 /// What a file sets; `None` where it leaves a setting out.
@@ -70,8 +74,8 @@ pub struct ConfigFile {
 pub struct FileSettings {
     pub listen: Option<Vec<ListenAddr>>,
     pub drain_timeout: Option<Duration>,
-    pub upgrade_timeout: Option<Duration>,
-    pub upgrade_probation: Option<Duration>,
+    pub reload_timeout: Option<Duration>,
+    pub reload_probation: Option<Duration>,
     pub header_timeout: Option<Duration>,
     pub keep_alive_timeout: Option<Duration>,
     pub idle_grace: Option<Duration>,
@@ -115,7 +119,10 @@ impl std::error::Error for Error {}
 /// `pid-server check-config`: `PATH: ok` and 0, or the error line and 78.
 pub fn check(path: &Path) -> ExitCode {
     match read(path) {
-        Ok(_) => {
+        Ok(file) => {
+            for warning in &file.old_keys {
+                eprintln!("{warning}");
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
@@ -137,17 +144,36 @@ pub fn read(path: &Path) -> Result<ConfigFile, Error> {
         std::io::ErrorKind::FileTooLarge => fail(None, e.to_string()),
         _ => fail(None, format!("cannot read it: {e}")),
     })?;
-    let settings = parse(&bytes).map_err(|p| fail(Some(p.line), p.what))?;
+    let (settings, old_keys) =
+        parse_noting_old_keys(&bytes).map_err(|p| fail(Some(p.line), p.what))?;
+    let old_keys = old_keys
+        .into_iter()
+        .map(|(line, r)| {
+            let warning = cli::old_spelling_warning(r.old_key, r.key);
+            format!("{}:{line}: {warning}", path.display())
+        })
+        .collect();
     Ok(ConfigFile {
         path: path.to_path_buf(),
         sha256: hex(&Sha256::digest(&bytes)),
         settings,
+        old_keys,
     })
 }
 
 /// Parses a file's bytes. The first problem, in the file's order, is the
 /// error.
+// The tests' and the fuzz target's entry; the binary reads through `read`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn parse(bytes: &[u8]) -> Result<FileSettings, Problem> {
+    parse_noting_old_keys(bytes).map(|(settings, _)| settings)
+}
+
+/// The old keys a file used (see [`cli::RENAMED`]), each with its line.
+type OldKeys = Vec<(usize, &'static cli::Renamed)>;
+
+/// Like [`parse`], and says which old keys the file used.
+fn parse_noting_old_keys(bytes: &[u8]) -> Result<(FileSettings, OldKeys), Problem> {
     let text = std::str::from_utf8(bytes).map_err(|e| Problem {
         line: line_of(bytes, e.valid_up_to()),
         what: "not UTF-8 text".into(),
@@ -159,21 +185,36 @@ pub fn parse(bytes: &[u8]) -> Result<FileSettings, Problem> {
     let mut entries: Vec<_> = table.iter().collect();
     entries.sort_by_key(|(key, _)| key.span().start);
     let mut settings = FileSettings::default();
+    let mut old_keys = Vec::new();
     for (key, value) in entries {
         let line = line_of(bytes, key.span().start);
-        set(&mut settings, key.get_ref(), value).map_err(|what| Problem { line, what })?;
+        let problem = |what| Problem { line, what };
+        let key = key.get_ref();
+        let renamed = cli::RENAMED.iter().find(|r| r.old_key == key);
+        if let Some(r) = renamed {
+            if table.keys().any(|k| k.get_ref() == r.key) {
+                return Err(problem(format!(
+                    "`{}` and `{}` are one setting: keep only `{}`",
+                    r.old_key, r.key, r.key
+                )));
+            }
+            old_keys.push((line, r));
+        }
+        let canonical = renamed.map_or(key.as_str(), |r| r.key);
+        set(&mut settings, key, canonical, value).map_err(problem)?;
     }
-    Ok(settings)
+    Ok((settings, old_keys))
 }
 
-/// Checks one key's value and sets it.
-fn set(s: &mut FileSettings, key: &str, value: &Value) -> Result<(), String> {
+/// Checks one key's value and sets it: `key` as written, `canonical` its
+/// current spelling (they differ for an old key).
+fn set(s: &mut FileSettings, key: &str, canonical: &str, value: &Value) -> Result<(), String> {
     let named = |what: String| format!("`{key}`: {what}");
-    match key {
+    match canonical {
         "listen" => s.listen = Some(addresses(value).map_err(named)?),
         "drain_timeout" => s.drain_timeout = Some(secs(value).map_err(named)?),
-        "upgrade_timeout" => s.upgrade_timeout = Some(secs(value).map_err(named)?),
-        "upgrade_probation_ms" => s.upgrade_probation = Some(ms(value).map_err(named)?),
+        "reload_timeout" => s.reload_timeout = Some(secs(value).map_err(named)?),
+        "reload_probation_ms" => s.reload_probation = Some(ms(value).map_err(named)?),
         "header_timeout" => s.header_timeout = Some(secs(value).map_err(named)?),
         "keep_alive_timeout" => s.keep_alive_timeout = Some(secs(value).map_err(named)?),
         "idle_grace_ms" => s.idle_grace = Some(ms(value).map_err(named)?),
@@ -300,7 +341,7 @@ fn hex(bytes: &[u8]) -> String {
 /// A generation that cannot start with its file: one line, exit 78, and
 /// the reason to the old process when a reload started this one, so the
 /// reload fails with `PATH:LINE: …` rather than only "status 78".
-pub fn refuse(why: &str) -> std::process::ExitCode {
+pub fn cannot_start(why: &str) -> std::process::ExitCode {
     axum_handover::refuse_start(&crate::cli::config(), why);
     crate::cli::fail(why, EX_CONFIG)
 }
@@ -321,8 +362,8 @@ mod tests {
             br#"
 listen = ["127.0.0.1:1", "unix:/run/x.sock"]
 drain_timeout = 5
-upgrade_timeout = 6
-upgrade_probation_ms = 0
+reload_timeout = 6
+reload_probation_ms = 0
 header_timeout = 7
 keep_alive_timeout = 3
 idle_grace_ms = 200
@@ -345,8 +386,8 @@ tls_key = "key.pem"
                     "unix:/run/x.sock".parse().unwrap()
                 ]),
                 drain_timeout: Some(Duration::from_secs(5)),
-                upgrade_timeout: Some(Duration::from_secs(6)),
-                upgrade_probation: Some(Duration::ZERO),
+                reload_timeout: Some(Duration::from_secs(6)),
+                reload_probation: Some(Duration::ZERO),
                 header_timeout: Some(Duration::from_secs(7)),
                 keep_alive_timeout: Some(Duration::from_secs(3)),
                 idle_grace: Some(Duration::from_millis(200)),
@@ -421,9 +462,9 @@ tls_key = "key.pem"
                 "`drain_timeout`: must be at least 1 second",
             ),
             (
-                "upgrade_timeout = -3\n",
+                "reload_timeout = -3\n",
                 1,
-                "`upgrade_timeout`: `-3` is not a whole number of seconds",
+                "`reload_timeout`: `-3` is not a whole number of seconds",
             ),
             (
                 "header_timeout = 86401\n",
@@ -476,6 +517,7 @@ tls_key = "key.pem"
         let serve = cmd.find_subcommand("serve").unwrap();
         let flags: Vec<String> = serve
             .get_arguments()
+            .filter(|a| !a.is_hide_set())
             .filter_map(|a| a.get_long())
             .filter(|l| *l != "config")
             .map(|l| l.replace('-', "_"))
@@ -485,6 +527,78 @@ tls_key = "key.pem"
         keys.sort();
         flags.sort();
         assert_eq!(keys, flags);
+    }
+
+    #[test]
+    fn the_hidden_flags_are_the_old_spellings_and_their_keys_still_work() {
+        let cmd = cli::Cli::command();
+        let mut hidden: Vec<&str> = cmd
+            .get_arguments()
+            .filter(|a| a.is_hide_set())
+            .filter_map(|a| a.get_long())
+            .collect();
+        let mut old: Vec<&str> = cli::RENAMED.iter().map(|r| &r.old_flag[2..]).collect();
+        hidden.sort();
+        old.sort();
+        assert_eq!(hidden, old);
+        for r in &cli::RENAMED {
+            assert_eq!(r.old_key, r.old_flag[2..].replace('-', "_"));
+            assert_eq!(r.key, r.flag[2..].replace('-', "_"));
+            assert!(KEYS.contains(&r.key) && !KEYS.contains(&r.old_key));
+        }
+    }
+
+    #[test]
+    fn an_old_key_sets_its_setting_and_is_noted_once() {
+        let text = "drain_timeout = 5\nupgrade_timeout = 6\nupgrade_probation_ms = 7\n";
+        let (s, old) = parse_noting_old_keys(text.as_bytes()).unwrap();
+        assert_eq!(s.reload_timeout, Some(Duration::from_secs(6)));
+        assert_eq!(s.reload_probation, Some(Duration::from_millis(7)));
+        let old: Vec<_> = old.iter().map(|(line, r)| (*line, r.old_key)).collect();
+        assert_eq!(old, [(2, "upgrade_timeout"), (3, "upgrade_probation_ms")]);
+        // A bad value is named as written.
+        assert_eq!(
+            problem("upgrade_timeout = 0\n").1,
+            "`upgrade_timeout`: must be at least 1 second"
+        );
+        // The new key alone is noted as nothing.
+        let (_, old) = parse_noting_old_keys(b"reload_timeout = 6\n").unwrap();
+        assert!(old.is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "\nupgrade_timeout = 6\n").unwrap();
+        let f = read(&path).unwrap();
+        assert_eq!(f.settings.reload_timeout, Some(Duration::from_secs(6)));
+        assert_eq!(f.old_keys.len(), 1, "{:?}", f.old_keys);
+        let warning = &f.old_keys[0];
+        assert!(
+            warning.starts_with(&format!(
+                "{}:2: `upgrade_timeout` is now `reload_timeout`; the old name still works",
+                path.display()
+            )),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn an_old_key_beside_its_new_one_is_a_problem() {
+        for text in [
+            "reload_timeout = 5\nupgrade_timeout = 6\n",
+            "upgrade_timeout = 6\nreload_timeout = 5\n",
+        ] {
+            let line = 1 + text.lines().position(|l| l.starts_with("upgrade")).unwrap();
+            assert_eq!(
+                problem(text),
+                (
+                    line,
+                    "`upgrade_timeout` and `reload_timeout` are one setting: keep only \
+                     `reload_timeout`"
+                        .to_string()
+                ),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -503,8 +617,8 @@ tls_key = "key.pem"
         let defaults = cli::Cli::try_parse_from(["pid-server"]).unwrap().serve;
         assert_eq!(s.listen.as_ref(), Some(&defaults.listen));
         assert_eq!(s.drain_timeout, Some(defaults.drain_timeout));
-        assert_eq!(s.upgrade_timeout, Some(defaults.upgrade_timeout));
-        assert_eq!(s.upgrade_probation, Some(defaults.upgrade_probation));
+        assert_eq!(s.reload_timeout, Some(defaults.reload_timeout));
+        assert_eq!(s.reload_probation, Some(defaults.reload_probation));
         assert_eq!(s.header_timeout, Some(defaults.header_timeout));
         assert_eq!(s.keep_alive_timeout, Some(defaults.keep_alive_timeout));
         assert_eq!(s.close_spread, Some(defaults.close_spread));

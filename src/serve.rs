@@ -29,13 +29,13 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
     // here, and the reload that started it fails.
     let file = match args.read_config_file() {
         Ok(file) => file,
-        Err(e) => return config_file::refuse(&e.to_string()),
+        Err(e) => return config_file::cannot_start(&e.to_string()),
     };
     // The certificate too: a renewed one is served from this generation on;
     // a broken one fails the reload that started us, with its path.
     let tls = match args.tls() {
         Ok(tls) => tls,
-        Err(e) => return config_file::refuse(&e),
+        Err(e) => return config_file::cannot_start(&e),
     };
     // The metrics socket's own slots, outside --max-connections: health
     // answers also when every client slot is taken.
@@ -51,6 +51,12 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
         generation.note(note);
     }
     logging::init(std::process::id(), generation.number(), file.as_ref());
+    // Once per start, so that each generation of a unit still written with
+    // the old words says so, but a long-lived process does not repeat it.
+    let old_keys = file.iter().flat_map(|f| &f.old_keys);
+    for warning in args.old_spellings().iter().chain(old_keys) {
+        tracing::warn!(event = "old_spelling", "{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -17,10 +17,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// The variables that would change what these tests check, if the runner's
 /// environment had them.
-const SETTINGS_VARS: [&str; 11] = [
+const SETTINGS_VARS: [&str; 13] = [
     "PID_SERVER_CONFIG",
     "PID_SERVER_LISTEN",
     "PID_SERVER_DRAIN_TIMEOUT",
+    "PID_SERVER_RELOAD_TIMEOUT",
+    "PID_SERVER_RELOAD_PROBATION_MS",
     "PID_SERVER_UPGRADE_TIMEOUT",
     "PID_SERVER_UPGRADE_PROBATION_MS",
     "PID_SERVER_HEADER_TIMEOUT",
@@ -458,5 +460,71 @@ fn a_listen_a_reload_cannot_apply_is_said_not_ignored() {
             .contains("is not applied: the sockets are inherited"),
         "{}",
         old.log()
+    );
+}
+
+#[test]
+fn the_old_upgrade_spellings_still_work_warn_once_each_and_clash_with_the_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("pid-server.toml");
+    write(&conf, "drain_timeout = 5\nupgrade_probation_ms = 0\n");
+    let c = conf.to_str().unwrap();
+
+    // An older release's unit: the old flag, variable and key, all taken.
+    let env = [("PID_SERVER_UPGRADE_PROBATION_MS", "100")];
+    let (p, _n, _addr) = start(&["--config", c, "--upgrade-timeout", "7"], &env);
+    let log = p.log();
+    for warning in [
+        "`--upgrade-timeout` is now `--reload-timeout`; the old name still works".to_string(),
+        "`PID_SERVER_UPGRADE_PROBATION_MS` is now `PID_SERVER_RELOAD_PROBATION_MS`; the old \
+         name still works"
+            .to_string(),
+        format!(
+            "{c}:2: `upgrade_probation_ms` is now `reload_probation_ms`; the old name still works"
+        ),
+    ] {
+        assert_eq!(log.matches(&warning).count(), 1, "{warning}\n{log}");
+    }
+    assert_eq!(log.matches("is now").count(), 3, "{log}");
+
+    // Both spellings from the same place: one line, exit 64.
+    let both_flags = ["--upgrade-timeout", "7", "--reload-timeout", "8"];
+    let out = run(&both_flags, &[]);
+    assert_eq!(out.code, 64, "{}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        "pid-server: error: `--upgrade-timeout` and `--reload-timeout` are one setting: give \
+         only `--reload-timeout` (see --help)\n"
+    );
+    let both_vars = [
+        ("PID_SERVER_UPGRADE_TIMEOUT", "7"),
+        ("PID_SERVER_RELOAD_TIMEOUT", "8"),
+    ];
+    let out = run(&["serve"], &both_vars);
+    assert_eq!(out.code, 64, "{}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        "pid-server: error: `PID_SERVER_UPGRADE_TIMEOUT` and `PID_SERVER_RELOAD_TIMEOUT` are \
+         one setting: give only `PID_SERVER_RELOAD_TIMEOUT` (see --help)\n"
+    );
+
+    // An old key checks, with its warning; beside its new one it is a
+    // problem (exit 78).
+    let out = run(&["check-config", "--config", c], &[]);
+    assert_eq!((out.code, out.stdout), (0, format!("{c}: ok\n")));
+    assert!(
+        out.stderr.contains("`upgrade_probation_ms` is now"),
+        "{}",
+        out.stderr
+    );
+    write(&conf, "reload_probation_ms = 0\nupgrade_probation_ms = 0\n");
+    let out = run(&["check-config", "--config", c], &[]);
+    assert_eq!(out.code, 78, "{}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        format!(
+            "{c}:2: `upgrade_probation_ms` and `reload_probation_ms` are one setting: keep \
+             only `reload_probation_ms`\n"
+        )
     );
 }

@@ -100,7 +100,7 @@ async fn main() -> ExitCode {
     let secs = secs.map_or(Ok(30), |s| s.parse::<u64>());
     let config = Config::new("ported")
         .reload_signals(&[SignalKind::user_defined2()])
-        .ready_timeout(Duration::from_secs(*secs.as_ref().unwrap_or(&30)));
+        .reload_timeout(Duration::from_secs(*secs.as_ref().unwrap_or(&30)));
     if let Some(code) = helper::dispatch(&config, std::env::args()) {
         return code.into();
     }

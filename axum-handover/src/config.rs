@@ -13,7 +13,7 @@ pub struct Config {
     pub(crate) name: String,
     pub(crate) env_prefix: String,
     pub(crate) process_name: String,
-    pub(crate) ready_timeout: Duration,
+    pub(crate) reload_timeout: Duration,
     pub(crate) probation: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) close_spread: Duration,
@@ -70,7 +70,7 @@ impl Config {
             env_prefix,
             // The kernel keeps 15 bytes of a process name.
             process_name: name.chars().take(15).collect(),
-            ready_timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(30),
             probation: Duration::from_millis(250),
             drain_timeout: Duration::from_secs(30),
             close_spread: Duration::from_secs(5),
@@ -115,9 +115,16 @@ impl Config {
 
     /// How long a new generation may take to say it is ready before it is
     /// stopped and the reload fails (default 30 s).
-    pub fn ready_timeout(mut self, d: Duration) -> Config {
-        self.ready_timeout = d;
+    pub fn reload_timeout(mut self, d: Duration) -> Config {
+        self.reload_timeout = d;
         self
+    }
+
+    /// The first name of [`Config::reload_timeout`], renamed so that the
+    /// method and pid-server's `--reload-timeout` say the same.
+    #[deprecated(note = "renamed `Config::reload_timeout`")]
+    pub fn ready_timeout(self, d: Duration) -> Config {
+        self.reload_timeout(d)
     }
 
     /// The signals that start a reload (default SIGHUP and SIGUSR2; SIGHUP

@@ -47,7 +47,12 @@
 //! # Protocol
 //!
 //! One line each way:
-//! - helper: `upgrade`
+//! - helper: `upgrade`. The word predates "reload", the name everything
+//!   else uses for this request, and stays: the helper of one release asks
+//!   the server of another (an older one after a rollback), and a server
+//!   answers a word it does not know `refused unknown request "…"`. A server
+//!   that also took `reload` would gain nothing while no helper may send
+//!   it, so it takes `upgrade` only.
 //! - server: `ok <old-pid> <new-pid> <generation> <millis>`, or
 //!   `failed <reason>`, or `refused <reason>`.
 //! - after `upgrade`, in the same write, a helper that systemd started

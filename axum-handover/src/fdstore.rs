@@ -242,7 +242,7 @@ pub(crate) fn is_stored(name: &str) -> bool {
 
 /// Why a connection was not put in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
+pub(crate) enum NotStored {
     /// Bytes of the next request were read already: they cannot travel
     /// with the fd.
     ReadAhead,
@@ -250,11 +250,11 @@ pub(crate) enum Refused {
     Full,
 }
 
-impl Refused {
+impl NotStored {
     pub(crate) fn reason(self) -> &'static str {
         match self {
-            Refused::ReadAhead => "the start of its next request was read already",
-            Refused::Full => "the file descriptor store is full",
+            NotStored::ReadAhead => "the start of its next request was read already",
+            NotStored::Full => "the file descriptor store is full",
         }
     }
 }
@@ -273,7 +273,7 @@ impl Refused {
 pub(crate) struct Store {
     room: usize,
     held: Mutex<Vec<(String, OwnedFd)>>,
-    refused: AtomicUsize,
+    not_stored: AtomicUsize,
 }
 
 /// What [`Store::send`] did.
@@ -284,7 +284,7 @@ pub(crate) struct Sent {
     /// Connections that could not be sent: closed.
     pub(crate) lost: usize,
     /// Connections served here instead (no room, bytes read ahead).
-    pub(crate) refused: usize,
+    pub(crate) not_stored: usize,
     /// Messages sent to systemd, the barrier included.
     pub(crate) messages: usize,
 }
@@ -294,7 +294,7 @@ impl Store {
         Store {
             room,
             held: Mutex::new(Vec::new()),
-            refused: AtomicUsize::new(0),
+            not_stored: AtomicUsize::new(0),
         }
     }
 
@@ -304,18 +304,18 @@ impl Store {
         socket: &str,
         fd: OwnedFd,
         read_ahead: &[u8],
-    ) -> Result<(), (OwnedFd, Refused)> {
-        let refuse = |fd, why| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<(), (OwnedFd, NotStored)> {
+        let keep_out = |fd, why| {
+            self.not_stored.fetch_add(1, Ordering::Relaxed);
             Err((fd, why))
         };
         if !read_ahead.is_empty() {
-            return refuse(fd, Refused::ReadAhead);
+            return keep_out(fd, NotStored::ReadAhead);
         }
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.len() >= self.room {
             drop(held);
-            return refuse(fd, Refused::Full);
+            return keep_out(fd, NotStored::Full);
         }
         held.push((socket.to_string(), fd));
         Ok(())
@@ -328,7 +328,7 @@ impl Store {
     pub(crate) fn send(&self, barrier: Duration) -> Sent {
         let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
         let mut sent = Sent {
-            refused: self.refused.load(Ordering::Relaxed),
+            not_stored: self.not_stored.load(Ordering::Relaxed),
             ..Sent::default()
         };
         if held.is_empty() {
@@ -549,10 +549,10 @@ mod tests {
         let store = Store::new(1);
         let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         assert!(store.put("a", fd(), b"").is_ok());
-        assert_eq!(store.put("a", fd(), b"").unwrap_err().1, Refused::Full);
+        assert_eq!(store.put("a", fd(), b"").unwrap_err().1, NotStored::Full);
         assert_eq!(
             store.put("a", fd(), b"GET").unwrap_err().1,
-            Refused::ReadAhead
+            NotStored::ReadAhead
         );
     }
 }

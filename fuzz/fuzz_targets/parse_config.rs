@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let ms = |d: Duration| cli::parse_ms(&d.as_millis().to_string());
     for d in [
         s.drain_timeout,
-        s.upgrade_timeout,
+        s.reload_timeout,
         s.header_timeout,
         s.keep_alive_timeout,
         s.http2_stall_timeout,
@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
     {
         assert_eq!(secs(d), Ok(d));
     }
-    for d in [s.upgrade_probation, s.idle_grace, s.close_spread]
+    for d in [s.reload_probation, s.idle_grace, s.close_spread]
         .into_iter()
         .flatten()
     {

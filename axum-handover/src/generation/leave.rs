@@ -208,13 +208,13 @@ impl Running {
         tracing::info!(
             event = "connections_stored",
             connections_stored = sent.stored,
-            connections_refused = sent.refused,
+            connections_refused = sent.not_stored,
             connections_lost = sent.lost,
             notify_messages = sent.messages,
             "left {} idle connections in systemd's file descriptor store for the next start ({} messages); {} served to the end here{}",
             sent.stored,
             sent.messages,
-            sent.refused,
+            sent.not_stored,
             if sent.lost > 0 {
                 format!(", {} closed (the store refused them)", sent.lost)
             } else {

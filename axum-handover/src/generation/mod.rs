@@ -52,7 +52,7 @@ use running::Running;
 /// file, say); `take` and [`Hooks::check_ready`] failures are reported by
 /// the library. Then exit non-zero.
 pub fn refuse_start(config: &Config, reason: &str) {
-    join::refuse(config, reason);
+    join::report_start_failure(config, reason);
 }
 
 /// Why a generation could not start, before it serves: one line to print.
@@ -288,7 +288,7 @@ pub trait Hooks: Send + Sync + 'static {
 
     /// The same check, for one that awaits (a database ping): override this
     /// one instead of [`Hooks::check_ready`], which it calls by default.
-    /// Bounded by [`crate::Config::ready_timeout`] less a margin (a tenth,
+    /// Bounded by [`crate::Config::reload_timeout`] less a margin (a tenth,
     /// at most a second) and the time the process took to start, so that
     /// a successor tells the old process why it is not ready before that
     /// one gives up on it: past it, [`ServeError::ReadyTimeout`].
@@ -558,7 +558,8 @@ impl Generation {
     ///
     /// Once per process: a second call is [`StartError::TakenTwice`].
     pub fn take(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
-        Self::take_inner(config, listen).inspect_err(|e| join::refuse(config, &e.to_string()))
+        Self::take_inner(config, listen)
+            .inspect_err(|e| join::report_start_failure(config, &e.to_string()))
     }
 
     fn take_inner(config: &Config, listen: &[ListenAddr]) -> Result<Generation, StartError> {
@@ -706,7 +707,7 @@ impl Generation {
     /// before the old process's own ready timeout (counted from the spawn)
     /// runs out.
     async fn check_ready(&self, hooks: &dyn Hooks) -> Result<(), ServeError> {
-        let timeout = self.config.ready_timeout;
+        let timeout = self.config.reload_timeout;
         let margin = (timeout / 10).min(Duration::from_secs(1));
         let bound = timeout
             .saturating_sub(margin)
@@ -727,7 +728,7 @@ impl Generation {
             "cannot start: {e}"
         );
         if self.inherited.is_some() {
-            join::refuse(&self.config, &e.to_string());
+            join::report_start_failure(&self.config, &e.to_string());
         }
         Ended::Failed(e)
     }

@@ -68,7 +68,7 @@ impl Running {
             }
             Err(why) => {
                 if inherited.is_some() {
-                    join::refuse(&config, &why.to_string());
+                    join::report_start_failure(&config, &why.to_string());
                 }
                 Err(why)
             }

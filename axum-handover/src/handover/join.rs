@@ -171,7 +171,7 @@ fn own(fd: RawFd) -> OwnedFd {
 /// Tells the parent generation, when one started this process and speaks
 /// protocol 2, why this one cannot start; the parent then fails the reload
 /// with that reason instead of an exit status. Best effort, never blocks.
-pub(crate) fn refuse(config: &Config, reason: &str) {
+pub(crate) fn report_start_failure(config: &Config, reason: &str) {
     // Only on a channel proven to be the parent's, and only to a parent
     // that reads the line.
     let Ok(Some(found)) = ParentFds::find(config) else {

@@ -73,7 +73,7 @@ pub(crate) enum Failure {
     #[error("new process {pid} did not take over: {why}")]
     NoTakeover { pid: u32, why: String },
     #[error("new process {pid} could not start: {reason}")]
-    Refused { pid: u32, reason: String },
+    CouldNotStart { pid: u32, reason: String },
     #[error("the reload was cancelled: the old process is stopping")]
     Cancelled,
 }
@@ -189,7 +189,7 @@ pub(crate) fn spawn(
     drop(placeholders);
     drop(theirs);
     drop(conns_theirs);
-    let timing = (config.ready_timeout, config.probation);
+    let timing = (config.reload_timeout, config.probation);
     let pid = child.id().unwrap_or(0);
     ours.set_nonblocking(true).map_err(spawn_err)?;
     let channel = tokio::net::UnixStream::from_std(ours).map_err(spawn_err)?;
@@ -281,7 +281,7 @@ where
             Ok(Some(l)) if channel::failed_reason(&l).is_some() => {
                 let reason = channel::failed_reason(&l).expect("parsed").to_string();
                 let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
-                Err(Failure::Refused { pid, reason })
+                Err(Failure::CouldNotStart { pid, reason })
             }
             // EOF or junk: the child is gone or is not a pid-server.
             // Prefer its exit status as the reason when it comes quickly.

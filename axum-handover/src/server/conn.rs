@@ -875,7 +875,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             // In flight until the body is sent, not only its head.
             let mut resp = resp.map(|b| Streaming::wrap(b, &closing, (busy, counted)));
             let close = match leaving {
-                Leaving::Moves => counters.is_draining(),
+                Leaving::Moves => counters.closes_responses(),
                 Leaving::Closes => counters.is_leaving(),
             };
             if close || activity.closing.load(Ordering::SeqCst) {

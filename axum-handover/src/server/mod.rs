@@ -126,7 +126,9 @@ impl Counters {
     pub(crate) fn is_leaving(&self) -> bool {
         self.leaving.load(Ordering::SeqCst)
     }
-    fn is_draining(&self) -> bool {
+    /// Whether a drain without a successor has begun: not the same as
+    /// [`crate::Info::is_draining`], which a handover turns on too.
+    fn closes_responses(&self) -> bool {
         self.close_responses.load(Ordering::SeqCst)
     }
     pub(crate) fn in_flight(&self) -> usize {
