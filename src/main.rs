@@ -4,8 +4,6 @@
 //! that ended to the exit codes docs/src/operator/exit-codes.md documents (0, 1, 2, 3, 4, 64, 76, 77, 78).
 
 mod app;
-mod cli;
-mod config_file;
 mod logging;
 #[cfg(test)]
 mod man;
@@ -16,6 +14,11 @@ mod stats;
 use std::process::ExitCode;
 
 use axum_handover::helper;
+// The flags and the configuration file are the library's (`src/lib.rs`),
+// which the fuzz targets share; the modules here name them `crate::cli`
+// and `crate::config_file` as before.
+use pid_server::{cli, config_file};
+
 use cli::Command;
 
 /// jemalloc rather than glibc's malloc: it gives freed memory back to the

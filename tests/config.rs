@@ -7,10 +7,10 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use pid_server_test_support::http;
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
+use pid_server_test_support::{http, wait};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
@@ -54,11 +54,13 @@ fn sha256(path: &Path) -> String {
         .collect()
 }
 
-/// Starts `serve --listen addr ARGS` with `env` and waits for `READY=1`.
+/// Starts `serve ARGS` on a passed [`proc::Socket`] with `env` and waits
+/// for `READY=1`.
 fn start(args: &[&str], env: &[(&str, &str)]) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = clean(proc::serve_cmd(BIN, addr, &notify));
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = clean(proc::serve_socket_cmd(BIN, socket, &notify));
     cmd.args(args).envs(env.iter().copied());
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -83,18 +85,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Out {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pid-server {args:?} still running after {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait::within(WAIT, || child.try_wait().unwrap()).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("pid-server {args:?} still running after {WAIT:?}");
+    });
     let (mut stdout, mut stderr) = (String::new(), String::new());
     child
         .stdout
@@ -169,6 +164,8 @@ fn listen_comes_from_the_file_without_a_flag_as_a_string_or_an_array() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("pid-server.toml");
     for form in ["\"{a}\"", "[\"{a}\", \"{b}\"]"] {
+        // Addresses for the file: the process binds them itself, which is
+        // the point.
         let (a, b) = (proc::free_addr(), proc::free_addr());
         let value = form
             .replace("{a}", &a.to_string())
@@ -272,6 +269,9 @@ fn serve_with_a_bad_file_exits_78_before_it_serves() {
     for (kind, text, line, what) in BAD {
         let path = bad_file(dir.path(), kind, *text);
         let notify = Notify::new();
+        // `--listen` on a port nobody holds: that nothing listens on it
+        // after the failed start is asserted (a socket the test held
+        // would queue the connection).
         let addr = proc::free_addr();
         let mut cmd = clean(proc::serve_cmd(BIN, addr, &notify));
         cmd.args(["--config", path.to_str().unwrap()]);
@@ -311,8 +311,8 @@ fn a_config_that_is_not_a_regular_file_is_refused_at_once_with_exit_78() {
         assert_one_line(&out.stderr, "", path, None, what);
 
         let notify = Notify::new();
-        let addr = proc::free_addr();
-        let mut cmd = clean(proc::serve_cmd(BIN, addr, &notify));
+        let socket = proc::Socket::new();
+        let mut cmd = clean(proc::serve_socket_cmd(BIN, socket, &notify));
         cmd.args(["--config", path.to_str().unwrap()]);
         let mut p = Proc::spawn(cmd);
         let started = Instant::now();
@@ -434,6 +434,8 @@ fn a_listen_a_reload_cannot_apply_is_said_not_ignored() {
     // restart. The new process says so in its log, and the helper prints it.
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("pid-server.toml");
+    // Addresses for the file: the first process binds `first` itself;
+    // `other` is never bound (a reload cannot apply it).
     let (first, other) = (proc::free_addr(), proc::free_addr());
     write(&conf, &format!("listen = \"{first}\"\n"));
     let notify = Notify::new();

@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pid_server_test_support::Load;
-use pid_server_test_support::http;
 use pid_server_test_support::proc::{self, Reaper, WAIT};
+use pid_server_test_support::{http, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -90,8 +90,9 @@ fn reload_chain(
     let dir = tempfile::tempdir().unwrap();
     let bin = install(chain[0], dir.path());
     let notify = proc::Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(&bin, socket, &notify);
     cmd.args(extra);
     let first = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -120,10 +121,9 @@ fn reload_chain(
         .map(|_| http::Conn::open(addr, WAIT).unwrap())
         .collect();
     // Let the load reach the old process first.
-    let deadline = Instant::now() + WAIT;
-    while http::get(addr, "/healthz").is_err() {
-        assert!(Instant::now() < deadline);
-    }
+    wait::until_ok("an answer from the old process", WAIT, || {
+        http::get(addr, "/healthz")
+    });
     let mut lines = Vec::new();
     let mut old = first.pid;
     for (step, to) in chain[1..].iter().enumerate() {
@@ -145,28 +145,29 @@ fn reload_chain(
         // previous release answers the helper a moment before it starts its
         // drain, so a request in that moment gets a plain answer from the
         // old process.
-        let deadline = Instant::now() + WAIT;
-        for c in &mut idle {
-            loop {
+        // One bound for them all; `done` counts those that reached `new`.
+        let mut done = 0;
+        wait::until("the old process to start its drain", WAIT, || {
+            while let Some(c) = idle.get_mut(done) {
                 let r = c
                     .get("/")
                     .unwrap_or_else(|e| panic!("reload {}: kept connection: {e}", step + 1));
                 assert_eq!(r.status, 200);
                 if r.pid() == Some(new) {
-                    break;
+                    done += 1;
+                    continue;
                 }
                 assert_eq!(r.pid(), Some(old));
                 if r.close {
                     *c = http::Conn::open(addr, WAIT).unwrap();
                     assert_eq!(c.get("/").unwrap().pid(), Some(new));
-                    break;
+                    done += 1;
+                    continue;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "the old process never started its drain"
-                );
+                return None;
             }
-        }
+            Some(())
+        });
         // Every paused client comes back at least once after the handover.
         let before = paused.snapshot().by_pid.get(&new).copied().unwrap_or(0);
         paused.wait_answers_from(new, before + 8, WAIT);
@@ -267,15 +268,12 @@ fn upgrade_roll_back_and_upgrade_again_under_load() {
 
 /// `/stats` once the previous generation's counts are settled (bounded).
 fn settled_stats(addr: std::net::SocketAddr) -> serde_json::Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v: serde_json::Value =
-            serde_json::from_str(&http::get(addr, "/stats").unwrap().body).unwrap();
-        if v["inherited"] != "pending" {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "/stats stayed pending: {v}");
-    }
+    let mut last = serde_json::Value::Null;
+    wait::within(WAIT, || {
+        last = serde_json::from_str(&http::get(addr, "/stats").unwrap().body).unwrap();
+        (last["inherited"] != "pending").then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("/stats stayed pending: {last}"))
 }
 
 /// App state across releases: the previous release hands over none (it
@@ -289,8 +287,9 @@ fn request_counts_start_over_from_and_to_the_previous_release() {
     let dir = tempfile::tempdir().unwrap();
     let bin = install(prev, dir.path());
     let notify = proc::Notify::new();
-    let addr = proc::free_addr();
-    let first = proc::Proc::spawn(proc::serve_cmd(&bin, addr, &notify));
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let first = proc::Proc::spawn(proc::serve_socket_cmd(&bin, socket, &notify));
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let reaper = Reaper::default();
     for _ in 0..2 {

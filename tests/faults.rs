@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
-use pid_server_test_support::{Load, http};
+use pid_server_test_support::{Load, http, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -132,20 +132,14 @@ fn a_client_leaving_mid_request_costs_nothing() {
     }
     probe(addr);
     // Every abandoned request finishes or is dropped; none stays counted.
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let mut in_flight = serde_json::Value::Null;
+    wait::within(WAIT, || {
         let mut c = http::Conn::open(addr, WAIT).unwrap();
         let v: serde_json::Value = serde_json::from_str(&c.get("/healthz").unwrap().body).unwrap();
-        if v["in_flight"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "in_flight stuck at {}",
-            v["in_flight"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        in_flight = v["in_flight"].clone();
+        (in_flight == 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("in_flight stuck at {in_flight}"));
     assert!(proc::rss_kb(p.pid) < 64 * 1024);
 }
 
@@ -189,6 +183,7 @@ fn over_the_connection_cap_new_clients_wait_instead_of_failing() {
 #[test]
 fn listen_pid_of_another_process_falls_back_to_binding() {
     let notify = Notify::new();
+    // `--listen`, bound by the process itself: the fallback is the point.
     let addr = proc::free_addr();
     let mut cmd = proc::serve_cmd(BIN, addr, &notify);
     cmd.env("LISTEN_FDS", "1").env("LISTEN_PID", "1");
@@ -204,16 +199,13 @@ fn listen_pid_of_another_process_falls_back_to_binding() {
 
 #[test]
 fn a_notify_socket_nobody_listens_on_is_a_warning_not_a_failure() {
-    let addr = proc::free_addr();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["--listen", &addr.to_string()])
-        .env("NOTIFY_SOCKET", "/nonexistent/notify.sock");
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &Notify::new());
+    cmd.env("NOTIFY_SOCKET", "/nonexistent/notify.sock");
     let p = Proc::spawn(cmd);
-    let deadline = Instant::now() + WAIT;
-    while http::get(addr, "/").is_err() {
-        assert!(Instant::now() < deadline, "never served: {}", p.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait::within(WAIT, || http::get(addr, "/").ok())
+        .unwrap_or_else(|| panic!("never served: {}", p.log()));
     assert_eq!(http::get(addr, "/").unwrap().pid(), Some(p.pid));
     let log = p.log();
     assert_eq!(log.matches("cannot notify systemd").count(), 1, "{log}");
@@ -224,8 +216,9 @@ fn one_hundred_reloads_under_light_load() {
     let dir = tempfile::tempdir().unwrap();
     let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(&bin, socket, &notify);
     cmd.args(["--upgrade-probation-ms", "0"]);
     let first = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));

@@ -31,13 +31,12 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::cmd::{tail, text};
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::nspawn::{self, Container, TreeOptions};
-use pid_server_test_support::{Load, Release, TestCommand, deploy, http, repo, report};
+use pid_server_test_support::{Load, Release, TestCommand, deploy, http, repo, report, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 const TEST: &str = "fleet_rolls_a_release_through_haproxy_without_a_failed_request";
@@ -265,25 +264,24 @@ impl Haproxy {
     }
 
     fn wait_all_up(&self, bound: Duration) {
-        let deadline = Instant::now() + bound;
-        loop {
-            if self.admin.exists() {
-                let s = self.servers();
-                if s.len() == HOSTS && s.iter().all(|(_, st, _)| st == "UP") {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "HAProxy: not all servers up: {s:?}"
-                );
+        // The servers as last seen, once HAProxy answers on its socket.
+        let mut seen = None;
+        wait::within(bound, || {
+            if !self.admin.exists() {
+                return None;
             }
-            assert!(
-                Instant::now() < deadline,
+            let s = self.servers();
+            let up = s.len() == HOSTS && s.iter().all(|(_, st, _)| st == "UP");
+            seen = Some(s);
+            up.then_some(())
+        })
+        .unwrap_or_else(|| match seen {
+            Some(s) => panic!("HAProxy: not all servers up: {s:?}"),
+            None => panic!(
                 "HAProxy did not start:\n{}",
                 fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+            ),
+        });
     }
 }
 
@@ -439,11 +437,11 @@ fn fleet_rolls_a_release_through_haproxy_without_a_failed_request() {
     ns.run(|| {
         for i in 0..HOSTS {
             let ssh = SocketAddr::from((host_ip(i), 22));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while TcpStream::connect_timeout(&ssh, Duration::from_secs(1)).is_err() {
-                assert!(Instant::now() < deadline, "sshd on {ssh} did not listen");
-                thread::sleep(Duration::from_millis(100));
-            }
+            wait::until(
+                &format!("sshd on {ssh} to listen"),
+                Duration::from_secs(30),
+                || TcpStream::connect_timeout(&ssh, Duration::from_secs(1)).ok(),
+            );
         }
     });
     let booted = started.elapsed();

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pid_server_test_support::cmd::text;
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::{
-    Load, Release, TestCommand, deploy, each_release, http, nspawn, repo, report,
+    Load, Release, TestCommand, deploy, each_release, http, nspawn, repo, report, wait,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
@@ -397,16 +397,13 @@ fn image_boots_systemd_reloads_under_load_and_stops(release: Release) {
     podman_ok(&run);
     let ctr = Ctr(name);
     let mut state = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+    // Past the bound, the assertion below shows the state.
+    wait::within(Duration::from_secs(30), || {
         state = String::from_utf8_lossy(&ctr.exec(&["systemctl", "is-system-running"]).stdout)
             .trim()
             .to_string();
-        if state == "running" || state == "degraded" {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+        (state == "running" || state == "degraded").then_some(())
+    });
     let boot_time = t.elapsed();
     assert_eq!(
         state,
@@ -511,17 +508,15 @@ fn image_boots_systemd_reloads_under_load_and_stops(release: Release) {
     }
 
     // --- the journal shows every handover --------------------------------------
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let journal = loop {
-        let j = ctr.journal(&["-u", "pid-server", "-o", "cat"]);
-        let all = pids[1..]
+    // Past the bound, the assertions below say which handover is missing.
+    let mut journal = String::new();
+    wait::within(Duration::from_secs(10), || {
+        journal = ctr.journal(&["-u", "pid-server", "-o", "cat"]);
+        pids[1..]
             .iter()
-            .all(|p| j.contains(&format!("handed over to PID {p}")));
-        if all || Instant::now() >= deadline {
-            break j;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+            .all(|p| journal.contains(&format!("handed over to PID {p}")))
+            .then_some(())
+    });
     for p in &pids[1..] {
         assert!(
             journal.contains(&format!("handed over to PID {p}")),

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::proc::{self, Reaper, WAIT};
-use pid_server_test_support::{Load, http};
+use pid_server_test_support::{Load, http, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -234,8 +234,9 @@ fn fds(pid: u32) -> usize {
 #[test]
 fn one_hundred_reloads_with_fifty_moving_connections_keep_fds_and_rss_flat() {
     let notify = proc::Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.args(["--upgrade-probation-ms", "0"]);
     let p = proc::Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -297,10 +298,9 @@ fn a_successor_that_dies_right_after_taking_over_loses_only_what_it_held() {
         let r = busy.get("/slow?ms=1500");
         (busy, r)
     });
-    let deadline = Instant::now() + WAIT;
-    while proc_in_flight(addr) < 2 {
-        assert!(Instant::now() < deadline, "the slow request never arrived");
-    }
+    wait::until("the slow request to arrive", WAIT, || {
+        (proc_in_flight(addr) >= 2).then_some(())
+    });
     old.signal(nix::sys::signal::Signal::SIGUSR2);
     let takeover = notify.wait_for("MAINPID= of the new process", |m| {
         m.contains("MAINPID=") && !m.contains(&format!("MAINPID={}", old.pid))
@@ -313,10 +313,9 @@ fn a_successor_that_dies_right_after_taking_over_loses_only_what_it_held() {
     reaper.watch(new);
     // The idle connections move as soon as the new process says `owner`,
     // a moment after MAINPID=: then the new process answers them.
-    let deadline = Instant::now() + WAIT;
-    while idle[0].get("/").unwrap().pid() != Some(new) {
-        assert!(Instant::now() < deadline, "the connection never moved");
-    }
+    wait::until("the connection to move", WAIT, || {
+        (idle[0].get("/").unwrap().pid() == Some(new)).then_some(())
+    });
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(new as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -420,10 +419,9 @@ fn a_connection_busy_across_two_reloads_moves_on_to_the_newest_generation() {
         let r = busy.get("/slow?ms=6000");
         (busy, r)
     });
-    let deadline = Instant::now() + WAIT;
-    while proc_in_flight(addr) < 2 {
-        assert!(Instant::now() < deadline, "the slow request never arrived");
-    }
+    wait::until("the slow request to arrive", WAIT, || {
+        (proc_in_flight(addr) >= 2).then_some(())
+    });
     let (b, _) = reload(a.pid);
     reaper.watch(b);
     // The second generation hands over while it still adopts connections

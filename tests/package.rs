@@ -27,14 +27,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::cmd::{tail, text};
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::nspawn::{self, Container, TreeOptions};
 use pid_server_test_support::{
-    Load, Release, TestCommand, deploy, each_release, http, repo, report,
+    Load, Release, TestCommand, deploy, each_release, http, repo, report, wait,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
@@ -295,14 +294,12 @@ fn package_installs_upgrades_by_reload_removes_and_purges(release: Release) {
     );
     // The old process logs its handover just after answering the helper.
     let handover = "handed over to PID ";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let journal = loop {
-        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
-        if j.contains(handover) || Instant::now() >= deadline {
-            break j;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    // Past the bound, the assertions below show the journal.
+    let mut journal = String::new();
+    wait::within(Duration::from_secs(10), || {
+        journal = c.journal(&["-u", SERVICE, "-o", "cat"]);
+        journal.contains(handover).then_some(())
+    });
     assert!(
         upgraded,
         "dpkg -i of the upgrade failed:\n{upgrade_out}\n--- journal ---\n{journal}"

@@ -18,15 +18,16 @@ use pid_server_test_support::h2::{H2Conn, H2Load, pid_of};
 use pid_server_test_support::h2load::{Streams, Summary};
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT, rss_kb};
 use pid_server_test_support::tls::{TestCa, TlsConn};
-use pid_server_test_support::{TestCommand, http, report};
+use pid_server_test_support::{TestCommand, http, report, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 /// pid-server with TLS from `cert` and `key` on a fresh port.
 fn start_tls(cert: &Path, key: &Path) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -180,11 +181,9 @@ fn a_stream_open_during_a_reload_finishes_on_the_old_process() {
         let new = reload(old);
         reaper.watch(new);
         // The graceful GOAWAY came: no new stream on this connection.
-        let deadline = Instant::now() + WAIT;
-        while c.start("/").is_ok() {
-            assert!(Instant::now() < deadline, "no GOAWAY from PID {old}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait::until(&format!("a GOAWAY from PID {old}"), WAIT, || {
+            c.start("/").is_err().then_some(())
+        });
     }
     for (old, c, s) in [(plain.pid, h2c, a), (tls.pid, h2s, b)] {
         let (status, body) = c.finish(s).unwrap();
@@ -223,11 +222,9 @@ fn a_renewed_certificate_is_served_after_a_reload() {
 }
 
 fn start_fails(args: &[&std::ffi::OsStr]) -> (i32, String) {
-    let out = TestCommand::new(BIN)
-        .args(["serve", "--listen", &proc::free_addr().to_string()])
-        .args(args)
-        .env_remove("LISTEN_FDS")
-        .output();
+    let notify = Notify::new();
+    let cmd = proc::serve_socket_cmd(BIN, proc::Socket::new(), &notify);
+    let out = TestCommand::from(cmd).args(args).output();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -300,10 +297,9 @@ fn a_bad_certificate_at_start_is_one_line_naming_the_file_and_exit_78() {
 /// fast instead of eating the machine's memory, and a hang is killed.
 fn start_fails_bounded(args: &[&std::ffi::OsStr]) -> (i32, String) {
     use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["serve", "--listen", &proc::free_addr().to_string()])
-        .args(args)
-        .env_remove("LISTEN_FDS");
+    let notify = Notify::new();
+    let mut cmd = proc::serve_socket_cmd(BIN, proc::Socket::new(), &notify);
+    cmd.args(args);
     // SAFETY: setrlimit is async-signal-safe and touches no memory of the
     // parent; nothing else runs between fork and exec.
     unsafe {
@@ -451,11 +447,9 @@ fn metric(c: &mut TlsConn, name: &str) -> u64 {
 /// Waits (bounded) until the scraping connection is the only one open:
 /// every connection before it has been counted.
 fn wait_alone(c: &mut TlsConn) {
-    let deadline = Instant::now() + WAIT;
-    while metric(c, "pid_server_open_connections") > 1 {
-        assert!(Instant::now() < deadline, "connections still open");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait::until("the other connections to close", WAIT, || {
+        (metric(c, "pid_server_open_connections") <= 1).then_some(())
+    });
 }
 
 #[test]
@@ -516,14 +510,12 @@ fn a_client_that_closes_after_the_handshake_is_no_failure_and_garbage_is() {
     // The last client's connection may not even be accepted when the
     // connections gauge is read (a loaded machine): wait, within a bound,
     // until every one of them has been counted one way or the other.
-    let deadline = Instant::now() + WAIT;
-    let mut after = counts(&mut scrape);
-    while after.0 + after.1 < after_checks.0 + after_checks.1 + GARBAGE + LEFT
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(10));
+    // Past the bound, the assertions below say what is missing.
+    let mut after = (0, 0);
+    wait::within(WAIT, || {
         after = counts(&mut scrape);
-    }
+        (after.0 + after.1 >= after_checks.0 + after_checks.1 + GARBAGE + LEFT).then_some(())
+    });
     let diff = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0, a.1 - b.1);
     eprintln!(
         "(failures, abandoned): {CHECKS} health checks added {:?}, {GARBAGE} garbage clients \
@@ -543,8 +535,9 @@ fn a_client_that_closes_after_the_handshake_is_no_failure_and_garbage_is() {
 /// test's environment says.
 fn start_logging(args: &[&str]) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.args(args).env_remove("RUST_LOG");
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -599,12 +592,11 @@ fn stall(addr: SocketAddr, pid: u32, conns: usize, streams: usize) -> Stalled {
     // Until the server has answered or held every stream (bounded: with
     // no bound on held responses, the gauge is never there).
     let all = (conns * streams) as u64;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut held = scrape(addr, "http2_held_responses");
-    while held + scrape(addr, "http2_refused_streams_total") < all && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut held = 0;
+    wait::within(Duration::from_secs(1), || {
         held = scrape(addr, "http2_held_responses");
-    }
+        (held + scrape(addr, "http2_refused_streams_total") >= all).then_some(())
+    });
     let rss_held = rss_kb(pid);
     eprintln!("{held} of {all} streams held, RSS {rss_held} KiB");
     let (mut refused, mut cut, mut cut_conns) = (0, 0, 0);
@@ -641,12 +633,11 @@ fn stall(addr: SocketAddr, pid: u32, conns: usize, streams: usize) -> Stalled {
 /// RSS once the allocator has given freed pages back (jemalloc does
 /// within half a second), or after 3 s.
 fn settled_rss_kb(pid: u32, at_most: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut rss = rss_kb(pid);
-    while rss > at_most && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    let mut rss = 0;
+    wait::within(Duration::from_secs(3), || {
         rss = rss_kb(pid);
-    }
+        (rss <= at_most).then_some(())
+    });
     rss
 }
 
@@ -775,11 +766,9 @@ fn a_stalled_stream_does_not_hold_a_leaving_process_to_the_drain_timeout() {
     let streams: Vec<_> = (0..10)
         .map(|_| c.start_stalled("/metrics", STALLED_CLIENT).unwrap())
         .collect();
-    let deadline = Instant::now() + WAIT;
-    while scrape(addr, "http2_held_responses") < 10 {
-        assert!(Instant::now() < deadline, "the streams were not held");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until("the streams to be held", WAIT, || {
+        (scrape(addr, "http2_held_responses") >= 10).then_some(())
+    });
     let started = Instant::now();
     let new = reload(p.pid);
     reaper.watch(new);
@@ -796,12 +785,11 @@ fn a_stalled_stream_does_not_hold_a_leaving_process_to_the_drain_timeout() {
     // counters go out just before the old process exits, and the new one
     // takes them on its own task, so a scrape right after the exit may
     // come first.
-    let deadline = Instant::now() + WAIT;
-    let mut stalled = scrape(addr, "http2_stalled_connections_total");
-    while stalled == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut stalled = 0;
+    wait::within(WAIT, || {
         stalled = scrape(addr, "http2_stalled_connections_total");
-    }
+        (stalled != 0).then_some(())
+    });
     assert_eq!(stalled, 1);
 }
 
@@ -891,12 +879,11 @@ fn h2load_through_reloads(pid: u32, reaper: &Reaper, uri: &str, extra: &[&str]) 
         t
     });
     let wait_round = || {
-        let (from, deadline) = (rounds.load(Ordering::SeqCst), Instant::now() + WAIT);
-        while rounds.load(Ordering::SeqCst) == from {
-            assert!(Instant::now() < deadline, "no h2load round within {WAIT:?}");
+        let from = rounds.load(Ordering::SeqCst);
+        wait::until(&format!("an h2load round within {WAIT:?}"), WAIT, || {
             assert!(!load.is_finished(), "h2load's rounds ended early");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            (rounds.load(Ordering::SeqCst) != from).then_some(())
+        });
     };
     let mut pid = pid;
     wait_round();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
-use pid_server_test_support::{Load, http};
+use pid_server_test_support::{Load, http, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
@@ -55,10 +55,9 @@ fn upgrade_under_load_loses_nothing() {
     };
     let (ka, nc) = (load(2, 0), load(0, 2));
     // Let the load reach the old process first.
-    let deadline = Instant::now() + WAIT;
-    while http::get(addr, "/healthz").is_err() {
-        assert!(Instant::now() < deadline);
-    }
+    wait::until_ok("an answer from the old process", WAIT, || {
+        http::get(addr, "/healthz")
+    });
     let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 0, "{err}");
     let (from, to, generation, _ms) = parse_reloaded(out.trim());
@@ -147,16 +146,11 @@ fn in_flight_request_completes_on_the_old_process() {
     let reaper = Reaper::default();
     let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=1500"));
     let mut probe = http::Conn::open(addr, WAIT).unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
+    wait::until("the slow request to arrive", WAIT, || {
         let r = probe.get("/healthz").unwrap();
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        if v["in_flight"].as_u64() >= Some(2) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "slow request never arrived");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        (v["in_flight"].as_u64() >= Some(2)).then_some(())
+    });
     let (code, out, err) = proc::reload(BIN, &["--pid", &old.pid.to_string()]);
     assert_eq!(code, 0, "{err}");
     reaper.watch(parse_reloaded(out.trim()).1);
@@ -207,8 +201,9 @@ fn a_new_binary_that_never_gets_ready_is_killed_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(&bin, socket, &notify);
     cmd.args(["--upgrade-timeout", "1"]);
     let old = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -259,18 +254,11 @@ fn two_reloads_at_once_one_runs_one_is_refused() {
     };
     // The second asks while the first's child sleeps. Wait until the first
     // has started its child (the old process then has one), bounded.
-    let deadline = Instant::now() + WAIT;
-    while std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", old.pid))
-        .unwrap_or_default()
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "first reload did not start a child"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait::until("the first reload to start a child", WAIT, || {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", old.pid))
+            .unwrap_or_default();
+        (!kids.trim().is_empty()).then_some(())
+    });
     let (code, _, err) = proc::reload(BIN, &["--pid", &pid]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("already under way"), "{err}");
@@ -332,8 +320,9 @@ fn broken_release(script: Option<&str>, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(&bin, socket, &notify);
     cmd.args(["--upgrade-timeout", "2"]);
     let old = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -411,8 +400,9 @@ fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let bin = proc::private_binary(BIN, dir.path());
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(&bin, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(&bin, socket, &notify);
     // A long probation holds the handover open.
     cmd.args(["--upgrade-probation-ms", "20000"]);
     let mut old = Proc::spawn(cmd);
@@ -420,14 +410,10 @@ fn stopping_the_old_process_mid_handover_stops_the_new_one_cleanly() {
     let pid = old.pid.to_string();
     let helper = std::thread::spawn(move || proc::reload(BIN, &["--pid", &pid]));
     // The new process is up once a second PID answers on the shared port.
-    let deadline = Instant::now() + WAIT;
-    let new = loop {
+    let new = wait::until("the new process to answer", WAIT, || {
         let p = http::get(addr, "/").unwrap().pid().unwrap();
-        if p != old.pid {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "new process never answered");
-    };
+        (p != old.pid).then_some(p)
+    });
     let t = Instant::now();
     old.signal(Signal::SIGTERM);
     assert_eq!(old.wait_exit(WAIT).code(), Some(0));
@@ -477,8 +463,9 @@ fn the_next_generation_gets_the_environment_of_a_helper_from_its_own_unit() {
     // does: systemd starts the helper with the unit's current environment
     // and the same INVOCATION_ID as the main process.
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.env("INVOCATION_ID", "0123abcd")
         .env("DEMO_SETTING", "old");
     let old = Proc::spawn(cmd);
@@ -524,21 +511,21 @@ fn the_next_generation_gets_the_environment_of_a_helper_from_its_own_unit() {
 /// `/stats`, fetched until the previous generation's counts are in
 /// (bounded): (PID, requests per route, inherited).
 fn stats_settled(addr: std::net::SocketAddr) -> (u32, serde_json::Value, String) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let mut last = serde_json::Value::Null;
+    wait::within(WAIT, || {
         let r = http::get(addr, "/stats").unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
-        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        let inherited = v["inherited"].as_str().unwrap().to_string();
-        if inherited != "pending" {
-            return (
-                v["pid"].as_u64().unwrap() as u32,
-                v["requests"].clone(),
+        last = serde_json::from_str(&r.body).unwrap();
+        let inherited = last["inherited"].as_str().unwrap().to_string();
+        (inherited != "pending").then(|| {
+            (
+                last["pid"].as_u64().unwrap() as u32,
+                last["requests"].clone(),
                 inherited,
-            );
-        }
-        assert!(Instant::now() < deadline, "/stats stayed pending: {v}");
-    }
+            )
+        })
+    })
+    .unwrap_or_else(|| panic!("/stats stayed pending: {last}"))
 }
 
 /// The app's own state survives reloads: pid-server's requests per route

@@ -295,8 +295,9 @@ fn root_s_helper_reloads_a_server_of_another_user() {
     };
     open(notify.path.parent().unwrap(), 0o755);
     open(&notify.path, 0o777);
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.uid(NOBODY).gid(NOBODY).env_remove("RUNTIME_DIRECTORY");
     let server = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));

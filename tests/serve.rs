@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use pid_server_test_support::proc::{self, Notify, Proc, WAIT};
-use pid_server_test_support::{TestCommand, http, report};
+use pid_server_test_support::{TestCommand, http, report, wait};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
 
 #[test]
 fn two_processes_share_a_port_and_both_answer() {
-    let (a, _na, addr) = proc::start(BIN);
+    // Both bind `--listen` themselves: sharing a port with SO_REUSEPORT is
+    // the point, which a passed socket (held without it) would refuse.
+    let (a, _na, addr) = proc::start_bound(BIN);
     let nb = Notify::new();
     let b = Proc::spawn(proc::serve_cmd(BIN, addr, &nb));
     nb.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -34,7 +36,9 @@ fn two_processes_share_a_port_and_both_answer() {
 
 #[test]
 fn answers_with_its_pid_and_reports_health() {
-    let (p, notify, addr) = proc::start(BIN);
+    // Bound from `--listen`, for the status line of a socket the process
+    // bound itself (the passed one's is `takes_a_socket_passed_the_systemd_way`).
+    let (p, notify, addr) = proc::start_bound(BIN);
     let r = http::get(addr, "/").unwrap();
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -110,6 +114,8 @@ fn runs_under_systemd_socket_activate() {
         return;
     }
     let path = report::find_in_path("systemd-socket-activate").unwrap();
+    // A port number for systemd-socket-activate, which binds it itself
+    // (it takes no socket from us).
     let addr = proc::free_addr();
     let notify = Notify::new();
     let mut cmd = Command::new(path);
@@ -125,16 +131,7 @@ fn runs_under_systemd_socket_activate() {
     let _p = Proc::spawn(cmd);
     // systemd-socket-activate binds, then starts us on the first connection
     // (it sets LISTEN_PID right); wait for the port to accept, bounded.
-    let deadline = Instant::now() + WAIT;
-    let r = loop {
-        match http::get(addr, "/healthz") {
-            Ok(r) => break r,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no answer: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let r = wait::until_ok("an answer", WAIT, || http::get(addr, "/healthz"));
     assert_eq!(r.status, 200);
     let ready = notify.wait_for("READY=1", |m| m.contains("READY=1"));
     assert!(ready.contains("(systemd: http)"), "{ready}");
@@ -149,11 +146,9 @@ fn sigterm_finishes_in_flight_work_and_turns_unready() {
     assert_eq!(probe.get("/readyz").unwrap().status, 200);
     let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=1500"));
     // The slow request is in flight once /healthz counts it.
-    let deadline = Instant::now() + WAIT;
-    while proc_in_flight(addr, &mut probe) < 2 {
-        assert!(Instant::now() < deadline, "slow request never arrived");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait::until("the slow request to arrive", WAIT, || {
+        (proc_in_flight(addr, &mut probe) >= 2).then_some(())
+    });
     p.signal(Signal::SIGTERM);
     let stopping = notify.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
     assert!(stopping.contains("STATUS=draining"), "{stopping}");
@@ -180,8 +175,9 @@ fn proc_in_flight(_addr: std::net::SocketAddr, conn: &mut http::Conn) -> u64 {
 #[test]
 fn idle_keepalive_connections_are_closed_after_the_grace() {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.args(["--idle-grace-ms", "200"]);
     let mut p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
@@ -206,18 +202,17 @@ fn idle_keepalive_connections_are_closed_after_the_grace() {
 #[test]
 fn drain_timeout_cuts_and_counts() {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.args(["--drain-timeout", "1"]);
     let mut p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     let mut probe = http::Conn::open(addr, WAIT).unwrap();
     let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=20000"));
-    let deadline = Instant::now() + WAIT;
-    while proc_in_flight(addr, &mut probe) < 2 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait::until("the slow request to arrive", WAIT, || {
+        (proc_in_flight(addr, &mut probe) >= 2).then_some(())
+    });
     drop(probe);
     let t = Instant::now();
     p.signal(Signal::SIGTERM);
@@ -236,11 +231,9 @@ fn a_second_sigterm_exits_at_once() {
     let (mut p, notify, addr) = proc::start(BIN);
     let mut probe = http::Conn::open(addr, WAIT).unwrap();
     let _slow = std::thread::spawn(move || http::get(addr, "/slow?ms=20000"));
-    let deadline = Instant::now() + WAIT;
-    while proc_in_flight(addr, &mut probe) < 2 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait::until("the slow request to arrive", WAIT, || {
+        (proc_in_flight(addr, &mut probe) >= 2).then_some(())
+    });
     p.signal(Signal::SIGTERM);
     notify.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
     p.signal(Signal::SIGINT);
@@ -310,6 +303,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
 /// silent start that cannot become ready.
 #[test]
 fn a_stale_listen_pid_or_handover_fd_is_one_clear_line() {
+    // Only a valid `--listen` for processes that fail before they bind.
     let addr = proc::free_addr().to_string();
     // Not a PID at all: sd_listen_fds(3) fails with -EINVAL on it.
     expect_one_line_error(
@@ -367,8 +361,7 @@ fn help_and_version() {
 #[test]
 fn sigterm_works_even_when_the_parent_blocked_it() {
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let mut cmd = proc::serve_socket_cmd(BIN, proc::Socket::new(), &notify);
     // SAFETY: sigprocmask in the child before exec is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -438,8 +431,9 @@ fn a_tls_response_is_not_lost_when_the_client_sends_more_after_a_closing_request
     let ca = TestCa::new();
     let (cert, key) = ca.write_leaf(dir.path(), "server", "server");
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
     let _p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT};
 use pid_server_test_support::tls::{ClientConfig, TestCa};
 use pid_server_test_support::ws::{self, CloseCode};
-use pid_server_test_support::{Load, http, sse};
+use pid_server_test_support::{Load, http, sse, wait};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -164,30 +164,29 @@ fn connect_info_is_the_clients_address_before_and_after_a_reload() {
 /// and the request hung until the process exited.
 #[test]
 fn a_stopping_process_refuses_new_connections_at_once() {
-    let (mut p, _notify, addr) = proc::start(BIN);
+    // Bound from `--listen`: the process's own socket is the only one, so
+    // closing it refuses. A passed socket stays open in the test (as in
+    // systemd), and queues.
+    let (mut p, _notify, addr) = proc::start_bound(BIN);
     let mut slow = TcpStream::connect(addr).unwrap();
     write!(slow, "GET /slow?ms=4000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     // The slow request is in flight once the server counts it.
     http::wait_ok(addr, "/healthz", WAIT);
-    let deadline = Instant::now() + WAIT;
-    while !http::get(addr, "/healthz")
-        .unwrap()
-        .body
-        .contains("\"in_flight\":2")
-    {
-        assert!(Instant::now() < deadline, "the slow request never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::until("the slow request to start", WAIT, || {
+        http::get(addr, "/healthz")
+            .unwrap()
+            .body
+            .contains("\"in_flight\":2")
+            .then_some(())
+    });
     p.signal(Signal::SIGTERM);
     // Readiness goes first; the socket closes as the accept loop stops.
-    let deadline = Instant::now() + WAIT;
-    let t = loop {
+    let t = wait::until("new connections to be refused", WAIT, || {
         let t = Instant::now();
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break t.elapsed(),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(t.elapsed()),
             Err(e) => panic!("connect: {e}"),
             Ok(s) => {
-                assert!(Instant::now() < deadline, "still accepting connections");
                 // Answered (with `Connection: close`) or queued: which?
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                 let mut w = s.try_clone().unwrap();
@@ -198,10 +197,10 @@ fn a_stopping_process_refuses_new_connections_at_once() {
                     matches!(n, Ok(n) if n > 0),
                     "a connection the stopping process neither answered nor refused"
                 );
-                std::thread::sleep(Duration::from_millis(20));
+                None
             }
         }
-    };
+    });
     eprintln!("refused after {t:?}");
     let mut r = BufReader::new(slow);
     let mut line = String::new();
@@ -217,8 +216,9 @@ fn a_stopping_process_refuses_new_connections_at_once() {
 fn start_tls(ca: &TestCa, dir: &std::path::Path) -> (Proc, std::net::SocketAddr) {
     let (cert, key) = ca.write_leaf(dir, "server", "ws");
     let notify = Notify::new();
-    let addr = proc::free_addr();
-    let mut cmd = proc::serve_cmd(BIN, addr, &notify);
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
+    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
     cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
     let p = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));

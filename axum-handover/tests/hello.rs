@@ -88,6 +88,7 @@ fn swaps_under_load(first: &Proc, addr: SocketAddr) {
 
 #[test]
 fn hello_swaps_itself_with_an_address() {
+    // Bound by the example from its address: the point of this test.
     let addr = proc::free_addr();
     let mut cmd = Command::new(proc::example("hello"));
     cmd.arg(addr.to_string());
@@ -107,6 +108,7 @@ fn hello_swaps_itself_with_a_socket_from_systemd() {
         );
         return;
     };
+    // A port number for systemd-socket-activate, which binds it itself.
     let addr = proc::free_addr();
     let mut cmd = Command::new(activate);
     cmd.arg("-l")
@@ -129,8 +131,11 @@ fn hello_swaps_itself_with_a_socket_from_systemd() {
 #[test]
 fn hello_takes_signals_its_parent_blocked() {
     use std::os::unix::process::CommandExt as _;
-    let blocked = |addr: SocketAddr| {
+    let blocked = |socket: proc::Socket| {
+        let addr = socket.addr();
         let mut cmd = Command::new(proc::example("hello"));
+        // The address is ignored: the socket is passed the systemd way.
+        socket.pass_to(&mut cmd);
         cmd.arg(addr.to_string());
         // SAFETY: sigprocmask in the child before exec is async-signal-safe.
         unsafe {
@@ -144,11 +149,10 @@ fn hello_takes_signals_its_parent_blocked() {
         }
         let p = Proc::spawn(cmd);
         http::wait_ok(addr, "/", WAIT);
-        p
+        (p, addr)
     };
     let reaper = Reaper::default();
-    let addr = proc::free_addr();
-    let p = blocked(addr);
+    let (p, addr) = blocked(proc::Socket::new());
     p.signal(Signal::SIGUSR2);
     proc::wait_gone(p.pid, WAIT);
     let next = answering(addr);
@@ -157,7 +161,7 @@ fn hello_takes_signals_its_parent_blocked() {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(next as i32), Signal::SIGTERM);
     proc::wait_gone(next, WAIT);
 
-    let mut p = blocked(proc::free_addr());
+    let (mut p, _) = blocked(proc::Socket::new());
     p.signal(Signal::SIGTERM);
     assert_eq!(p.wait_exit(WAIT).code(), Some(0), "{}", p.log());
 }

@@ -22,8 +22,11 @@ fn answering(addr: SocketAddr) -> u32 {
 }
 
 fn start(args: &[String]) -> (Proc, SocketAddr) {
-    let addr = proc::free_addr();
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
     let mut cmd = Command::new(proc::example("ported"));
+    // The address is ignored: the socket is passed the systemd way.
+    socket.pass_to(&mut cmd);
     cmd.arg(addr.to_string()).args(args);
     let p = Proc::spawn(cmd);
     http::wait_ok(addr, "/", WAIT);

@@ -13,8 +13,11 @@ use pid_server_test_support::{Load, http};
 
 #[test]
 fn h2c_and_http1_share_a_socket_through_reloads() {
-    let addr = proc::free_addr();
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
     let mut cmd = Command::new(proc::example("hello"));
+    // The address is ignored: the socket is passed the systemd way.
+    socket.pass_to(&mut cmd);
     cmd.arg(addr.to_string());
     let first = Proc::spawn(cmd);
     http::wait_ok(addr, "/", WAIT);

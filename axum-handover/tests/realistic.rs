@@ -28,8 +28,11 @@ fn served(addr: SocketAddr) -> u64 {
 
 #[test]
 fn three_reloads_with_load_websockets_events_and_a_background_task() {
-    let addr = proc::free_addr();
+    let socket = proc::Socket::new();
+    let addr = socket.addr();
     let mut cmd = Command::new(proc::example("realistic"));
+    // The address is ignored: the socket is passed the systemd way.
+    socket.pass_to(&mut cmd);
     cmd.arg(addr.to_string());
     let first = Proc::spawn(cmd);
     let reaper = Reaper::default();

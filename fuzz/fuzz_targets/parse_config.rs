@@ -4,18 +4,10 @@
 //! the flag accepts too, as the same value.
 #![no_main]
 
-// pid-server is a binary crate, so its two modules are compiled in here as
-// they are into it (the rest of them are not needed).
-#[allow(dead_code)]
-#[path = "../../src/cli.rs"]
-mod cli;
-#[allow(dead_code)]
-#[path = "../../src/config_file.rs"]
-mod config_file;
-
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use pid_server::{cli, config_file};
 
 fuzz_target!(|data: &[u8]| {
     let lines = data.iter().filter(|b| **b == b'\n').count() + 1;

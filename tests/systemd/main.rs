@@ -36,7 +36,7 @@ mod watchdog;
 use std::io;
 use std::path::PathBuf;
 use std::process::Output;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::cmd::text;
@@ -192,17 +192,14 @@ fn status_line(status: &str) -> Option<String> {
 
 /// Polls `systemctl status` until its `Status:` line satisfies `ok`.
 fn wait_status_line(c: &Container, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(c);
-        if status_line(&s).is_some_and(|l| ok(&l)) {
-            return s;
-        }
-        if Instant::now() >= deadline {
-            panic!("waited {WAIT:?} for a Status: line {what}; last status:\n{s}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let mut last = String::new();
+    wait::within(WAIT, || {
+        last = status(c);
+        status_line(&last)
+            .is_some_and(|l| ok(&l))
+            .then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("waited {WAIT:?} for a Status: line {what}; last status:\n{last}"))
 }
 
 /// Bound on `systemctl reload`. With `Type=notify-reload`, systemd 257

@@ -384,18 +384,14 @@ impl H2Load {
 
     /// Waits until `pid` has answered at least `n` requests.
     pub fn wait_answers_from(&self, pid: u32, n: u64, within: Duration) {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            let t = self.snapshot();
-            if t.by_pid.get(&pid).copied().unwrap_or(0) >= n {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "PID {pid} did not answer {n} HTTP/2 requests within {within:?}: {t:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut t = self.snapshot();
+        crate::wait::within(within, || {
+            t = self.snapshot();
+            (t.by_pid.get(&pid).copied().unwrap_or(0) >= n).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!("PID {pid} did not answer {n} HTTP/2 requests within {within:?}: {t:?}")
+        });
     }
 
     pub fn finish(mut self) -> H2Tally {

@@ -318,17 +318,12 @@ pub fn get_timeout(addr: SocketAddr, path: &str, timeout: Duration) -> io::Resul
 /// the last answer after `timeout`. For the readiness endpoint, which is
 /// the signal to wait for when a test cannot see `READY=1`.
 pub fn wait_ok(addr: SocketAddr, path: &str, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let r = get(addr, path);
-        match &r {
-            Ok(resp) if resp.status == 200 => return,
-            _ if std::time::Instant::now() >= deadline => {
-                panic!("GET {path} on {addr} did not answer 200 within {timeout:?}: {r:?}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    let mut r = Err(io::Error::other("not asked yet"));
+    crate::wait::within(timeout, || {
+        r = get(addr, path);
+        matches!(&r, Ok(resp) if resp.status == 200).then_some(())
+    })
+    .unwrap_or_else(|| panic!("GET {path} on {addr} did not answer 200 within {timeout:?}: {r:?}"));
 }
 
 /// One keep-alive connection. After a `Connection: close` or an error it is

@@ -11,8 +11,9 @@
 //! - [`load`]: the load generator, bounded in requests and in time:
 //!   keep-alive, one-shot and paused clients ([`Load`]), and what they saw
 //!   ([`Tally`], per kept connection [`ConnRecord`]).
-//! - [`proc`]: pid-server processes a test starts: a mock `NOTIFY_SOCKET`,
-//!   reaping on drop, the `reload` helper.
+//! - [`proc`]: pid-server processes a test starts: the listening socket
+//!   the test binds and passes the way systemd does ([`proc::Socket`]), a
+//!   mock `NOTIFY_SOCKET`, reaping on drop, the `reload` helper.
 //! - [`cmd`]: running a command with a bound ([`TestCommand`]); a failure
 //!   prints the command, its folder, its status, stdout and stderr.
 //! - [`netns`]: network namespaces the test makes, and threads inside them.
@@ -23,7 +24,8 @@
 //!   makes a test of a case per release.
 //! - [`report`]: running or skipping (`SKIPPED …`, an error under
 //!   `CI=true`), output that shows without `--nocapture`, checks reported
-//!   together; [`wait`]: bounded waits.
+//!   together; [`wait`]: bounded waits (every poll-until-a-deadline in
+//!   the tests is one of its helpers).
 //! - [`ws`] and [`sse`]: a WebSocket and a Server-Sent Events client for
 //!   streams that say `pid N` (pid-server's `/ws` and `/events`, the
 //!   library's `realistic` example).
@@ -48,6 +50,11 @@
 //!   host's, or that of a network namespace the test made.
 //! - Every wait has a bound, and waits for a signal where there is one
 //!   (`READY=1`, a condition variable, the readiness endpoint).
+//! - A server's port is the test's from the start: bound here and passed
+//!   in ([`proc::Socket`]), never a port number released for the server to
+//!   bind, which another test's server could share (`SO_REUSEPORT`). Tests
+//!   of the server's own binding say so where they use
+//!   [`proc::free_addr`].
 //! - Whatever a test starts (processes, containers, namespaces, load
 //!   threads) is stopped and reaped on drop, also when the test panics.
 

@@ -93,6 +93,10 @@ pub struct Proc {
     pub pid: u32,
     log: PathBuf,
     _logdir: tempfile::TempDir,
+    /// The command it was started with, kept for what its `pre_exec`
+    /// holds: a [`Socket`] passed to the process stays open (its port
+    /// reserved) as long as the process is the test's.
+    _cmd: Command,
 }
 
 impl Proc {
@@ -122,6 +126,7 @@ impl Proc {
             pid,
             log,
             _logdir: logdir,
+            _cmd: cmd,
         }
     }
 
@@ -139,19 +144,14 @@ impl Proc {
 
     /// Waits (bounded) for the process to exit.
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let child = &mut self.child;
+        crate::wait::within(within, || child.try_wait().unwrap()).unwrap_or_else(|| {
+            panic!(
                 "pid-server {} still running after {within:?}; log:\n{}",
                 self.pid,
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            )
+        })
     }
 }
 
@@ -231,18 +231,15 @@ pub fn alive(pid: u32) -> bool {
 
 /// Waits (bounded) until `pid` is gone.
 pub fn wait_gone(pid: u32, within: Duration) {
-    let deadline = Instant::now() + within;
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "PID {pid} still alive after {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::wait::until(&format!("PID {pid} to be gone"), within, || {
+        (!alive(pid)).then_some(())
+    });
 }
 
-/// A command for the binary at `bin` serving `--listen addr`, with the mock
-/// notify socket.
+/// A command for the binary at `bin` serving `--listen addr` (a socket it
+/// binds itself, with `SO_REUSEPORT`), with the mock notify socket. For
+/// tests whose point is that bound socket; others pass a [`Socket`] with
+/// [`serve_socket_cmd`].
 pub fn serve_cmd(bin: impl AsRef<Path>, addr: SocketAddr, notify: &Notify) -> Command {
     let mut cmd = Command::new(bin.as_ref());
     cmd.args(["serve", "--listen", &addr.to_string()])
@@ -263,14 +260,99 @@ pub fn example(name: &str) -> PathBuf {
     bin
 }
 
-/// A free loopback address (port 0 bound and released; SO_REUSEPORT makes a
-/// later bind by pid-server safe even if the test's socket lingers).
+/// A loopback address whose port was free a moment ago (port 0 bound and
+/// released): nothing reserves it, and with `SO_REUSEPORT` two servers
+/// given the same one share it silently. Only for a process that must bind
+/// the address itself (`--listen`, a `listen` in a file, another tool's
+/// socket); a test's server takes a [`Socket`] instead.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
 
-/// Starts pid-server on a fresh loopback port and waits for `READY=1`.
+/// A listening loopback socket the test binds and hands to pid-server the
+/// way systemd does ([`serve_socket_cmd`]). The port is the test's from the
+/// bind on: never released before the server has it, and without
+/// `SO_REUSEPORT`, so no other server can bind it beside this one.
+pub struct Socket {
+    listener: std::net::TcpListener,
+}
+
+/// pid-server's own backlog for the sockets it binds, so a test sees the
+/// same queue either way (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+impl Socket {
+    /// Binds 127.0.0.1 on a port the kernel picks.
+    pub fn new() -> Socket {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // std listens with a backlog of its own; listen(2) again sets ours.
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(BACKLOG).unwrap())
+            .unwrap();
+        Socket { listener }
+    }
+
+    /// Its address (`127.0.0.1:PORT`).
+    pub fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap()
+    }
+
+    /// Hands the socket to the process `cmd` starts, as systemd passes
+    /// one: at fd 3, `LISTEN_FDS=1`, `LISTEN_FDNAMES=http` (the name the
+    /// packaged socket unit gives it). No `LISTEN_PID`: its value (the
+    /// child's PID) exists only after the fork, where setting a variable
+    /// would allocate, and pid-server and the library accept sockets
+    /// without it, as they do from a parent generation. `cmd` owns the
+    /// socket from now on; a [`Proc`] spawned from it keeps it open as long
+    /// as the process is the test's.
+    pub fn pass_to(self, cmd: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        cmd.env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "http")
+            .env_remove("LISTEN_PID");
+        // SAFETY: after the fork only dup2 and fcntl run, both
+        // async-signal-safe, and nothing allocates (reading the fd number
+        // is a field read). The closure owns the socket, so the fd is open
+        // whenever it runs.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = self.listener.as_raw_fd();
+                // dup2 onto the same number would keep close-on-exec:
+                // clear it instead.
+                let r = if fd == 3 {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Default for Socket {
+    fn default() -> Socket {
+        Socket::new()
+    }
+}
+
+/// A command for the binary at `bin` serving `socket` ([`Socket::pass_to`]),
+/// with the mock notify socket.
+pub fn serve_socket_cmd(bin: impl AsRef<Path>, socket: Socket, notify: &Notify) -> Command {
+    let mut cmd = Command::new(bin.as_ref());
+    cmd.arg("serve")
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env_remove("WATCHDOG_USEC");
+    socket.pass_to(&mut cmd);
+    cmd
+}
+
+/// Starts pid-server on a fresh loopback [`Socket`] and waits for
+/// `READY=1`.
 pub fn start(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
     start_with(bin, &[])
 }
@@ -278,10 +360,22 @@ pub fn start(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
 /// [`start`] with more arguments to `serve`.
 pub fn start_with(bin: impl AsRef<Path>, args: &[&str]) -> (Proc, Notify, SocketAddr) {
     let notify = Notify::new();
-    let addr = free_addr();
-    let mut cmd = serve_cmd(bin, addr, &notify);
+    let socket = Socket::new();
+    let addr = socket.addr();
+    let mut cmd = serve_socket_cmd(bin, socket, &notify);
     cmd.args(args);
     let p = Proc::spawn(cmd);
+    notify.wait_for("READY=1", |m| m.contains("READY=1"));
+    (p, notify, addr)
+}
+
+/// Starts pid-server on `--listen` a [`free_addr`], binding the socket
+/// itself, and waits for `READY=1`: for tests of the bound socket (its
+/// status line, `SO_REUSEPORT` sharing).
+pub fn start_bound(bin: impl AsRef<Path>) -> (Proc, Notify, SocketAddr) {
+    let notify = Notify::new();
+    let addr = free_addr();
+    let p = Proc::spawn(serve_cmd(bin, addr, &notify));
     notify.wait_for("READY=1", |m| m.contains("READY=1"));
     (p, notify, addr)
 }
@@ -291,8 +385,9 @@ pub fn start_with(bin: impl AsRef<Path>, args: &[&str]) -> (Proc, Notify, Socket
 pub fn start_with_nofile(bin: impl AsRef<Path>, soft: u64, hard: u64) -> (Proc, SocketAddr) {
     use std::os::unix::process::CommandExt;
     let notify = Notify::new();
-    let addr = free_addr();
-    let mut cmd = serve_cmd(bin, addr, &notify);
+    let socket = Socket::new();
+    let addr = socket.addr();
+    let mut cmd = serve_socket_cmd(bin, socket, &notify);
     // SAFETY: setrlimit is async-signal-safe and touches only the child;
     // nothing here allocates.
     unsafe {

@@ -46,10 +46,10 @@ impl Container {
                     if self.init != 0 {
                         let _ = kill(Pid::from_raw(self.init as i32), Signal::SIGKILL);
                     }
-                    let deadline = Instant::now() + Duration::from_secs(2);
-                    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                        thread::sleep(Duration::from_millis(10));
-                    }
+                    // Past the bound, nspawn is killed below.
+                    crate::wait::within(Duration::from_secs(2), || {
+                        (!matches!(child.try_wait(), Ok(None))).then_some(())
+                    });
                     if matches!(child.try_wait(), Ok(None)) {
                         how = "killed (nspawn too) after the shutdown timeout";
                         let _ = child.kill();
@@ -143,22 +143,18 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub const SERIAL_WAIT: Duration = Duration::from_secs(180);
 
 pub(super) fn serial_lock(name: &str) -> MutexGuard<'static, ()> {
-    let deadline = Instant::now() + SERIAL_WAIT;
-    loop {
-        match SERIAL.try_lock() {
-            Ok(g) => return g,
-            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {}
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "{name}: waited {} s for another container to go (containers run one at a \
-                 time here because they cannot get cgroups of their own)",
-                SERIAL_WAIT.as_secs()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    crate::wait::within(SERIAL_WAIT, || match SERIAL.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{name}: waited {} s for another container to go (containers run one at a \
+             time here because they cannot get cgroups of their own)",
+            SERIAL_WAIT.as_secs()
+        )
+    })
 }
 
 /// Every cgroup at or below `dir`, deepest first.
@@ -191,19 +187,16 @@ fn cgroup_pids(dirs: &[PathBuf]) -> Vec<i32> {
 
 /// SIGKILLs whatever still lives in the cgroups, until they are empty (bounded).
 fn kill_cgroups(dirs: &[PathBuf]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let emptied = crate::wait::within(Duration::from_secs(5), || {
         let pids = cgroup_pids(dirs);
-        if pids.is_empty() || Instant::now() >= deadline {
-            if !pids.is_empty() {
-                eprintln!("nspawn harness: processes left in the container's cgroups: {pids:?}");
-            }
-            return;
+        for pid in &pids {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        thread::sleep(Duration::from_millis(10));
+        pids.is_empty().then_some(())
+    });
+    if emptied.is_none() {
+        let pids = cgroup_pids(dirs);
+        eprintln!("nspawn harness: processes left in the container's cgroups: {pids:?}");
     }
 }
 

@@ -487,17 +487,12 @@ impl Container {
 
     /// Polls until `unit` is `active` (`sub`); panics after `bound`.
     pub fn wait_unit_state(&self, unit: &str, active: &str, sub: &str, bound: Duration) {
-        let deadline = Instant::now() + bound;
-        loop {
-            let last = self.unit_state(unit);
-            if last.0 == active && last.1 == sub {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!("{unit}: waited {bound:?} for {active} ({sub}); still {last:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let mut last = (String::new(), String::new());
+        crate::wait::within(bound, || {
+            last = self.unit_state(unit);
+            (last.0 == active && last.1 == sub).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{unit}: waited {bound:?} for {active} ({sub}); still {last:?}"));
     }
 
     /// The processes in `unit`'s cgroup (PIDs in the container), sorted.
@@ -551,20 +546,17 @@ impl Container {
         bound: Duration,
         ok: impl Fn(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + bound;
-        loop {
-            let j = self.journal(args);
-            if ok(&j) {
-                return j;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "waited {bound:?} for {what} in `journalctl {}`:\n{j}",
-                    args.join(" ")
-                );
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        let mut last = String::new();
+        crate::wait::within(bound, || {
+            last = self.journal(args);
+            ok(&last).then(|| last.clone())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "waited {bound:?} for {what} in `journalctl {}`:\n{last}",
+                args.join(" ")
+            )
+        })
     }
 
     fn place_file(&self, path_inside: &str, mode: u32, fill: impl FnOnce(&Path) -> io::Result<()>) {
