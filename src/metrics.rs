@@ -57,86 +57,11 @@ impl Collector for Scrape {
                 .encode_family(&[("result", result)])?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
-        for (name, help, n) in [
-            (
-                "connections_moved",
-                "Keep-alive connections moved to a new generation",
-                m.connections_moved,
-            ),
-            (
-                "connections_fell_back",
-                "Connections that were to move and were served to the end by the old generation",
-                m.connections_fell_back,
-            ),
-            (
-                "tls_handshake_failures",
-                "TLS handshakes that failed or timed out",
-                m.tls_handshake_failures,
-            ),
-            (
-                "tls_handshakes_abandoned",
-                "TLS handshakes the client closed or reset the connection before they were done",
-                m.tls_handshakes_abandoned,
-            ),
-            (
-                "protocol_errors",
-                "HTTP/2 connections closed for a protocol error of the client",
-                m.protocol_errors,
-            ),
-            (
-                "http2_stalled_connections",
-                "HTTP/2 connections closed because their responses waited on a client that did not \
-                 read them for the stall timeout",
-                m.http2_stalled_connections,
-            ),
-            (
-                "http2_refused_streams",
-                "HTTP/2 requests answered 503 because the responses held reached their bound",
-                m.http2_refused_streams,
-            ),
-            (
-                "connections_restored",
-                "Connections taken from systemd's file descriptor store at a start: idle \
-                 connections a restart kept",
-                m.connections_restored,
-            ),
-        ] {
+        for (name, help, n) in counters(m) {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
-        for (name, help, v) in [
-            (
-                "in_flight",
-                "Requests in progress in this process",
-                m.in_flight as i64,
-            ),
-            (
-                "open_connections",
-                "Connections open in this process",
-                m.connections as i64,
-            ),
-            (
-                "upgraded_connections",
-                "Connections upgraded to another protocol (WebSockets) open in this process",
-                m.upgraded as i64,
-            ),
-            (
-                "http2_held_responses",
-                "HTTP/2 responses held in this process: being made, or waiting on a client's window",
-                m.http2_held_responses as i64,
-            ),
-            (
-                "connections_in_fd_store",
-                "Idle connections in systemd's file descriptor store now, kept for a crash \
-                 (--fd-store-while-idle)",
-                m.connections_in_fd_store as i64,
-            ),
-            (
-                "generation",
-                "This process's generation (0 fresh, +1 per reload)",
-                i64::from(m.generation),
-            ),
-        ] {
+        for (name, help, v) in gauges(m) {
             e.encode_descriptor(name, help, None, MetricType::Gauge)?
                 .encode_gauge(&v)?;
         }
@@ -153,6 +78,92 @@ impl Collector for Scrape {
             &m.drain_seconds,
         )
     }
+}
+
+/// The counters without labels: name (before the `_total` the encoder
+/// adds), help, value since the first generation.
+fn counters(m: &Metrics) -> [(&'static str, &'static str, u64); 8] {
+    [
+        (
+            "connections_moved",
+            "Keep-alive connections moved to a new generation",
+            m.connections_moved,
+        ),
+        (
+            "connections_fell_back",
+            "Connections that were to move and were served to the end by the old generation",
+            m.connections_fell_back,
+        ),
+        (
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures,
+        ),
+        (
+            "tls_handshakes_abandoned",
+            "TLS handshakes the client closed or reset the connection before they were done",
+            m.tls_handshakes_abandoned,
+        ),
+        (
+            "protocol_errors",
+            "HTTP/2 connections closed for a protocol error of the client",
+            m.protocol_errors,
+        ),
+        (
+            "http2_stalled_connections",
+            "HTTP/2 connections closed because their responses waited on a client that did not \
+             read them for the stall timeout",
+            m.http2_stalled_connections,
+        ),
+        (
+            "http2_refused_streams",
+            "HTTP/2 requests answered 503 because the responses held reached their bound",
+            m.http2_refused_streams,
+        ),
+        (
+            "connections_restored",
+            "Connections taken from systemd's file descriptor store at a start: idle \
+             connections a restart kept",
+            m.connections_restored,
+        ),
+    ]
+}
+
+/// The gauges: name, help, value in this process now.
+fn gauges(m: &Metrics) -> [(&'static str, &'static str, i64); 6] {
+    [
+        (
+            "in_flight",
+            "Requests in progress in this process",
+            m.in_flight as i64,
+        ),
+        (
+            "open_connections",
+            "Connections open in this process",
+            m.connections as i64,
+        ),
+        (
+            "upgraded_connections",
+            "Connections upgraded to another protocol (WebSockets) open in this process",
+            m.upgraded as i64,
+        ),
+        (
+            "http2_held_responses",
+            "HTTP/2 responses held in this process: being made, or waiting on a client's window",
+            m.http2_held_responses as i64,
+        ),
+        (
+            "connections_in_fd_store",
+            "Idle connections in systemd's file descriptor store now, kept for a crash \
+             (--fd-store-while-idle)",
+            m.connections_in_fd_store as i64,
+        ),
+        (
+            "generation",
+            "This process's generation (0 fresh, +1 per reload)",
+            i64::from(m.generation),
+        ),
+    ]
 }
 
 fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> fmt::Result {
