@@ -145,17 +145,59 @@ pub(crate) fn spawn(
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(spawn_err)?;
     let (conns_ours, conns_theirs) = channel::pair().map_err(spawn_err)?;
+    let cmd = command(
+        plan,
+        config,
+        environment,
+        [theirs.as_raw_fd(), conns_theirs.as_raw_fd()],
+    );
+    let child = start(cmd, plan.sockets.len()).map_err(spawn_err)?;
+    drop(theirs);
+    drop(conns_theirs);
+    let timing = (config.reload_timeout, config.probation);
+    let pid = child.id().unwrap_or(0);
+    ours.set_nonblocking(true).map_err(spawn_err)?;
+    let channel = tokio::net::UnixStream::from_std(ours).map_err(spawn_err)?;
+    let started = Instant::now();
+    let (tx, outcome) = tokio::sync::oneshot::channel();
+    let (cancel, cancelled) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let conns = Connections::new(conns_ours).ok();
+        let r = handshake(child, pid, channel, started, timing, cancelled, |ready| {
+            first_messages(ready, &conns, &totals, &tickets)
+        })
+        .await
+        .map(|(ready, notes)| joined(ready, notes, conns));
+        let _ = tx.send(r);
+    });
+    Ok(Pending {
+        pid,
+        generation: plan.generation,
+        started,
+        outcome,
+        cancel: Some(cancel),
+    })
+}
+
+/// The child's command: the plan's program and arguments, the unit's
+/// environment when the reload helper brought it (else ours), the
+/// handover's variables, and the fds to place at 3, 4, ... in the child,
+/// in order: the sockets, then `channels` (its end of the handover
+/// channel, its end of the connection channel).
+fn command(
+    plan: &Plan,
+    config: &Config,
+    environment: Option<&[(Vec<u8>, Vec<u8>)]>,
+    channels: [RawFd; 2],
+) -> std::process::Command {
     let n = plan.sockets.len();
-    // The fds to place at 3, 4, ... in the child, in order: the sockets,
-    // its end of the handover channel, its end of the connection channel.
     let sources: Vec<RawFd> = plan
         .sockets
         .iter()
         .map(|(fd, _)| fd.as_raw_fd())
-        .chain([theirs.as_raw_fd(), conns_theirs.as_raw_fd()])
+        .chain(channels)
         .collect();
     let names: Vec<&str> = plan.sockets.iter().map(|(_, name)| name.as_str()).collect();
-
     let mut cmd = std::process::Command::new(&plan.exe);
     if let Some(vars) = environment {
         unit_environment(&mut cmd, config, vars);
@@ -179,77 +221,60 @@ pub(crate) fn spawn(
     unsafe {
         cmd.pre_exec(move || place_fds(&sources));
     }
+    cmd
+}
+
+/// Spawns the child of [`command`], whose fds go to 3..=3+`sockets`+1.
+fn start(cmd: std::process::Command, sockets: usize) -> std::io::Result<tokio::process::Child> {
     // std's spawn reports exec errors through a pipe it opens now, at the
     // lowest free fds; if one landed in 3..=3+n our dup2 in the child would
     // close it. Fill the free ones in that range until the spawn is done.
-    let placeholders = reserve_fds(4 + n as RawFd).map_err(spawn_err)?;
-    let child = tokio::process::Command::from(cmd)
-        .spawn()
-        .map_err(spawn_err)?;
+    let placeholders = reserve_fds(4 + sockets as RawFd)?;
+    let child = tokio::process::Command::from(cmd).spawn();
     drop(placeholders);
-    drop(theirs);
-    drop(conns_theirs);
-    let timing = (config.reload_timeout, config.probation);
-    let pid = child.id().unwrap_or(0);
-    ours.set_nonblocking(true).map_err(spawn_err)?;
-    let channel = tokio::net::UnixStream::from_std(ours).map_err(spawn_err)?;
-    let started = Instant::now();
-    let (tx, outcome) = tokio::sync::oneshot::channel();
-    let (cancel, cancelled) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let conns = Connections::new(conns_ours).ok();
-        let r = handshake(
-            child,
-            pid,
-            channel,
-            started,
-            timing,
-            cancelled,
-            |ready: &Ready| {
-                // Counters first, before the probation: a scrape that reaches
-                // the new process then never sees less than the old counted.
-                let first = ready
-                    .has(channel::Feature::Counters)
-                    .then(|| totals.carried().encode());
-                // The ticket keys only to a child that asked for them:
-                // one that predates the feature would take them for junk.
-                let keys = ready
-                    .has(channel::Feature::TlsTickets)
-                    .then(|| tickets.export().encode());
-                async {
-                    if let (Some(c), Some(first)) = (&conns, first) {
-                        let _ = c.send_counters(&first).await;
-                    }
-                    if let (Some(c), Some(keys)) = (&conns, keys) {
-                        let _ = c.send_counters(&keys).await;
-                    }
-                }
-            },
-        )
-        .await
-        .map(|(ready, notes)| {
-            // A child that takes neither (protocol 1 ignores the socket)
-            // gets nothing; it closes its end with itself.
-            let wanted = ready.has(channel::Feature::MoveConnections)
-                || ready.has(channel::Feature::Counters)
-                || ready.has(channel::Feature::TlsTickets)
-                || ready.has(channel::Feature::AppState);
-            let connections = if wanted { conns } else { None };
-            Joined {
-                ready,
-                connections,
-                notes,
-            }
-        });
-        let _ = tx.send(r);
-    });
-    Ok(Pending {
-        pid,
-        generation: plan.generation,
-        started,
-        outcome,
-        cancel: Some(cancel),
-    })
+    child
+}
+
+/// What the child gets once it is ready, before the probation: the
+/// counters first, so that a scrape that reaches the new process then
+/// never sees less than the old one counted; the session-ticket keys only
+/// to a child that asked for them (one that predates the feature would
+/// take them for junk).
+fn first_messages<'a>(
+    ready: &Ready,
+    conns: &'a Option<Connections>,
+    totals: &crate::metrics::Totals,
+    tickets: &crate::tls::Ticketer,
+) -> impl std::future::Future<Output = ()> + use<'a> {
+    let first = ready
+        .has(channel::Feature::Counters)
+        .then(|| totals.carried().encode());
+    let keys = ready
+        .has(channel::Feature::TlsTickets)
+        .then(|| tickets.export().encode());
+    async move {
+        if let (Some(c), Some(first)) = (conns, first) {
+            let _ = c.send_counters(&first).await;
+        }
+        if let (Some(c), Some(keys)) = (conns, keys) {
+            let _ = c.send_counters(&keys).await;
+        }
+    }
+}
+
+/// The handshake's success: the connection channel is kept for a child
+/// that takes something on it. One that takes nothing (protocol 1 ignores
+/// the socket) gets nothing; it closes its end with itself.
+fn joined(ready: Ready, notes: Vec<String>, conns: Option<Connections>) -> Joined {
+    let wanted = ready.has(channel::Feature::MoveConnections)
+        || ready.has(channel::Feature::Counters)
+        || ready.has(channel::Feature::TlsTickets)
+        || ready.has(channel::Feature::AppState);
+    Joined {
+        ready,
+        connections: if wanted { conns } else { None },
+        notes,
+    }
 }
 
 /// The old process's side of the handshake. Stops the child on failure.
