@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::running::{Leave, Running, drain_status};
+use super::running::{Leave, Reload, Running, drain_status};
 use super::{Ended, Leaving};
 use crate::control::{self, Answer, Report};
 use crate::fdstore;
@@ -12,6 +12,7 @@ use crate::handover::spawn::Joined;
 use crate::handover::state::{MAX_STATE, describe};
 use crate::metrics::ReloadResult;
 use crate::server::DrainReport;
+use crate::signals::Stop;
 
 /// How long the old process waits for the successor to take its app state
 /// (it reads the channel all along: 1 MiB takes milliseconds).
@@ -24,76 +25,11 @@ impl Running {
         if let Some(t) = self.control.take() {
             t.abort();
         }
-        let pid = self.info.pid;
-        let mut reporter = None;
-        let mut store = None;
-        let handover = match leave {
-            Leave::Stop(sig) => {
-                tracing::info!(
-                    event = "drain",
-                    signal = %sig,
-                    in_flight = self.info.in_flight(),
-                    connections = self.info.connections(),
-                    "{sig}: draining {} in-flight requests",
-                    self.info.in_flight()
-                );
-                store = self.fd_store();
-                match &store {
-                    Some(s) => self.server.begin_store(s.clone()),
-                    None => self.server.begin_drain(),
-                }
-                self.info.set_leaving(Leaving::Stopping);
-                // The accept loops stop and drop their sockets; these are
-                // the copies kept for a next generation, which a stop will
-                // not start. With none left open here, a new client is
-                // refused at once (or, under socket activation, waits in
-                // systemd's socket for the next start) rather than queued
-                // where nobody accepts, then reset at our exit.
-                self.plan.sockets.clear();
-                self.notifier.stopping(&self.drain_status());
-                None
-            }
+        let (handover, reporter, store) = match leave {
+            Leave::Stop(sig) => (None, None, self.begin_stop(sig)),
             Leave::HandedOver { reload, joined } => {
-                // The successor owns the unit's notifications from here.
-                self.notifier.silence();
-                let (new_pid, new_gen) = (reload.pending.pid, reload.pending.generation);
-                let took = reload.pending.started.elapsed();
-                let millis = took.as_millis() as u64;
-                let totals = &self.info.counters.totals;
-                totals.reload(ReloadResult::Ok);
-                totals.handover(took.as_secs_f64());
-                let notes = joined.notes.clone();
-                let takes_state = joined.ready.has(Feature::AppState);
-                let moving = self.begin_letting_go(joined);
-                // No longer accepting: the state is as late as it gets
-                // while this process still decides anything.
-                if takes_state {
-                    self.hand_over_state().await;
-                }
-                // The app's tasks first: the successor runs its own now.
-                self.info.set_leaving(Leaving::HandedOver);
-                tracing::info!(
-                    event = "handover",
-                    old_pid = pid,
-                    new_pid,
-                    new_generation = new_gen,
-                    handover_ms = millis,
-                    trigger = %reload.trigger,
-                    in_flight = self.info.in_flight(),
-                    connections = self.info.connections(),
-                    "handed over to PID {new_pid} (generation {new_gen}) in {millis} ms; {}",
-                    if moving { "moving connections" } else { "draining" }
-                );
-                if let Some(r) = reload.reply {
-                    let answer = Answer::Ok {
-                        old_pid: pid,
-                        new_pid,
-                        generation: new_gen,
-                        millis,
-                    };
-                    reporter = Some(r.accept(answer).await.with_notes(notes));
-                }
-                Some(new_pid)
+                let (new_pid, reporter) = self.begin_handed_over(reload, joined).await;
+                (Some(new_pid), reporter, None)
             }
         };
         let extender = self.extend_drain();
@@ -117,6 +53,89 @@ impl Running {
         } else {
             Ended::Stopped
         }
+    }
+
+    /// A stop: the drain begins, or, when the unit keeps connections over a
+    /// restart, the store (returned, to send once the requests in progress
+    /// are done).
+    fn begin_stop(&mut self, sig: Stop) -> Option<std::sync::Arc<fdstore::Store>> {
+        tracing::info!(
+            event = "drain",
+            signal = %sig,
+            in_flight = self.info.in_flight(),
+            connections = self.info.connections(),
+            "{sig}: draining {} in-flight requests",
+            self.info.in_flight()
+        );
+        let store = self.fd_store();
+        match &store {
+            Some(s) => self.server.begin_store(s.clone()),
+            None => self.server.begin_drain(),
+        }
+        self.info.set_leaving(Leaving::Stopping);
+        // The accept loops stop and drop their sockets; these are the
+        // copies kept for a next generation, which a stop will not start.
+        // With none left open here, a new client is refused at once (or,
+        // under socket activation, waits in systemd's socket for the next
+        // start) rather than queued where nobody accepts, then reset at our
+        // exit.
+        self.plan.sockets.clear();
+        self.notifier.stopping(&self.drain_status());
+        store
+    }
+
+    /// A handover: counted, the connections moving or draining, the app
+    /// state sent, the helper answered. Returns the successor's PID and
+    /// the helper's reporter (for the drain's figures).
+    async fn begin_handed_over(
+        &mut self,
+        reload: Reload,
+        joined: Joined,
+    ) -> (u32, Option<control::Reporter>) {
+        // The successor owns the unit's notifications from here.
+        self.notifier.silence();
+        let pid = self.info.pid;
+        let (new_pid, new_gen) = (reload.pending.pid, reload.pending.generation);
+        let took = reload.pending.started.elapsed();
+        let millis = took.as_millis() as u64;
+        let totals = &self.info.counters.totals;
+        totals.reload(ReloadResult::Ok);
+        totals.handover(took.as_secs_f64());
+        let notes = joined.notes.clone();
+        let takes_state = joined.ready.has(Feature::AppState);
+        let moving = self.begin_letting_go(joined);
+        // No longer accepting: the state is as late as it gets while this
+        // process still decides anything.
+        if takes_state {
+            self.hand_over_state().await;
+        }
+        // The app's tasks first: the successor runs its own now.
+        self.info.set_leaving(Leaving::HandedOver);
+        tracing::info!(
+            event = "handover",
+            old_pid = pid,
+            new_pid,
+            new_generation = new_gen,
+            handover_ms = millis,
+            trigger = %reload.trigger,
+            in_flight = self.info.in_flight(),
+            connections = self.info.connections(),
+            "handed over to PID {new_pid} (generation {new_gen}) in {millis} ms; {}",
+            if moving { "moving connections" } else { "draining" }
+        );
+        let reporter = match reload.reply {
+            Some(r) => {
+                let answer = Answer::Ok {
+                    old_pid: pid,
+                    new_pid,
+                    generation: new_gen,
+                    millis,
+                };
+                Some(r.accept(answer).await.with_notes(notes))
+            }
+            None => None,
+        };
+        (new_pid, reporter)
     }
 
     /// After a handover: move the connections when the successor takes
