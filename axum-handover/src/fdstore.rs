@@ -187,8 +187,7 @@ impl WhileIdle {
             return;
         };
         self.counters.fd_store_held.fetch_sub(1, Ordering::Relaxed);
-        if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)])
-        {
+        if let Err(e) = remove_one(&name) {
             self.fail(&e);
         }
     }
@@ -467,12 +466,16 @@ pub(crate) fn unbundle(bundle: OwnedFd) -> Result<Vec<(String, OwnedFd)>, String
 /// owned by this process, one message per name (`FDSTOREREMOVE=1`): a
 /// connection this process closes then closes for its client too.
 pub(crate) fn remove(names: &[String]) -> io::Result<usize> {
-    let mut messages = 0;
     for name in names {
-        sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])?;
-        messages += 1;
+        remove_one(name)?;
     }
-    Ok(messages)
+    Ok(names.len())
+}
+
+/// One `FDSTOREREMOVE=1` message: systemd closes its copy of the fd stored
+/// under `name`.
+fn remove_one(name: &str) -> io::Result<()> {
+    sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)])
 }
 
 #[cfg(test)]
