@@ -15,7 +15,7 @@ use pid_server_test_support::{Load, Release, Tally, each_release, wait};
 use super::{
     LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
     binary, boot, can_run, healthz, join_bounded, load_to, reload, reload_ok, say, spawn_request,
-    start_load, stop_load, timer, try_get, wait_gone, wait_in_flight, wait_journal,
+    start_load, start_paused, stop_load, timer, try_get, wait_gone, wait_in_flight, wait_journal,
 };
 
 each_release!(
@@ -31,16 +31,6 @@ each_release!(
 /// Paused clients beside the load: kept connections idle at the fault.
 const PAUSED: usize = 4;
 
-/// Paused clients to the container's socket, bounded like the load.
-fn start_paused(c: &Container) -> Load {
-    load_to(c)
-        .paused(PAUSED)
-        .max_requests(LOAD_MAX_REQUESTS * PAUSED as u64)
-        .max_time(LOAD_MAX_TIME)
-        .timeout(REQUEST_TIMEOUT)
-        .start()
-}
-
 /// Boots a unit and starts it under load: keep-alive and one-shot clients
 /// ([`start_load`]) and paused ones ([`start_paused`]). Returns once the
 /// first generation, whose PID comes second, has answered the load.
@@ -48,7 +38,7 @@ fn under_load(r: Release) -> (Container, u32, Load, Load) {
     let c = boot(r, &[]);
     let first = activate(&c);
     let load = start_load(&c, 3, 2);
-    let paused = start_paused(&c);
+    let paused = start_paused(&c, PAUSED);
     load.wait_answers_from(first, 200, WAIT);
     (c, first, load, paused)
 }

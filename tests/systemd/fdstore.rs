@@ -10,8 +10,8 @@ use pid_server_test_support::nspawn::Container;
 use pid_server_test_support::{Release, each_release, wait};
 
 use super::{
-    LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
-    boot, can_run, get, load_to, say, start_load, stop_load, timer,
+    REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures, boot, can_run, get, say,
+    start_load, start_paused, stop_load, timer,
 };
 
 each_release!(
@@ -62,12 +62,7 @@ fn three_restarts_under_load_keep_every_idle_connection(r: Release) {
     let c = boot(r, &[]);
     let mut old = activate(&c);
     let load = start_load(&c, 2, 2);
-    let paused = load_to(&c)
-        .paused(PAUSED_CLIENTS)
-        .max_requests(LOAD_MAX_REQUESTS * PAUSED_CLIENTS as u64)
-        .max_time(LOAD_MAX_TIME)
-        .timeout(REQUEST_TIMEOUT)
-        .start();
+    let paused = start_paused(&c, PAUSED_CLIENTS);
     load.wait_answers_from(old, 200, WAIT);
     let mut pids = vec![old];
     for round in 1..=3 {
@@ -268,12 +263,7 @@ fn the_crash_safe_mode_keeps_idle_connections_across_a_sigkill(r: Release) {
     for conn in &mut conns {
         assert_eq!(answer(conn), old);
     }
-    let paused = load_to(&c)
-        .paused(PAUSED_CLIENTS)
-        .max_requests(LOAD_MAX_REQUESTS * PAUSED_CLIENTS as u64)
-        .max_time(LOAD_MAX_TIME)
-        .timeout(REQUEST_TIMEOUT)
-        .start();
+    let paused = start_paused(&c, PAUSED_CLIENTS);
     paused.wait_answers_from(old, 2 * PAUSED_CLIENTS as u64, WAIT);
     // The three connections are in the store once idle for a second.
     wait::until("the idle connections in the store", WAIT, || {

@@ -300,6 +300,18 @@ fn start_load(c: &Container, keep_alive: usize, one_shot: usize) -> Load {
         .start()
 }
 
+/// `n` paused clients to the container's socket (each idle 0.3-3 s
+/// between requests, so idle when a restart, reload or fault comes),
+/// bounded like [`start_load`].
+fn start_paused(c: &Container, n: usize) -> Load {
+    load_to(c)
+        .paused(n)
+        .max_requests(LOAD_MAX_REQUESTS * n as u64)
+        .max_time(LOAD_MAX_TIME)
+        .timeout(REQUEST_TIMEOUT)
+        .start()
+}
+
 /// Stops the load; no thread may have hit its bound before.
 fn stop_load(load: Load) -> Tally {
     let t = load.finish();

@@ -6,9 +6,8 @@ use pid_server_test_support::nspawn::Container;
 use pid_server_test_support::{Release, each_release};
 
 use super::{
-    LOAD_MAX_REQUESTS, LOAD_MAX_TIME, REQUEST_TIMEOUT, SERVICE, WAIT, activate, assert_no_failures,
-    boot, can_run, healthz, join_bounded, load_to, reload_ok, say, spawn_request, start_load,
-    stop_load, timer, wait_gone, wait_in_flight,
+    SERVICE, WAIT, activate, assert_no_failures, boot, can_run, healthz, join_bounded, reload_ok,
+    say, spawn_request, start_load, start_paused, stop_load, timer, wait_gone, wait_in_flight,
 };
 
 /// Paused clients beside the load of the reload case: kept connections
@@ -37,12 +36,7 @@ pub(super) fn five_reloads_under_load(r: Release, label: &str, c: &Container) ->
     let first = activate(c);
 
     let load = start_load(c, 3, 2);
-    let paused = load_to(c)
-        .paused(PAUSED_CLIENTS)
-        .max_requests(LOAD_MAX_REQUESTS * PAUSED_CLIENTS as u64)
-        .max_time(LOAD_MAX_TIME)
-        .timeout(REQUEST_TIMEOUT)
-        .start();
+    let paused = start_paused(c, PAUSED_CLIENTS);
     load.wait_answers_from(first, 200, WAIT);
     // Every paused connection is open, and idle most of the time, when the
     // reloads begin.
