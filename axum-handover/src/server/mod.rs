@@ -296,66 +296,14 @@ impl Server {
         let (stop_accepting, _) = watch::channel(false);
         let (mode, mode_rx) = watch::channel(Mode::Serving);
         let (done, all_done) = mpsc::channel(1);
-        let slots = Slots {
-            clients: Arc::new(Semaphore::new(config.max_connections)),
-            own: config
-                .own_budgets
-                .iter()
-                .map(|(name, n)| (Arc::from(name.as_str()), Arc::new(Semaphore::new(*n))))
-                .collect(),
-        };
+        let slots = Slots::new(config);
         let routers = listeners
             .iter()
             .map(|l| (Arc::from(l.name.as_str()), routes(&l.name)))
             .collect();
-        let ctx = Arc::new(ConnCtx {
-            routers,
-            counters: counters.clone(),
-            http: {
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(config.header_read_timeout)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .keep_alive(true);
-                b
-            },
-            mode: mode_rx,
-            mode_changed: tokio::sync::Notify::new(),
-            keep_alive: config.keep_alive(),
-            keep_alive_header: axum::http::HeaderValue::from_str(&format!(
-                "timeout={}",
-                config.keep_alive().as_secs()
-            ))
-            .expect("a number is a valid header value"),
-            drain_idle: config.drain_idle(),
-            left: watch::channel(None).0,
-            // Every exchange is asked to end before the drain bound cuts it.
-            close_spread: config
-                .close_spread
-                .min(config.drain_timeout.saturating_sub(CLOSE_GRACE)),
-            successor: OnceLock::new(),
-            store: OnceLock::new(),
-            while_idle: OnceLock::new(),
-            http2: config.http2,
-            h2: h2::builder(config),
-            stall: stall::Limits {
-                timeout: config.http2_stall_timeout,
-                per_connection: config.http2_max_held_per_connection,
-                total: config.http2_max_held,
-            },
-            header_read_timeout: config.header_read_timeout,
-            tls_handshake_timeout: config.tls_handshake_timeout,
-        });
+        let ctx = Arc::new(ConnCtx::new(config, routers, counters.clone(), mode_rx));
         for l in listeners {
-            let tls = config.tls_for(&l.name).map(|t| {
-                let mut c = t.server_config(counters.tickets.clone());
-                if !config.http2 {
-                    Arc::make_mut(&mut c)
-                        .alpn_protocols
-                        .retain(|p| p != crate::tls::ALPN_H2);
-                }
-                tokio_rustls::TlsAcceptor::from(c)
-            });
+            let tls = tls_acceptor(config, &l.name, &counters);
             let stop = stop_accepting.subscribe();
             let (ctx, done) = (ctx.clone(), done.clone());
             let slots = slots.of(&l.name);
@@ -719,6 +667,89 @@ fn spawn_conn(
             tokio::spawn(conn::serve(parked, socket, ctx, held));
         }
     }
+}
+
+impl ConnCtx {
+    /// What every connection reads, from the configuration: hyper's
+    /// settings, the idle rules, HTTP/2's limits; the successor and the
+    /// store are set later, when a reload or a stop comes.
+    fn new(
+        config: &Config,
+        routers: Vec<(Arc<str>, axum::Router)>,
+        counters: Arc<Counters>,
+        mode: watch::Receiver<Mode>,
+    ) -> ConnCtx {
+        ConnCtx {
+            routers,
+            counters,
+            http: {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(config.header_read_timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .keep_alive(true);
+                b
+            },
+            mode,
+            mode_changed: tokio::sync::Notify::new(),
+            keep_alive: config.keep_alive(),
+            keep_alive_header: axum::http::HeaderValue::from_str(&format!(
+                "timeout={}",
+                config.keep_alive().as_secs()
+            ))
+            .expect("a number is a valid header value"),
+            drain_idle: config.drain_idle(),
+            left: watch::channel(None).0,
+            // Every exchange is asked to end before the drain bound cuts it.
+            close_spread: config
+                .close_spread
+                .min(config.drain_timeout.saturating_sub(CLOSE_GRACE)),
+            successor: OnceLock::new(),
+            store: OnceLock::new(),
+            while_idle: OnceLock::new(),
+            http2: config.http2,
+            h2: h2::builder(config),
+            stall: stall::Limits {
+                timeout: config.http2_stall_timeout,
+                per_connection: config.http2_max_held_per_connection,
+                total: config.http2_max_held,
+            },
+            header_read_timeout: config.header_read_timeout,
+            tls_handshake_timeout: config.tls_handshake_timeout,
+        }
+    }
+}
+
+impl Slots {
+    /// The clients' slots (`max_connections`) and each socket's own.
+    fn new(config: &Config) -> Slots {
+        Slots {
+            clients: Arc::new(Semaphore::new(config.max_connections)),
+            own: config
+                .own_budgets
+                .iter()
+                .map(|(name, n)| (Arc::from(name.as_str()), Arc::new(Semaphore::new(*n))))
+                .collect(),
+        }
+    }
+}
+
+/// The TLS acceptor of a socket configured for TLS: its certificate, the
+/// shared session-ticket keys, and ALPN without h2 when HTTP/2 is off.
+fn tls_acceptor(
+    config: &Config,
+    socket: &str,
+    counters: &Counters,
+) -> Option<tokio_rustls::TlsAcceptor> {
+    config.tls_for(socket).map(|t| {
+        let mut c = t.server_config(counters.tickets.clone());
+        if !config.http2 {
+            Arc::make_mut(&mut c)
+                .alpn_protocols
+                .retain(|p| p != crate::tls::ALPN_H2);
+        }
+        tokio_rustls::TlsAcceptor::from(c)
+    })
 }
 
 /// What a connection's task holds until it ends: its slot, its part in
