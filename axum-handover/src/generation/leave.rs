@@ -45,7 +45,7 @@ impl Running {
         totals.drained(report.elapsed.as_secs_f64(), report.moved, report.fell_back);
         if let Some(channel) = self.server.successor() {
             // The final totals, this drain included.
-            let _ = channel.send_counters(&totals.carried().encode()).await;
+            let _ = channel.send_datagram(&totals.carried().encode()).await;
         }
         self.log_drained(&report, handover);
         if handover.is_some() {

@@ -302,8 +302,10 @@ impl Connections {
             .map(|_| ())
     }
 
-    /// Sends the counters or the ticket keys (no fd).
-    pub(crate) async fn send_counters(&self, datagram: &[u8]) -> io::Result<()> {
+    /// Sends a message without an fd: the counters, the session-ticket
+    /// keys or a chunk of the app's state, each saying what it is in its
+    /// first bytes (see [`message`]).
+    pub(crate) async fn send_datagram(&self, datagram: &[u8]) -> io::Result<()> {
         self.fd
             .async_io(Interest::WRITABLE, |fd| {
                 socket::send(fd.as_raw_fd(), datagram, MsgFlags::MSG_NOSIGNAL)
@@ -317,7 +319,7 @@ impl Connections {
     /// [`super::state`]).
     pub(crate) async fn send_state(&self, state: Option<&[u8]>) -> io::Result<()> {
         for datagram in super::state::encode(state) {
-            self.send_counters(&datagram).await?;
+            self.send_datagram(&datagram).await?;
         }
         Ok(())
     }
@@ -590,7 +592,7 @@ mod tests {
         assert_eq!(datagrams.len(), 16);
         let sender = async {
             for (i, d) in datagrams.iter().enumerate() {
-                a.send_counters(d).await.unwrap();
+                a.send_datagram(d).await.unwrap();
                 if i == 3 {
                     a.send(Kind::Tcp, "http", mine.as_fd(), b"GET")
                         .await

@@ -254,10 +254,10 @@ fn first_messages<'a>(
         .then(|| tickets.export().encode());
     async move {
         if let (Some(c), Some(first)) = (conns, first) {
-            let _ = c.send_counters(&first).await;
+            let _ = c.send_datagram(&first).await;
         }
         if let (Some(c), Some(keys)) = (conns, keys) {
-            let _ = c.send_counters(&keys).await;
+            let _ = c.send_datagram(&keys).await;
         }
     }
 }
