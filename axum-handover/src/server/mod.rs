@@ -96,19 +96,25 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The largest request head we buffer (request line and headers).
 pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// What a generation's server shares with every connection task and with
-/// the app ([`crate::Info`]), in parts that change for different reasons:
-/// where the server is in its life, what it holds now, how its leaving
-/// went, and what outlives it (the totals a successor carries on, the TLS
-/// session-ticket keys).
+/// The server's own counters, read by the generation's status line and by
+/// the app through [`crate::Info`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    /// Where the server is in its life, as the connections read it.
-    pub(crate) phase: Phase,
-    /// What this process holds now.
-    pub(crate) gauges: Arc<Gauges>,
-    /// How the connections a leaving process let go of went.
-    pub(crate) moves: Moves,
+    /// Readiness is off: the generation is leaving (drain or move).
+    leaving: AtomicBool,
+    /// Responses say `Connection: close`.
+    close_responses: AtomicBool,
+    in_flight: AtomicUsize,
+    connections: AtomicUsize,
+    /// Connections upgraded (WebSockets), open in this process.
+    upgraded: AtomicUsize,
+    moved: AtomicUsize,
+    fell_back: AtomicUsize,
+    /// HTTP/2 responses held by every connection (see `stall`).
+    http2_held: AtomicUsize,
+    /// Idle connections in systemd's file descriptor store (the crash-safe
+    /// mode, `fdstore::WhileIdle`).
+    pub(crate) fd_store_held: AtomicUsize,
     /// What survives a reload.
     pub(crate) totals: Arc<crate::metrics::Totals>,
     /// The session-ticket keys, which survive a reload too (feature
@@ -116,70 +122,32 @@ pub(crate) struct Counters {
     pub(crate) tickets: Arc<crate::tls::Ticketer>,
 }
 
-/// Where the server is in its life, as the connections read it.
-#[derive(Debug, Default)]
-pub(crate) struct Phase {
-    /// Readiness is off: the generation is leaving (drain or move).
-    leaving: AtomicBool,
-    /// Responses say `Connection: close`: a drain without a successor.
-    close_responses: AtomicBool,
-}
-
-impl Phase {
+impl Counters {
     pub(crate) fn is_leaving(&self) -> bool {
         self.leaving.load(Ordering::SeqCst)
     }
-
     /// Whether a drain without a successor has begun: not the same as
     /// [`crate::Info::is_draining`], which a handover turns on too.
     fn closes_responses(&self) -> bool {
         self.close_responses.load(Ordering::SeqCst)
     }
-
-    fn begin_leaving(&self) {
-        self.leaving.store(true, Ordering::SeqCst);
-    }
-
-    fn begin_closing_responses(&self) {
-        self.close_responses.store(true, Ordering::SeqCst);
-    }
-}
-
-/// What this process holds now. The first three count themselves down
-/// through a guard ([`Counted`]), also when a request is cut.
-#[derive(Debug, Default)]
-pub(crate) struct Gauges {
-    in_flight: AtomicUsize,
-    connections: AtomicUsize,
-    /// Connections upgraded (WebSockets), open in this process.
-    upgraded: AtomicUsize,
-    /// HTTP/2 responses held by every connection (see `stall`).
-    pub(crate) http2_held: AtomicUsize,
-    /// Idle connections in systemd's file descriptor store (the crash-safe
-    /// mode, `fdstore::WhileIdle`).
-    pub(crate) fd_store_held: AtomicUsize,
-}
-
-impl Gauges {
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
-
     pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
-
     pub(crate) fn upgraded(&self) -> usize {
         self.upgraded.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn http2_held(&self) -> usize {
-        self.http2_held.load(Ordering::SeqCst)
     }
 
     fn upgrade_started(self: &Arc<Self>) -> Counted {
         self.upgraded.fetch_add(1, Ordering::SeqCst);
         Counted(self.clone(), Which::Upgraded)
+    }
+
+    pub(crate) fn http2_held(&self) -> usize {
+        self.http2_held.load(Ordering::SeqCst)
     }
 
     fn request_started(self: &Arc<Self>) -> Counted {
@@ -193,22 +161,14 @@ impl Gauges {
     }
 }
 
-/// How the connections a leaving process let go of went: moved to the
-/// successor, or served to the end here when they could not move.
-#[derive(Debug, Default)]
-pub(crate) struct Moves {
-    moved: AtomicUsize,
-    fell_back: AtomicUsize,
-}
-
 enum Which {
     Request,
     Connection,
     Upgraded,
 }
 
-/// Decrements its gauge on drop, also when a request is cut.
-struct Counted(Arc<Gauges>, Which);
+/// Decrements its counter on drop, also when a request is cut.
+struct Counted(Arc<Counters>, Which);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -490,7 +450,7 @@ impl Server {
         }
         // Order matters: responses say `Connection: close` before any
         // connection can notice the drain.
-        self.counters.phase.begin_closing_responses();
+        self.counters.close_responses.store(true, Ordering::SeqCst);
         self.leave(Mode::Draining);
     }
 
@@ -526,7 +486,7 @@ impl Server {
         self.ctx
             .left
             .send_replace(Some(tokio::time::Instant::now()));
-        self.counters.phase.begin_leaving();
+        self.counters.leaving.store(true, Ordering::SeqCst);
         let _ = self.mode.send(mode);
         self.ctx.mode_changed.notify_waiters();
         let _ = self.stop_accepting.send(true);
@@ -547,8 +507,8 @@ impl Server {
     /// How many connections moved and fell back so far.
     pub(crate) fn moves(&self) -> (usize, usize) {
         (
-            self.counters.moves.moved.load(Ordering::SeqCst),
-            self.counters.moves.fell_back.load(Ordering::SeqCst),
+            self.counters.moved.load(Ordering::SeqCst),
+            self.counters.fell_back.load(Ordering::SeqCst),
         )
     }
 
@@ -564,10 +524,7 @@ impl Server {
         let (cut_requests, cut_connections) = if finished {
             (0, 0)
         } else {
-            (
-                self.counters.gauges.in_flight(),
-                self.counters.gauges.connections(),
-            )
+            (self.counters.in_flight(), self.counters.connections())
         };
         let (moved, fell_back) = self.moves();
         DrainReport {
@@ -693,7 +650,7 @@ fn spawn_conn(
     let held = Held {
         _permit: permit,
         _done: done,
-        _counted: ctx.counters.gauges.connection_opened(),
+        _counted: ctx.counters.connection_opened(),
     };
     // TLS: HTTP/2 or HTTP/1.1 by ALPN, to the end (it never moves).
     // Plain: `conn::serve` is the task itself, not wrapped in an `async`
@@ -808,8 +765,8 @@ impl Held {
     pub(crate) fn end(self, ended: conn::Ended, counters: &Counters) {
         let counter = match ended {
             conn::Ended::Closed => return,
-            conn::Ended::Moved => &counters.moves.moved,
-            conn::Ended::FellBack => &counters.moves.fell_back,
+            conn::Ended::Moved => &counters.moved,
+            conn::Ended::FellBack => &counters.fell_back,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }
@@ -835,7 +792,7 @@ mod tests {
         let held = Held {
             _permit: None,
             _done: server.done.clone().unwrap(),
-            _counted: counters.gauges.connection_opened(),
+            _counted: counters.connection_opened(),
         };
         let parked = conn::Parked::new(Stream::Unix(a), Vec::new());
         let task = conn::serve(parked, Arc::from("http"), server.ctx.clone(), held);
@@ -915,7 +872,7 @@ mod tests {
         // signals that a task has nothing more to do).
         let settle = async |open: usize| {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while counters.gauges.connections() < open {
+            while counters.connections() < open {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "{open} connections not accepted within 10 s"
@@ -1023,7 +980,7 @@ mod tests {
 
     #[test]
     fn guards_count_down_on_drop() {
-        let c = Arc::new(Gauges::default());
+        let c = Arc::new(Counters::default());
         let a = c.request_started();
         let b = c.connection_opened();
         assert_eq!((c.in_flight(), c.connections()), (1, 1));
