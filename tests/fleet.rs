@@ -49,8 +49,6 @@ const PORT: u16 = 8080;
 const FRONTEND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8000);
 /// The bound on one playbook run (about 10 s a host here).
 const PLAY_TIMEOUT: Duration = Duration::from_secs(120);
-/// The bound on a package build (a cold release build takes minutes).
-const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// Host `i`'s address (0-based): 127.0.0.11, .12, .13.
 fn host_ip(i: usize) -> Ipv4Addr {
@@ -117,59 +115,13 @@ fn sshd_tree(release: Release) -> PathBuf {
     tree
 }
 
-/// This release's package: `packaging/build-deb.sh` in this test binary's
-/// target dir, copied out of `target/debian/`.
+/// This release's package ([`deploy::build_deb`]), or the one
+/// `PID_SERVER_TEST_DEB_UPGRADE` names.
 fn this_deb() -> PathBuf {
     if let Some(p) = std::env::var_os("PID_SERVER_TEST_DEB_UPGRADE") {
         return PathBuf::from(p);
     }
-    let out = TestCommand::new(repo().join("packaging/build-deb.sh"))
-        .arg(format!("{}-1~pst2", env!("CARGO_PKG_VERSION")))
-        .env("CARGO_TARGET_DIR", deploy::target_dir(BIN))
-        .current_dir(repo())
-        .timeout(BUILD_TIMEOUT)
-        .output();
-    assert!(
-        out.status.success(),
-        "packaging/build-deb.sh failed:\n{}",
-        tail(&text(&out), 40)
-    );
-    let built = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim(),
-    );
-    let dir = deploy::target_dir(BIN).join("pid-server-test-debs");
-    fs::create_dir_all(&dir).expect("mkdir pid-server-test-debs");
-    let copy = dir.join(built.file_name().expect("a .deb file name"));
-    fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
-    copy
-}
-
-/// The previous release's package (`.ci/previous-release --deb`).
-fn previous_deb() -> Result<PathBuf, String> {
-    let out = TestCommand::new("bash")
-        .arg(repo().join(".ci/previous-release"))
-        .arg("--deb")
-        .timeout(BUILD_TIMEOUT)
-        .try_output()?;
-    if !out.status.success() {
-        return Err(text(&out));
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn deb_version(deb: &Path) -> String {
-    TestCommand::new("dpkg-deb")
-        .arg("-f")
-        .arg(deb)
-        .arg("Version")
-        .timeout(Duration::from_secs(30))
-        .stdout()
-        .trim()
-        .to_string()
+    deploy::build_deb(BIN, &format!("{}-1~pst2", env!("CARGO_PKG_VERSION")))
 }
 
 /// A folder for the run's files (key, inventory, HAProxy's configuration
@@ -370,7 +322,7 @@ fn fleet_rolls_a_release_through_haproxy_without_a_failed_request() {
         return;
     }
     let release = Release::Trixie;
-    let previous = match previous_deb() {
+    let previous = match deploy::previous_deb() {
         Ok(p) => p,
         Err(e) => {
             report::cannot_run(
@@ -381,7 +333,8 @@ fn fleet_rolls_a_release_through_haproxy_without_a_failed_request() {
         }
     };
     let this = this_deb();
-    let (previous_version, this_version) = (deb_version(&previous), deb_version(&this));
+    let (previous_version, this_version) =
+        (deploy::deb_version(&previous), deploy::deb_version(&this));
     let tree = sshd_tree(release);
     let started = Instant::now();
 

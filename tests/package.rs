@@ -29,11 +29,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::cmd::{tail, text};
+use pid_server_test_support::cmd::text;
 use pid_server_test_support::netns::Netns;
 use pid_server_test_support::nspawn::{self, Container, TreeOptions};
 use pid_server_test_support::{
-    Load, Release, TestCommand, deploy, each_release, http, repo, report, wait,
+    Load, Release, TestCommand, deploy, each_release, http, report, wait,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pid-server");
@@ -44,8 +44,6 @@ const SERVICE: &str = "pid-server.service";
 const SOCKET: &str = "pid-server.socket";
 /// The configuration file the unit starts with, a conffile.
 const CONFFILE: &str = "/etc/pid-server/pid-server.toml";
-/// The bound on a package build (a cold release build takes minutes).
-const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// The package's port on the loopback of the test's network namespace.
 fn local(port: u16) -> SocketAddr {
@@ -55,52 +53,6 @@ fn local(port: u16) -> SocketAddr {
 struct Debs {
     first: PathBuf,
     upgrade: PathBuf,
-}
-
-fn deb_version(deb: &Path) -> String {
-    TestCommand::new("dpkg-deb")
-        .arg("-f")
-        .arg(deb)
-        .arg("Version")
-        .timeout(Duration::from_secs(30))
-        .stdout()
-        .trim()
-        .to_string()
-}
-
-/// Runs `packaging/build-deb.sh VERSION` in this test binary's target dir
-/// and copies the package out of `target/debian/` (cargo-deb deletes the
-/// older versions it finds there).
-fn build_deb(version: &str) -> PathBuf {
-    let started = Instant::now();
-    let out = TestCommand::new(repo().join("packaging/build-deb.sh"))
-        .arg(version)
-        .env("CARGO_TARGET_DIR", deploy::target_dir(BIN))
-        .current_dir(repo())
-        .timeout(BUILD_TIMEOUT)
-        .output();
-    assert!(
-        out.status.success(),
-        "packaging/build-deb.sh {version} failed:\n{}",
-        tail(&text(&out), 40)
-    );
-    let built = PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim(),
-    );
-    let dir = deploy::target_dir(BIN).join("pid-server-test-debs");
-    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-    let copy = dir.join(built.file_name().expect("a .deb file name"));
-    fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
-    eprintln!(
-        "package test: built {} in {:.1} s",
-        copy.display(),
-        started.elapsed().as_secs_f32()
-    );
-    copy
 }
 
 /// The two packages, built once per test binary. `None`: cannot build here
@@ -125,8 +77,8 @@ fn debs(test: &str) -> Option<&'static Debs> {
             return None;
         }
         let base = env!("CARGO_PKG_VERSION");
-        let first = build_deb(&format!("{base}-1~pst1"));
-        let upgrade = build_deb(&format!("{base}-1~pst2"));
+        let first = deploy::build_deb(BIN, &format!("{base}-1~pst1"));
+        let upgrade = deploy::build_deb(BIN, &format!("{base}-1~pst2"));
         Some(Debs { first, upgrade })
     })
     .as_ref()
@@ -201,7 +153,10 @@ fn package_installs_upgrades_by_reload_removes_and_purges(release: Release) {
     }
     let Some(debs) = debs(TEST) else { return };
     let started = Instant::now();
-    let (v1, v2) = (deb_version(&debs.first), deb_version(&debs.upgrade));
+    let (v1, v2) = (
+        deploy::deb_version(&debs.first),
+        deploy::deb_version(&debs.upgrade),
+    );
     let newer = Command::new("dpkg")
         .args(["--compare-versions", &v2, "gt", &v1])
         .status()
@@ -474,20 +429,7 @@ fn package_enables_units_without_a_running_systemd(release: Release) {
 /// The previous release's package (`.ci/previous-release --deb`), built once.
 fn previous_deb(test: &str) -> Option<PathBuf> {
     static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let got = DEB.get_or_init(|| {
-        let out = TestCommand::new("bash")
-            .arg(repo().join(".ci/previous-release"))
-            .arg("--deb")
-            .timeout(BUILD_TIMEOUT)
-            .try_output()?;
-        if !out.status.success() {
-            return Err(text(&out));
-        }
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        path.is_file()
-            .then_some(path)
-            .ok_or_else(|| "previous-release printed no package".to_string())
-    });
+    let got = DEB.get_or_init(deploy::previous_deb);
     match got {
         Ok(p) => Some(p.clone()),
         Err(e) => {

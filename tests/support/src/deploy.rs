@@ -274,3 +274,73 @@ macro_rules! each_release {
         )+
     };
 }
+
+/// How long a package build may take (a release build from scratch).
+const DEB_BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// Runs `packaging/build-deb.sh VERSION` in the target dir of the binary at
+/// `bin` and copies the package out of `target/debian/` into
+/// `pid-server-test-debs/` there (cargo-deb deletes the older versions it
+/// finds in `target/debian/`). The package test and the fleet test build
+/// this way.
+pub fn build_deb(bin: impl AsRef<Path>, version: &str) -> PathBuf {
+    let started = Instant::now();
+    let target = target_dir(bin);
+    let out = TestCommand::new(crate::repo().join("packaging/build-deb.sh"))
+        .arg(version)
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(crate::repo())
+        .timeout(DEB_BUILD_TIMEOUT)
+        .output();
+    assert!(
+        out.status.success(),
+        "packaging/build-deb.sh {version} failed:\n{}",
+        tail(&text(&out), 40)
+    );
+    let built = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    );
+    let dir = target.join("pid-server-test-debs");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    let copy = dir.join(built.file_name().expect("a .deb file name"));
+    fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+    eprintln!(
+        "built {} in {:.1} s",
+        copy.display(),
+        started.elapsed().as_secs_f32()
+    );
+    copy
+}
+
+/// The previous release's package (`.ci/previous-release --deb`, built
+/// once and cached there), or why it cannot be had.
+pub fn previous_deb() -> Result<PathBuf, String> {
+    let out = TestCommand::new("bash")
+        .arg(crate::repo().join(".ci/previous-release"))
+        .arg("--deb")
+        .timeout(DEB_BUILD_TIMEOUT)
+        .try_output()?;
+    if !out.status.success() {
+        return Err(text(&out));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    path.is_file()
+        .then_some(path)
+        .ok_or_else(|| "previous-release printed no package".to_string())
+}
+
+/// A package's `Version` field.
+pub fn deb_version(deb: &Path) -> String {
+    TestCommand::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .arg("Version")
+        .timeout(Duration::from_secs(30))
+        .stdout()
+        .trim()
+        .to_string()
+}
