@@ -845,6 +845,24 @@ mod tests {
         static COUNTING: Counting = Counting;
     }
 
+    /// A server on one socket bound to a free loopback port, and its address.
+    fn on_loopback(
+        routes: &dyn Fn(&str) -> axum::Router,
+        counters: &Arc<Counters>,
+        config: &crate::Config,
+    ) -> (Server, std::net::SocketAddr) {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = Listener {
+            socket: Socketish::Tcp(socket),
+            name: "http".to_string(),
+            origin: crate::listeners::Origin::Bound,
+        };
+        let server = Server::start(vec![listener], routes, counters.clone(), config).unwrap();
+        (server, addr)
+    }
+
     /// A connection whose client has sent nothing holds its task and its
     /// socket's registration, nothing more: a just-accepted socket is
     /// reported readable before any byte comes, and waking on that once
@@ -857,16 +875,8 @@ mod tests {
         const N: usize = 40;
         let counters = Arc::new(Counters::default());
         let config = crate::Config::new("silent").header_read_timeout(Duration::from_secs(600));
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let listener = Listener {
-            socket: Socketish::Tcp(socket),
-            name: "http".to_string(),
-            origin: crate::listeners::Origin::Bound,
-        };
         let routes = |_: &str| axum::Router::new();
-        let _server = Server::start(vec![listener], &routes, counters.clone(), &config).unwrap();
+        let (_server, addr) = on_loopback(&routes, &counters, &config);
         // Until `counters` shows `open` connections, and then until the
         // server's tasks have had their wake-ups (a bounded settle: nothing
         // signals that a task has nothing more to do).
@@ -912,17 +922,9 @@ mod tests {
         let config = crate::Config::new("used")
             .header_read_timeout(Duration::from_secs(600))
             .keep_alive_timeout(Duration::from_secs(600));
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let listener = Listener {
-            socket: Socketish::Tcp(socket),
-            name: "http".to_string(),
-            origin: crate::listeners::Origin::Bound,
-        };
         let routes =
             |_: &str| axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
-        let _server = Server::start(vec![listener], &routes, counters.clone(), &config).unwrap();
+        let (_server, addr) = on_loopback(&routes, &counters, &config);
         // Clients on a thread of their own (this thread's allocations are
         // the server's): each sends one request, reads the answer and
         // stays open.
