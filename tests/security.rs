@@ -295,9 +295,16 @@ fn root_s_helper_reloads_a_server_of_another_user() {
     };
     open(notify.path.parent().unwrap(), 0o755);
     open(&notify.path, 0o777);
+    // A copy nobody can run: the checkout's `target/` may sit under a
+    // directory only root can enter (a clone made in `mktemp -d`, `/root`).
+    let bin_dir = tempfile::tempdir().unwrap();
+    open(bin_dir.path(), 0o755);
+    let bin = bin_dir.path().join("pid-server");
+    std::fs::copy(BIN, &bin).unwrap();
+    let bin = bin.to_str().unwrap();
     let socket = proc::Socket::new();
     let addr = socket.addr();
-    let mut cmd = proc::serve_socket_cmd(BIN, socket, &notify);
+    let mut cmd = proc::serve_socket_cmd(bin, socket, &notify);
     cmd.uid(NOBODY).gid(NOBODY).env_remove("RUNTIME_DIRECTORY");
     let server = Proc::spawn(cmd);
     notify.wait_for("READY=1", |m| m.contains("READY=1"));

@@ -212,6 +212,71 @@ fn a_stopping_process_refuses_new_connections_at_once() {
     p.wait_exit(WAIT);
 }
 
+/// Clients that keep connecting while a process outside systemd stops:
+/// each connection is answered or refused, none is reset. A connection
+/// that reached the kernel's queue just before the stop closed the socket
+/// was reset with its request unanswered (the socket's last descriptor
+/// closed with it queued): 34 runs of this test in 40 before, 0 after.
+#[test]
+fn connections_queued_at_a_stop_are_answered_not_reset() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CLIENTS: usize = 4;
+    // Bounds each client's loop, beside `WAIT`.
+    const MAX_CONNECTIONS: usize = 200_000;
+    let (mut p, _notify, addr) = proc::start_bound(BIN);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let answered = answered.clone();
+            std::thread::spawn(move || -> Result<usize, String> {
+                let start = Instant::now();
+                for _ in 0..MAX_CONNECTIONS {
+                    if start.elapsed() > WAIT {
+                        return Err("the process did not stop refusing within WAIT".into());
+                    }
+                    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            return Ok(answered.load(Ordering::SeqCst));
+                        }
+                        Err(e) => return Err(format!("connect: {e}")),
+                        Ok(s) => s,
+                    };
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let sent = write!(w, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let mut line = String::new();
+                    let read = BufReader::new(s).read_line(&mut line);
+                    match (sent, read) {
+                        (Ok(()), Ok(_)) if line.starts_with("HTTP/1.1 200") => {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        (sent, read) => {
+                            return Err(format!(
+                                "a connection neither answered nor refused: write {sent:?}, read {read:?} {line:?}"
+                            ));
+                        }
+                    }
+                }
+                Err(format!("still connecting after {MAX_CONNECTIONS} connections"))
+            })
+        })
+        .collect();
+    // Every client is connecting before the stop.
+    wait::until("the clients to be answered", WAIT, || {
+        (answered.load(Ordering::SeqCst) >= 4 * CLIENTS).then_some(())
+    });
+    p.signal(Signal::SIGTERM);
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    p.wait_exit(WAIT);
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    eprintln!(
+        "answered {} connections, then refused",
+        answered.load(Ordering::SeqCst)
+    );
+}
+
 /// pid-server with TLS (a leaf of `ca` in `dir`) on a fresh port.
 fn start_tls(ca: &TestCa, dir: &std::path::Path) -> (Proc, std::net::SocketAddr) {
     let (cert, key) = ca.write_leaf(dir, "server", "ws");

@@ -68,18 +68,20 @@ impl Running {
             self.info.in_flight()
         );
         let store = self.fd_store();
+        // The copies of the sockets kept for a next generation, which a stop
+        // will not start, close first, so that each accept loop holds the
+        // last descriptor of its socket: it takes what is queued, then
+        // closes it (see `accept_loop`). With none left open here, a new
+        // client is refused at once (or, under socket activation, waits in
+        // systemd's socket for the next start) rather than queued where
+        // nobody accepts, then reset at our exit. Closed after the loops
+        // stop instead, a copy reset what was queued in between.
+        self.plan.sockets.clear();
         match &store {
             Some(s) => self.server.begin_store(s.clone()),
             None => self.server.begin_drain(),
         }
         self.info.set_leaving(Leaving::Stopping);
-        // The accept loops stop and drop their sockets; these are the
-        // copies kept for a next generation, which a stop will not start.
-        // With none left open here, a new client is refused at once (or,
-        // under socket activation, waits in systemd's socket for the next
-        // start) rather than queued where nobody accepts, then reset at our
-        // exit.
-        self.plan.sockets.clear();
         self.notifier.stopping(&self.drain_status());
         store
     }

@@ -566,6 +566,30 @@ enum AnyListener {
 }
 
 impl AnyListener {
+    /// A connection already in the kernel's queue, without waiting: one
+    /// `accept4` on the (non-blocking) socket. Not through tokio's
+    /// readiness, which may not have seen a connection that just arrived.
+    fn accept_queued(&self) -> io::Result<Option<Stream>> {
+        let sock = match self {
+            AnyListener::Tcp(l) => socket2::SockRef::from(l),
+            AnyListener::Unix(l) => socket2::SockRef::from(l),
+        };
+        let s = match sock.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        s.set_nonblocking(true)?;
+        Ok(Some(match self {
+            AnyListener::Tcp(_) => {
+                let s = tokio::net::TcpStream::from_std(s.into())?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+            AnyListener::Unix(_) => Stream::Unix(tokio::net::UnixStream::from_std(s.into())?),
+        }))
+    }
+
     async fn accept(&self) -> io::Result<Stream> {
         match self {
             AnyListener::Tcp(l) => {
@@ -619,9 +643,34 @@ async fn accept_loop(
             Err(e) => accept_failed(&socket, &e).await,
         }
     }
+    // Closing the last descriptor of a listening socket resets the
+    // connections queued on it: a client that connected a moment before a
+    // stop would have its request reset rather than answered or refused.
+    // So what is queued is taken first, and served like any connection
+    // accepted during a stop (moved, or answered with `Connection: close`).
+    // With a successor sharing the socket, it would have accepted them.
+    for _ in 0..QUEUED_AT_STOP {
+        match listener.accept_queued() {
+            Ok(Some(s)) => {
+                let conn = (s, Vec::new(), socket.clone());
+                spawn_conn(conn, tls.clone(), ctx.clone(), None, done.clone());
+            }
+            Ok(None) => break,
+            // Reset by its client before we took it: the next one.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => {
+                tracing::warn!(event = "accept_error", socket = &*socket, error = %e, "accept failed");
+                break;
+            }
+        }
+    }
     // Dropping `listener` here closes this process's descriptor; a successor
     // that shares the socket keeps it open and keeps accepting.
 }
+
+/// At most this many queued connections are taken when an accept loop
+/// stops: Linux's default `net.core.somaxconn`, a full queue.
+const QUEUED_AT_STOP: usize = 4096;
 
 /// How long an accept loop pauses after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
