@@ -142,7 +142,7 @@ impl WhileIdle {
         if !self.notifier.speaks() || self.broken.load(Ordering::Relaxed) {
             return 0;
         }
-        let held = &self.counters.fd_store_held;
+        let held = &self.counters.gauges.fd_store_held;
         if held.fetch_add(1, Ordering::Relaxed) >= self.room {
             held.fetch_sub(1, Ordering::Relaxed);
             return 0;
@@ -186,7 +186,10 @@ impl WhileIdle {
         let Some(name) = name else {
             return;
         };
-        self.counters.fd_store_held.fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .gauges
+            .fd_store_held
+            .fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = remove_one(&name) {
             self.fail(&e);
         }

@@ -483,19 +483,19 @@ impl Info {
     /// Whether this generation is leaving (a drain, or a handover done):
     /// the moment to answer readiness probes 503.
     pub fn is_draining(&self) -> bool {
-        self.counters.is_leaving() || self.left().is_some()
+        self.counters.phase.is_leaving() || self.left().is_some()
     }
     /// Requests in progress.
     pub fn in_flight(&self) -> usize {
-        self.counters.in_flight()
+        self.counters.gauges.in_flight()
     }
     /// Open connections.
     pub fn connections(&self) -> usize {
-        self.counters.connections()
+        self.counters.gauges.connections()
     }
     /// Open connections upgraded to another protocol (WebSockets).
     pub fn upgraded(&self) -> usize {
-        self.counters.upgraded()
+        self.counters.gauges.upgraded()
     }
     /// Every metric, counters carried over from the previous generations.
     pub fn metrics(&self) -> crate::Metrics {
@@ -504,8 +504,9 @@ impl Info {
             self.in_flight(),
             self.connections(),
             self.upgraded(),
-            self.counters.http2_held(),
+            self.counters.gauges.http2_held(),
             self.counters
+                .gauges
                 .fd_store_held
                 .load(std::sync::atomic::Ordering::Relaxed),
         )

@@ -325,7 +325,7 @@ impl Activity {
     ///
     /// [`Closing`]: crate::Closing
     pub(crate) async fn upgraded_until_dropped(&self, counters: &Arc<super::Counters>) {
-        let _counted = counters.upgrade_started();
+        let _counted = counters.gauges.upgrade_started();
         tracing::debug!(event = "connection_upgraded", "connection upgraded");
         loop {
             let dropped = self.quiet.notified();
@@ -861,7 +861,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
         req.extensions_mut().insert(closing.clone());
         Box::pin(async move {
             let busy = activity.begin();
-            let counted = counters.request_started();
+            let counted = counters.gauges.request_started();
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -875,8 +875,8 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             // In flight until the body is sent, not only its head.
             let mut resp = resp.map(|b| Streaming::wrap(b, &closing, (busy, counted)));
             let close = match leaving {
-                Leaving::Moves => counters.closes_responses(),
-                Leaving::Closes => counters.is_leaving(),
+                Leaving::Moves => counters.phase.closes_responses(),
+                Leaving::Closes => counters.phase.is_leaving(),
             };
             if close || activity.closing.load(Ordering::SeqCst) {
                 // The client opens its next connection elsewhere (to the

@@ -311,7 +311,7 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
                     .expect("a status and an empty body make a response");
                 return Ok(resp.map(|b| Tracked::new(b, None)));
             };
-            let counted = counters.request_started();
+            let counted = counters.gauges.request_started();
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(r) => r,
                 Err(never) => match never {},

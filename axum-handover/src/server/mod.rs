@@ -96,25 +96,19 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The largest request head we buffer (request line and headers).
 pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// The server's own counters, read by the generation's status line and by
-/// the app through [`crate::Info`].
+/// What a generation's server shares with every connection task and with
+/// the app ([`crate::Info`]), in parts that change for different reasons:
+/// where the server is in its life, what it holds now, how its leaving
+/// went, and what outlives it (the totals a successor carries on, the TLS
+/// session-ticket keys).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    /// Readiness is off: the generation is leaving (drain or move).
-    leaving: AtomicBool,
-    /// Responses say `Connection: close`.
-    close_responses: AtomicBool,
-    in_flight: AtomicUsize,
-    connections: AtomicUsize,
-    /// Connections upgraded (WebSockets), open in this process.
-    upgraded: AtomicUsize,
-    moved: AtomicUsize,
-    fell_back: AtomicUsize,
-    /// HTTP/2 responses held by every connection (see `stall`).
-    http2_held: AtomicUsize,
-    /// Idle connections in systemd's file descriptor store (the crash-safe
-    /// mode, `fdstore::WhileIdle`).
-    pub(crate) fd_store_held: AtomicUsize,
+    /// Where the server is in its life, as the connections read it.
+    pub(crate) phase: Phase,
+    /// What this process holds now.
+    pub(crate) gauges: Arc<Gauges>,
+    /// How the connections a leaving process let go of went.
+    pub(crate) moves: Moves,
     /// What survives a reload.
     pub(crate) totals: Arc<crate::metrics::Totals>,
     /// The session-ticket keys, which survive a reload too (feature
@@ -122,32 +116,70 @@ pub(crate) struct Counters {
     pub(crate) tickets: Arc<crate::tls::Ticketer>,
 }
 
-impl Counters {
+/// Where the server is in its life, as the connections read it.
+#[derive(Debug, Default)]
+pub(crate) struct Phase {
+    /// Readiness is off: the generation is leaving (drain or move).
+    leaving: AtomicBool,
+    /// Responses say `Connection: close`: a drain without a successor.
+    close_responses: AtomicBool,
+}
+
+impl Phase {
     pub(crate) fn is_leaving(&self) -> bool {
         self.leaving.load(Ordering::SeqCst)
     }
+
     /// Whether a drain without a successor has begun: not the same as
     /// [`crate::Info::is_draining`], which a handover turns on too.
     fn closes_responses(&self) -> bool {
         self.close_responses.load(Ordering::SeqCst)
     }
+
+    fn begin_leaving(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+    }
+
+    fn begin_closing_responses(&self) {
+        self.close_responses.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What this process holds now. The first three count themselves down
+/// through a guard ([`Counted`]), also when a request is cut.
+#[derive(Debug, Default)]
+pub(crate) struct Gauges {
+    in_flight: AtomicUsize,
+    connections: AtomicUsize,
+    /// Connections upgraded (WebSockets), open in this process.
+    upgraded: AtomicUsize,
+    /// HTTP/2 responses held by every connection (see `stall`).
+    pub(crate) http2_held: AtomicUsize,
+    /// Idle connections in systemd's file descriptor store (the crash-safe
+    /// mode, `fdstore::WhileIdle`).
+    pub(crate) fd_store_held: AtomicUsize,
+}
+
+impl Gauges {
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
     pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
     pub(crate) fn upgraded(&self) -> usize {
         self.upgraded.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn http2_held(&self) -> usize {
+        self.http2_held.load(Ordering::SeqCst)
     }
 
     fn upgrade_started(self: &Arc<Self>) -> Counted {
         self.upgraded.fetch_add(1, Ordering::SeqCst);
         Counted(self.clone(), Which::Upgraded)
-    }
-
-    pub(crate) fn http2_held(&self) -> usize {
-        self.http2_held.load(Ordering::SeqCst)
     }
 
     fn request_started(self: &Arc<Self>) -> Counted {
@@ -161,14 +193,22 @@ impl Counters {
     }
 }
 
+/// How the connections a leaving process let go of went: moved to the
+/// successor, or served to the end here when they could not move.
+#[derive(Debug, Default)]
+pub(crate) struct Moves {
+    moved: AtomicUsize,
+    fell_back: AtomicUsize,
+}
+
 enum Which {
     Request,
     Connection,
     Upgraded,
 }
 
-/// Decrements its counter on drop, also when a request is cut.
-struct Counted(Arc<Counters>, Which);
+/// Decrements its gauge on drop, also when a request is cut.
+struct Counted(Arc<Gauges>, Which);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -450,7 +490,7 @@ impl Server {
         }
         // Order matters: responses say `Connection: close` before any
         // connection can notice the drain.
-        self.counters.close_responses.store(true, Ordering::SeqCst);
+        self.counters.phase.begin_closing_responses();
         self.leave(Mode::Draining);
     }
 
@@ -486,7 +526,7 @@ impl Server {
         self.ctx
             .left
             .send_replace(Some(tokio::time::Instant::now()));
-        self.counters.leaving.store(true, Ordering::SeqCst);
+        self.counters.phase.begin_leaving();
         let _ = self.mode.send(mode);
         self.ctx.mode_changed.notify_waiters();
         let _ = self.stop_accepting.send(true);
@@ -507,8 +547,8 @@ impl Server {
     /// How many connections moved and fell back so far.
     pub(crate) fn moves(&self) -> (usize, usize) {
         (
-            self.counters.moved.load(Ordering::SeqCst),
-            self.counters.fell_back.load(Ordering::SeqCst),
+            self.counters.moves.moved.load(Ordering::SeqCst),
+            self.counters.moves.fell_back.load(Ordering::SeqCst),
         )
     }
 
@@ -524,7 +564,10 @@ impl Server {
         let (cut_requests, cut_connections) = if finished {
             (0, 0)
         } else {
-            (self.counters.in_flight(), self.counters.connections())
+            (
+                self.counters.gauges.in_flight(),
+                self.counters.gauges.connections(),
+            )
         };
         let (moved, fell_back) = self.moves();
         DrainReport {
@@ -699,7 +742,7 @@ fn spawn_conn(
     let held = Held {
         _permit: permit,
         _done: done,
-        _counted: ctx.counters.connection_opened(),
+        _counted: ctx.counters.gauges.connection_opened(),
     };
     // TLS: HTTP/2 or HTTP/1.1 by ALPN, to the end (it never moves).
     // Plain: `conn::serve` is the task itself, not wrapped in an `async`
@@ -814,8 +857,8 @@ impl Held {
     pub(crate) fn end(self, ended: conn::Ended, counters: &Counters) {
         let counter = match ended {
             conn::Ended::Closed => return,
-            conn::Ended::Moved => &counters.moved,
-            conn::Ended::FellBack => &counters.fell_back,
+            conn::Ended::Moved => &counters.moves.moved,
+            conn::Ended::FellBack => &counters.moves.fell_back,
         };
         counter.fetch_add(1, Ordering::SeqCst);
     }
@@ -841,7 +884,7 @@ mod tests {
         let held = Held {
             _permit: None,
             _done: server.done.clone().unwrap(),
-            _counted: counters.connection_opened(),
+            _counted: counters.gauges.connection_opened(),
         };
         let parked = conn::Parked::new(Stream::Unix(a), Vec::new());
         let task = conn::serve(parked, Arc::from("http"), server.ctx.clone(), held);
@@ -931,7 +974,7 @@ mod tests {
         // signals that a task has nothing more to do).
         let settle = async |open: usize| {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while counters.connections() < open {
+            while counters.gauges.connections() < open {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "{open} connections not accepted within 10 s"
@@ -1031,7 +1074,7 @@ mod tests {
 
     #[test]
     fn guards_count_down_on_drop() {
-        let c = Arc::new(Counters::default());
+        let c = Arc::new(Gauges::default());
         let a = c.request_started();
         let b = c.connection_opened();
         assert_eq!((c.in_flight(), c.connections()), (1, 1));

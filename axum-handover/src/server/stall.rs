@@ -91,7 +91,7 @@ impl Responses {
     /// request runs, so that a burst of streams cannot overshoot the bound
     /// while their responses are being made.
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Slot> {
-        let total = &self.counters.http2_held;
+        let total = &self.counters.gauges.http2_held;
         if self.held.fetch_add(1, Ordering::Relaxed) >= self.limits.per_connection {
             self.held.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -151,10 +151,10 @@ impl Slot {
         let r = &self.responses;
         if on {
             r.held.fetch_add(1, Ordering::Relaxed);
-            r.counters.http2_held.fetch_add(1, Ordering::Relaxed);
+            r.counters.gauges.http2_held.fetch_add(1, Ordering::Relaxed);
         } else {
             r.held.fetch_sub(1, Ordering::Relaxed);
-            r.counters.http2_held.fetch_sub(1, Ordering::Relaxed);
+            r.counters.gauges.http2_held.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -373,12 +373,12 @@ mod tests {
         assert!(a.admit().is_none(), "past the connection's bound");
         let b1 = b.admit().unwrap();
         assert!(b.admit().is_none(), "past the process's bound");
-        assert_eq!(counters.http2_held(), 3);
+        assert_eq!(counters.gauges.http2_held(), 3);
         drop(a1);
         let b2 = b.admit();
         assert!(b2.is_some(), "a slot given back is free again");
         drop(b1);
-        assert_eq!(counters.http2_held(), 2);
+        assert_eq!(counters.gauges.http2_held(), 2);
         assert_eq!(a.held.load(Ordering::Relaxed), 1);
     }
 
@@ -389,7 +389,7 @@ mod tests {
         let r = Arc::new(Responses::new(counters.clone(), limits(8, 8)));
         // Empty: never polled, so never held.
         let empty = Tracked::new(Body::empty(), r.admit());
-        assert_eq!(counters.http2_held(), 0);
+        assert_eq!(counters.gauges.http2_held(), 0);
         drop(empty);
         let mut body = Tracked::new(Body::from("four"), r.admit());
         let waiting = || r.waiting.load(Ordering::Relaxed);
@@ -400,13 +400,13 @@ mod tests {
         assert!(matches!(chunk, Poll::Ready(Some(Ok(_)))));
         assert_eq!(waiting(), 1, "its chunk waits on the client");
         assert!(progressed());
-        assert_eq!(counters.http2_held(), 1);
+        assert_eq!(counters.gauges.http2_held(), 1);
         // hyper comes back: the chunk went; then the end.
         let end = Pin::new(&mut body).poll_frame(&mut cx);
         assert!(matches!(end, Poll::Ready(None)));
         assert!(progressed(), "polled again: the chunk went");
         assert_eq!(waiting(), 0);
-        assert_eq!(counters.http2_held(), 0);
+        assert_eq!(counters.gauges.http2_held(), 0);
         assert!(body.is_end_stream());
     }
 
