@@ -295,7 +295,7 @@ fn root_s_helper_reloads_a_server_of_another_user() {
     };
     open(notify.path.parent().unwrap(), 0o755);
     open(&notify.path, 0o777);
-    // A copy nobody can run: the checkout's `target/` may sit under a
+    // A copy uid 65534 can run: the checkout's `target/` may sit under a
     // directory only root can enter (a clone made in `mktemp -d`, `/root`).
     let bin_dir = tempfile::tempdir().unwrap();
     open(bin_dir.path(), 0o755);
