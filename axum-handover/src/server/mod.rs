@@ -624,26 +624,24 @@ impl AnyListener {
         };
         s.set_nonblocking(true)?;
         Ok(Some(match self {
-            AnyListener::Tcp(_) => {
-                let s = tokio::net::TcpStream::from_std(s.into())?;
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }
+            AnyListener::Tcp(_) => tcp(tokio::net::TcpStream::from_std(s.into())?),
             AnyListener::Unix(_) => Stream::Unix(tokio::net::UnixStream::from_std(s.into())?),
         }))
     }
 
     async fn accept(&self) -> io::Result<Stream> {
         match self {
-            AnyListener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
-                // Small responses; don't wait for Nagle.
-                let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
-            }
+            AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| tcp(s)),
             AnyListener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
         }
     }
+}
+
+/// An accepted TCP connection, ready to serve: small responses, so no
+/// waiting for Nagle.
+fn tcp(s: tokio::net::TcpStream) -> Stream {
+    let _ = s.set_nodelay(true);
+    Stream::Tcp(s)
 }
 
 async fn accept_loop(
@@ -702,7 +700,7 @@ async fn accept_loop(
             // Reset by its client before we took it: the next one.
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                tracing::warn!(event = "accept_error", socket = &*socket, error = %e, "accept failed");
+                log_accept_error(&socket, &e);
                 break;
             }
         }
@@ -724,8 +722,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// retried at once took a core and 7 600 `accept4` calls a second while
 /// out of fds). The HTTP and the control sockets' loops both call it.
 pub(crate) async fn accept_failed(socket: &str, e: &std::io::Error) {
-    tracing::warn!(event = "accept_error", socket, error = %e, "accept failed");
+    log_accept_error(socket, e);
     tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// The journal's line for a failed accept on `socket`.
+fn log_accept_error(socket: &str, e: &std::io::Error) {
+    tracing::warn!(event = "accept_error", socket, error = %e, "accept failed");
 }
 
 /// A connection to serve: its stream, the bytes read ahead of it (by a
