@@ -371,7 +371,7 @@ async fn hold(
     let req: &[u8] = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\n\r\n";
     let mut conn = None;
     let mut pids = Vec::new();
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
     let (lo, hi) = if busy { (50, 500) } else { (2_000, 10_000) };
     let mut first = true;
     loop {
@@ -413,11 +413,8 @@ async fn hold(
             held.finished.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        // xorshift: each connection its own stream of pauses.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let until = Instant::now() + Duration::from_millis(lo + rng % (hi - lo));
+        // Each connection its own stream of pauses.
+        let until = Instant::now() + Duration::from_millis(rng.u64(lo..hi));
         while Instant::now() < until && !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use pid_server_test_support::load::pause_in;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::cli::Args;
@@ -314,24 +315,10 @@ struct WorkerOut {
     pub(crate) fails: Vec<FailRec>,
 }
 
-/// splitmix64: a few lines of seeded randomness for the pauses, so that a
-/// run's pauses are the same for the same `--seed`.
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi` (µs resolution).
-    pub(crate) fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let (lo, hi) = (lo.as_micros() as u64, hi.as_micros() as u64);
-        Duration::from_micros(lo + self.next() % (hi.saturating_sub(lo) + 1))
-    }
+/// The pauses of paused client number `task`: seeded from `--seed`, so a
+/// run's pauses are the same for the same seed, each connection its own.
+pub(crate) fn pause_rng(seed: u64, task: u64) -> fastrand::Rng {
+    fastrand::Rng::with_seed(seed ^ task.wrapping_mul(0xa076_1d64_78bd_642f))
 }
 
 /// Sleeps `d`, cut short by the stop flag or the deadline (checked every
@@ -363,7 +350,7 @@ async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>
         recs: Vec::with_capacity(16 * 1024),
         fails: Vec::new(),
     };
-    let mut rng = Rng(cfg.seed ^ task.wrapping_mul(0xa076_1d64_78bd_642f));
+    let mut rng = pause_rng(cfg.seed, task);
     let mut conn: Option<Conn> = None;
     let mut conns = 0u64;
     let mut sent = 0u64;
@@ -417,7 +404,12 @@ async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>
             conn = None;
         }
         if cfg.mode == Mode::Paused {
-            pause(rng.between(cfg.pause.0, cfg.pause.1), &stop, deadline).await;
+            pause(
+                pause_in(&mut rng, cfg.pause.0, cfg.pause.1),
+                &stop,
+                deadline,
+            )
+            .await;
         }
     }
     out

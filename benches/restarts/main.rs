@@ -55,8 +55,9 @@
 //! - [`protocols`]: the HTTP/2 and TLS rows (issue #15) across reloads,
 //!   with their clients in [`h2`] and [`tls`], and their steady state beside
 //!   nginx in [`h2load`];
-//! - [`procs`], [`netns`], [`servers`]: processes, network namespaces and
-//!   the servers the bench starts, and how it probes them.
+//! - [`procs`], [`servers`]: processes and the servers the bench starts,
+//!   and how it probes them; network namespaces, the CA, the PID parser
+//!   and the paused clients' pauses come from the tests' support crate.
 
 use pid_server_test_support::nspawn;
 
@@ -68,7 +69,6 @@ mod fdstore;
 mod h2;
 mod h2load;
 mod load;
-mod netns;
 mod procs;
 mod protocols;
 mod report;
@@ -90,7 +90,6 @@ fn main() {
     let args = cli::parse_or_exit();
     procs::catch_signals();
     procs::become_subreaper();
-    netns::sweep_stale();
     let started = Instant::now();
     if let Err(e) = fs::create_dir_all(args.out.join("logs")) {
         eprintln!("bench: mkdir {}: {e}", args.out.display());

@@ -7,8 +7,6 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::cli::Args;
 use crate::nspawn;
 use crate::procs::aborted;
@@ -34,8 +32,7 @@ fn healthz_pid(port: u16) -> Option<u32> {
     if status != 200 {
         return None;
     }
-    let v: Value = serde_json::from_str(&body).ok()?;
-    v.get("pid")?.as_u64().map(|p| p as u32)
+    pid_server_test_support::http::healthz_pid(&body)
 }
 
 /// Polls `/healthz` (new connection each time) until it reports `pid`.

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use pid_server_test_support::netns::Netns;
 
 use crate::cli::Args;
 use crate::load::{Load, Mode, load_cfg};
-use crate::netns::NetNs;
 use crate::nspawn;
 use crate::procs::{Procs, TempDir, aborted, run_cmd, sleep_until};
 use crate::results::{RestartEvent, RunResult, analyze};
@@ -543,17 +543,18 @@ fn run_reuseport(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
                 return;
             }
             let label = format!("{name}-{}", mode.name());
-            let tag = format!("m{migrate}-{}", mode.name());
             let r = (|| {
                 // Declared in this order, dropped in reverse: servers, then
                 // back to our namespace, then the namespace goes.
-                let ns = NetNs::create(&tag, migrate)?;
-                let _inside = ns.enter()?;
+                let ns = Netns::try_new().map_err(|e| format!("network namespace: {e}"))?;
+                ns.sysctl("net.ipv4.tcp_migrate_req", &migrate.to_string())
+                    .map_err(|e| format!("{e} (needs Linux 5.14+)"))?;
+                let _inside = ns.enter_here();
                 let p = Plain::start(8080, &log_path(args, &label))?;
                 let mut s = ReusePort { p };
                 let note = format!(
                     "in network namespace {} with net.ipv4.tcp_migrate_req={migrate}",
-                    ns.name
+                    ns.name()
                 );
                 run_restarts(args, name, mode, &mut s, Some(note))
             })();

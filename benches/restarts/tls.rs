@@ -1,34 +1,30 @@
 //! TLS for the protocol rows: certificates made at run time (a CA of the
-//! bench's own and a leaf for `localhost` signed by it, renewed before every
-//! reload), the rustls client configurations, a blocking `/healthz` probe
-//! over TLS, and the TLS HTTP/1.1 load client.
+//! bench's own, the tests' `TestCa`, and a leaf for `localhost` signed by
+//! it, renewed before every reload), the rustls client configuration, a
+//! blocking `/healthz` probe over TLS, and the TLS HTTP/1.1 load client.
 //!
 //! No private key is committed anywhere: every run makes its own, in a
 //! temporary directory that goes with the run.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SerialNumber,
-};
+use pid_server_test_support::tls::TestCa;
 use rustls::ClientConfig;
-use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::Value;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::load::{Conn, FailRec, Kind, Rec, Rng, classify, pause, record};
+use pid_server_test_support::load::pause_in;
+
+use crate::load::{Conn, FailRec, Kind, Rec, classify, pause, pause_rng, record};
 use crate::procs::{TempDir, aborted};
 
 /// The name the leaf is for, and the client asks for.
@@ -37,47 +33,29 @@ const SERVER_NAME: &str = "localhost";
 /// A CA and the current leaf, as PEM files that pid-server and nginx read.
 pub(crate) struct Certs {
     /// Holds the files; removed with them when the run ends.
-    _dir: TempDir,
-    /// The leaf and the CA (a full chain), PEM.
+    dir: TempDir,
+    /// The leaf, PEM.
     pub(crate) cert: PathBuf,
     /// The leaf's PKCS#8 key, PEM, mode 0600.
     pub(crate) key: PathBuf,
-    ca_params: CertificateParams,
-    ca_key: KeyPair,
-    ca_der: CertificateDer<'static>,
-    ca_pem: String,
-    /// Leaves issued so far (each renewal gets the next serial number).
+    ca: TestCa,
+    /// Leaves issued so far (each renewal is the next, by its name).
     pub(crate) issued: u64,
-}
-
-fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
-    move |err| format!("{what}: {err}")
 }
 
 impl Certs {
     /// A new CA and a first leaf, written to a temporary directory.
     pub(crate) fn new() -> Result<Certs, String> {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e("CA"))?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "pid-server bench CA");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_key = KeyPair::generate().map_err(e("CA key"))?;
-        let ca = ca_params.self_signed(&ca_key).map_err(e("CA"))?;
         let dir = TempDir::new("tls")?;
-        let mut certs = Certs {
-            cert: dir.0.join("cert.pem"),
-            key: dir.0.join("key.pem"),
-            _dir: dir,
-            ca_der: ca.der().clone(),
-            ca_pem: ca.pem(),
-            ca_params,
-            ca_key,
-            issued: 0,
-        };
-        certs.renew()?;
-        Ok(certs)
+        let ca = TestCa::new();
+        let (cert, key) = ca.write_leaf(&dir.0, "leaf", "pid-server bench leaf 1");
+        Ok(Certs {
+            dir,
+            cert,
+            key,
+            ca,
+            issued: 1,
+        })
     }
 
     /// A new key and leaf for `localhost` and 127.0.0.1, written over the
@@ -85,56 +63,24 @@ impl Certs {
     /// new one): what `certbot renew` does before `systemctl reload`.
     pub(crate) fn renew(&mut self) -> Result<(), String> {
         self.issued += 1;
-        let mut p = CertificateParams::new(vec![SERVER_NAME.to_string(), "127.0.0.1".to_string()])
-            .map_err(e("leaf"))?;
-        p.distinguished_name.push(
-            DnType::CommonName,
-            format!("pid-server bench leaf {}", self.issued),
-        );
-        p.serial_number = Some(SerialNumber::from(self.issued));
-        let key = KeyPair::generate().map_err(e("leaf key"))?;
-        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        let leaf = p.signed_by(&key, &issuer).map_err(e("leaf"))?;
-        write_atomic(&self.key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(
-            &self.cert,
-            format!("{}{}", leaf.pem(), self.ca_pem).as_bytes(),
-            0o644,
-        )
+        let cn = format!("pid-server bench leaf {}", self.issued);
+        self.ca.write_leaf(&self.dir.0, "leaf", &cn);
+        Ok(())
     }
 
     /// A client that trusts only the bench's CA, TLS 1.3, offering `alpn`
     /// (rustls' ring provider, as pid-server uses; session resumption as
     /// rustls does by default, like a browser's).
     pub(crate) fn client(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(self.ca_der.clone())
-            .map_err(e("trust the bench CA"))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(e("TLS client"))?
-            .with_root_certificates(roots)
+            .map_err(|e| format!("TLS client: {e}"))?
+            .with_root_certificates(self.ca.roots())
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(Arc::new(cfg))
     }
-}
-
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = path.with_extension("new");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|err| format!("create {}: {err}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|err| format!("write {}: {err}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|err| format!("rename to {}: {err}", path.display()))
 }
 
 /// TCP, then a TLS handshake for `localhost` with the config's ALPN list.
@@ -168,8 +114,7 @@ fn healthz_pid(port: u16, cfg: &Arc<ClientConfig>) -> Option<u32> {
     if head.split_whitespace().nth(1) != Some("200") {
         return None;
     }
-    let v: Value = serde_json::from_str(body.trim()).ok()?;
-    v.get("pid")?.as_u64().map(|p| p as u32)
+    pid_server_test_support::http::healthz_pid(body)
 }
 
 /// Polls `/healthz` over TLS (a new connection each time) until it reports
@@ -249,9 +194,7 @@ impl H1Slot {
         let (mut recs, mut fails) = (Vec::with_capacity(8 * 1024), Vec::new());
         let mut conn: Option<Tls> = None;
         let (mut conns, mut sent) = (0u64, 0u64);
-        let mut rng = self
-            .pause
-            .map(|(_, _, seed)| Rng(seed ^ task.wrapping_mul(0xa076_1d64_78bd_642f)));
+        let mut rng = self.pause.map(|(_, _, seed)| pause_rng(seed, task));
         while !stop.load(Ordering::Relaxed)
             && Instant::now() < self.deadline
             && sent < self.max_requests
@@ -302,7 +245,7 @@ impl H1Slot {
                 conn = None;
             }
             if let (Some((lo, hi, _)), Some(rng)) = (self.pause, rng.as_mut()) {
-                pause(rng.between(lo, hi), &stop, self.deadline).await;
+                pause(pause_in(rng, lo, hi), &stop, self.deadline).await;
             }
         }
         (recs, fails)

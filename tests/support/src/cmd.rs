@@ -140,11 +140,17 @@ impl TestCommand {
     /// Runs it, panics (showing everything) unless it exits 0, and returns
     /// its stdout.
     pub fn stdout(&mut self) -> String {
-        let out = self.output();
+        self.try_stdout().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Its stdout if it exits 0; otherwise what went wrong, everything
+    /// shown (for callers that carry on, as the benchmark skips a row).
+    pub fn try_stdout(&mut self) -> Result<String, String> {
+        let out = self.try_output().map_err(|e| banner(&e))?;
         if !out.status.success() {
-            panic!("{}", self.failure(&out, "exit status 0"));
+            return Err(self.failure(&out, "exit status 0"));
         }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The report of a finished command that did not do what was expected.

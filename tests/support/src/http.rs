@@ -60,6 +60,12 @@ pub fn pid_in(body: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// The PID in a `/healthz` body (JSON with a `pid` field).
+pub fn healthz_pid(body: &str) -> Option<u32> {
+    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    v.get("pid")?.as_u64()?.try_into().ok()
+}
+
 fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }

@@ -296,8 +296,7 @@ fn run_client(
         let wait = match mode {
             Mode::Paused => {
                 let (min, max) = spec.pause;
-                let ms = rng.u64(min.as_millis() as u64..=max.as_millis() as u64);
-                Duration::from_millis(ms)
+                pause_in(&mut rng, min, max)
             }
             _ => spec.pace,
         };
@@ -446,4 +445,11 @@ impl Drop for Load {
     fn drop(&mut self) {
         self.shared.request_stop();
     }
+}
+
+/// A paused client's idle time: uniform in `min..=max`, at microsecond
+/// resolution. The tests draw from an unseeded `rng`, the benchmark from
+/// one seeded per connection (`--seed`), so a run's pauses repeat.
+pub fn pause_in(rng: &mut fastrand::Rng, min: Duration, max: Duration) -> Duration {
+    Duration::from_micros(rng.u64(min.as_micros() as u64..=max.as_micros() as u64))
 }

@@ -28,22 +28,48 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Netns {
+        Netns::try_new().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Netns::new`], or why not (not root, no `ip`).
+    pub fn try_new() -> Result<Netns, String> {
         sweep_stale();
         let name = format!(
             "{PREFIX}-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        TestCommand::new("ip")
-            .args(["netns", "add", &name])
-            .timeout(IP_TIMEOUT)
-            .stdout();
+        ip(&["netns", "add", &name])?;
         let ns = Netns { name };
-        TestCommand::new("ip")
-            .args(["-n", &ns.name, "link", "set", "lo", "up"])
-            .timeout(IP_TIMEOUT)
-            .stdout();
-        ns
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Sets the sysctl `key` to `value` in this namespace only, and reads
+    /// it back (a kernel without the key fails here, not in the measure).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), String> {
+        let set = format!("{key}={value}");
+        ip(&["netns", "exec", &self.name, "sysctl", "-q", "-w", &set])?;
+        let now = ip(&["netns", "exec", &self.name, "sysctl", "-n", key])?;
+        if now.trim() != value {
+            return Err(format!(
+                "{key} is {} in {}, not {value}",
+                now.trim(),
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves the calling thread into this namespace until the guard drops
+    /// (then back, or the process aborts: carrying on in the wrong
+    /// namespace would test or measure the wrong thing). Processes and
+    /// threads it starts meanwhile are in the namespace too.
+    pub fn enter_here(&self) -> Inside {
+        let home = fs::File::open("/proc/thread-self/ns/net")
+            .unwrap_or_else(|e| panic!("open /proc/thread-self/ns/net: {e}"));
+        enter(&self.path());
+        Inside { home }
     }
 
     pub fn name(&self) -> &str {
@@ -81,6 +107,32 @@ impl Drop for Netns {
             Err(e) => eprintln!("netns: {e}"),
         }
     }
+}
+
+/// The calling thread's stay in a namespace: see [`Netns::enter_here`].
+pub struct Inside {
+    home: fs::File,
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        // SAFETY: setns on an fd we own; it changes only this thread's
+        // network namespace.
+        if unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "netns: cannot return to the original network namespace: {}",
+                io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    TestCommand::new("ip")
+        .args(args)
+        .timeout(IP_TIMEOUT)
+        .try_stdout()
 }
 
 /// Deletes `pst-<pid>-*` namespaces whose test process is gone.

@@ -473,6 +473,5 @@ pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
 /// The PID that answers `/healthz` on a new connection.
 pub fn health_pid(addr: SocketAddr) -> u32 {
     let r = crate::http::get(addr, "/healthz").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    v["pid"].as_u64().unwrap() as u32
+    crate::http::healthz_pid(&r.body).unwrap_or_else(|| panic!("no PID in /healthz: {r:?}"))
 }

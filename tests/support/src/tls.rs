@@ -5,6 +5,7 @@
 
 use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,26 +60,40 @@ impl TestCa {
     }
 
     /// Writes a leaf as `DIR/NAME.crt` and `DIR/NAME.key` (replacing them
-    /// atomically, as certbot does with its symlinks): (cert, key) paths.
+    /// atomically, as certbot does with its symlinks; the key mode 0600, as
+    /// certbot writes it): (cert, key) paths.
     pub fn write_leaf(&self, dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
         let (cert, key) = self.leaf(cn);
         let (c, k) = (
             dir.join(format!("{name}.crt")),
             dir.join(format!("{name}.key")),
         );
-        for (path, text) in [(&c, cert), (&k, key)] {
+        for (path, text, mode) in [(&c, cert, 0o644), (&k, key, 0o600)] {
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text).unwrap();
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .unwrap();
             std::fs::rename(&tmp, path).unwrap();
         }
         (c, k)
     }
 
+    /// A root store that trusts this CA alone, for a client built by hand.
+    pub fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.der.clone()).unwrap();
+        roots
+    }
+
     /// A client configuration that trusts this CA and offers `alpn`. Keep
     /// it to resume sessions: its session cache lives in it.
     pub fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.der.clone()).unwrap();
+        let roots = self.roots();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut c = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
