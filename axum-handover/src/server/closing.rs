@@ -10,6 +10,7 @@ use std::future::{Future, IntoFuture};
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,25 +41,46 @@ pub(crate) type Left = watch::Receiver<Option<Instant>>;
 /// router called directly, in a test) it never resolves.
 #[derive(Debug, Clone)]
 pub struct Closing {
-    left: Option<Left>,
-    delay: Duration,
+    /// The connection's receiver, shared by its requests: a receiver of
+    /// their own per request would be two atomic operations on the
+    /// server's one channel, which every core writes.
+    left: Option<Arc<Left>>,
+    spread: Duration,
+    /// This exchange's draw (its connection's, and its number there): its
+    /// moment is computed from it only when asked, which few requests
+    /// ever are.
+    draw: (u64, u64),
 }
 
-/// Draws the moments in the spread: a counter through std's randomly
-/// keyed hasher, uniform enough, and no random-number crate.
+/// Draws the moments in the spread: a counter (one step per connection)
+/// and the request's number on its connection, through std's randomly
+/// keyed hasher: uniform enough, and no random-number crate.
 static DRAWS: AtomicU64 = AtomicU64::new(0);
+
+/// A connection's first coordinate of its requests' draws.
+pub(crate) fn connection_draws() -> u64 {
+    DRAWS.fetch_add(1, Ordering::Relaxed)
+}
 static KEYS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
 
 impl Closing {
     /// A signal with its own moment, uniform in `[0, spread)` after the
     /// leave.
-    pub(crate) fn new(left: Left, spread: Duration) -> Closing {
-        let draw = KEYS.hash_one(DRAWS.fetch_add(1, Ordering::Relaxed));
-        let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
+    pub(crate) fn new(left: Arc<Left>, spread: Duration, draw: (u64, u64)) -> Closing {
         Closing {
             left: Some(left),
-            delay: spread.mul_f64(fraction),
+            spread,
+            draw,
         }
+    }
+
+    /// This exchange's moment after the leave.
+    fn delay(&self) -> Duration {
+        if self.spread.is_zero() {
+            return Duration::ZERO;
+        }
+        let fraction = (KEYS.hash_one(self.draw) >> 11) as f64 / (1u64 << 53) as f64;
+        self.spread.mul_f64(fraction)
     }
 
     /// Whether the moment to end has come.
@@ -66,7 +88,7 @@ impl Closing {
         self.left
             .as_ref()
             .and_then(|l| *l.borrow())
-            .is_some_and(|at| Instant::now() >= at + self.delay)
+            .is_some_and(|at| Instant::now() >= at + self.delay())
     }
 }
 
@@ -75,13 +97,16 @@ impl IntoFuture for Closing {
     type IntoFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
+        let delay = self.delay();
         Box::pin(async move {
-            let Some(mut left) = self.left else {
+            // Its own receiver, to wait on (only a request that waits
+            // makes one).
+            let Some(mut left) = self.left.as_deref().cloned() else {
                 return std::future::pending().await;
             };
             let at = left.wait_for(Option::is_some).await.ok().and_then(|at| *at);
             match at {
-                Some(at) => tokio::time::sleep_until(at + self.delay).await,
+                Some(at) => tokio::time::sleep_until(at + delay).await,
                 // The server is gone: so is the process, about now.
                 None => std::future::pending().await,
             }
@@ -99,7 +124,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Closing {
             .cloned()
             .unwrap_or(Closing {
                 left: None,
-                delay: Duration::ZERO,
+                spread: Duration::ZERO,
+                draw: (0, 0),
             }))
     }
 }

@@ -107,8 +107,10 @@ where
         counters: ctx.counters.clone(),
         responses: responses.clone(),
         peer: io.peer(),
-        left: ctx.left.subscribe(),
+        left: Arc::new(ctx.left.subscribe()),
         close_spread: ctx.close_spread,
+        draws: super::closing::connection_draws(),
+        streams: std::sync::atomic::AtomicU64::new(0),
     };
     let (back, mut given_back) = oneshot::channel();
     let io = GiveBack {
@@ -282,8 +284,12 @@ struct Streams {
     /// What each request's `ConnectInfo` says.
     peer: Peer,
     /// When the generation left: each request's [`Closing`] waits on it.
-    left: Left,
+    left: Arc<Left>,
     close_spread: std::time::Duration,
+    /// This connection's draw of close moments, and its streams so far
+    /// (see [`Closing`]).
+    draws: u64,
+    streams: std::sync::atomic::AtomicU64,
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
@@ -296,7 +302,10 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
     fn call(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let (router, counters) = (self.router.clone(), self.counters.clone());
         let slot = self.responses.admit();
-        let closing = Closing::new(self.left.clone(), self.close_spread);
+        let stream = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let closing = Closing::new(self.left.clone(), self.close_spread, (self.draws, stream));
         self.peer.insert(req.extensions_mut());
         req.extensions_mut().insert(closing.clone());
         Box::pin(async move {

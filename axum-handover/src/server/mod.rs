@@ -71,6 +71,7 @@ mod conn;
 mod detect;
 mod h2;
 mod stall;
+mod timer;
 mod tls;
 
 use std::io;
@@ -78,7 +79,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -185,6 +185,17 @@ impl Gauges {
     fn request_started(self: &Arc<Self>) -> Counted {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         Counted(self.clone(), Which::Request)
+    }
+
+    /// A request begins, counted down by [`Gauges::request_ended`]: for a
+    /// guard that holds the gauges already (a plain connection's, which
+    /// then needs no `Counted` and no clone of this shared `Arc`).
+    fn request_begun(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn connection_opened(self: &Arc<Self>) -> Counted {
@@ -779,7 +790,7 @@ impl ConnCtx {
             counters,
             http: {
                 let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
+                b.timer(timer::HeadTimer)
                     .header_read_timeout(config.header_read_timeout)
                     .max_buf_size(MAX_HEADER_BYTES)
                     .keep_alive(true);
@@ -788,11 +799,12 @@ impl ConnCtx {
             mode,
             mode_changed: tokio::sync::Notify::new(),
             keep_alive: config.keep_alive(),
-            keep_alive_header: axum::http::HeaderValue::from_str(&format!(
-                "timeout={}",
-                config.keep_alive().as_secs()
-            ))
-            .expect("a number is a valid header value"),
+            // Static, so that a response's copy is not a count on a
+            // shared buffer (an atomic operation every core writes). One
+            // short string per server, leaked: a process makes one.
+            keep_alive_header: axum::http::HeaderValue::from_static(Box::leak(
+                format!("timeout={}", config.keep_alive().as_secs()).into_boxed_str(),
+            )),
             drain_idle: config.drain_idle(),
             left: watch::channel(None).0,
             // Every exchange is asked to end before the drain bound cuts it.

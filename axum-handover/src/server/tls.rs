@@ -90,7 +90,7 @@ type Tls = TlsStream<Handshaking<Rewind<Stream>>>;
 /// connection (`conn.rs`), without the parking and the move; and the same
 /// lingering close when hyper ends it with input possibly still coming.
 async fn http1(io: Tls, socket: &str, ctx: &ConnCtx, peer: Peer) {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(&ctx.counters));
     let io = Touching {
         io,
         activity: IoOf(activity.clone()),
@@ -106,6 +106,7 @@ async fn http1(io: Tls, socket: &str, ctx: &ConnCtx, peer: Peer) {
             Mode::Serving => serving_idle(ctx),
             Mode::Draining | Mode::Moving => ctx.drain_idle,
         };
+        let limit = super::timer::idle_limit(limit, ctx.header_read_timeout);
         tokio::select! {
             r = Pin::new(&mut conn) => {
                 if let Err(e) = r {
