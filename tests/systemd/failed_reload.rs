@@ -173,18 +173,24 @@ pub(super) fn failed_upgrade(
             .any(|l| l.trim_start().starts_with("Active: active (running)")),
         || format!("not active (running):\n{st}"),
     );
+    // What systemd made of it.
+    let systemd_says = match unit {
+        Unit::Shipped => "Reload failed for pid-server.service",
+        Unit::NotifyReload => "Reloaded pid-server.service",
+    };
+    // PID 1 logs its job's result as `systemctl reload` returns: the line
+    // can reach the journal a moment later. Read once it is there, bounded.
+    let j = wait::within(WAIT, || {
+        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
+        j.contains(systemd_says).then_some(j)
+    })
+    .unwrap_or_else(|| c.journal(&["-u", SERVICE, "-o", "cat"]));
     // The journal has the reason.
-    let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
     checks.check(
         j.lines()
             .any(|l| l.contains("reload failed") && l.contains(reason)),
         || format!("no \"reload failed ... {reason}\" in the journal:\n{j}"),
     );
-    // And what systemd made of it.
-    let systemd_says = match unit {
-        Unit::Shipped => "Reload failed for pid-server.service",
-        Unit::NotifyReload => "Reloaded pid-server.service",
-    };
     checks.check(j.contains(systemd_says), || {
         format!("no \"{systemd_says}\" in the journal:\n{j}")
     });
