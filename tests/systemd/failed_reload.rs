@@ -178,11 +178,15 @@ pub(super) fn failed_upgrade(
         Unit::Shipped => "Reload failed for pid-server.service",
         Unit::NotifyReload => "Reloaded pid-server.service",
     };
-    // PID 1 logs its job's result as `systemctl reload` returns: the line
-    // can reach the journal a moment later. Read once it is there, bounded.
+    // Two writers: PID 1 logs its job's result as `systemctl reload`
+    // returns, the helper logs the reason; either line can reach the
+    // journal a moment later. Read once both are there, bounded.
     let j = wait::within(WAIT, || {
         let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
-        j.contains(systemd_says).then_some(j)
+        let why = j
+            .lines()
+            .any(|l| l.contains("reload failed") && l.contains(reason));
+        (why && j.contains(systemd_says)).then_some(j)
     })
     .unwrap_or_else(|| c.journal(&["-u", SERVICE, "-o", "cat"]));
     // The journal has the reason.

@@ -392,13 +392,17 @@ fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
     load.wait_answers_from(old, 200, WAIT);
 
     let (out, took) = reload(&c);
-    // PID 1 logs the job's result as it finishes it, and `systemctl reload`
-    // returns then too: the line can reach the journal a moment after (it
-    // was missing once on 252). Read once it is there, bounded.
+    // The lines come from two writers: PID 1 logs the job's result as it
+    // finishes it (and `systemctl reload` returns then too), the forked
+    // child that could not exec the helper logs its own. Either can reach
+    // the journal a moment after the reload returns (each was missing once
+    // on 252). Read once both are there, bounded.
     let j = wait::within(WAIT, || {
         let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
-        j.contains("Reload failed for pid-server.service")
-            .then_some(j)
+        let missing = j.lines().any(|l| {
+            l.contains("/run/pid-server/helper") && l.contains("No such file or directory")
+        });
+        (missing && j.contains("Reload failed for pid-server.service")).then_some(j)
     })
     .unwrap_or_else(|| c.journal(&["-u", SERVICE, "-o", "cat"]));
     let reason: Vec<&str> = j
