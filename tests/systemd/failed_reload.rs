@@ -181,14 +181,14 @@ pub(super) fn failed_upgrade(
     // Two writers: PID 1 logs its job's result as `systemctl reload`
     // returns, the helper logs the reason; either line can reach the
     // journal a moment later. Read once both are there, bounded.
-    let j = wait::within(WAIT, || {
-        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
-        let why = j
-            .lines()
-            .any(|l| l.contains("reload failed") && l.contains(reason));
-        (why && j.contains(systemd_says)).then_some(j)
-    })
-    .unwrap_or_else(|| c.journal(&["-u", SERVICE, "-o", "cat"]));
+    let j = c
+        .journal_when(&["-u", SERVICE, "-o", "cat"], WAIT, |j| {
+            let why = j
+                .lines()
+                .any(|l| l.contains("reload failed") && l.contains(reason));
+            why && j.contains(systemd_says)
+        })
+        .unwrap_or_else(|last| last);
     // The journal has the reason.
     checks.check(
         j.lines()

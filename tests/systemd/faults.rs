@@ -396,15 +396,15 @@ fn full_runtime_directory_fails_the_reload_not_the_service(r: Release) {
     // finishes it (and `systemctl reload` returns then too), the forked
     // child that could not exec the helper logs its own. Either can reach
     // the journal a moment after the reload returns (each was missing once
-    // on 252). Read once both are there, bounded.
-    let j = wait::within(WAIT, || {
-        let j = c.journal(&["-u", SERVICE, "-o", "cat"]);
-        let missing = j.lines().any(|l| {
-            l.contains("/run/pid-server/helper") && l.contains("No such file or directory")
-        });
-        (missing && j.contains("Reload failed for pid-server.service")).then_some(j)
-    })
-    .unwrap_or_else(|| c.journal(&["-u", SERVICE, "-o", "cat"]));
+    // on 252). Read once both are there, bounded; checked below.
+    let j = c
+        .journal_when(&["-u", SERVICE, "-o", "cat"], WAIT, |j| {
+            let missing = j.lines().any(|l| {
+                l.contains("/run/pid-server/helper") && l.contains("No such file or directory")
+            });
+            missing && j.contains("Reload failed for pid-server.service")
+        })
+        .unwrap_or_else(|last| last);
     let reason: Vec<&str> = j
         .lines()
         .filter(|l| l.contains("/run/pid-server/helper") && !l.contains("cannot copy"))

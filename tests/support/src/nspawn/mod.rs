@@ -546,17 +546,31 @@ impl Container {
         bound: Duration,
         ok: impl Fn(&str) -> bool,
     ) -> String {
-        let mut last = String::new();
-        crate::wait::within(bound, || {
-            last = self.journal(args);
-            ok(&last).then(|| last.clone())
-        })
-        .unwrap_or_else(|| {
+        self.journal_when(args, bound, ok).unwrap_or_else(|last| {
             panic!(
                 "waited {bound:?} for {what} in `journalctl {}`:\n{last}",
                 args.join(" ")
             )
         })
+    }
+
+    /// Polls `journalctl ARGS` until `ok` holds for its output: `Ok` with
+    /// it, or `Err` with the last output after `bound`, for a caller that
+    /// checks it itself. Lines written just before (by PID 1, by a unit's
+    /// process) can reach the journal a moment after the command that
+    /// caused them returns.
+    pub fn journal_when(
+        &self,
+        args: &[&str],
+        bound: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
+        let mut last = String::new();
+        crate::wait::within(bound, || {
+            last = self.journal(args);
+            ok(&last).then(|| last.clone())
+        })
+        .ok_or(last)
     }
 
     fn place_file(&self, path_inside: &str, mode: u32, fill: impl FnOnce(&Path) -> io::Result<()>) {
