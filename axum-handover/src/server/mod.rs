@@ -183,7 +183,7 @@ impl Gauges {
     }
 
     fn request_started(self: &Arc<Self>) -> Counted {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.request_begun();
         Counted(self.clone(), Which::Request)
     }
 
