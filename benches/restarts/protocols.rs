@@ -303,7 +303,7 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
         let started = Instant::now();
         let r = (|| {
             if let Some(c) = certs.as_deref_mut() {
-                c.renew()?;
+                c.renew();
             }
             let out = run_cmd(
                 PID_SERVER,

@@ -61,11 +61,10 @@ impl Certs {
     /// A new key and leaf for `localhost` and 127.0.0.1, written over the
     /// files (each through a rename, so a reader sees the old file or the
     /// new one): what `certbot renew` does before `systemctl reload`.
-    pub(crate) fn renew(&mut self) -> Result<(), String> {
+    pub(crate) fn renew(&mut self) {
         self.issued += 1;
         let cn = format!("pid-server bench leaf {}", self.issued);
         self.ca.write_leaf(&self.dir.0, "leaf", &cn);
-        Ok(())
     }
 
     /// A client that trusts only the bench's CA, TLS 1.3, offering `alpn`

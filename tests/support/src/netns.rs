@@ -116,13 +116,8 @@ pub struct Inside {
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        // SAFETY: setns on an fd we own; it changes only this thread's
-        // network namespace.
-        if unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            eprintln!(
-                "netns: cannot return to the original network namespace: {}",
-                io::Error::last_os_error()
-            );
+        if let Err(e) = setns_net(&self.home) {
+            eprintln!("netns: cannot return to the original network namespace: {e}");
             std::process::abort();
         }
     }
@@ -162,11 +157,19 @@ fn sweep_stale() {
 /// affected.
 pub fn enter(path: &Path) {
     let file = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    if let Err(e) = setns_net(&file) {
+        panic!("setns {}: {e}", path.display());
+    }
+}
+
+/// Moves the calling thread into the network namespace `ns` refers to.
+fn setns_net(ns: &fs::File) -> io::Result<()> {
     // SAFETY: setns on an fd we own; it changes only this thread's network
     // namespace.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        panic!("setns {}: {}", path.display(), io::Error::last_os_error());
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Runs `f` on a new thread that first enters the network namespace at
