@@ -315,7 +315,25 @@ where
                 _ => Failure::ChannelClosed { pid },
             }),
         },
-        st = child.wait() => Err(Failure::Exited { pid, status: exit_text(st) }),
+        // `biased` orders the polls, not the events: another worker's
+        // reactor turn can mark both the channel and the exit ready after
+        // the channel's branch found nothing and before this one is polled
+        // (seen once in 40 runs under load: "ready" then exit 3 was
+        // reported as an exit before ready). What the child wrote is in
+        // the socket's buffer: read it before naming the reason (bounded:
+        // a grandchild may hold the channel open).
+        st = child.wait() => {
+            let status = exit_text(st);
+            let last = tokio::time::timeout(Duration::from_secs(1), next_line(&mut lines, &mut notes)).await;
+            Err(match last {
+                Ok(Ok(Some(l))) if Ready::parse(&l).is_some() => Failure::DiedOnProbation { pid, status },
+                Ok(Ok(Some(l))) if channel::failed_reason(&l).is_some() => Failure::CouldNotStart {
+                    pid,
+                    reason: channel::failed_reason(&l).expect("parsed").to_string(),
+                },
+                _ => Failure::Exited { pid, status },
+            })
+        }
         _ = tokio::time::sleep_until(deadline) => Err(Failure::NotReady { pid, timeout: ready_timeout }),
         _ = &mut cancelled => Err(Failure::Cancelled),
     };
