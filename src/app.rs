@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -23,7 +22,7 @@ use serde::Serialize;
 use tokio::net::unix::UCred;
 
 use crate::config_file::ConfigFile;
-use crate::stats::RouteStats;
+use crate::stats::{CountLayer, RouteStats};
 
 /// The longest `/slow` sleep; longer asks are a 400, so one request cannot
 /// hold a drain for an hour.
@@ -77,15 +76,41 @@ impl From<ConfigFile> for ConfigFileId {
     }
 }
 
-/// What every route may read.
-#[derive(Clone)]
-struct App<G> {
+/// What every route may read, behind one `Arc`: axum clones the state for
+/// each request (the route's service, then the `State` extractor), and a
+/// clone of the fields themselves would be five reference counts, each an
+/// atomic add and subtract on a cache line that every worker thread
+/// touches.
+struct App<G>(Arc<AppData<G>>);
+
+struct AppData<G> {
     generation: G,
     /// `None` without a configuration file.
-    config: Option<Arc<ConfigFileId>>,
+    config: Option<ConfigFileId>,
     /// Requests per route, handed from generation to generation.
     stats: Arc<RouteStats>,
 }
+
+impl<G> Clone for App<G> {
+    fn clone(&self) -> App<G> {
+        App(self.0.clone())
+    }
+}
+
+impl<G> std::ops::Deref for App<G> {
+    type Target = AppData<G>;
+
+    fn deref(&self) -> &AppData<G> {
+        &self.0
+    }
+}
+
+/// Every route's pattern, each counted for `/stats` by a counter of its
+/// own ([`RouteStats::new`]); a route missing here is still counted, in a
+/// map behind a lock.
+pub const ROUTES: &[&str] = &[
+    "/", "/healthz", "/readyz", "/slow", "/ws", "/events", "/peer", "/metrics", "/stats",
+];
 
 /// The routes but `/metrics`.
 fn app_routes<G: GenerationView>() -> Router<App<G>> {
@@ -105,22 +130,8 @@ fn with_metrics<G: GenerationView>(r: Router<App<G>>) -> Router<App<G>> {
         .route("/stats", get(stats::<G>))
 }
 
-/// Counts each request by its route's pattern: only matched routes (a
-/// `route_layer`), so the set of names stays pid-server's own.
-async fn count<G: GenerationView>(
-    State(s): State<App<G>>,
-    route: Option<MatchedPath>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if let Some(route) = route {
-        s.stats.count(route.as_str());
-    }
-    next.run(req).await
-}
-
 fn counted<G: GenerationView>(r: Router<App<G>>, state: &App<G>) -> Router {
-    r.route_layer(middleware::from_fn_with_state(state.clone(), count::<G>))
+    r.route_layer(CountLayer(state.stats.clone()))
         .with_state(state.clone())
 }
 
@@ -167,11 +178,11 @@ pub fn routes<G: GenerationView>(
 
 impl<G> App<G> {
     fn new(generation: G, config: Option<ConfigFileId>, stats: Arc<RouteStats>) -> App<G> {
-        App {
+        App(Arc::new(AppData {
             generation,
-            config: config.map(Arc::new),
+            config,
             stats,
-        }
+        }))
     }
 }
 
@@ -234,7 +245,7 @@ async fn healthz<G: GenerationView>(State(s): State<App<G>>) -> Json<Health> {
             "serving"
         },
         in_flight: g.in_flight(),
-        config: s.config.as_deref().cloned(),
+        config: s.config.clone(),
     })
 }
 
@@ -451,6 +462,37 @@ mod tests {
         let status = resp.status();
         let body = to_bytes(resp.into_body(), 1 << 16).await.unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// Each pattern in `ROUTES` is one the app serves (a missing one would
+    /// be counted behind a lock, a stale one never), and each request is
+    /// counted once, by its route's own counter.
+    #[tokio::test]
+    async fn every_listed_route_is_served_and_counted() {
+        let stats = Arc::new(RouteStats::new(ROUTES));
+        let app = routes(Shared::new(1, 0), None, stats.clone(), &[])("http");
+        for route in ROUTES {
+            let uri = if *route == "/slow" {
+                "/slow?ms=0"
+            } else {
+                route
+            };
+            // `/peer` answers 404 to a request without its peer.
+            let peer = ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1)));
+            let req = Request::get(uri).extension(peer).body(Body::empty());
+            let resp = app.clone().oneshot(req.unwrap()).await.unwrap();
+            assert_ne!(resp.status(), StatusCode::NOT_FOUND, "{route}");
+        }
+        let want: std::collections::BTreeMap<String, u64> =
+            ROUTES.iter().map(|r| (r.to_string(), 1)).collect();
+        assert_eq!(stats.snapshot().requests, want);
+        // An unknown path matches no route and is not counted.
+        let req = Request::get("/nowhere").body(Body::empty()).unwrap();
+        assert_eq!(
+            app.oneshot(req).await.unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(stats.snapshot().requests, want);
     }
 
     #[tokio::test]

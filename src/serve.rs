@@ -64,7 +64,7 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return cli::fail(&format!("cannot start the async runtime: {e}"), 1),
     };
-    let stats = Arc::new(RouteStats::default());
+    let stats = Arc::new(RouteStats::new(app::ROUTES));
     let routes = app::routes(
         generation.info(),
         file.map(Into::into),

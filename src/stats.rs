@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
+use axum::extract::{MatchedPath, Request};
 use serde::Serialize;
 
 /// The most routes counted: pid-server has a handful; a state with more is
@@ -19,14 +22,21 @@ const MAX_ROUTES: usize = 64;
 const MAX_ROUTE_LEN: usize = 256;
 
 /// The requests each route answered, this generation's and inherited.
+///
+/// The routes named at construction are counted on every request without a
+/// lock: an atomic add on the route's own counter (a mutex and a map
+/// lookup, shared by every core, were a measurable part of a request). Any
+/// other pattern, and what a predecessor counted for routes this release
+/// does not have, goes to the map behind the mutex.
 #[derive(Debug, Default)]
 pub struct RouteStats {
+    routes: Box<[(&'static str, AtomicU64)]>,
     inner: Mutex<Counts>,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
-    by_route: BTreeMap<String, u64>,
+    other: BTreeMap<String, u64>,
     inherited: Inherited,
 }
 
@@ -53,29 +63,63 @@ pub struct Snapshot {
 }
 
 impl RouteStats {
-    /// One request to `route` (a route pattern, as `/slow`).
-    pub fn count(&self, route: &str) {
-        let mut c = self.lock();
-        if let Some(n) = c.by_route.get_mut(route) {
-            *n += 1;
-        } else if c.by_route.len() < MAX_ROUTES {
-            c.by_route.insert(route.to_string(), 1);
+    /// Counts for `routes` (route patterns, as `/slow`), each with a
+    /// counter of its own.
+    pub fn new(routes: &[&'static str]) -> RouteStats {
+        RouteStats {
+            routes: routes.iter().map(|r| (*r, AtomicU64::new(0))).collect(),
+            inner: Mutex::default(),
         }
     }
 
+    fn counter(&self, route: &str) -> Option<&AtomicU64> {
+        self.routes
+            .iter()
+            .find(|(r, _)| *r == route)
+            .map(|(_, n)| n)
+    }
+
+    /// `n` more requests to `route`.
+    fn add(&self, c: &mut Counts, route: &str, n: u64) {
+        if let Some(own) = self.counter(route) {
+            own.fetch_add(n, Ordering::Relaxed);
+        } else if let Some(other) = c.other.get_mut(route) {
+            *other += n;
+        } else if self.routes.len() + c.other.len() < MAX_ROUTES {
+            c.other.insert(route.to_string(), n);
+        }
+    }
+
+    /// One request to `route` (a route pattern, as `/slow`).
+    pub fn count(&self, route: &str) {
+        match self.counter(route) {
+            Some(n) => {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            None => self.add(&mut self.lock(), route, 1),
+        }
+    }
+
+    /// The routes that answered at least one request, with their counts.
     pub fn snapshot(&self) -> Snapshot {
         let c = self.lock();
+        let mut requests = c.other.clone();
+        for (route, n) in self.routes.iter() {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                requests.insert(route.to_string(), n);
+            }
+        }
         Snapshot {
-            requests: c.by_route.clone(),
+            requests,
             inherited: c.inherited,
         }
     }
 
     /// The counts, for the next generation: a line `<count> <route>` each.
     pub fn save(&self) -> Vec<u8> {
-        let c = self.lock();
         let mut out = String::new();
-        for (route, n) in &c.by_route {
+        for (route, n) in self.snapshot().requests {
             out.push_str(&format!("{n} {route}\n"));
         }
         out.into_bytes()
@@ -96,11 +140,7 @@ impl RouteStats {
             }
             Some(Ok(counts)) => {
                 for (route, n) in counts {
-                    if let Some(own) = c.by_route.get_mut(&route) {
-                        *own += n;
-                    } else if c.by_route.len() < MAX_ROUTES {
-                        c.by_route.insert(route, n);
-                    }
+                    self.add(&mut c, &route, n);
                 }
                 Inherited::Taken
             }
@@ -127,17 +167,61 @@ fn parse(state: &[u8]) -> Result<Vec<(String, u64)>, String> {
     Ok(out)
 }
 
+/// Counts each request by its route's pattern, as a route layer (so only
+/// matched routes, and the set of names stays the app's own). A plain
+/// tower layer around the route rather than `middleware::from_fn`, which
+/// clones the route's boxed service and boxes a future on every request.
+#[derive(Clone)]
+pub struct CountLayer(pub std::sync::Arc<RouteStats>);
+
+impl<S> tower_layer::Layer<S> for CountLayer {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted {
+            inner,
+            stats: self.0.clone(),
+        }
+    }
+}
+
+/// A route that counts its requests; see [`CountLayer`].
+#[derive(Clone)]
+pub struct Counted<S> {
+    inner: S,
+    stats: std::sync::Arc<RouteStats>,
+}
+
+impl<S: tower_service::Service<Request>> tower_service::Service<Request> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> S::Future {
+        if let Some(route) = req.extensions().get::<MatchedPath>() {
+            self.stats.count(route.as_str());
+        }
+        self.inner.call(req)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn counts_round_trip_and_add_up() {
-        let old = RouteStats::default();
+        // The old release declares two of the routes, the new one only
+        // `/`: counts reach the other through the map, both ways.
+        let old = RouteStats::new(&["/", "/healthz"]);
         for r in ["/", "/", "/healthz", "/slow"] {
             old.count(r);
         }
-        let new = RouteStats::default();
+        let new = RouteStats::new(&["/"]);
         new.count("/");
         assert_eq!(new.snapshot().inherited, Inherited::Pending);
         new.restore(Some(&old.save()));
