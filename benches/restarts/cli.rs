@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use pid_server_test_support::deploy::Release;
 
 use crate::load::Mode;
 use crate::protocols::{PROTOCOLS, Proto};
@@ -151,6 +152,13 @@ struct Flags {
     #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     crash_safe_secs: u64,
 
+    /// Boot the containers (the systemd strategies, the store's and the
+    /// crash-safe mode's cost) from Debian N's debootstrap tree, the systemd
+    /// suite's (12: systemd 252, 13: 257; made on first use), instead of
+    /// the host's /usr [default: the host's /usr]
+    #[arg(long, value_name = "N", value_parser = debian_release)]
+    debian: Option<Release>,
+
     /// A short smoke run: 3 restarts each, 1 s steady state
     #[arg(long)]
     quick: bool,
@@ -225,6 +233,13 @@ fn count_list(v: &str) -> Result<List<usize>, String> {
         .map(List)
 }
 
+fn debian_release(v: &str) -> Result<Release, String> {
+    Release::ALL
+        .into_iter()
+        .find(|r| r.debian().to_string() == v)
+        .ok_or_else(|| format!("{v:?} is not a Debian release the tests know (12 or 13)"))
+}
+
 fn protocol_list(v: &str) -> Result<List<Proto>, String> {
     if v.trim() == "none" {
         return Ok(List(Vec::new()));
@@ -278,6 +293,8 @@ pub(crate) struct Args {
     pub(crate) crash_safe_cost: Vec<usize>,
     /// The measured window of each of those rows.
     pub(crate) crash_safe_window: Duration,
+    /// The containers' Debian tree (`None`: the host's `/usr`).
+    pub(crate) debian: Option<Release>,
     pub(crate) quick: bool,
     pub(crate) check: bool,
     pub(crate) out: PathBuf,
@@ -382,6 +399,7 @@ impl Flags {
                 .map(|l| l.0)
                 .unwrap_or_else(|| if quick { Vec::new() } else { vec![64, 256] }),
             crash_safe_window: Duration::from_secs(self.crash_safe_secs),
+            debian: self.debian,
             quick,
             check: self.check,
             out: self

@@ -28,10 +28,9 @@ use crate::cli::Args;
 use crate::crashsafe::{self, CrashSafeCost};
 use crate::nspawn;
 use crate::procs::{aborted, sleep_until};
-use crate::servers::PID_SERVER;
 use crate::strategies::{
     SERVICE, SOCKET, Skips, boot_container, container_main_pid, container_ready,
-    container_systemctl, set_fd_store, start_limit_dropin, systemd_version,
+    container_systemctl, set_fd_store,
 };
 
 /// The shipped unit's `PID_SERVER_FD_STORE_CONNECTIONS=`: the most
@@ -207,8 +206,7 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> FdStoreResults {
     // takes them starts their idle time anew. Longer ones would also stretch
     // the store-off restart: a stop closes an idle connection once it has
     // been idle the keep-alive timeout plus a second.
-    let opts = start_limit_dropin(nspawn::BootOptions::new(PID_SERVER, port));
-    let c = match boot_container(&opts) {
+    let c = match boot_container(args, port) {
         Ok(c) => c,
         Err(why) => {
             skips.add(&steps(), why);
@@ -217,7 +215,7 @@ pub(crate) fn run(args: &Args, skips: &mut Skips) -> FdStoreResults {
     };
     eprintln!(
         "bench: fdstore cost: systemd {} in container {}, PID 1 is {} on the host",
-        systemd_version(),
+        c.systemd_version(),
         c.name(),
         c.init_pid()
     );

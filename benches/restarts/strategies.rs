@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use pid_server_test_support::deploy;
 use pid_server_test_support::netns::Netns;
 
 use crate::cli::Args;
@@ -566,11 +567,19 @@ fn run_reuseport(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     }
 }
 
-/// Boots a container (the systemd tests' harness), or says why not: its
-/// boot panics on failure, with nspawn's output.
-pub(crate) fn boot_container(opts: &nspawn::BootOptions) -> Result<nspawn::Container, String> {
+/// Boots a container for the bench (the systemd tests' harness) with
+/// pid-server's units on `port`, from the host's `/usr` or the tree
+/// `--debian` names, or says why not: a boot, and a tree's first
+/// debootstrap, panic on failure, with what went wrong.
+pub(crate) fn boot_container(args: &Args, port: u16) -> Result<nspawn::Container, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        nspawn::Container::boot(opts)
+        let mut opts = start_limit_dropin(nspawn::BootOptions::new(PID_SERVER, port));
+        if let Some(release) = args.debian {
+            // The host's network (the bench's clients are there), unlike
+            // the suite's containers.
+            opts.recipe = nspawn::Recipe::Tree(deploy::debian_tree(release));
+        }
+        nspawn::Container::boot(&opts)
     }))
     .map_err(|p| {
         let msg = p
@@ -586,7 +595,7 @@ pub(crate) fn boot_container(opts: &nspawn::BootOptions) -> Result<nspawn::Conta
 /// The drop-in that lifts systemd's start limit, for any container of the
 /// bench: systemd's default (5 starts in 10 s) would fail the unit, and its
 /// socket with it, a few restarts into a run at the bench's pace.
-pub(crate) fn start_limit_dropin(opts: nspawn::BootOptions) -> nspawn::BootOptions {
+fn start_limit_dropin(opts: nspawn::BootOptions) -> nspawn::BootOptions {
     opts.dropin(
         STARTLIMIT_DROPIN,
         "# benches/restarts/strategies.rs: restarts every few hundred ms are the point here\n\
@@ -638,8 +647,7 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     }
     let port = nspawn::free_port();
     eprintln!("bench: booting a systemd container for {}", all());
-    let opts = start_limit_dropin(nspawn::BootOptions::new(PID_SERVER, port));
-    let c = match boot_container(&opts) {
+    let c = match boot_container(args, port) {
         Ok(c) => c,
         Err(why) => {
             skips.add(&all(), why);
@@ -648,7 +656,7 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
     };
     let note = format!(
         "systemd {} in container {} (boot {} ms); drop-in StartLimitIntervalSec=0",
-        systemd_version(),
+        c.systemd_version(),
         c.name(),
         c.boot_time().as_millis()
     );
@@ -713,11 +721,4 @@ fn run_systemd(args: &Args, runs: &mut Vec<RunResult>, skips: &mut Skips) {
         &["systemctl", "--no-pager", "stop", SERVICE, SOCKET],
         Duration::from_secs(60),
     );
-}
-
-pub(crate) fn systemd_version() -> String {
-    run_cmd("systemctl", &["--version"], Duration::from_secs(5))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
-        .unwrap_or_else(|| "?".into())
 }
