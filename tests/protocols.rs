@@ -800,29 +800,40 @@ fn a_stalled_stream_does_not_hold_a_leaving_process_to_the_drain_timeout() {
 
 #[test]
 fn rapid_reset_connections_log_a_line_a_second_at_most() {
-    const CONNS: usize = 60;
+    // Whether the server sees the resets before it takes the streams
+    // depends on timing: some connections, not all, are closed for them
+    // (3 to 20 of 60 on a loaded machine). So the attack goes on, in
+    // rounds of 20 connections and bounded, until 10 were.
+    const ROUND: usize = 20;
+    const MOST: usize = 600;
+    const ENOUGH: u64 = 10;
     let (p, _notify, addr) = start_logging(&[]);
     let started = Instant::now();
-    for _ in 0..CONNS {
-        let mut c = H2Conn::connect(addr).unwrap();
-        // The server closes it with GOAWAY (ENHANCE_YOUR_CALM) midway.
-        let _ = c.reset_streams(200);
-        let _ = c.wait_closed(WAIT);
+    let (mut conns, mut errors) = (0, 0);
+    while conns < MOST && errors < ENOUGH {
+        for _ in 0..ROUND {
+            let mut c = H2Conn::connect(addr).unwrap();
+            // The server closes it with GOAWAY (ENHANCE_YOUR_CALM) midway.
+            let _ = c.reset_streams(200);
+            let _ = c.wait_closed(WAIT);
+        }
+        conns += ROUND;
+        errors = scrape(addr, "protocol_errors_total");
     }
     let secs = started.elapsed().as_secs() + 1;
-    let errors = scrape(addr, "protocol_errors_total");
     let log = p.log();
     let lines = log
         .lines()
         .filter(|l| l.contains("reached limit") || l.contains("HTTP/2 connection closed"))
         .count() as u64;
-    eprintln!("{errors} connections closed for resets in {secs}s: {lines} log lines");
-    // Whether the server sees the resets before it takes the streams
-    // depends on timing: most connections, not all, are closed for them.
-    assert!(errors >= 10, "{errors} connections were closed for resets");
+    eprintln!("{errors} of {conns} connections closed for resets in {secs}s: {lines} log lines");
+    assert!(
+        errors >= ENOUGH,
+        "{errors} of {conns} connections were closed for resets"
+    );
     assert!(
         lines <= secs,
-        "{lines} log lines for {CONNS} attack connections in {secs}s:\n{log}"
+        "{lines} log lines for {conns} attack connections in {secs}s:\n{log}"
     );
     assert!(lines >= 1, "no line at all:\n{log}");
 }
