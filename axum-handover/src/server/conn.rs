@@ -876,8 +876,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
         let busy = self.activity.begin();
         let draw = (self.draws, busy.0.requests());
         let closing = Closing::new(self.left.clone(), self.close_spread, draw);
-        self.peer.insert(req.extensions_mut());
-        req.extensions_mut().insert(closing.clone());
+        self.peer.add_to(req.extensions_mut(), closing.clone());
         let after = After {
             busy,
             keep_alive: self.keep_alive.clone(),

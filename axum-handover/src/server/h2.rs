@@ -306,8 +306,7 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
             .streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let closing = Closing::new(self.left.clone(), self.close_spread, (self.draws, stream));
-        self.peer.insert(req.extensions_mut());
-        req.extensions_mut().insert(closing.clone());
+        self.peer.add_to(req.extensions_mut(), closing.clone());
         Box::pin(async move {
             let Some(slot) = slot else {
                 // Past a bound on held responses: an empty answer, which
