@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::h2::{H2Conn, H2Load, pid_of};
+use pid_server_test_support::h2::{H2Conn, H2Load};
 use pid_server_test_support::h2load::{Streams, Summary};
 use pid_server_test_support::proc::{self, Notify, Proc, Reaper, WAIT, rss_kb};
 use pid_server_test_support::tls::{TestCa, TlsConn};
@@ -187,7 +187,7 @@ fn a_stream_open_during_a_reload_finishes_on_the_old_process() {
     }
     for (old, c, s) in [(plain.pid, h2c, a), (tls.pid, h2s, b)] {
         let (status, body) = c.finish(s).unwrap();
-        assert_eq!((status, pid_of(&body)), (200, Some(old)), "{body}");
+        assert_eq!((status, http::pid_in(&body)), (200, Some(old)), "{body}");
         // Closed by the server once its streams were done (the client may
         // see the end of a TLS connection as a broken pipe).
         assert!(c.wait_closed(WAIT).is_ok(), "PID {old} kept the connection");
@@ -429,7 +429,7 @@ fn tls_sessions_resume_with_the_new_process() {
     proc::wait_gone(new, WAIT);
     let mut c = H2Conn::connect_tls(addr, h2).unwrap();
     assert_eq!(c.tls_resumed(), Some(true));
-    assert_eq!(pid_of(&c.get("/").unwrap().1), Some(new2));
+    assert_eq!(http::pid_in(&c.get("/").unwrap().1), Some(new2));
 }
 
 /// The value of the metric `name` (its full name) in a scrape's `body`.

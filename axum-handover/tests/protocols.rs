@@ -29,7 +29,10 @@ fn h2c_and_http1_share_a_socket_through_reloads() {
     for s in started {
         let (status, body) = c.finish(s).unwrap();
         assert_eq!(status, 200);
-        assert_eq!(pid_server_test_support::h2::pid_of(&body), Some(first.pid));
+        assert_eq!(
+            pid_server_test_support::http::pid_in(&body),
+            Some(first.pid)
+        );
     }
 
     let max = Duration::from_secs(60);

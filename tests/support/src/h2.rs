@@ -278,11 +278,6 @@ fn sent_error(e: h2::Error) -> H2Error {
     }
 }
 
-/// The PID in a pid-server or hello body.
-pub fn pid_of(body: &str) -> Option<u32> {
-    crate::http::pid_in(body)
-}
-
 /// What an [`H2Load`] saw.
 #[derive(Debug, Default, Clone)]
 pub struct H2Tally {
@@ -355,7 +350,7 @@ impl H2Load {
                     match r {
                         Ok((200, body)) => {
                             t.ok += 1;
-                            if let Some(pid) = pid_of(&body) {
+                            if let Some(pid) = crate::http::pid_in(&body) {
                                 *t.by_pid.entry(pid).or_default() += 1;
                             }
                         }
