@@ -254,10 +254,14 @@ pub(crate) async fn linger<I: AsyncRead + AsyncWrite + Unpin>(
     ) {
         return;
     }
-    let mut buf = [0u8; 4096];
+    // Not zeroed: what is read is thrown away, and zeroing 4 KiB for every
+    // closing connection was a tenth of the instructions a connection
+    // with one request cost (callgrind, `ab` without keep-alive).
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
     let mut read = 0;
     while read < LINGER_BYTES {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+        let mut window = &mut buf[..];
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut window)).await {
             Ok(Ok(n)) if n > 0 => read += n,
             // The client closed (or reset), or time is up.
             _ => return,
