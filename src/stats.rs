@@ -7,8 +7,8 @@
 //! app's: the example of app state that survives a reload.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::extract::{MatchedPath, Request};
@@ -79,24 +79,33 @@ impl RouteStats {
             .map(|(_, n)| n)
     }
 
-    /// `n` more requests to `route`.
+    /// `n` more requests to `route`: its own counter, or the map.
     fn add(&self, c: &mut Counts, route: &str, n: u64) {
-        if let Some(own) = self.counter(route) {
-            own.fetch_add(n, Ordering::Relaxed);
-        } else if let Some(other) = c.other.get_mut(route) {
+        match self.counter(route) {
+            Some(own) => {
+                own.fetch_add(n, Ordering::Relaxed);
+            }
+            None => self.add_other(c, route, n),
+        }
+    }
+
+    /// `n` more requests to a route without a counter of its own.
+    fn add_other(&self, c: &mut Counts, route: &str, n: u64) {
+        if let Some(other) = c.other.get_mut(route) {
             *other += n;
         } else if self.routes.len() + c.other.len() < MAX_ROUTES {
             c.other.insert(route.to_string(), n);
         }
     }
 
-    /// One request to `route` (a route pattern, as `/slow`).
+    /// One request to `route` (a route pattern, as `/slow`). The lock only
+    /// for a route without a counter of its own.
     pub fn count(&self, route: &str) {
         match self.counter(route) {
             Some(n) => {
                 n.fetch_add(1, Ordering::Relaxed);
             }
-            None => self.add(&mut self.lock(), route, 1),
+            None => self.add_other(&mut self.lock(), route, 1),
         }
     }
 
@@ -172,7 +181,7 @@ fn parse(state: &[u8]) -> Result<Vec<(String, u64)>, String> {
 /// tower layer around the route rather than `middleware::from_fn`, which
 /// clones the route's boxed service and boxes a future on every request.
 #[derive(Clone)]
-pub struct CountLayer(pub std::sync::Arc<RouteStats>);
+pub struct CountLayer(pub Arc<RouteStats>);
 
 impl<S> tower_layer::Layer<S> for CountLayer {
     type Service = Counted<S>;
@@ -189,7 +198,7 @@ impl<S> tower_layer::Layer<S> for CountLayer {
 #[derive(Clone)]
 pub struct Counted<S> {
     inner: S,
-    stats: std::sync::Arc<RouteStats>,
+    stats: Arc<RouteStats>,
 }
 
 impl<S: tower_service::Service<Request>> tower_service::Service<Request> for Counted<S> {
