@@ -88,7 +88,7 @@ fn failures(t: &Tally) -> String {
 
 // ---------------------------------------------------------------------------
 
-/// SIGKILL of the new generation as soon as MainPID names it, under load
+/// SIGKILL of the new generation as soon as the reload is done, under load
 /// (keep-alive, one-shot and paused clients). Lost, inherently: what the
 /// killed process held, at most one request per client (each client has
 /// one connection at a time; its next one waits in the socket's queue,
@@ -106,17 +106,27 @@ fn successor_killed_right_after_taking_over_is_restarted(r: Release) {
         t.ok_paused >= PAUSED as u64
     });
 
-    let (new, killed_at, reload_out) = thread::scope(|s| {
-        let h = s.spawn(|| reload(&c));
-        let new = wait::until("MainPID to move to the new generation", WAIT, || {
-            let p = c.main_pid(SERVICE);
-            (p != 0 && p != old).then_some(p)
-        });
-        let killed_at = sigkill(&c, new);
-        // `reload` is bounded (RELOAD_BOUND).
-        let (out, _) = h.join().expect("the reload thread panicked");
-        (new, killed_at, out)
-    });
+    // The kill comes as soon as systemd has closed the reload job
+    // (`systemctl reload` returns then), not as soon as MainPID names the
+    // new process: a main process that dies inside the reload job is a
+    // different case to systemd, and 257 does not always count it as a
+    // failure (seen once: "Deactivated successfully", `NRestarts=0`, and the
+    // socket unit started the service again on the next connection, 364 ms
+    // later; docs/src/operator/faults.md). The older generation is still
+    // draining here.
+    let (reload_out, _) = reload(&c);
+    assert!(
+        reload_out.status.success(),
+        "systemctl reload failed ({}):\n{}",
+        reload_out.status,
+        text(&reload_out)
+    );
+    let new = c.main_pid(SERVICE);
+    assert!(
+        new != 0 && new != old,
+        "MainPID {new} after a reload from {old}"
+    );
+    let killed_at = sigkill(&c, new);
     let (back, took) = recovered(&c, killed_at, &[old, new]);
     say(
         r,
