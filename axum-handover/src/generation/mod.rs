@@ -20,12 +20,10 @@
 //! why in `STATUS=`.
 
 //!
-//! The phases live in their own files: `running` (start and join),
-//! `reload` (serving, and reloads under way), `leave` (moving or draining
-//! the connections at the end).
+//! The phases live in their own files: `running` (start and join), and
+//! beneath it `running/reload` (serving, and a reload under way) and
+//! `running/leave` (moving or draining the connections at the end).
 
-mod leave;
-mod reload;
 mod running;
 
 use std::fmt;
@@ -685,18 +683,7 @@ impl Generation {
             }
         };
         if let Err(why) = run.join().await {
-            // The old process kept the unit (it is stopping us, or gone):
-            // drain what we accepted, and tell systemd nothing.
-            tracing::warn!(event = "handover_aborted", reason = %why, "handover aborted: {why}; draining");
-            run.info.set_leaving(Leaving::Stopping);
-            run.control.take();
-            let report = run.server.finish_drain().await;
-            tracing::info!(
-                event = "drained",
-                drain_ms = report.elapsed.as_millis() as u64,
-                "drained; exiting"
-            );
-            return Ended::Aborted;
+            return run.abandon(&why).await;
         }
         let leave = run.serve().await;
         run.leave(leave).await

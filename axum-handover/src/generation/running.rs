@@ -1,4 +1,9 @@
 //! A started generation: what the phases share, starting, and joining.
+//! Its fields are private to this module and the two that serve and let
+//! go (`reload`, `leave`): `generation` sees the phases' methods only.
+
+mod leave;
+mod reload;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -17,9 +22,9 @@ use crate::signals::{Signals, Stop, Trigger};
 
 /// A reload under way: the new process, and who asked.
 pub(super) struct Reload {
-    pub(super) pending: Pending,
-    pub(super) trigger: Trigger,
-    pub(super) reply: Option<control::Request>,
+    pending: Pending,
+    trigger: Trigger,
+    reply: Option<control::Request>,
 }
 
 /// Why the serving phase ended.
@@ -30,23 +35,23 @@ pub(super) enum Leave {
 
 /// A started generation: everything the phases share.
 pub(super) struct Running {
-    pub(super) config: Config,
-    pub(super) info: Info,
-    pub(super) hooks: Box<dyn Hooks>,
-    pub(super) sockets: String,
-    pub(super) notifier: Arc<Notifier>,
-    pub(super) signals: Signals,
-    pub(super) server: Server,
-    pub(super) inherited: Option<Inherited>,
+    config: Config,
+    info: Info,
+    hooks: Box<dyn Hooks>,
+    sockets: String,
+    notifier: Arc<Notifier>,
+    signals: Signals,
+    server: Server,
+    inherited: Option<Inherited>,
     /// The control socket's task and the requests it forwards.
-    pub(super) control: Option<tokio::task::JoinHandle<()>>,
-    pub(super) requests: mpsc::Receiver<control::Request>,
+    control: Option<tokio::task::JoinHandle<()>>,
+    requests: mpsc::Receiver<control::Request>,
     /// How to start the next generation: fixed at start-up.
-    pub(super) plan: Plan,
-    pub(super) last_reload: Option<super::LastReload>,
+    plan: Plan,
+    last_reload: Option<super::LastReload>,
     /// What the operator should hear about this start (sent to the old
     /// process when a reload started us).
-    pub(super) notes: Vec<String>,
+    notes: Vec<String>,
 }
 
 impl Running {
@@ -140,7 +145,7 @@ impl Running {
         })
     }
 
-    pub(super) fn status(&self) -> String {
+    fn status(&self) -> String {
         self.hooks.status(&Status {
             sockets: self.sockets.clone(),
             generation: self.info.generation,
@@ -149,7 +154,7 @@ impl Running {
         })
     }
 
-    pub(super) fn drain_status(&self) -> String {
+    fn drain_status(&self) -> String {
         drain_status(&self.info)
     }
 
@@ -220,7 +225,7 @@ pub(super) fn describe(listeners: &[Listener]) -> String {
     )
 }
 
-pub(super) fn drain_status(info: &Info) -> String {
+fn drain_status(info: &Info) -> String {
     format!(
         "draining: {} in flight on {} connections ({} upgraded) · generation {}",
         info.in_flight(),

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::running::{Leave, Reload, Running, drain_status};
-use super::{Ended, Leaving};
+use super::super::{Ended, Leaving};
+use super::{Leave, Reload, Running, drain_status};
 use crate::control::{self, Answer, Report};
 use crate::fdstore;
 use crate::handover::channel::{Feature, PROTOCOL};
@@ -21,7 +21,7 @@ const STATE_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 impl Running {
     /// Lets go of the connections, and of the unit: moved to the successor
     /// or drained.
-    pub(super) async fn leave(mut self, leave: Leave) -> Ended {
+    pub(in crate::generation) async fn leave(mut self, leave: Leave) -> Ended {
         if let Some(t) = self.control.take() {
             t.abort();
         }
@@ -53,6 +53,24 @@ impl Running {
         } else {
             Ended::Stopped
         }
+    }
+
+    /// The handover was called off before this successor took over (the
+    /// old process kept the unit, and is stopping us or gone): drain what
+    /// we accepted, and tell systemd nothing.
+    pub(in crate::generation) async fn abandon(mut self, why: &str) -> Ended {
+        tracing::warn!(event = "handover_aborted", reason = %why, "handover aborted: {why}; draining");
+        self.info.set_leaving(Leaving::Stopping);
+        if let Some(t) = self.control.take() {
+            t.abort();
+        }
+        let report = self.server.finish_drain().await;
+        tracing::info!(
+            event = "drained",
+            drain_ms = report.elapsed.as_millis() as u64,
+            "drained; exiting"
+        );
+        Ended::Aborted
     }
 
     /// A stop: the drain begins, or, when the unit keeps connections over a

@@ -2,88 +2,79 @@
 
 use std::time::Duration;
 
-use super::running::{Leave, Reload, Running};
+use super::{Leave, Reload, Running};
 use crate::Config;
 use crate::control::{self, Answer};
-use crate::handover::spawn::{self, Failure, Joined};
+use crate::handover::spawn::{self, Failure};
 use crate::metrics::ReloadResult;
 use crate::signals::{Event, Trigger};
 
 impl Running {
-    /// Serves until told to stop, or until a successor owns the unit.
-    pub(super) async fn serve(&mut self) -> Leave {
-        let mut reload: Option<Reload> = None;
-        let mut status = String::new();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+    /// Serves until told to stop, or until a successor owns the unit. Two
+    /// phases, one loop each: serving, and a reload under way (which owns
+    /// its [`Reload`] until the outcome).
+    pub(in crate::generation) async fn serve(&mut self) -> Leave {
+        let mut status = Shown::default();
         loop {
-            enum Step {
-                Signal(Event),
-                Request(control::Request),
-                Outcome(Result<Joined, Failure>),
-                Tick,
-            }
-            let step = tokio::select! {
-                ev = self.signals.next() => Step::Signal(ev),
-                Some(req) = self.requests.recv() => Step::Request(req),
-                r = outcome(&mut reload) => Step::Outcome(r),
-                _ = tick.tick() => Step::Tick,
+            let reload = tokio::select! {
+                ev = self.signals.next() => match ev {
+                    Event::Stop(sig) => return Leave::Stop(sig),
+                    Event::Reload(trigger) => self.begin_reload(trigger, None).await,
+                },
+                Some(req) = self.requests.recv() => {
+                    self.begin_reload(Trigger::Request, Some(req)).await
+                }
+                _ = status.tick.tick() => {
+                    status.show(self);
+                    None
+                }
             };
-            match step {
-                Step::Tick => {
-                    let now = self.status();
-                    if now != status {
-                        self.notifier.status(&now);
-                        status = now;
-                    }
-                }
-                Step::Signal(Event::Stop(sig)) => {
-                    if let Some(r) = reload.take() {
-                        r.pending.cancel().await;
-                        reply(
-                            r.reply,
-                            Answer::Failed("the old process is stopping".into()),
-                        )
-                        .await;
-                    }
-                    return Leave::Stop(sig);
-                }
-                Step::Signal(Event::Reload(trigger)) => {
-                    reload = self.begin_reload(reload, trigger, None).await;
-                }
-                Step::Request(req) => {
-                    reload = self.begin_reload(reload, Trigger::Request, Some(req)).await;
-                }
-                Step::Outcome(Ok(joined)) => {
-                    let reload = reload.take().expect("an outcome comes from a reload");
-                    return Leave::HandedOver { reload, joined };
-                }
-                Step::Outcome(Err(failure)) => {
-                    let r = reload.take().expect("an outcome comes from a reload");
-                    self.reload_failed(Some(r.pending.pid), failure, r.reply)
-                        .await;
-                }
+            if let Some(reload) = reload
+                && let Some(leave) = self.reloading(reload, &mut status).await
+            {
+                return leave;
             }
         }
     }
 
-    /// Starts a reload, unless one is under way. Returns the reload now in
-    /// progress.
+    /// A reload under way, until its outcome: `Some` when this generation
+    /// leaves (handed over, or stopped meanwhile), `None` when the reload
+    /// failed and it serves on. Another reload is refused meanwhile.
+    async fn reloading(&mut self, mut reload: Reload, status: &mut Shown) -> Option<Leave> {
+        loop {
+            tokio::select! {
+                r = reload.pending.outcome() => {
+                    return match r {
+                        Ok(joined) => Some(Leave::HandedOver { reload, joined }),
+                        Err(failure) => {
+                            self.reload_failed(Some(reload.pending.pid), failure, reload.reply)
+                                .await;
+                            None
+                        }
+                    };
+                }
+                ev = self.signals.next() => match ev {
+                    Event::Stop(sig) => {
+                        reload.pending.cancel().await;
+                        let why = Answer::Failed("the old process is stopping".into());
+                        reply(reload.reply, why).await;
+                        return Some(Leave::Stop(sig));
+                    }
+                    Event::Reload(trigger) => refuse(trigger, None).await,
+                },
+                Some(req) = self.requests.recv() => refuse(Trigger::Request, Some(req)).await,
+                _ = status.tick.tick() => status.show(self),
+            }
+        }
+    }
+
+    /// Starts a reload: the reload now in progress, or `None` when the new
+    /// process could not be started (answered and logged here).
     async fn begin_reload(
         &mut self,
-        current: Option<Reload>,
         trigger: Trigger,
         reply_to: Option<control::Request>,
     ) -> Option<Reload> {
-        if current.is_some() {
-            tracing::warn!(event = "reload_refused", trigger = %trigger,
-                "a reload is already under way; ignoring {trigger}");
-            reply(
-                reply_to,
-                Answer::Refused("a reload is already under way".into()),
-            )
-            .await;
-            return current;
-        }
         if trigger.wants_reloading() {
             // Type=notify-reload (systemd >= 253) waits for this, then for
             // READY=1 from the new main process.
@@ -126,7 +117,7 @@ impl Running {
         let why = failure.to_string();
         tracing::error!(event = "reload_failed", new_pid, reason = %why,
             "reload failed, still serving: {why}");
-        self.last_reload = Some(super::LastReload {
+        self.last_reload = Some(super::super::LastReload {
             at: std::time::SystemTime::now(),
             outcome: Err(why.clone()),
         });
@@ -172,12 +163,40 @@ fn unit_environment<'a>(
     Some(vars)
 }
 
-/// The outcome of the reload under way; pending forever without one.
-async fn outcome(reload: &mut Option<Reload>) -> Result<Joined, Failure> {
-    match reload {
-        Some(r) => r.pending.outcome().await,
-        None => std::future::pending().await,
+/// The status line, sent to systemd when it changes (checked every second).
+struct Shown {
+    tick: tokio::time::Interval,
+    last: String,
+}
+
+impl Default for Shown {
+    fn default() -> Shown {
+        Shown {
+            tick: tokio::time::interval(Duration::from_secs(1)),
+            last: String::new(),
+        }
     }
+}
+
+impl Shown {
+    fn show(&mut self, run: &Running) {
+        let now = run.status();
+        if now != self.last {
+            run.notifier.status(&now);
+            self.last = now;
+        }
+    }
+}
+
+/// A reload asked for while one is under way.
+async fn refuse(trigger: Trigger, reply_to: Option<control::Request>) {
+    tracing::warn!(event = "reload_refused", trigger = %trigger,
+        "a reload is already under way; ignoring {trigger}");
+    reply(
+        reply_to,
+        Answer::Refused("a reload is already under way".into()),
+    )
+    .await;
 }
 
 async fn reply(reply: Option<control::Request>, answer: Answer) {
