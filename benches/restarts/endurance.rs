@@ -368,7 +368,7 @@ async fn hold(
     held: Arc<Held>,
     deadline: Instant,
 ) {
-    let req: &[u8] = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\n\r\n";
+    let req = load::request("127.0.0.1", false);
     let mut conn = None;
     let mut pids = Vec::new();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -378,14 +378,15 @@ async fn hold(
         let last = stop.load(Ordering::Relaxed) || Instant::now() >= deadline;
         let r = tokio::time::timeout(
             Duration::from_secs(30),
-            load::exchange(&mut conn, addr, req),
+            load::exchange(&mut conn, load::connect_tcp(addr), &req),
         )
         .await;
         match r {
             Ok(Ok(resp)) if resp.status == 200 && !resp.close => {
                 held.ok.fetch_add(1, Ordering::Relaxed);
-                if pids.last() != Some(&resp.pid) {
-                    pids.push(resp.pid);
+                let pid = resp.pid.unwrap_or(0);
+                if pids.last() != Some(&pid) {
+                    pids.push(pid);
                 }
             }
             Ok(Ok(resp)) => {

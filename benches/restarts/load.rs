@@ -1,5 +1,8 @@
 //! The load client: tokio, fixed concurrency, real TCP on loopback; every
-//! request's outcome, latency and answering PID.
+//! request's outcome, latency and answering PID. One HTTP/1.1 client loop
+//! ([`H1Plan`]) over any stream (TCP here, TLS for the protocol rows), on
+//! the test support's connection (`http::aio`, the tests' rules for what
+//! a response is).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -7,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use pid_server_test_support::http::aio::{self, Reply};
 use pid_server_test_support::load::pause_in;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::cli::Args;
 
@@ -162,134 +166,136 @@ pub(crate) struct FailRec {
     pub(crate) error: String,
 }
 
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) pid: u32,
-    pub(crate) close: bool,
+/// An HTTP/1.1 client connection (the test support's async one: the
+/// tests' rules for a response), over TCP here, over TLS in `tls.rs`.
+pub(crate) type Conn<S = tokio::net::TcpStream> = aio::Conn<S>;
+
+/// A `GET /` request as the bench's clients send it.
+pub(crate) fn request(host: &str, close: bool) -> Vec<u8> {
+    let close = if close { "Connection: close\r\n" } else { "" };
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pid-server-bench\r\n{close}\r\n")
+        .into_bytes()
 }
 
-/// An HTTP/1.1 client connection: over TCP here, over TLS in `tls.rs`
-/// (the same parser, so the rows compare).
-pub(crate) struct Conn<S = tokio::net::TcpStream> {
-    pub(crate) stream: S,
-    pub(crate) buf: Vec<u8>,
+/// A TCP connection to `addr`, without Nagle.
+pub(crate) async fn connect_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    async fn read_more(&mut self, what: &str) -> io::Result<()> {
-        self.buf.reserve(2048);
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                what.to_string(),
-            ));
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn read_response(&mut self) -> io::Result<Response> {
-        self.buf.clear();
-        let head_end = loop {
-            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            if self.buf.len() > 64 * 1024 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "huge response head",
-                ));
-            }
-            let what = if self.buf.is_empty() {
-                "connection closed before a response"
-            } else {
-                "connection closed in the response head"
-            };
-            self.read_more(what).await?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let status: u16 = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad status line {status_line:?}"),
-                )
-            })?;
-        let mut len = None;
-        let mut close = false;
-        for l in lines {
-            if let Some((k, v)) = l.split_once(':') {
-                let (k, v) = (k.trim(), v.trim());
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.parse::<usize>().ok();
-                } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if k.eq_ignore_ascii_case("transfer-encoding") {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "chunked responses are not supported",
-                    ));
-                }
-            }
-        }
-        let body_end = match len {
-            Some(n) => {
-                while self.buf.len() < head_end + n {
-                    self.read_more("connection closed in the response body")
-                        .await?;
-                }
-                head_end + n
-            }
-            None if close => {
-                loop {
-                    self.buf.reserve(2048);
-                    if self.stream.read_buf(&mut self.buf).await? == 0 {
-                        break;
-                    }
-                }
-                self.buf.len()
-            }
-            None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "response without Content-Length",
-                ));
-            }
-        };
-        let pid = std::str::from_utf8(&self.buf[head_end..body_end])
-            .ok()
-            .and_then(pid_server_test_support::http::pid_in)
-            .unwrap_or(0);
-        Ok(Response { status, pid, close })
-    }
-}
-
-pub(crate) async fn exchange(
-    conn: &mut Option<Conn>,
-    addr: SocketAddr,
+/// One request on `conn`, connecting first (`connect`) when there is no
+/// connection. The error keeps its kind and says in which step it came.
+pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Option<Conn<S>>,
+    connect: impl Future<Output = io::Result<S>>,
     req: &[u8],
-) -> io::Result<Response> {
-    // The error keeps its kind and says in which step it came.
-    let during =
-        |step: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{step}: {e}"));
-    if conn.is_none() {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(during("connect"))?;
-        stream.set_nodelay(true).map_err(during("connect"))?;
-        *conn = Some(Conn {
-            stream,
-            buf: Vec::with_capacity(1024),
-        });
+) -> io::Result<Reply> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(Conn::new(
+            connect
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("connect: {e}")))?,
+        )),
+    };
+    c.exchange(req).await
+}
+
+/// What one HTTP/1.1 client does: a closed loop of requests on one
+/// connection slot, over whatever `connect` opens (TCP, TLS). Keep-alive
+/// (the connection is reused until the server says `Connection: close` or
+/// a request on it fails; never retried), paused (the same, idle a random
+/// time after each answer) or one-shot (a new connection per request).
+pub(crate) struct H1Plan {
+    pub(crate) one_shot: bool,
+    /// Paused clients: the idle time after each answer is drawn uniformly
+    /// from this range, seeded per client (`--seed`).
+    pub(crate) pause: Option<(Duration, Duration, u64)>,
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Instant,
+    pub(crate) max_requests: u64,
+}
+
+impl H1Plan {
+    /// Client number `task` of a load that started at `t0`, until `stop`,
+    /// the deadline or its count of requests.
+    pub(crate) async fn run<S, F>(
+        &self,
+        request: &[u8],
+        connect: impl Fn() -> F,
+        task: u64,
+        t0: Instant,
+        stop: &AtomicBool,
+    ) -> (Vec<Rec>, Vec<FailRec>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        F: Future<Output = io::Result<S>>,
+    {
+        let (mut recs, mut fails) = (Vec::with_capacity(16 * 1024), Vec::new());
+        let mut rng = self.pause.map(|(_, _, seed)| pause_rng(seed, task));
+        let mut conn: Option<Conn<S>> = None;
+        let (mut conns, mut sent) = (0u64, 0u64);
+        while !stop.load(Ordering::Relaxed)
+            && Instant::now() < self.deadline
+            && sent < self.max_requests
+        {
+            sent += 1;
+            let start = Instant::now();
+            let reused = conn.is_some();
+            if !reused {
+                conns += 1;
+            }
+            let r =
+                tokio::time::timeout(self.timeout, exchange(&mut conn, connect(), request)).await;
+            let lat = start.elapsed();
+            let (kind, pid, close, error) = match r {
+                Ok(Ok(r)) if r.status == 200 => (Kind::Ok, r.pid, r.close, None),
+                Ok(Ok(r)) => (
+                    Kind::Status,
+                    r.pid,
+                    r.close,
+                    Some(format!("status {}", r.status)),
+                ),
+                Ok(Err(e)) => (classify(&e), None, true, Some(e.to_string())),
+                Err(_) => (
+                    Kind::Timeout,
+                    None,
+                    true,
+                    Some(format!("no response within {:?}", self.timeout)),
+                ),
+            };
+            let (start_us, lat_us) = Rec::times(t0, start, lat);
+            let rec = Rec {
+                start_us,
+                lat_us,
+                pid: pid.unwrap_or(0),
+                kind,
+                reused,
+                conn: task << 32 | conns,
+                closed: close || self.one_shot,
+            };
+            record(&mut recs, &mut fails, rec, error);
+            if self.one_shot {
+                // Let the server close first (its TIME_WAIT, not our
+                // ports'; over TLS its close_notify too): wait briefly for
+                // its FIN, outside the measured latency.
+                if let Some(mut c) = conn.take()
+                    && kind == Kind::Ok
+                {
+                    let mut b = [0u8; 64];
+                    let _ = tokio::time::timeout(Duration::from_millis(200), c.stream.read(&mut b))
+                        .await;
+                }
+            } else if close {
+                conn = None;
+            }
+            if let (Some((lo, hi, _)), Some(rng)) = (self.pause, rng.as_mut()) {
+                pause(pause_in(rng, lo, hi), stop, self.deadline).await;
+            }
+        }
+        (recs, fails)
     }
-    let c = conn.as_mut().expect("connected above");
-    c.stream.write_all(req).await.map_err(during("send"))?;
-    c.read_response().await.map_err(during("receive"))
 }
 
 #[derive(Clone)]
@@ -336,83 +342,17 @@ pub(crate) async fn pause(d: Duration, stop: &AtomicBool, deadline: Instant) {
 
 async fn worker(cfg: Arc<LoadCfg>, task: u64, t0: Instant, stop: Arc<AtomicBool>) -> WorkerOut {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.port));
-    let req: &[u8] = match cfg.mode {
-        Mode::KeepAlive | Mode::Paused => {
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\n\r\n"
-        }
-        Mode::OneShot => {
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: pid-server-bench\r\nConnection: close\r\n\r\n"
-        }
+    let one_shot = cfg.mode == Mode::OneShot;
+    let plan = H1Plan {
+        one_shot,
+        pause: (cfg.mode == Mode::Paused).then_some((cfg.pause.0, cfg.pause.1, cfg.seed)),
+        timeout: cfg.timeout,
+        deadline: t0 + cfg.max_duration,
+        max_requests: (cfg.max_requests / cfg.concurrency as u64).max(1),
     };
-    let deadline = t0 + cfg.max_duration;
-    let max = (cfg.max_requests / cfg.concurrency as u64).max(1);
-    let mut out = WorkerOut {
-        recs: Vec::with_capacity(16 * 1024),
-        fails: Vec::new(),
-    };
-    let mut rng = pause_rng(cfg.seed, task);
-    let mut conn: Option<Conn> = None;
-    let mut conns = 0u64;
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && sent < max {
-        sent += 1;
-        let start = Instant::now();
-        let reused = conn.is_some();
-        if !reused {
-            conns += 1;
-        }
-        let r = tokio::time::timeout(cfg.timeout, exchange(&mut conn, addr, req)).await;
-        let lat = start.elapsed();
-        let (kind, pid, close, error) = match r {
-            Ok(Ok(resp)) if resp.status == 200 => (Kind::Ok, resp.pid, resp.close, None),
-            Ok(Ok(resp)) => (
-                Kind::Status,
-                resp.pid,
-                resp.close,
-                Some(format!("status {}", resp.status)),
-            ),
-            Ok(Err(e)) => (classify(&e), 0, true, Some(e.to_string())),
-            Err(_) => (
-                Kind::Timeout,
-                0,
-                true,
-                Some(format!("no response within {:?}", cfg.timeout)),
-            ),
-        };
-        let (start_us, lat_us) = Rec::times(t0, start, lat);
-        let rec = Rec {
-            start_us,
-            lat_us,
-            pid,
-            kind,
-            reused,
-            conn: task << 32 | conns,
-            closed: close || cfg.mode == Mode::OneShot,
-        };
-        record(&mut out.recs, &mut out.fails, rec, error);
-        if cfg.mode == Mode::OneShot {
-            // Let the server close first (its TIME_WAIT, not our ports'):
-            // wait briefly for its FIN, outside the measured latency.
-            if let Some(mut c) = conn.take()
-                && kind == Kind::Ok
-            {
-                let mut b = [0u8; 64];
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), c.stream.read(&mut b)).await;
-            }
-        } else if close {
-            conn = None;
-        }
-        if cfg.mode == Mode::Paused {
-            pause(
-                pause_in(&mut rng, cfg.pause.0, cfg.pause.1),
-                &stop,
-                deadline,
-            )
-            .await;
-        }
-    }
-    out
+    let req = request("127.0.0.1", one_shot);
+    let (recs, fails) = plan.run(&req, || connect_tcp(addr), task, t0, &stop).await;
+    WorkerOut { recs, fails }
 }
 
 pub(crate) struct Load {

@@ -33,14 +33,14 @@ use serde_json::{Value, json};
 use crate::cli::Args;
 use crate::h2::{GOAWAY_CUT, H2Slot};
 use crate::h2load::{self, SteadyRow};
-use crate::load::{FailRec, KINDS, Kind, LoadData, Mode, Rec};
+use crate::load::{self, FailRec, H1Plan, KINDS, Kind, LoadData, Mode, Rec};
 use crate::nspawn;
 use crate::procs::{Procs, aborted, run_cmd, sleep_until};
 use crate::report::ms;
 use crate::results::{RestartEvent, RunResult, analyze};
 use crate::servers::{PID_SERVER, pid_server_cmd, wait_for_pid};
 use crate::strategies::{Skips, log_path, parse_reloaded};
-use crate::tls::{self, Certs, H1Slot};
+use crate::tls::{self, Certs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Proto {
@@ -243,20 +243,23 @@ fn start_load(
             let cfg = certs
                 .ok_or("tls-h1 without certificates")?
                 .client(&[b"http/1.1"])?;
-            let keep_alive = row.mode != Mode::OneShot;
+            let one_shot = row.mode == Mode::OneShot;
             let pause =
                 (row.mode == Mode::Paused).then_some((args.pause_min, args.pause_max, args.seed));
             ProtoLoad::start(threads, args.connections(row.mode), move |i, t0, stop| {
-                H1Slot {
-                    port,
-                    cfg: cfg.clone(),
-                    keep_alive,
+                let cfg = cfg.clone();
+                let plan = H1Plan {
+                    one_shot,
                     pause,
                     timeout,
                     deadline,
                     max_requests,
+                };
+                async move {
+                    let req = load::request("localhost", one_shot);
+                    plan.run(&req, || tls::connect(port, &cfg), i, t0, &stop)
+                        .await
                 }
-                .run(i, t0, stop)
             })
         }
         Proto::H1 => Err("plain HTTP/1.1 is the restart table's `reload` rows".into()),

@@ -1,7 +1,8 @@
 //! TLS for the protocol rows: certificates made at run time (a CA of the
 //! bench's own, the tests' `TestCa`, and a leaf for `localhost` signed by
 //! it, renewed before every reload), the rustls client configuration, a
-//! blocking `/healthz` probe over TLS, and the TLS HTTP/1.1 load client.
+//! blocking `/healthz` probe over TLS, and the TLS connection the
+//! HTTP/1.1 load client ([`crate::load::H1Plan`]) runs over.
 //!
 //! No private key is committed anywhere: every run makes its own, in a
 //! temporary directory that goes with the run.
@@ -10,21 +11,16 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pid_server_test_support::tls::TestCa;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use pid_server_test_support::load::pause_in;
-
-use crate::load::{Conn, FailRec, Kind, Rec, classify, pause, pause_rng, record};
 use crate::procs::{TempDir, aborted};
 
 /// The name the leaf is for, and the client asks for.
@@ -138,115 +134,5 @@ pub(crate) fn wait_for_pid(
             return Err("interrupted".into());
         }
         thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// One TLS HTTP/1.1 client connection slot, a closed loop: keep-alive
-/// (the connection is reused until the server says `Connection: close` or
-/// a request on it fails; never retried), paused (the same, idle a random
-/// time between requests, as the plain paused clients) or one-shot (a new
-/// connection, and handshake, per request). The same response parser as
-/// the plain client's ([`Conn`]).
-pub(crate) struct H1Slot {
-    pub(crate) port: u16,
-    pub(crate) cfg: Arc<ClientConfig>,
-    pub(crate) keep_alive: bool,
-    /// Paused clients: the idle time after each answer is drawn uniformly
-    /// from this range, seeded per slot.
-    pub(crate) pause: Option<(Duration, Duration, u64)>,
-    pub(crate) timeout: Duration,
-    pub(crate) deadline: Instant,
-    pub(crate) max_requests: u64,
-}
-
-type Tls = Conn<TlsStream<TcpStream>>;
-
-async fn exchange(conn: &mut Option<Tls>, s: &H1Slot, req: &[u8]) -> io::Result<(u16, u32, bool)> {
-    let during =
-        |step: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{step}: {e}"));
-    if conn.is_none() {
-        let stream = connect(s.port, &s.cfg).await.map_err(during("connect"))?;
-        *conn = Some(Conn {
-            stream,
-            buf: Vec::with_capacity(1024),
-        });
-    }
-    let c = conn.as_mut().expect("connected above");
-    c.stream.write_all(req).await.map_err(during("send"))?;
-    c.stream.flush().await.map_err(during("send"))?;
-    let r = c.read_response().await.map_err(during("receive"))?;
-    Ok((r.status, r.pid, r.close))
-}
-
-impl H1Slot {
-    pub(crate) async fn run(
-        self,
-        task: u64,
-        t0: Instant,
-        stop: Arc<AtomicBool>,
-    ) -> (Vec<Rec>, Vec<FailRec>) {
-        let req: &[u8] = if self.keep_alive {
-            b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: pid-server-bench\r\n\r\n"
-        } else {
-            b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: pid-server-bench\r\nConnection: close\r\n\r\n"
-        };
-        let (mut recs, mut fails) = (Vec::with_capacity(8 * 1024), Vec::new());
-        let mut conn: Option<Tls> = None;
-        let (mut conns, mut sent) = (0u64, 0u64);
-        let mut rng = self.pause.map(|(_, _, seed)| pause_rng(seed, task));
-        while !stop.load(Ordering::Relaxed)
-            && Instant::now() < self.deadline
-            && sent < self.max_requests
-        {
-            sent += 1;
-            let start = Instant::now();
-            let reused = conn.is_some();
-            if !reused {
-                conns += 1;
-            }
-            let r = tokio::time::timeout(self.timeout, exchange(&mut conn, &self, req)).await;
-            let lat = start.elapsed();
-            let (kind, pid, close, error) = match r {
-                Ok(Ok((200, pid, close))) => (Kind::Ok, pid, close, None),
-                Ok(Ok((status, pid, close))) => {
-                    (Kind::Status, pid, close, Some(format!("status {status}")))
-                }
-                Ok(Err(e)) => (classify(&e), 0, true, Some(e.to_string())),
-                Err(_) => (
-                    Kind::Timeout,
-                    0,
-                    true,
-                    Some(format!("no response within {:?}", self.timeout)),
-                ),
-            };
-            let (start_us, lat_us) = Rec::times(t0, start, lat);
-            let rec = Rec {
-                start_us,
-                lat_us,
-                pid,
-                kind,
-                reused,
-                conn: task << 32 | conns,
-                closed: close || !self.keep_alive,
-            };
-            record(&mut recs, &mut fails, rec, error);
-            if !self.keep_alive {
-                // Let the server close first (close_notify and FIN: its
-                // TIME_WAIT), outside the measured latency.
-                if let Some(mut c) = conn.take()
-                    && kind == Kind::Ok
-                {
-                    let mut b = [0u8; 64];
-                    let _ = tokio::time::timeout(Duration::from_millis(200), c.stream.read(&mut b))
-                        .await;
-                }
-            } else if close {
-                conn = None;
-            }
-            if let (Some((lo, hi, _)), Some(rng)) = (self.pause, rng.as_mut()) {
-                pause(pause_in(rng, lo, hi), &stop, self.deadline).await;
-            }
-        }
-        (recs, fails)
     }
 }

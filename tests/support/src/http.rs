@@ -1,4 +1,4 @@
-//! The one HTTP/1.1 client of the tests.
+//! The one HTTP/1.1 client of the tests (and, in [`aio`], of the bench).
 //!
 //! Deliberately strict, so that neither a server bug nor a client bug can
 //! hide: a request that fails on a reused keep-alive connection is a
@@ -17,11 +17,13 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+pub mod aio;
+
 /// The connect, read and write timeout unless a caller picks another.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// A response's status line and headers (or a chunked body's size lines)
 /// longer than this are refused.
-const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// A body longer than this is refused (pid-server's are a few bytes).
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
@@ -66,16 +68,16 @@ pub fn healthz_pid(body: &str) -> Option<u32> {
     v.get("pid")?.as_u64()?.try_into().ok()
 }
 
-fn bad(msg: impl Into<String>) -> io::Error {
+pub(crate) fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-fn eof(msg: &str) -> io::Error {
+pub(crate) fn eof(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, msg.to_string())
 }
 
 /// `e` with `what` in front of its message, same kind.
-fn context(e: io::Error, what: &str) -> io::Error {
+pub(crate) fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
@@ -155,7 +157,7 @@ fn read_line(r: &mut impl BufRead, budget: &mut usize) -> io::Result<Option<Stri
 }
 
 /// `HTTP/1.1 NNN reason` → NNN (200–599; an interim 1xx is not expected).
-fn parse_status_line(line: &str) -> io::Result<u16> {
+pub(crate) fn parse_status_line(line: &str) -> io::Result<u16> {
     let wrong = || bad(format!("bad status line {line:?}"));
     let rest = line.strip_prefix("HTTP/1.1 ").ok_or_else(wrong)?;
     let (code, reason) = rest.split_at_checked(3).ok_or_else(wrong)?;
@@ -215,73 +217,106 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
     }
 }
 
+/// What a response's headers say about its body and its connection: one
+/// set of rules for the blocking client here and the async one
+/// ([`aio`]), fed a header line at a time (without its CRLF).
+#[derive(Debug, Default)]
+pub(crate) struct Fields {
+    length: Option<usize>,
+    chunked: bool,
+    close: bool,
+    keep_alive: Option<u64>,
+}
+
+/// How a response's body is delimited.
+pub(crate) enum Body {
+    Length(usize),
+    Chunked,
+}
+
+impl Fields {
+    /// One header line: `name: value`, the name without white space.
+    pub(crate) fn header(&mut self, line: &str) -> io::Result<()> {
+        let (name, value) = line
+            .split_once(':')
+            .filter(|(name, _)| !name.is_empty() && !name.contains([' ', '\t']))
+            .ok_or_else(|| bad(format!("bad header line {line:?}")))?;
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(value)?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err(bad("conflicting content-length headers"));
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(bad(format!("unsupported transfer-encoding {value:?}")));
+            }
+            self.chunked = true;
+        } else if name.eq_ignore_ascii_case("keep-alive") {
+            self.keep_alive = value.split(',').find_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("timeout")
+                    .then(|| v.trim().parse().ok())?
+            });
+        } else if name.eq_ignore_ascii_case("connection") {
+            self.close |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("close"));
+        }
+        Ok(())
+    }
+
+    /// The body's delimiting, once every header is in: one length, or
+    /// chunked, or (204, 304) none.
+    pub(crate) fn body(&self, status: u16) -> io::Result<Body> {
+        match (self.chunked, self.length) {
+            (true, Some(_)) => Err(bad("both transfer-encoding and content-length")),
+            (true, None) => Ok(Body::Chunked),
+            (false, Some(n)) => Ok(Body::Length(n)),
+            (false, None) if status == 204 || status == 304 => Ok(Body::Length(0)),
+            (false, None) => Err(bad("a response with neither content-length nor chunked")),
+        }
+    }
+
+    /// The server said `Connection: close`.
+    pub(crate) fn close(&self) -> bool {
+        self.close
+    }
+}
+
 /// Reads one response from `r`.
 pub fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     let mut budget = MAX_HEAD;
     let status_line =
         read_line(r, &mut budget)?.ok_or_else(|| eof("connection closed before a response"))?;
     let status = parse_status_line(&status_line)?;
-    let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, false, None);
+    let mut fields = Fields::default();
     loop {
         let line =
             read_line(r, &mut budget)?.ok_or_else(|| eof("connection closed in the headers"))?;
         if line.is_empty() {
             break;
         }
-        let (name, value) = line
-            .split_once(':')
-            .filter(|(name, _)| !name.is_empty() && !name.contains([' ', '\t']))
-            .ok_or_else(|| bad(format!("bad header line {line:?}")))?;
-        let value = value.trim_matches([' ', '\t']);
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => {
-                let n = parse_length(value)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad("conflicting content-length headers"));
-                }
-                length = Some(n);
-            }
-            "transfer-encoding" => {
-                if !value.eq_ignore_ascii_case("chunked") {
-                    return Err(bad(format!("unsupported transfer-encoding {value:?}")));
-                }
-                chunked = true;
-            }
-            "keep-alive" => {
-                keep_alive = value.split(',').find_map(|p| {
-                    let (k, v) = p.split_once('=')?;
-                    k.trim()
-                        .eq_ignore_ascii_case("timeout")
-                        .then(|| v.trim().parse().ok())?
-                });
-            }
-            "connection" => {
-                close |= value
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("close"));
-            }
-            _ => {}
-        }
+        fields.header(&line)?;
     }
-    let body = match (chunked, length) {
-        (true, Some(_)) => return Err(bad("both transfer-encoding and content-length")),
-        (true, None) => read_chunked(r)?,
-        (false, Some(n)) => {
+    let body = match fields.body(status)? {
+        Body::Chunked => read_chunked(r)?,
+        Body::Length(n) => {
             let mut body = vec![0; n];
             r.read_exact(&mut body)
                 .map_err(|e| context(e, &format!("body cut short (content-length {n})")))?;
             body
         }
-        (false, None) if status == 204 || status == 304 => Vec::new(),
-        (false, None) => return Err(bad("a response with neither content-length nor chunked")),
     };
     let body = String::from_utf8(body).map_err(|_| bad("a body that is not UTF-8"))?;
     Ok(Response {
         status,
         body,
-        close,
+        close: fields.close,
         reused: false,
-        keep_alive,
+        keep_alive: fields.keep_alive,
     })
 }
 

@@ -7,7 +7,9 @@
 //! - [`http`]: the one HTTP/1.1 client, strict about what it reads: a
 //!   single connection ([`http::Conn`]), a client that keeps one alive and
 //!   opens another when the server closes it ([`http::Client`]), and one
-//!   request on a new connection ([`http::get`]).
+//!   request on a new connection ([`http::get`]); and its async
+//!   counterpart for the benchmark's load clients ([`http::aio::Conn`],
+//!   the same rules for a response, over TCP or TLS).
 //! - [`load`]: the load generator, bounded in requests and in time:
 //!   keep-alive, one-shot and paused clients ([`Load`]), and what they saw
 //!   ([`Tally`], per kept connection [`ConnRecord`]).
