@@ -22,7 +22,6 @@
 //! for the next ones. That is what an HTTP/2 client is meant to do, and
 //! what a server draining its connections asks for.
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,12 +30,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::Reason;
 use h2::client::SendRequest;
+use pid_server_test_support::h2::{OpenError, open};
 use rustls::ClientConfig;
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::load::{FailRec, Kind, Rec, classify, record};
-use crate::tls;
 
 /// One HTTP/2 connection slot: it keeps one connection with `streams`
 /// closed-loop streams on it, and replaces the connection when it goes
@@ -91,40 +89,23 @@ fn uri(port: u16, tls: bool) -> String {
     }
 }
 
-/// A new connection and its HTTP/2 handshake; the error says which step
-/// failed.
+/// A new connection and its HTTP/2 handshake (the test support's
+/// [`open`], as the tests' client opens one); the error says which
+/// step failed. The task driving the connection ends when the connection
+/// does; nothing waits for its result (the streams see the same error).
 async fn handshake(s: &H2Slot) -> Result<SendRequest<Bytes>, (Kind, String)> {
-    let tcp_or_tls = |e: io::Error| (classify(&e), format!("connect: {e}"));
-    let hs = |e: h2::Error| (kind_of(&e), format!("HTTP/2 handshake: {e}"));
-    let (send, conn_task) = match &s.tls {
-        None => {
-            let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, s.port)))
-                .await
-                .map_err(tcp_or_tls)?;
-            tcp.set_nodelay(true).map_err(tcp_or_tls)?;
-            let (send, conn) = h2::client::handshake(tcp).await.map_err(hs)?;
-            (send, tokio::spawn(async move { conn.await.err() }))
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, s.port));
+    match open(addr, s.tls.clone(), &h2::client::Builder::new()).await {
+        Ok(opened) => Ok(opened.send),
+        Err(e) => {
+            let kind = match &e {
+                OpenError::Connect(io) | OpenError::Tls(io) => classify(io),
+                OpenError::Alpn(_) => Kind::Other,
+                OpenError::Handshake(h) => kind_of(h),
+            };
+            Err((kind, e.to_string()))
         }
-        Some(cfg) => {
-            let tls = tls::connect(s.port, cfg).await.map_err(tcp_or_tls)?;
-            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-            if alpn.as_deref() != Some(b"h2") {
-                return Err((
-                    Kind::Other,
-                    format!(
-                        "TLS: the server chose ALPN {:?}, not h2",
-                        alpn.map(|a| String::from_utf8_lossy(&a).into_owned())
-                    ),
-                ));
-            }
-            let (send, conn) = h2::client::handshake(tls).await.map_err(hs)?;
-            (send, tokio::spawn(async move { conn.await.err() }))
-        }
-    };
-    // The connection task ends when the connection does; nothing waits for
-    // its result (the streams see the same error).
-    drop(conn_task);
-    Ok(send)
+    }
 }
 
 struct StreamLoop {

@@ -201,10 +201,14 @@ pub(crate) fn run(
         (false, _, _) => Err("not asked for".to_string()),
         (true, false, _) => Err("the pid-server under test has no --tls-cert".to_string()),
         (true, true, None) => Err("no certificates".to_string()),
-        (true, true, Some(c)) => c.client(&[b"http/1.1"]).and_then(|probe| {
-            let pid = procs.spawn(server_cmd(tls_port, Some(c)), "pid-server")?;
-            tls::wait_for_pid(tls_port, pid, &probe, Duration::from_secs(10)).map(|_| ())
-        }),
+        (true, true, Some(c)) => {
+            let probe = c.client(&[b"http/1.1"]);
+            procs
+                .spawn(server_cmd(tls_port, Some(c)), "pid-server")
+                .and_then(|pid| {
+                    tls::wait_for_pid(tls_port, pid, &probe, Duration::from_secs(10)).map(|_| ())
+                })
+        }
     };
     if want_tls && let Err(e) = &tls_ok {
         skips.add("protocols, steady state, pid-server TLS", e.clone());

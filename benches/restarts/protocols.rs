@@ -222,10 +222,7 @@ fn start_load(
     let timeout = args.timeout;
     match row.proto {
         Proto::H2c | Proto::TlsH2 => {
-            let tls = match certs {
-                Some(c) => Some(c.client(&[b"h2"])?),
-                None => None,
-            };
+            let tls = certs.map(|c| c.client(&[b"h2"]));
             let streams = args.h2_streams;
             ProtoLoad::start(threads, args.h2_connections, move |i, t0, stop| {
                 H2Slot {
@@ -242,7 +239,7 @@ fn start_load(
         Proto::TlsH1 => {
             let cfg = certs
                 .ok_or("tls-h1 without certificates")?
-                .client(&[b"http/1.1"])?;
+                .client(&[b"http/1.1"]);
             let one_shot = row.mode == Mode::OneShot;
             let pause =
                 (row.mode == Mode::Paused).then_some((args.pause_min, args.pause_max, args.seed));
@@ -273,10 +270,7 @@ fn run_row(args: &Args, row: Row, certs: Option<&mut Certs>) -> Result<ProtoRun,
     let port = nspawn::free_port();
     let mut procs = Procs::new(&log_path(args, &label))?;
     let issued_before = certs.as_ref().map(|c| c.issued).unwrap_or(0);
-    let probe = match &certs {
-        Some(c) => Some(c.client(&[b"http/1.1"])?),
-        None => None,
-    };
+    let probe = certs.as_ref().map(|c| c.client(&[b"http/1.1"]));
     let mut pid = procs.spawn(server_cmd(port, certs.as_deref()), "pid-server")?;
     wait_pid(port, pid, probe.as_ref(), Duration::from_secs(10))?;
     // Paused clients: after the last reload at least their longest pause,

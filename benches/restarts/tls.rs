@@ -7,24 +7,20 @@
 //! No private key is committed anywhere: every run makes its own, in a
 //! temporary directory that goes with the run.
 
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::tls::TestCa;
+use pid_server_test_support::http;
+use pid_server_test_support::tls::{self, TestCa, TlsConn};
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::procs::{TempDir, aborted};
-
-/// The name the leaf is for, and the client asks for.
-const SERVER_NAME: &str = "localhost";
 
 /// A CA and the current leaf, as PEM files that pid-server and nginx read.
 pub(crate) struct Certs {
@@ -66,15 +62,8 @@ impl Certs {
     /// A client that trusts only the bench's CA, TLS 1.3, offering `alpn`
     /// (rustls' ring provider, as pid-server uses; session resumption as
     /// rustls does by default, like a browser's).
-    pub(crate) fn client(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| format!("TLS client: {e}"))?
-            .with_root_certificates(self.ca.roots())
-            .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        Ok(Arc::new(cfg))
+    pub(crate) fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        self.ca.client_tls13(alpn)
     }
 }
 
@@ -83,33 +72,15 @@ pub(crate) async fn connect(
     port: u16,
     cfg: &Arc<ClientConfig>,
 ) -> io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
-    tcp.set_nodelay(true)?;
-    let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
-    TlsConnector::from(cfg.clone()).connect(name, tcp).await
+    tls::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), cfg.clone()).await
 }
 
 /// The PID `/healthz` reports over a new TLS connection (HTTP/1.1), blocking.
 fn healthz_pid(port: u16, cfg: &Arc<ClientConfig>) -> Option<u32> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let tcp = StdTcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    tcp.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
-    let name = ServerName::try_from(SERVER_NAME).ok()?;
-    let conn = rustls::ClientConnection::new(cfg.clone(), name).ok()?;
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut buf = Vec::new();
-    // A server that closes without close_notify ends this with an error;
-    // what arrived before counts.
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if head.split_whitespace().nth(1) != Some("200") {
-        return None;
-    }
-    pid_server_test_support::http::healthz_pid(body)
+    let mut conn = TlsConn::open_timeout(addr, cfg.clone(), Duration::from_secs(1)).ok()?;
+    let r = conn.get("/healthz").ok()?;
+    (r.status == 200).then(|| http::healthz_pid(&r.body))?
 }
 
 /// Polls `/healthz` over TLS (a new connection each time) until it reports

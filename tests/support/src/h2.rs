@@ -8,6 +8,7 @@
 //! where opening a new connection is what HTTP/2 asks of a client, not a
 //! retry.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 
@@ -58,6 +58,87 @@ fn failed(what: &str, e: impl std::fmt::Display) -> H2Error {
     H2Error::Failed(format!("{what}: {e}"))
 }
 
+/// An HTTP/2 connection, opened: what sends streams on it, the task that
+/// drives it (it ends with the connection), and what the handshake said.
+pub struct Opened {
+    pub send: SendRequest<Bytes>,
+    pub driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    /// This end's address: what the server sees as the peer.
+    pub local: SocketAddr,
+    /// Over TLS, whether the session was resumed; `None` for h2c.
+    pub resumed: Option<bool>,
+}
+
+/// Why a connection could not be opened, by step.
+#[derive(Debug)]
+pub enum OpenError {
+    Connect(io::Error),
+    Tls(io::Error),
+    /// The server chose another protocol (or none) by ALPN.
+    Alpn(Option<Vec<u8>>),
+    Handshake(h2::Error),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Connect(e) => write!(f, "connect: {e}"),
+            OpenError::Tls(e) => write!(f, "TLS handshake: {e}"),
+            OpenError::Alpn(p) => write!(
+                f,
+                "ALPN chose {:?}, not h2",
+                p.as_deref().map(String::from_utf8_lossy)
+            ),
+            OpenError::Handshake(e) => write!(f, "h2 handshake: {e}"),
+        }
+    }
+}
+
+/// Opens an HTTP/2 connection to `addr` on the current tokio runtime: with
+/// prior knowledge (h2c) without `tls`, otherwise over TLS with ALPN `h2`
+/// ([`crate::tls::connect`]). The connection of the tests' [`H2Conn`] and
+/// of the benchmark's HTTP/2 load client. Unbounded in time: the caller
+/// puts its timeout around it.
+pub async fn open(
+    addr: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
+    builder: &h2::client::Builder,
+) -> Result<Opened, OpenError> {
+    assert!(addr.ip().is_loopback(), "loopback only, not {addr}");
+    match tls {
+        None => {
+            let tcp = TcpStream::connect(addr).await.map_err(OpenError::Connect)?;
+            tcp.set_nodelay(true).map_err(OpenError::Connect)?;
+            let local = tcp.local_addr().map_err(OpenError::Connect)?;
+            let (send, conn) = builder.handshake(tcp).await.map_err(OpenError::Handshake)?;
+            Ok(Opened {
+                send,
+                driver: tokio::spawn(conn),
+                local,
+                resumed: None,
+            })
+        }
+        Some(config) => {
+            let tls = crate::tls::connect(addr, config)
+                .await
+                .map_err(OpenError::Tls)?;
+            let (tcp, c) = tls.get_ref();
+            let local = tcp.local_addr().map_err(OpenError::Connect)?;
+            if c.alpn_protocol() != Some(b"h2") {
+                return Err(OpenError::Alpn(c.alpn_protocol().map(<[u8]>::to_vec)));
+            }
+            let resumed = Some(c.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+            let (send, conn) = builder.handshake(tls).await.map_err(OpenError::Handshake)?;
+            Ok(Opened {
+                send,
+                driver: tokio::spawn(conn),
+                local,
+                resumed,
+            })
+        }
+    }
+}
+
 impl H2Conn {
     fn runtime() -> Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -81,61 +162,32 @@ impl H2Conn {
     }
 
     fn connect_with(addr: SocketAddr, builder: &h2::client::Builder) -> Result<H2Conn, H2Error> {
-        let rt = Self::runtime();
-        let (send, driver, local) = rt.block_on(async {
-            let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
-                .await
-                .map_err(|e| failed("connect", e))?
-                .map_err(|e| failed("connect", e))?;
-            let local = tcp.local_addr().map_err(|e| failed("local address", e))?;
-            let (send, conn) = builder
-                .handshake(tcp)
-                .await
-                .map_err(|e| failed("h2 handshake", e))?;
-            Ok::<_, H2Error>((send, tokio::spawn(conn), local))
-        })?;
-        Ok(H2Conn {
-            rt,
-            send,
-            driver,
-            tls_resumed: None,
-            local,
-        })
+        Self::open_with(addr, None, builder)
     }
 
     /// HTTP/2 over TLS; `config` must offer `h2` by ALPN.
     pub fn connect_tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<H2Conn, H2Error> {
+        Self::open_with(addr, Some(config), &h2::client::Builder::new())
+    }
+
+    fn open_with(
+        addr: SocketAddr,
+        tls: Option<Arc<ClientConfig>>,
+        builder: &h2::client::Builder,
+    ) -> Result<H2Conn, H2Error> {
         let rt = Self::runtime();
-        let (send, driver, resumed, local) = rt.block_on(async {
-            let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+        let opened = rt.block_on(async {
+            tokio::time::timeout(TIMEOUT, open(addr, tls, builder))
                 .await
                 .map_err(|e| failed("connect", e))?
-                .map_err(|e| failed("connect", e))?;
-            let local = tcp.local_addr().map_err(|e| failed("local address", e))?;
-            let name = ServerName::try_from("localhost").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| failed("TLS handshake", e))?;
-            let c = &tls.get_ref().1;
-            if c.alpn_protocol() != Some(b"h2") {
-                return Err(H2Error::Failed(format!(
-                    "ALPN chose {:?}, not h2",
-                    c.alpn_protocol().map(String::from_utf8_lossy)
-                )));
-            }
-            let resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            let (send, conn) = h2::client::handshake(tls)
-                .await
-                .map_err(|e| failed("h2 handshake", e))?;
-            Ok::<_, H2Error>((send, tokio::spawn(conn), resumed, local))
+                .map_err(|e| H2Error::Failed(e.to_string()))
         })?;
         Ok(H2Conn {
             rt,
-            send,
-            driver,
-            tls_resumed: Some(resumed),
-            local,
+            send: opened.send,
+            driver: opened.driver,
+            tls_resumed: opened.resumed,
+            local: opened.local,
         })
     }
 

@@ -19,6 +19,24 @@ pub use rustls::ClientConfig;
 
 use crate::http::{self, Response};
 
+/// The name the test certificates are for, and the clients ask for.
+pub const SERVER_NAME: &str = "localhost";
+
+/// TCP to `addr` (without Nagle), then a TLS handshake for
+/// [`SERVER_NAME`] with `config`'s ALPN list: the async connection under
+/// the bench's HTTP/1.1 clients and both HTTP/2 clients.
+pub async fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
 /// A certificate authority of the test's own.
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
@@ -93,12 +111,26 @@ impl TestCa {
     /// A client configuration that trusts this CA and offers `alpn`. Keep
     /// it to resume sessions: its session cache lives in it.
     pub fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-        let roots = self.roots();
+        self.client_of(rustls::DEFAULT_VERSIONS, alpn)
+    }
+
+    /// [`TestCa::client`] offering TLS 1.3 alone (the benchmark's, so that
+    /// pid-server and nginx negotiate the same).
+    pub fn client_tls13(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        self.client_of(&[&rustls::version::TLS13], alpn)
+    }
+
+    fn client_of(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> Arc<ClientConfig> {
+        // ring, as pid-server uses.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut c = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
-            .with_root_certificates(roots)
+            .with_root_certificates(self.roots())
             .with_no_client_auth();
         c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(c)
@@ -122,18 +154,28 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
-    /// Connects and completes the handshake.
+    /// Connects and completes the handshake ([`http::TIMEOUT`] for
+    /// connect, each read and each write).
     pub fn open(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<TlsConn> {
-        let tcp = TcpStream::connect_timeout(&addr, http::TIMEOUT)?;
-        tcp.set_read_timeout(Some(http::TIMEOUT))?;
-        tcp.set_write_timeout(Some(http::TIMEOUT))?;
+        Self::open_timeout(addr, config, http::TIMEOUT)
+    }
+
+    /// [`TlsConn::open`] with another timeout.
+    pub fn open_timeout(
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+        timeout: Duration,
+    ) -> io::Result<TlsConn> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
         Self::over(tcp, config)
     }
 
     /// Completes the handshake over a connection the caller made (say,
     /// [`http::connect_small_window`]).
     pub fn over(tcp: TcpStream, config: Arc<ClientConfig>) -> io::Result<TlsConn> {
-        let name = ServerName::try_from("localhost").unwrap();
+        let name = ServerName::try_from(SERVER_NAME).unwrap();
         let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
         let mut s = StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
