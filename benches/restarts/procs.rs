@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
 use nix::unistd::Pid;
+use pid_server_test_support::TestCommand;
 
 // ---------------------------------------------------------------------------
 // Stopping early (SIGINT, SIGTERM, SIGHUP)
@@ -239,32 +240,24 @@ fn adopted_children() -> Vec<(u32, i32)> {
     v
 }
 
-/// Runs a short command, bounded; Ok(stdout) if it exits 0.
+/// Runs a short command, bounded (the test support's [`TestCommand`]: its
+/// own process group, killed whole at the bound); Ok(stdout) if it exits
+/// 0, otherwise one line for the report.
 pub(crate) fn run_cmd(program: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
     let what = format!("`{program} {}`", args.join(" "));
-    let mut child = Command::new(program)
+    let out = TestCommand::new(program)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: cannot start: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{what}: timed out after {timeout:?}"));
-            }
-            Err(e) => return Err(format!("{what}: {e}")),
-        }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{what}: {e}"))?;
+        .timeout(timeout)
+        .try_output()
+        .map_err(|e| {
+            // Of its report (command, folder, status, output), the line
+            // that says what went wrong.
+            let why = e
+                .lines()
+                .find(|l| l.starts_with("status:") || l.starts_with("cannot start:"))
+                .unwrap_or(&e);
+            format!("{what}: {}", why.trim())
+        })?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
         Ok(stdout)
