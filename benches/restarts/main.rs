@@ -2,8 +2,9 @@
 //! restarts, every strategy side by side (see `benches/README.md`).
 //!
 //! A load client of its own (tokio, fixed concurrency, real TCP on
-//! loopback) drives a pid-server in three modes, keep-alive connections in
-//! a closed loop, one request per new connection, and kept connections that
+//! loopback; its connections and response rules are the test support's)
+//! drives a pid-server in three modes, keep-alive connections in a closed
+//! loop, one request per new connection, and kept connections that
 //! idle 0.3–3 s between requests ("paused"), and records every request's
 //! outcome, latency, answering PID and connection, while a strategy
 //! restarts the server N times:

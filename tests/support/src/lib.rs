@@ -31,6 +31,12 @@
 //! - [`ws`] and [`sse`]: a WebSocket and a Server-Sent Events client for
 //!   streams that say `pid N` (pid-server's `/ws` and `/events`, the
 //!   library's `realistic` example).
+//! - [`h2`]: an HTTP/2 client (h2c, or TLS with ALPN `h2`) behind a
+//!   blocking API ([`h2::H2Conn`]), and the connection it opens
+//!   ([`h2::open`]), which the benchmark's HTTP/2 load client opens too.
+//! - [`tls`]: a CA of the test's own ([`tls::TestCa`]: leaves, client
+//!   configurations), a strict HTTP/1.1 client over TLS ([`tls::TlsConn`])
+//!   and the async TLS connection ([`tls::connect`]) under the others.
 //! - [`h2load`]: nghttp2's `h2load` as a second HTTP/2 client: its summary
 //!   and, from its log, which streams were sent and not answered.
 //!
