@@ -260,14 +260,46 @@ pub fn example(name: &str) -> PathBuf {
     bin
 }
 
-/// A loopback address whose port was free a moment ago (port 0 bound and
-/// released): nothing reserves it, and with `SO_REUSEPORT` two servers
-/// given the same one share it silently. Only for a process that must bind
-/// the address itself (`--listen`, a `listen` in a file, another tool's
-/// socket); a test's server takes a [`Socket`] instead.
+/// A loopback address whose port was free a moment ago, for a process that
+/// must bind the address itself (`--listen`, a `listen` in a file, another
+/// tool's socket); a test's server takes a [`Socket`] instead.
+///
+/// Nothing reserves the port between this check and the server's bind, so
+/// it is picked where nothing else of the tests' would take it: below the
+/// kernel's ephemeral range (`net.ipv4.ip_local_port_range`), from which
+/// every `bind` to port 0 and every outgoing connection's local port come
+/// (a port 0 bound and released was once taken in between by another
+/// test's client connection, and the server failed with `EADDRINUSE`), and
+/// never the same one twice in a test binary (pid-server sets
+/// `SO_REUSEPORT`: two servers given one port would share it silently).
+/// Test binaries run one after another.
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Above the well-known ports and what services commonly take.
+    let low = 20_000;
+    assert!(
+        ephemeral > low + 1000,
+        "the ephemeral port range starts at {ephemeral}: no room below it for test ports"
+    );
+    let mut given = GIVEN.lock().unwrap();
+    let mut rng = fastrand::Rng::new();
+    for _ in 0..1000 {
+        let port = rng.u16(low..ephemeral);
+        if given.contains(&port) {
+            continue;
+        }
+        // std's listener sets SO_REUSEADDR: a connection in TIME_WAIT on
+        // the port does not count, a listener does.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
+    panic!("no free port in {low}..{ephemeral} after 1000 tries");
 }
 
 /// A listening loopback socket the test binds and hands to pid-server the
