@@ -311,12 +311,16 @@ pub(crate) fn run(
         }
     }
     drop(procs);
+    let nginx = crate::servers::nginx_version();
+    let nginx = match nginx.trim_start_matches("nginx version: ") {
+        "" => "no nginx".to_string(),
+        v => format!("nginx {v} with worker_processes 1"),
+    };
     let note = format!(
         "{version}, {} client threads, {:.1} s per turn (after 250 ms warm-up), 2 turns per server; \
-         nginx {} with worker_processes 1",
+         {nginx}",
         args.client_threads,
         turn.as_secs_f64(),
-        crate::servers::nginx_version().trim_start_matches("nginx version: "),
     );
     (rows, note)
 }
