@@ -77,12 +77,12 @@ use crate::netns::Netns;
 
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
+use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -235,21 +235,12 @@ pub fn repo_unit_dir() -> PathBuf {
     crate::repo().join("systemd")
 }
 
-/// A loopback port that was free a moment ago (bind to port 0, read it back,
-/// close). The container shares the host's network, so each container in a
-/// test run needs its own.
-/// Never hands out the same port twice in one test binary.
+/// A loopback port that was free a moment ago ([`crate::proc::free_addr`]:
+/// below the ephemeral range, never the same twice in one process). The
+/// container shares the host's network, so each container in a test run
+/// needs its own.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-        let port = l.local_addr().expect("local_addr").port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    crate::proc::free_addr().port()
 }
 
 // ---------------------------------------------------------------------------
