@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pid_server_test_support::http::aio::{self, Reply};
+use pid_server_test_support::http::{self, aio, aio::Reply};
 use pid_server_test_support::load::pause_in;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
@@ -194,9 +194,7 @@ pub(crate) async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let c = match conn {
         Some(c) => c,
         None => conn.insert(Conn::new(
-            connect
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("connect: {e}")))?,
+            connect.await.map_err(|e| http::context(e, "connect"))?,
         )),
     };
     c.exchange(req).await

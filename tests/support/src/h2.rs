@@ -110,13 +110,7 @@ pub async fn open(
             let tcp = TcpStream::connect(addr).await.map_err(OpenError::Connect)?;
             tcp.set_nodelay(true).map_err(OpenError::Connect)?;
             let local = tcp.local_addr().map_err(OpenError::Connect)?;
-            let (send, conn) = builder.handshake(tcp).await.map_err(OpenError::Handshake)?;
-            Ok(Opened {
-                send,
-                driver: tokio::spawn(conn),
-                local,
-                resumed: None,
-            })
+            handshake(tcp, builder, local, None).await
         }
         Some(config) => {
             let tls = crate::tls::connect(addr, config)
@@ -128,15 +122,28 @@ pub async fn open(
                 return Err(OpenError::Alpn(c.alpn_protocol().map(<[u8]>::to_vec)));
             }
             let resumed = Some(c.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
-            let (send, conn) = builder.handshake(tls).await.map_err(OpenError::Handshake)?;
-            Ok(Opened {
-                send,
-                driver: tokio::spawn(conn),
-                local,
-                resumed,
-            })
+            handshake(tls, builder, local, resumed).await
         }
     }
+}
+
+/// The HTTP/2 handshake over `io`, and the task that drives the connection.
+async fn handshake<T>(
+    io: T,
+    builder: &h2::client::Builder,
+    local: SocketAddr,
+    resumed: Option<bool>,
+) -> Result<Opened, OpenError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = builder.handshake(io).await.map_err(OpenError::Handshake)?;
+    Ok(Opened {
+        send,
+        driver: tokio::spawn(conn),
+        local,
+        resumed,
+    })
 }
 
 impl H2Conn {

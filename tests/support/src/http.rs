@@ -77,7 +77,7 @@ pub(crate) fn eof(msg: &str) -> io::Error {
 }
 
 /// `e` with `what` in front of its message, same kind.
-pub(crate) fn context(e: io::Error, what: &str) -> io::Error {
+pub fn context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 

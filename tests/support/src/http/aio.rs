@@ -86,14 +86,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let head = std::str::from_utf8(&self.buf[..head_end - 4])
             .map_err(|_| bad("a header line that is not UTF-8"))?;
-        if let Some(line) = head.split("\r\n").find(|l| l.contains('\n')) {
-            return Err(bad(format!("a line ending in LF, not CRLF: {line:?}")));
-        }
-        let mut lines = head.split("\r\n");
-        let status = parse_status_line(lines.next().unwrap_or_default())?;
+        // Split at CRLF, so a bare LF is inside a line: refused there.
+        let mut lines = head.split("\r\n").map(|line| {
+            if line.contains('\n') {
+                Err(bad(format!("a line ending in LF, not CRLF: {line:?}")))
+            } else {
+                Ok(line)
+            }
+        });
+        let status = parse_status_line(lines.next().unwrap_or(Ok(""))?)?;
         let mut fields = Fields::default();
         for line in lines {
-            fields.header(line)?;
+            fields.header(line?)?;
         }
         let n = match fields.body(status)? {
             Body::Length(n) => n,
