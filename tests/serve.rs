@@ -448,3 +448,50 @@ fn a_tls_response_is_not_lost_when_the_client_sends_more_after_a_closing_request
         assert!(r.body.contains("pid_server_requests_total"), "{what}");
     }
 }
+
+/// A connection per request, as `ab`, a health checker or an HTTP/1.0
+/// client opens them: once the client asked to close after a request
+/// without a body and has its answer, the server closes its end at once. It
+/// does not wait for the client's FIN, as the lingering close above does
+/// (for up to 2 s, holding the connection's slot) when more may be coming.
+#[test]
+fn a_connection_that_asked_to_close_is_closed_at_once() {
+    use std::io::{Read, Write};
+    let (_p, _n, addr) = proc::start(BIN);
+    let mut scraper = http::Conn::open(addr, WAIT).unwrap();
+    let mut open = || {
+        let r = scraper.get("/metrics").unwrap();
+        let line = r
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("pid_server_open_connections "));
+        line.expect("an open-connections gauge")
+            .parse::<u64>()
+            .unwrap()
+    };
+    for head in [
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.0\r\n\r\n",
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        // To the server's FIN; the client keeps its own end open.
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.split(' ').nth(1), Some("200"), "{head:?}: {answer}");
+        // The scraper's own connection is the one left. Closing takes a
+        // millisecond; 1 s is well inside the lingering close's 2 s.
+        let left = wait::within(Duration::from_secs(1), || {
+            let n = open();
+            (n == 1).then_some(n)
+        });
+        assert_eq!(
+            left,
+            Some(1),
+            "{head:?}: the server still holds the connection"
+        );
+        drop(s);
+    }
+}
