@@ -356,6 +356,27 @@ fn help_and_version() {
     );
 }
 
+/// jemalloc reads the options compiled into the binary (`src/main.rs`) at
+/// its first allocation, and one it does not take (a misspelt name, a bad
+/// range) only costs a line on stderr: the setting is silently not there.
+#[test]
+fn the_allocator_takes_its_options() {
+    let out = TestCommand::new(BIN)
+        .arg("--version")
+        .env_remove("_RJEM_MALLOC_CONF")
+        .output();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("<jemalloc>"), "{stderr}");
+    // The check sees what jemalloc says of a setting it refuses.
+    let bad = TestCommand::new(BIN)
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "slab_sizes:1-2")
+        .output();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("<jemalloc>: Invalid"), "{stderr}");
+}
+
 /// A parent that blocks signals passes its mask on; SIGTERM must still
 /// drain us.
 #[test]
