@@ -1100,15 +1100,16 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
 /// client that says `Connection: close` and sends more all the same is
 /// broken; one whose extra bytes arrive after the check gets a reset. A
 /// connection per request (`ab`, health checks, HTTP/1.0 clients) so
-/// saves a wake-up of its task, a timer and three system calls: waiting
-/// for the client's FIN cost about a tenth of what such a connection
-/// costs (see docs/src/benchmarks.md).
+/// saves a wake-up of its task, a timer and two system calls (`shutdown`,
+/// the read that saw the FIN): waiting for the client's FIN cost about a
+/// tenth of what such a connection costs (see docs/src/benchmarks.md).
 fn quiet_close(stream: Stream, nothing_left: bool) -> Step {
     if !nothing_left {
         return Step::Close(stream);
     }
-    // hyper has shut the write side down (its response ends with a FIN);
-    // dropping the stream closes the rest.
+    // hyper has written its response; dropping the stream closes. The read
+    // is nginx's `rev->ready`: no system call unless the runtime saw input
+    // arrive since hyper's last read came back empty.
     match stream.try_read(&mut [0u8; 64]) {
         // Bytes after all: discard them, and what follows, lingering.
         Ok(n) if n > 0 => Step::Close(stream),
