@@ -116,7 +116,7 @@ async fn main() -> ExitCode {
         }
     };
     let info = generation.info();
-    tokio::spawn(ticker(info.leaving()));
+    let ticker = tokio::spawn(ticker(info.leaving()));
     // SIGHUP is the app's: the library leaves it alone.
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("a SIGHUP handler");
     tokio::spawn(async move {
@@ -157,6 +157,11 @@ async fn main() -> ExitCode {
             }),
         );
     let ended = generation.serve(app, App { db, hits }).await;
+    // The app's own task ends as soon as the generation leaves, which it
+    // has by now; wait for it: once `main` returns, the runtime drops the
+    // tasks it has not run yet (a stop with nothing in flight returns here
+    // within a millisecond of SIGTERM).
+    let _ = ticker.await;
     eprintln!("ported: PID {pid} ended: {ended:?}");
     ended.exit_code().into()
 }

@@ -220,7 +220,7 @@ async fn main() -> ExitCode {
         served: AtomicU64::new(0),
         inherited: OnceCell::new(),
     });
-    tokio::spawn(refresher(shared.clone()));
+    let refresher = tokio::spawn(refresher(shared.clone()));
     let app = Router::new()
         .route("/", get(hello))
         .route("/you", get(you))
@@ -230,6 +230,9 @@ async fn main() -> ExitCode {
         .layer(middleware::from_fn_with_state(shared.clone(), count))
         .with_state(shared.clone());
     let ended = generation.serve(app, App(shared)).await;
+    // The refresher stops as soon as the generation leaves, which it has by
+    // now: wait for it, or the runtime drops it unrun when `main` returns.
+    let _ = refresher.await;
     eprintln!("realistic: PID {} ended: {ended:?}", info.pid());
     ended.exit_code().into()
 }

@@ -436,19 +436,24 @@ impl Info {
     /// ([`Leaving::HandedOver`], right after the handover, while this
     /// process still finishes its requests), or the generation stops
     /// ([`Leaving::Stopping`], at SIGTERM or SIGINT, when the drain
-    /// begins). Already resolved once it left. Owns what it needs
-    /// (`'static`), so it can move into a spawned task:
+    /// begins). Already resolved once it left, and always by the time
+    /// `serve` returns. Owns what it needs (`'static`), so it can move into
+    /// a spawned task; keep the task's handle and await it after `serve`:
+    /// when `main` returns, the runtime drops the tasks it has not run yet
+    /// (a stop with nothing in flight returns within a millisecond).
     ///
     /// ```
     /// # async fn example(info: axum_handover::Info) {
     /// let leaving = info.leaving();
-    /// tokio::spawn(async move {
+    /// let task = tokio::spawn(async move {
     ///     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     ///     tokio::select! {
     ///         why = leaving => println!("background task: {why:?}"),
     ///         _ = async { loop { tick.tick().await; /* work */ } } => {}
     ///     }
     /// });
+    /// // let ended = generation.serve(app, hooks).await;
+    /// let _ = task.await;
     /// # }
     /// ```
     pub fn leaving(&self) -> impl Future<Output = Leaving> + Send + 'static {
