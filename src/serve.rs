@@ -59,7 +59,6 @@ pub fn main(mut args: ServeArgs) -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(crate::release_thread_cache)
         .build()
     {
         Ok(r) => r,
