@@ -432,16 +432,10 @@ fn tls_sessions_resume_with_the_new_process() {
     assert_eq!(http::pid_in(&c.get("/").unwrap().1), Some(new2));
 }
 
-/// The value of the metric `name` (its full name) in a scrape's `body`.
-fn metric_in(body: &str, name: &str) -> Option<u64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A metric's value in a scrape over `c` (a kept TLS connection).
 fn metric(c: &mut TlsConn, name: &str) -> u64 {
     let m = c.get("/metrics").unwrap().body;
-    metric_in(&m, name).unwrap_or_else(|| panic!("no {name} in {m}"))
+    http::metric_in(&m, name).unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
 /// Waits (bounded) until the scraping connection is the only one open:
@@ -548,7 +542,7 @@ fn start_logging(args: &[&str]) -> (Proc, Notify, SocketAddr) {
 /// out of `name`), 0 if absent.
 fn scrape(addr: SocketAddr, name: &str) -> u64 {
     let body = http::get(addr, "/metrics").unwrap().body;
-    metric_in(&body, &format!("pid_server_{name}")).unwrap_or(0)
+    http::metric_in(&body, &format!("pid_server_{name}")).unwrap_or(0)
 }
 
 /// The stall timeout the stall tests give the server.

@@ -481,14 +481,9 @@ fn a_connection_that_asked_to_close_is_closed_at_once() {
     let (_p, _n, addr) = proc::start(BIN);
     let mut scraper = http::Conn::open(addr, WAIT).unwrap();
     let mut open = || {
-        let r = scraper.get("/metrics").unwrap();
-        let line = r
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("pid_server_open_connections "));
-        line.expect("an open-connections gauge")
-            .parse::<u64>()
-            .unwrap()
+        let body = scraper.get("/metrics").unwrap().body;
+        http::metric_in(&body, "pid_server_open_connections")
+            .unwrap_or_else(|| panic!("no open-connections gauge in {body}"))
     };
     for head in [
         "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",

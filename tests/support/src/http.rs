@@ -68,6 +68,13 @@ pub fn healthz_pid(body: &str) -> Option<u32> {
     v.get("pid")?.as_u64()?.try_into().ok()
 }
 
+/// The value of the metric `name` (its full name, without labels) in a
+/// `/metrics` body.
+pub fn metric_in(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub(crate) fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
