@@ -32,22 +32,22 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   second, the buffers of 1 000 connections parked at once were not all
 ///   back 2 s later (2.0–2.5 KB per idle connection against 1.5–1.6 KB);
 ///   throughput did not change measurably.
-/// - each thread's cache holds 2–4 blocks of a size rather than 20–200. A
+/// - each thread's cache holds 4–8 blocks of a size rather than 20–200. A
 ///   thread clears its cache only as it allocates again, and an idle
 ///   server allocates nothing: the blocks its connections freed as they
 ///   went idle (hyper's buffers, a request's headers) stayed cached, each
 ///   pinning a part-used page the background thread could not give back.
-///   5 000 used idle connections: 1.06 KB each with the default lengths,
-///   0.96 with 4–16, 0.88 with 2–4; server CPU per keep-alive request did
-///   not move beyond the noise (interleaved `ab -k -c32` runs: 20.2 µs
-///   before, 19.4 with 2–4). Flushing each worker's cache whenever it ran
+///   5 000 used idle connections: 1.03–1.07 KB each with the default
+///   lengths, 0.88–0.91 with 4–8; instructions per request +1 % (2–4 did
+///   a little better for memory but cost 14 % more instructions per
+///   connection-per-request). Flushing each worker's cache whenever it ran
 ///   out of work did better still for idle connections (0.80 KB), but the
 ///   memory a round of stalled HTTP/2 streams then took was all new, past
 ///   the bound `protocols::streams_stalled_on_a_zero_window_…` sets.
 // SAFETY: jemalloc reads this NUL-terminated string once at its start.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 111] =
-    b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0,tcache_nslots_small_min:2,tcache_nslots_small_max:4\0";
+    b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0,tcache_nslots_small_min:4,tcache_nslots_small_max:8\0";
 
 fn main() -> ExitCode {
     let cli = match cli::parse() {

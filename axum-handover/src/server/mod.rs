@@ -1072,7 +1072,8 @@ mod tests {
         }
         let before = live::bytes();
         let clients = clients(N).await;
-        // Parked after 0.5 s idle; nothing signals it but the bytes.
+        // Parked after `conn::PARK_AFTER` idle; nothing signals it but the
+        // bytes.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut per = (live::bytes() - before) / N as isize;
         while per > 800 && tokio::time::Instant::now() < deadline {
