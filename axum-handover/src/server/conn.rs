@@ -231,10 +231,10 @@ impl AsyncWrite for ConnIo {
 /// state) all at once for half a second, and the heap that peak left
 /// behind, part-used pages and the allocator's own bookkeeping, stayed:
 /// 0.99–1.02 KB per used idle connection at 5 000 against 0.87–0.88 with
-/// 50 ms (pid-server with short allocator caches,
-/// docs/src/operator/capacity.md). A client that pauses
-/// longer than this between requests pays a park and a new hyper
-/// connection, a few microseconds, beside the pause it made.
+/// 50 ms (pid-server with short allocator caches, see
+/// docs/src/operator/capacity.md). A client that pauses longer than this
+/// between requests pays a park and a new hyper connection, a few
+/// microseconds, beside the pause it made.
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// How long a lingering close reads at most. A client that has its
