@@ -689,12 +689,36 @@ impl Parked {
                 // The socket first: bytes that came win over a change of mode
                 // or the idle rule, which the next round looks at anyway.
                 let mut sleep = std::pin::pin!(sleep);
-                let readable = std::future::poll_fn(|cx| {
+                let read = std::future::poll_fn(|cx| {
                     if self.stream.poll_read_ready(cx).is_ready() {
-                        Poll::Ready(true)
-                    } else if changed.as_mut().poll(cx).is_ready()
-                        || sleep.as_mut().poll(cx).is_ready()
-                    {
+                        // Out of the store before reading: see above.
+                        self.unstore(ctx);
+                        // On the stack, not in the task: nothing holds it
+                        // across an await. Read through `poll_read`, not
+                        // `try_read`: a read shorter than the buffer tells
+                        // the runtime the socket is drained, so hyper's
+                        // first read waits for the next bytes instead of
+                        // asking the kernel (a `recvfrom` that failed with
+                        // EAGAIN on every new connection and every wake of
+                        // a parked one).
+                        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+                        let mut buf = ReadBuf::uninit(&mut first);
+                        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                            // Nothing read: the client's FIN, for hyper (or
+                            // the detection) to see and end on.
+                            Poll::Ready(Ok(())) => {
+                                self.read_ahead.extend_from_slice(buf.filled());
+                                return Poll::Ready(true);
+                            }
+                            // An error (a reset): hyper's first read then
+                            // finds the connection closed and ends it.
+                            Poll::Ready(Err(_)) => return Poll::Ready(true),
+                            // Nothing there after all: the runtime waits
+                            // for the socket again.
+                            Poll::Pending => {}
+                        }
+                    }
+                    if changed.as_mut().poll(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
                         // A change of mode, or idle long enough for the store
                         // or for the mode's rule (the next round returns `then`).
                         Poll::Ready(false)
@@ -703,23 +727,8 @@ impl Parked {
                     }
                 })
                 .await;
-                if !readable {
-                    continue;
-                }
-                // Out of the store before reading: see above.
-                self.unstore(ctx);
-                // On the stack, not in the task: no await holds it.
-                let mut first = [0u8; 1024];
-                match self.stream.try_read(&mut first) {
-                    Ok(n) => {
-                        // Zero: the client's FIN, for hyper (or the detection)
-                        // to see and end on.
-                        self.read_ahead.extend_from_slice(&first[..n]);
-                        return Wake::Readable;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    // An error (a reset) is for hyper to see and end on.
-                    Err(_) => return Wake::Readable,
+                if read {
+                    return Wake::Readable;
                 }
             }
         }
