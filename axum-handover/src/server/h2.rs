@@ -44,7 +44,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 use tower::ServiceExt;
@@ -60,10 +60,10 @@ use crate::Config;
 /// How long a peer has to answer a keep-alive PING.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-pub(crate) type Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+pub(crate) type Builder = hyper::server::conn::http2::Builder<StreamExec>;
 
 pub(crate) fn builder(config: &Config) -> Builder {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut b = hyper::server::conn::http2::Builder::new(StreamExec);
     b.timer(TokioTimer::new())
         .max_concurrent_streams(config.http2_max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
@@ -124,13 +124,13 @@ where
         let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
-            r = conn.as_mut() => Some(r),
+            r = with_streams(conn.as_mut()) => Some(r),
             _ = responses.stalled() => None,
             _ = leaving(&mut mode) => {
                 conn.as_mut().graceful_shutdown();
                 tracing::debug!(event = "http2_goaway", "HTTP/2 connection: graceful GOAWAY sent");
                 tokio::select! {
-                    r = conn.as_mut() => Some(r),
+                    r = with_streams(conn.as_mut()) => Some(r),
                     _ = responses.stalled() => None,
                 }
             }
@@ -158,6 +158,84 @@ where
             }
         }
     }
+}
+
+/// A stream's future, as hyper hands it to its executor: the app's
+/// response, then its body sent.
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+tokio::task_local! {
+    /// The streams hyper started while [`with_streams`] polled its
+    /// connection.
+    static STARTED: std::cell::RefCell<Vec<StreamFuture>>;
+}
+
+/// hyper's executor for HTTP/2 streams: a stream's future is first run in
+/// its connection's task ([`with_streams`]), and becomes a task of its own
+/// only if it has to wait.
+///
+/// Spawned at once, each stream was a task that the runtime's other worker
+/// could steal, and did: the connection's task and its streams' then took
+/// turns across the cores on the lock h2 keeps the connection's state
+/// under, and each spawn woke the other worker (a futex and a context
+/// switch). Those wake-ups were about a fifth of the server's CPU under
+/// `h2load -c 4 -m 8` over TLS (`perf`: `_raw_spin_unlock_irqrestore`,
+/// `finish_task_switch`, and `OwnedTasks::bind_inner` for the spawns),
+/// where nginx, one process, has none; see docs/src/benchmarks.md. A
+/// response the app has at once (most) is now written without leaving the
+/// connection's task; one that waits (a slow handler, a streamed body, a
+/// client's flow-control window) waits in a task of its own, as before, so
+/// a connection's slow streams still run beside each other and on every
+/// core.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamExec;
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut fut = Some(Box::pin(fut) as StreamFuture);
+        // hyper starts streams only while its connection is polled, which
+        // is inside `with_streams`; a task of its own otherwise.
+        let _ = STARTED.try_with(|s| s.borrow_mut().extend(fut.take()));
+        if let Some(fut) = fut {
+            tokio::spawn(fut);
+        }
+    }
+}
+
+/// Polls an HTTP/2 connection, and the streams it starts once each in the
+/// same task; a stream that is not done then is spawned (see
+/// [`StreamExec`]). Resolves when the connection does.
+fn with_streams<C: Future>(mut conn: Pin<&mut C>) -> impl Future<Output = C::Output> + '_ {
+    std::future::poll_fn(move |cx| {
+        // A stream that is done has given its response to the connection,
+        // which then has frames to write: once more round, rather than a
+        // wake-up of this task by itself that goes through the runtime.
+        for _ in 0..2 {
+            let (r, started) = STARTED.sync_scope(Default::default(), || {
+                let r = conn.as_mut().poll(cx);
+                (r, STARTED.with(|s| std::mem::take(&mut *s.borrow_mut())))
+            });
+            if r.is_ready() || started.is_empty() {
+                return r;
+            }
+            let mut done = false;
+            for mut stream in started {
+                // A spawned task is polled again at once, which moves the
+                // wake-ups the stream asked for to it.
+                match stream.as_mut().poll(cx) {
+                    Poll::Ready(()) => done = true,
+                    Poll::Pending => drop(tokio::spawn(stream)),
+                }
+            }
+            if !done {
+                break;
+            }
+        }
+        Poll::Pending
+    })
 }
 
 /// The connection's stream, handed back to [`serve`] when hyper drops it,
@@ -330,5 +408,76 @@ impl hyper::service::Service<Request<Incoming>> for Streams {
             let body = |b| Tracked::new(Streaming::wrap(b, &closing, counted), Some(slot));
             Ok(resp.map(body))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Executor;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Which task finished each stream.
+    type Finished = Arc<Mutex<Vec<(&'static str, Option<tokio::task::Id>)>>>;
+
+    #[tokio::test]
+    async fn a_stream_runs_in_its_connections_task_until_it_has_to_wait() {
+        let finished: Finished = Arc::default();
+        let (go, wait) = oneshot::channel::<()>();
+        let (both, mut both_done) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let f = finished.clone();
+        let conn_task = tokio::spawn(async move {
+            // A connection that starts two streams on its first poll (as
+            // hyper does when their HEADERS arrive) and ends on the next.
+            let mut polls = 0;
+            let mut wait = Some(wait);
+            let conn = std::pin::pin!(std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls > 1 {
+                    return Poll::Ready(());
+                }
+                // Ends when polled again, whoever runs the streams.
+                cx.waker().wake_by_ref();
+                let (f1, f2, b1, b2) = (f.clone(), f.clone(), both.clone(), both.clone());
+                StreamExec.execute(async move {
+                    f1.lock().unwrap().push(("at once", tokio::task::try_id()));
+                    let _ = b1.send(());
+                });
+                let wait = wait.take().expect("started once");
+                StreamExec.execute(async move {
+                    let _ = wait.await;
+                    f2.lock().unwrap().push(("waited", tokio::task::try_id()));
+                    let _ = b2.send(());
+                });
+                Poll::Pending
+            }));
+            with_streams(conn).await;
+            tokio::task::try_id()
+        });
+        let conn_id = tokio::time::timeout(Duration::from_secs(10), conn_task)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        // The connection ended; the stream that waits has a task of its own.
+        go.send(()).unwrap();
+        both_done.recv().await.unwrap();
+        both_done.recv().await.unwrap();
+        let finished = finished.lock().unwrap().clone();
+        assert_eq!(finished[0], ("at once", conn_id), "{finished:?}");
+        assert_eq!(finished[1].0, "waited");
+        assert!(
+            finished[1].1.is_some() && finished[1].1 != conn_id,
+            "{finished:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_started_outside_a_connection_gets_a_task() {
+        let (tx, rx) = oneshot::channel();
+        StreamExec.execute(async move {
+            let _ = tx.send(tokio::task::try_id());
+        });
+        assert!(rx.await.unwrap().is_some());
     }
 }
