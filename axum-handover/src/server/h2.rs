@@ -223,11 +223,18 @@ fn with_streams<C: Future>(mut conn: Pin<&mut C>) -> impl Future<Output = C::Out
             }
             let mut done = false;
             for mut stream in started {
-                // A spawned task is polled again at once, which moves the
-                // wake-ups the stream asked for to it.
-                match stream.as_mut().poll(cx) {
-                    Poll::Ready(()) => done = true,
-                    Poll::Pending => drop(tokio::spawn(stream)),
+                // A handler that panics ends its stream (hyper resets it
+                // when its future is dropped), not the connection with every
+                // other stream on it: what the runtime does with a task that
+                // panics. (The panic hook has reported it.)
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    stream.as_mut().poll(cx)
+                }));
+                match polled {
+                    Ok(Poll::Ready(())) | Err(_) => done = true,
+                    // A spawned task is polled again at once, which moves
+                    // the wake-ups the stream asked for to it.
+                    Ok(Poll::Pending) => drop(tokio::spawn(stream)),
                 }
             }
             if !done {
@@ -470,6 +477,36 @@ mod tests {
             finished[1].1.is_some() && finished[1].1 != conn_id,
             "{finished:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_alone() {
+        let (tx, rx) = oneshot::channel();
+        let conn = tokio::spawn(async move {
+            let mut polls = 0;
+            let mut tx = Some(tx);
+            let conn = std::pin::pin!(std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls > 1 {
+                    return Poll::Ready(());
+                }
+                cx.waker().wake_by_ref();
+                StreamExec.execute(async { panic!("a handler's bug") });
+                let tx = tx.take().expect("started once");
+                StreamExec.execute(async move {
+                    let _ = tx.send(());
+                });
+                Poll::Pending
+            }));
+            with_streams(conn).await;
+        });
+        // The connection and the stream started after the panicking one
+        // both went on.
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection ends")
+            .expect("the connection's task did not panic");
+        rx.await.expect("the other stream ran");
     }
 
     #[tokio::test]
