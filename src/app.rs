@@ -226,10 +226,21 @@ fn handled_by(pid: u32) -> String {
     format!("OK. Handled by PID: {pid}\n")
 }
 
+impl<G> AppData<G> {
+    /// "Handled by PID", `/`'s answer and `/slow`'s: the same type as a
+    /// `String` answer gets, and no copy of the body.
+    fn handled(&self) -> Response {
+        let text = axum::http::HeaderValue::from_static("text/plain; charset=utf-8");
+        (
+            [(axum::http::header::CONTENT_TYPE, text)],
+            self.root.clone(),
+        )
+            .into_response()
+    }
+}
+
 async fn root<G: GenerationView>(State(s): State<App<G>>) -> Response {
-    // The same type as a `String` answer gets, and no copy of the body.
-    let text = axum::http::HeaderValue::from_static("text/plain; charset=utf-8");
-    ([(axum::http::header::CONTENT_TYPE, text)], s.root.clone()).into_response()
+    s.handled()
 }
 
 #[derive(Serialize)]
@@ -279,7 +290,7 @@ async fn slow<G: GenerationView>(
         }
     };
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    handled_by(s.generation.pid()).into_response()
+    s.handled()
 }
 
 /// The client's address as the server sees it (`ConnectInfo`): the same on
