@@ -704,8 +704,8 @@ impl Parked {
                         let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
                         let mut buf = ReadBuf::uninit(&mut first);
                         match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
-                            // Nothing read: the client's FIN, for hyper (or
-                            // the detection) to see and end on.
+                            // Bytes, or none: the client's FIN, for hyper
+                            // (or the detection) to see and end on.
                             Poll::Ready(Ok(())) => {
                                 self.read_ahead.extend_from_slice(buf.filled());
                                 return Poll::Ready(true);

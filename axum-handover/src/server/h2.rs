@@ -428,44 +428,54 @@ mod tests {
     /// Which task finished each stream.
     type Finished = Arc<Mutex<Vec<(&'static str, Option<tokio::task::Id>)>>>;
 
+    /// A connection as [`with_streams`] sees it: it starts `streams` on its
+    /// first poll (as hyper does when their HEADERS arrive) and ends when
+    /// polled again, whoever runs the streams.
+    fn connection_starting(streams: Vec<StreamFuture>) -> impl Future<Output = ()> {
+        let mut streams = Some(streams);
+        std::future::poll_fn(move |cx| match streams.take() {
+            None => Poll::Ready(()),
+            Some(started) => {
+                cx.waker().wake_by_ref();
+                for stream in started {
+                    StreamExec.execute(stream);
+                }
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Serves a connection that starts `streams`, in a task of its own,
+    /// within 10 s; that task's id.
+    async fn serve_in_a_task(streams: Vec<StreamFuture>) -> Option<tokio::task::Id> {
+        let conn = tokio::spawn(async move {
+            with_streams(std::pin::pin!(connection_starting(streams))).await;
+            tokio::task::try_id()
+        });
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the connection ends")
+            .expect("the connection's task did not panic")
+    }
+
     #[tokio::test]
     async fn a_stream_runs_in_its_connections_task_until_it_has_to_wait() {
         let finished: Finished = Arc::default();
         let (go, wait) = oneshot::channel::<()>();
         let (both, mut both_done) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let f = finished.clone();
-        let conn_task = tokio::spawn(async move {
-            // A connection that starts two streams on its first poll (as
-            // hyper does when their HEADERS arrive) and ends on the next.
-            let mut polls = 0;
-            let mut wait = Some(wait);
-            let conn = std::pin::pin!(std::future::poll_fn(|cx| {
-                polls += 1;
-                if polls > 1 {
-                    return Poll::Ready(());
-                }
-                // Ends when polled again, whoever runs the streams.
-                cx.waker().wake_by_ref();
-                let (f1, f2, b1, b2) = (f.clone(), f.clone(), both.clone(), both.clone());
-                StreamExec.execute(async move {
-                    f1.lock().unwrap().push(("at once", tokio::task::try_id()));
-                    let _ = b1.send(());
-                });
-                let wait = wait.take().expect("started once");
-                StreamExec.execute(async move {
-                    let _ = wait.await;
-                    f2.lock().unwrap().push(("waited", tokio::task::try_id()));
-                    let _ = b2.send(());
-                });
-                Poll::Pending
-            }));
-            with_streams(conn).await;
-            tokio::task::try_id()
-        });
-        let conn_id = tokio::time::timeout(Duration::from_secs(10), conn_task)
-            .await
-            .expect("the connection ends")
-            .unwrap();
+        let (f1, f2, b1, b2) = (finished.clone(), finished.clone(), both.clone(), both);
+        let conn_id = serve_in_a_task(vec![
+            Box::pin(async move {
+                f1.lock().unwrap().push(("at once", tokio::task::try_id()));
+                let _ = b1.send(());
+            }),
+            Box::pin(async move {
+                let _ = wait.await;
+                f2.lock().unwrap().push(("waited", tokio::task::try_id()));
+                let _ = b2.send(());
+            }),
+        ])
+        .await;
         // The connection ended; the stream that waits has a task of its own.
         go.send(()).unwrap();
         both_done.recv().await.unwrap();
@@ -482,30 +492,15 @@ mod tests {
     #[tokio::test]
     async fn a_stream_that_panics_ends_alone() {
         let (tx, rx) = oneshot::channel();
-        let conn = tokio::spawn(async move {
-            let mut polls = 0;
-            let mut tx = Some(tx);
-            let conn = std::pin::pin!(std::future::poll_fn(|cx| {
-                polls += 1;
-                if polls > 1 {
-                    return Poll::Ready(());
-                }
-                cx.waker().wake_by_ref();
-                StreamExec.execute(async { panic!("a handler's bug") });
-                let tx = tx.take().expect("started once");
-                StreamExec.execute(async move {
-                    let _ = tx.send(());
-                });
-                Poll::Pending
-            }));
-            with_streams(conn).await;
-        });
         // The connection and the stream started after the panicking one
-        // both went on.
-        tokio::time::timeout(Duration::from_secs(10), conn)
-            .await
-            .expect("the connection ends")
-            .expect("the connection's task did not panic");
+        // both go on.
+        serve_in_a_task(vec![
+            Box::pin(async { panic!("a handler's bug") }),
+            Box::pin(async move {
+                let _ = tx.send(());
+            }),
+        ])
+        .await;
         rx.await.expect("the other stream ran");
     }
 
