@@ -152,6 +152,15 @@ impl Peer {
         }
     }
 
+    /// A TCP client's address as `accept` gave it; without one (an IPv6
+    /// client, a moved connection), asked of the kernel as [`Peer::of`].
+    pub(crate) fn accepted(addr: Option<std::net::SocketAddrV4>, stream: &Stream) -> Peer {
+        match addr {
+            Some(a) => Peer::Tcp(SocketAddr::V4(a)),
+            None => Peer::of(stream),
+        }
+    }
+
     /// Gives a request its `ConnectInfo` and its [`Closing`], in a map of
     /// extensions with room for what axum adds (`UrlParams`,
     /// `MatchedPath`). A map grows past three entries, and these four were

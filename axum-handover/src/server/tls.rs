@@ -30,8 +30,16 @@ use super::detect::{Rewind, serving_idle};
 use super::{ConnCtx, Mode, Stream};
 
 /// Serves one TLS connection to its end.
-pub(crate) async fn serve(stream: Stream, socket: &str, acceptor: TlsAcceptor, ctx: &ConnCtx) {
-    let peer = Peer::of(&stream);
+pub(crate) async fn serve(
+    stream: Stream,
+    addr: Option<std::net::SocketAddrV4>,
+    socket: &str,
+    acceptor: TlsAcceptor,
+    ctx: &ConnCtx,
+) {
+    // The handshake alone is several writes: no waiting for Nagle.
+    stream.no_delay();
+    let peer = Peer::accepted(addr, &stream);
     let io = Handshaking::new(Rewind::new(stream, Vec::new()));
     let handshake = acceptor.accept(io).into_fallible();
     let mut tls = match tokio::time::timeout(ctx.tls_handshake_timeout, handshake).await {
