@@ -117,7 +117,7 @@ struct ConnIo {
 /// or HTTP/2 connection, which writes more than once from its start, gets
 /// it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Nagle {
+enum Nagle {
     /// Nothing written yet in this process.
     Unwritten,
     /// One write: the next one sets `TCP_NODELAY` first.
