@@ -375,6 +375,77 @@ pub(crate) struct Activity {
     counters: Arc<super::Counters>,
     /// Woken when a request ends, and when the stream is dropped.
     quiet: Notify,
+    /// The connection's wait on the server's mode was woken (see
+    /// [`ModeWait`]); `task` is the task to wake for it.
+    mode_woken: AtomicBool,
+    task: atomic_waker::AtomicWaker,
+}
+
+/// The waker a connection's wait on the server's mode is polled with: it
+/// notes that this wait was woken, then wakes the connection's task.
+impl std::task::Wake for Activity {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.mode_woken.store(true, Ordering::SeqCst);
+        self.task.wake();
+    }
+}
+
+/// A connection loop's wait on the server's mode (`watch::Receiver::
+/// changed()`), polled again only when it was woken, not on every wake of
+/// the connection's task.
+///
+/// A `changed()` that waits takes the channel's lock on every poll (to
+/// check for a notification and to keep the waker current), a lock every
+/// connection of the server shares; in the loop's `select!` it was polled
+/// each time the connection's task was, on every request, so the workers
+/// passed that lock's cache line between them twice a request. Here the
+/// wait runs with a waker of the connection's own ([`Activity`]'s) and is
+/// polled on its first poll, when that waker fired, or when the task's
+/// waker is another; otherwise a poll reads a flag.
+pub(crate) struct ModeWait<'a, F> {
+    wait: Pin<&'a mut F>,
+    activity: &'a Arc<Activity>,
+    /// The task's waker, once registered with `activity`.
+    task: Option<std::task::Waker>,
+}
+
+impl<'a, F: Future> ModeWait<'a, F> {
+    pub(crate) fn new(wait: Pin<&'a mut F>, activity: &'a Arc<Activity>) -> ModeWait<'a, F> {
+        ModeWait {
+            wait,
+            activity,
+            task: None,
+        }
+    }
+}
+
+impl<F: Future> Future for ModeWait<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let activity = this.activity;
+        match &this.task {
+            Some(task) if task.will_wake(cx.waker()) => {
+                // Only a wake of its own can have changed the wait.
+                if !activity.mode_woken.load(Ordering::SeqCst) {
+                    return Poll::Pending;
+                }
+            }
+            _ => {
+                activity.task.register(cx.waker());
+                this.task = Some(cx.waker().clone());
+            }
+        }
+        // Cleared before the poll: a wake during it sets the flag again.
+        activity.mode_woken.store(false, Ordering::SeqCst);
+        let waker = std::task::Waker::from(activity.clone());
+        this.wait.as_mut().poll(&mut Context::from_waker(&waker))
+    }
 }
 
 impl Activity {
@@ -390,6 +461,8 @@ impl Activity {
             io_gone: AtomicBool::new(false),
             more_may_come: AtomicBool::new(false),
             quiet: Notify::new(),
+            mode_woken: AtomicBool::new(false),
+            task: atomic_waker::AtomicWaker::new(),
         }
     }
 
@@ -1122,7 +1195,7 @@ enum Step {
 /// Drives hyper until the connection ends, or until it is idle for as long
 /// as the current mode allows; then shuts it down gracefully and takes it
 /// back: to park it (serving), or to move it (moving). A drain closes it.
-async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool) -> Step {
+async fn run(mut conn: Conn, activity: &Arc<Activity>, ctx: &ConnCtx, fell_back: bool) -> Step {
     let mut mode = ctx.mode.clone();
     loop {
         let now = *mode.borrow_and_update();
@@ -1142,6 +1215,7 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
             Mode::Moving => Duration::ZERO,
         };
         let limit = super::timer::idle_limit(limit, ctx.header_read_timeout);
+        let changed = std::pin::pin!(mode.changed());
         tokio::select! {
             r = Pin::new(&mut conn) => {
                 if let Err(e) = &r {
@@ -1162,7 +1236,7 @@ async fn run(mut conn: Conn, activity: &Activity, ctx: &ConnCtx, fell_back: bool
                     }
                 };
             }
-            _ = mode.changed() => continue,
+            _ = ModeWait::new(changed, activity) => continue,
             _ = activity.idle_at_least(limit) => {}
         }
         let park = now == Mode::Serving;
@@ -1328,5 +1402,90 @@ mod tests {
         assert!(no_delay(&io), "not set before the first write after a park");
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"onetwo");
+    }
+
+    /// A pending future that counts its polls and keeps the last waker.
+    struct Counting {
+        polls: usize,
+        waker: Option<std::task::Waker>,
+        ready: bool,
+    }
+
+    impl Future for Counting {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls += 1;
+            self.waker = Some(cx.waker().clone());
+            if self.ready {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Counts the wakes of a task.
+    #[derive(Default)]
+    struct Task(AtomicUsize);
+    impl std::task::Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The wait on the server's mode is polled on its first poll, after a
+    /// wake of its own (which wakes the task) and when the task's waker
+    /// changes; the task's other wakes (every request) leave it alone.
+    #[test]
+    fn a_mode_wait_is_polled_only_when_it_was_woken() {
+        let counters = Arc::new(super::super::Counters::default());
+        let activity = Arc::new(Activity::new(&counters));
+        let task = Arc::new(Task::default());
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut inner = std::pin::pin!(Counting {
+            polls: 0,
+            waker: None,
+            ready: false
+        });
+        {
+            let mut wait = ModeWait::new(inner.as_mut(), &activity);
+            for _ in 0..5 {
+                assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+            }
+        }
+        assert_eq!(inner.polls, 1, "polled on every poll of the task");
+        let mut wait = ModeWait::new(inner.as_mut(), &activity);
+        assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        for _ in 0..3 {
+            assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        }
+        drop(wait);
+        assert_eq!(
+            inner.polls, 2,
+            "a new wait polls at once, then waits for its wake"
+        );
+        // Its own wake: the task is woken, and the next poll polls it.
+        let own = inner.waker.take().unwrap();
+        let mut wait = ModeWait::new(inner.as_mut(), &activity);
+        assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        own.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was not woken");
+        assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut wait).poll(&mut cx).is_pending());
+        // Another task's waker: polled again, with the wait's own waker.
+        let other = std::task::Waker::from(Arc::new(Task::default()));
+        assert!(
+            Pin::new(&mut wait)
+                .poll(&mut Context::from_waker(&other))
+                .is_pending()
+        );
+        drop(wait);
+        assert_eq!(inner.polls, 5);
+        // Ready when the inner future is.
+        own.wake_by_ref();
+        inner.ready = true;
+        let mut wait = ModeWait::new(inner.as_mut(), &activity);
+        assert!(Pin::new(&mut wait).poll(&mut cx).is_ready());
     }
 }

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::closing::Peer;
-use super::conn::{self, Activity, IoOf, Leaving};
+use super::conn::{self, Activity, IoOf, Leaving, ModeWait};
 use super::detect::{Rewind, serving_idle};
 use super::{ConnCtx, Mode, Stream};
 
@@ -115,6 +115,7 @@ async fn http1(io: Tls, socket: &str, ctx: &ConnCtx, peer: Peer) {
             Mode::Draining | Mode::Moving => ctx.drain_idle,
         };
         let limit = super::timer::idle_limit(limit, ctx.header_read_timeout);
+        let changed = std::pin::pin!(mode.changed());
         tokio::select! {
             r = Pin::new(&mut conn) => {
                 if let Err(e) = r {
@@ -126,7 +127,7 @@ async fn http1(io: Tls, socket: &str, ctx: &ConnCtx, peer: Peer) {
                 }
                 return;
             }
-            changed = mode.changed() => {
+            changed = ModeWait::new(changed, &activity) => {
                 if changed.is_ok() {
                     continue;
                 }
